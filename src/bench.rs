@@ -1,0 +1,95 @@
+//! `lmforge bench`: times full training steps (forward, backward, AdamW) of a randomly
+//! initialised decoder on random tokens, with the same flags and meaning as
+//! `shared/bench/torch_reference.py` (untied output head, AdamW lr 1e-3, wd 0.01, β₂ 0.999).
+//!
+//! tokens_per_s = batch·seq / median step time, first step excluded.
+//! gflops_per_s counts 6·(matmul parameters)·tokens plus 12·L·T²·d·B for attention scores and
+//! values as computed (the full T×T, masked half included).
+
+use crate::model::config::ModelConfig;
+use crate::model::params::Source;
+use crate::model::{DecoderModel, ParamStore};
+use crate::rng::Rng;
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::pretrain::lm_step;
+use anyhow::{bail, Result};
+use candle_core::Device;
+use serde_json::{json, Value};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    pub llama: bool,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: Option<usize>,
+    pub dim: usize,
+    pub ffn: Option<usize>,
+    pub seq: usize,
+    pub batch: usize,
+    pub vocab: usize,
+    pub steps: usize,
+}
+
+pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
+    if a.steps < 2 {
+        bail!("--steps must be at least 2 (the first step is excluded from timing)");
+    }
+    let mut cfg = if a.llama {
+        ModelConfig::llama(a.vocab, a.dim, a.layers, a.heads, a.kv_heads.unwrap_or(a.heads), a.seq, a.ffn)
+    } else {
+        let mut c = ModelConfig::gpt2(a.vocab, a.dim, a.layers, a.heads, a.seq);
+        c.intermediate_size = a.ffn.unwrap_or(4 * a.dim);
+        c
+    };
+    cfg.tie_word_embeddings = false;
+    let mut store = ParamStore::new(dev.clone());
+    let model = DecoderModel::new(&cfg, &mut store, &Source::Random { seed: 0 }, &|_| false)?;
+    let mut opt = AdamW::new(&store, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
+    let mut times = Vec::new();
+    let mut loss = 0f32;
+    for step in 0..a.steps {
+        let mut rng = Rng::keyed(&[step as u64, 0xBE4C]);
+        let n = a.batch * a.seq;
+        let x: Vec<u32> = (0..n).map(|_| rng.below(a.vocab as u64) as u32).collect();
+        let y: Vec<u32> = (0..n).map(|_| rng.below(a.vocab as u64) as u32).collect();
+        let b = crate::data::Batch { x, y, batch: a.batch };
+        let t0 = Instant::now();
+        let (l, grads) = lm_step(&model, &store, &b, 1)?;
+        opt.step(&store, &grads, 1e-3)?;
+        // Make sure queued device work is finished before the clock stops.
+        dev.synchronize()?;
+        if step > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        loss = l;
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let matmul_params: usize = model.linears().iter().map(|l| l.in_dim * l.out_dim).sum();
+    let tokens = (a.batch * a.seq) as f64;
+    let flops = 6.0 * matmul_params as f64 * tokens
+        + 12.0 * (a.layers * a.seq * a.seq * cfg.num_heads * cfg.head_dim * a.batch) as f64;
+    Ok(json!({
+        "system": format!("lmforge-{}", env!("CARGO_PKG_VERSION")),
+        "arch": if a.llama { "llama" } else { "gpt2" },
+        "params": store.num_params(),
+        "batch": a.batch,
+        "seq": a.seq,
+        "step_ms_median": (med * 1e4).round() / 10.0,
+        "tokens_per_s": (tokens / med * 10.0).round() / 10.0,
+        "gflops_per_s": (flops / med / 1e8).round() / 10.0,
+        "loss_last": (loss as f64 * 1e4).round() / 1e4,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return 0.0 };
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,376 @@
+//! Corpus → tokens: text files, directories of them, or JSONL with a `text` field are read as a
+//! stream of pieces, tokenized in parallel batches, and appended to a flat token file (u16 when
+//! the vocabulary fits, else u32) that is memory-mapped for training. Documents are separated by
+//! EOS. Nothing holds the whole corpus in memory, so corpora larger than RAM work.
+//!
+//! Deliberate deviation: a long text file is cut into ~1 MiB pieces at line breaks before
+//! tokenization, so a merge across such a cut cannot happen (it never spans a newline in
+//! GPT-2-style pre-tokenisation anyway, except for runs of whitespace).
+
+use crate::rng::{fnv1a, Rng};
+use crate::tokenizer::Tok;
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+const PIECE_BYTES: usize = 1 << 20;
+const BATCH_BYTES: usize = 8 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Jsonl,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    path: PathBuf,
+    kind: Kind,
+}
+
+/// Expands the given paths (files or directories, recursively) into the files to read, sorted.
+pub fn collect_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
+    if paths.is_empty() {
+        bail!("no corpus given (data.paths is empty)");
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            walk(p, &mut found)?;
+            found.sort();
+            let before = out.len();
+            for f in found {
+                if let Some(kind) = kind_of(&f) {
+                    out.push(SourceFile { path: f, kind });
+                }
+            }
+            if out.len() == before {
+                bail!("{}: directory holds no text files (.txt, .md, .text, .jsonl)", p.display());
+            }
+        } else if p.is_file() {
+            let kind = kind_of(p).unwrap_or(Kind::Text);
+            out.push(SourceFile { path: p.clone(), kind });
+        } else {
+            bail!("{}: no such file or directory", p.display());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading directory {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn kind_of(p: &Path) -> Option<Kind> {
+    match p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("txt" | "md" | "text") => Some(Kind::Text),
+        Some("jsonl") => Some(Kind::Jsonl),
+        _ => None,
+    }
+}
+
+/// A piece of a document; `last` marks the end of its document (an EOS follows it).
+pub struct Piece {
+    pub text: String,
+    pub last: bool,
+}
+
+/// Streams the pieces of every document of every source, in order.
+pub struct Pieces {
+    files: std::vec::IntoIter<SourceFile>,
+    cur: Option<(SourceFile, BufReader<File>, u64, usize)>, // file, reader, byte offset, line
+    lossy: bool,
+    carry: Vec<u8>,
+}
+
+impl Pieces {
+    pub fn new(files: Vec<SourceFile>, lossy: bool) -> Self {
+        Self { files: files.into_iter(), cur: None, lossy, carry: Vec::new() }
+    }
+
+    fn utf8(&self, bytes: Vec<u8>, path: &Path, offset: u64) -> Result<String> {
+        match String::from_utf8(bytes) {
+            Ok(s) => Ok(s),
+            Err(e) if self.lossy => Ok(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            Err(e) => bail!(
+                "{}: invalid UTF-8 at byte offset {} (set data.lossy_utf8 = true to replace bad bytes)",
+                path.display(),
+                offset + e.utf8_error().valid_up_to() as u64
+            ),
+        }
+    }
+
+    fn next_piece(&mut self) -> Result<Option<Piece>> {
+        loop {
+            if self.cur.is_none() {
+                let Some(f) = self.files.next() else { return Ok(None) };
+                let file = File::open(&f.path).with_context(|| format!("opening {}", f.path.display()))?;
+                self.cur = Some((f, BufReader::with_capacity(1 << 16, file), 0, 0));
+                self.carry.clear();
+            }
+            let (f, reader, offset, line) = self.cur.as_mut().expect("set above");
+            match f.kind {
+                Kind::Jsonl => {
+                    let mut buf = Vec::new();
+                    let n = reader.read_until(b'\n', &mut buf).with_context(|| format!("reading {}", f.path.display()))?;
+                    if n == 0 {
+                        self.cur = None;
+                        continue;
+                    }
+                    *line += 1;
+                    *offset += n as u64;
+                    let (path, lineno, start) = (f.path.clone(), *line, *offset - n as u64);
+                    if buf.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let s = self.utf8(buf, &path, start)?;
+                    let v: serde_json::Value = serde_json::from_str(&s)
+                        .map_err(|e| anyhow::anyhow!("{}:{lineno}: not valid JSON: {e}", path.display()))?;
+                    let Some(text) = v.get("text").and_then(|t| t.as_str()) else {
+                        bail!("{}:{lineno}: missing string field \"text\"", path.display());
+                    };
+                    return Ok(Some(Piece { text: text.to_string(), last: true }));
+                }
+                Kind::Text => {
+                    let mut buf = std::mem::take(&mut self.carry);
+                    let start = buf.len();
+                    buf.resize(PIECE_BYTES.max(start + 4096), 0);
+                    let mut filled = start;
+                    while filled < buf.len() {
+                        let n = reader.read(&mut buf[filled..]).with_context(|| format!("reading {}", f.path.display()))?;
+                        if n == 0 {
+                            break;
+                        }
+                        filled += n;
+                    }
+                    buf.truncate(filled);
+                    let eof = filled < PIECE_BYTES.max(start + 4096);
+                    let cut = if eof {
+                        buf.len()
+                    } else {
+                        // Cut after the last newline; failing that, at a UTF-8 character boundary.
+                        match buf.iter().rposition(|&b| b == b'\n') {
+                            Some(i) => i + 1,
+                            None => (0..buf.len()).rev().find(|&i| (buf[i] as i8) >= -0x40).unwrap_or(buf.len()),
+                        }
+                    };
+                    self.carry = buf.split_off(cut);
+                    let piece_offset = *offset;
+                    *offset += buf.len() as u64;
+                    let path = f.path.clone();
+                    if eof {
+                        self.cur = None;
+                    }
+                    let text = self.utf8(buf, &path, piece_offset)?;
+                    if text.is_empty() && !eof {
+                        continue;
+                    }
+                    return Ok(Some(Piece { text, last: eof }));
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for Pieces {
+    type Item = Result<Piece>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_piece().transpose()
+    }
+}
+
+/// A memory-mapped flat token file.
+pub struct Tokens {
+    mmap: Option<Mmap>, // None for an empty file (cannot be mapped)
+    width: usize,
+    len: usize,
+}
+
+impl Tokens {
+    pub fn open(path: &Path, width: usize) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let bytes = file.metadata()?.len() as usize;
+        if bytes % width != 0 {
+            bail!("{}: size {bytes} is not a multiple of {width}", path.display());
+        }
+        // SAFETY: token files are only ever written under a temporary name and renamed.
+        let mmap = if bytes > 0 { Some(unsafe { Mmap::map(&file) }?) } else { None };
+        Ok(Self { mmap, width, len: bytes / width })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, i: usize) -> u32 {
+        let m = self.mmap.as_ref().expect("non-empty token file");
+        let o = i * self.width;
+        if self.width == 2 {
+            u16::from_le_bytes([m[o], m[o + 1]]) as u32
+        } else {
+            u32::from_le_bytes([m[o], m[o + 1], m[o + 2], m[o + 3]])
+        }
+    }
+
+    pub fn slice(&self, start: usize, n: usize) -> Vec<u32> {
+        (start..start + n).map(|i| self.get(i)).collect()
+    }
+}
+
+/// Tokenizes `sources` into `cache_dir/tokens-<key>.bin` unless an identical cache exists;
+/// the key covers the tokenizer, every file's path, size and mtime, and the UTF-8 mode.
+pub fn tokenize_cached(sources: &[SourceFile], tok: &Tok, cache_dir: &Path, lossy: bool) -> Result<Tokens> {
+    let eos = tok.eos_id.context("the tokenizer has no end-of-text token to separate documents")?;
+    let width = if tok.vocab_size() <= 1 << 16 { 2 } else { 4 };
+    let mut key = tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    for s in sources {
+        let m = std::fs::metadata(&s.path).with_context(|| format!("reading {}", s.path.display()))?;
+        let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        key.push_str(&format!("|{}|{}|{:?}", s.path.display(), m.len(), mtime));
+    }
+    key.push_str(&format!("|lossy={lossy}"));
+    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+    let path = cache_dir.join(format!("tokens-{:016x}.bin", fnv1a(key.as_bytes())));
+    if path.exists() {
+        return Tokens::open(&path, width);
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let result = write_tokens(sources, tok, eos, width, lossy, &tmp);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &path)?;
+    let t = Tokens::open(&path, width)?;
+    if t.is_empty() {
+        bail!("the corpus is empty: no text in {} file(s)", sources.len());
+    }
+    Ok(t)
+}
+
+fn write_tokens(sources: &[SourceFile], tok: &Tok, eos: u32, width: usize, lossy: bool, out: &Path) -> Result<()> {
+    let mut w = BufWriter::new(File::create(out).with_context(|| format!("creating {}", out.display()))?);
+    let mut pieces = Pieces::new(sources.to_vec(), lossy);
+    let mut any_text = false;
+    loop {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while bytes < BATCH_BYTES {
+            match pieces.next() {
+                Some(p) => {
+                    let p = p?;
+                    bytes += p.text.len() + 1;
+                    batch.push(p);
+                }
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let encoded: Vec<Result<Vec<u32>>> = batch.par_iter().map(|p| tok.encode(&p.text, false)).collect();
+        for (p, ids) in batch.iter().zip(encoded) {
+            let mut ids = ids?;
+            any_text |= !ids.is_empty();
+            if p.last {
+                ids.push(eos);
+            }
+            for id in ids {
+                if width == 2 {
+                    w.write_all(&(id as u16).to_le_bytes())?;
+                } else {
+                    w.write_all(&id.to_le_bytes())?;
+                }
+            }
+        }
+    }
+    if !any_text {
+        bail!("the corpus is empty: the given files hold no text");
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Train/validation windows over a token file: the last `val_fraction` of the tokens is the
+/// validation split (deterministic, nanoGPT-style).
+pub struct Dataset {
+    pub tokens: Tokens,
+    pub train_len: usize,
+    pub seq_len: usize,
+}
+
+pub struct Batch {
+    pub x: Vec<u32>, // (B, T)
+    pub y: Vec<u32>, // (B, T)
+    pub batch: usize,
+}
+
+impl Dataset {
+    pub fn new(tokens: Tokens, seq_len: usize, val_fraction: f64) -> Result<Self> {
+        let n = tokens.len();
+        let need = seq_len + 1;
+        let val = if val_fraction > 0.0 { ((n as f64 * val_fraction) as usize).max(need) } else { 0 };
+        if n < val + need {
+            bail!("the corpus has only {n} tokens; a sequence length of {seq_len} with validation fraction {val_fraction} needs at least {}", val + need);
+        }
+        Ok(Self { tokens, train_len: n - val, seq_len })
+    }
+
+    pub fn val_len(&self) -> usize {
+        self.tokens.len() - self.train_len
+    }
+
+    /// The batch of optimizer step `step`, micro-step `micro`: random windows of the training
+    /// split from a stream keyed by (seed, step, micro), so resuming needs no saved RNG.
+    pub fn train_batch(&self, seed: u64, step: u64, micro: u64, batch: usize) -> Batch {
+        let mut rng = Rng::keyed(&[seed, 0xDA7A, step, micro]);
+        let t = self.seq_len;
+        let span = (self.train_len - t - 1) as u64 + 1;
+        let mut x = Vec::with_capacity(batch * t);
+        let mut y = Vec::with_capacity(batch * t);
+        for _ in 0..batch {
+            let s = rng.below(span) as usize;
+            let w = self.tokens.slice(s, t + 1);
+            x.extend_from_slice(&w[..t]);
+            y.extend_from_slice(&w[1..]);
+        }
+        Batch { x, y, batch }
+    }
+
+    /// Consecutive non-overlapping validation windows, at most `max_batches` batches.
+    pub fn val_batches(&self, batch: usize, max_batches: usize) -> Vec<Batch> {
+        let t = self.seq_len;
+        let n_windows = (self.val_len() - 1) / t;
+        let mut out = Vec::new();
+        let mut w = 0;
+        while w < n_windows && out.len() < max_batches {
+            let k = batch.min(n_windows - w);
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            for i in 0..k {
+                let s = self.train_len + (w + i) * t;
+                let win = self.tokens.slice(s, t + 1);
+                x.extend_from_slice(&win[..t]);
+                y.extend_from_slice(&win[1..]);
+            }
+            out.push(Batch { x, y, batch: k });
+            w += k;
+        }
+        out
+    }
+}

@@ -1,0 +1,3 @@
+//! Evaluation without weight updates.
+
+pub mod score;

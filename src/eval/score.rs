@@ -1,0 +1,56 @@
+//! Perplexity of a text under a model, as transformers' sliding-window recipe computes it:
+//! windows of the model's context advance by `stride`; each window scores only the tokens no
+//! earlier window scored, with the tokens before them as context. With `stride = ctx` windows
+//! do not overlap (fast, pessimistic); smaller strides give each token more context.
+
+use crate::model::{DecoderModel, ForwardOpts};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Score {
+    /// Tokens predicted (all but the first).
+    pub tokens: usize,
+    /// Mean negative log-likelihood in nats.
+    pub nll: f64,
+}
+
+impl Score {
+    pub fn ppl(&self) -> f64 {
+        self.nll.exp()
+    }
+}
+
+/// Scores `ids` with windows of at most `window` tokens advancing by `stride`.
+pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize) -> Result<Score> {
+    if ids.len() < 2 {
+        bail!("the text has {} token(s); scoring needs at least 2", ids.len());
+    }
+    if stride == 0 || stride > window {
+        bail!("stride must be in 1..={window}");
+    }
+    let dev = model.device();
+    let mut total = 0f64;
+    let mut count = 0usize;
+    // `done` = index of the last token already scored (token 0 is never predicted).
+    let mut done = 0usize;
+    let mut begin = 0usize;
+    loop {
+        let end = (begin + window).min(ids.len());
+        let x = Tensor::from_slice(&ids[begin..end], (1, end - begin), dev)?;
+        let lp: Vec<f32> = model.token_logprobs(&x, ForwardOpts::default())?.squeeze(0)?.to_vec1()?;
+        // lp[j] is log p(ids[begin + j + 1]); score the targets after `done`.
+        for (j, v) in lp.iter().enumerate() {
+            if begin + j + 1 > done {
+                total -= *v as f64;
+                count += 1;
+            }
+        }
+        done = end - 1;
+        if end == ids.len() {
+            break;
+        }
+        begin += stride;
+    }
+    Ok(Score { tokens: count, nll: total / count as f64 })
+}

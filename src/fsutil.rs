@@ -1,0 +1,50 @@
+//! Crash-safe file output: everything is written beside its destination and renamed into place,
+//! so an interrupted write never replaces a good file or directory with a broken one.
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+fn sibling(dest: &Path, tag: &str) -> PathBuf {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dest.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+}
+
+/// Writes a file atomically.
+pub fn write_file(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = sibling(dest, "tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))
+}
+
+/// Fills a fresh directory via `fill`, then swaps it in for `dest`. If `fill` fails the
+/// temporary directory is removed and `dest` is untouched.
+pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = sibling(dest, "tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dest.exists() {
+        // Two renames are not atomic together, but at every instant either the old or the new
+        // complete directory exists under a known name.
+        let old = sibling(dest, "old");
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dest, &old).with_context(|| format!("moving aside {}", dest.display()))?;
+        std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    }
+    Ok(())
+}
+
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v)?;
+    s.push('\n');
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,143 @@
+//! Autoregressive sampling with a KV cache: the prompt is run once, then one token per step.
+//! Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus,
+//! Holtzman et al. 2020) filtering, drawn from a seeded stream (same seed → same text).
+
+use crate::model::{DecoderModel, ForwardOpts, KvCache};
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { max_new_tokens: 100, temperature: 0.8, top_k: None, top_p: None, seed: 0 }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Eos,
+    MaxTokens,
+    ContextFull,
+}
+
+/// Generates after `prompt`, calling `on_token` for each new token (EOS excluded).
+pub fn generate(
+    model: &DecoderModel,
+    prompt: &[u32],
+    s: &Sampling,
+    eos: &[u32],
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, Stop)> {
+    if prompt.is_empty() {
+        bail!("the prompt is empty after tokenization; give at least one token");
+    }
+    if !(s.temperature >= 0.0) || s.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        bail!("temperature must be >= 0 and top_p in (0, 1]");
+    }
+    let ctx = model.cfg.max_position_embeddings;
+    if prompt.len() >= ctx {
+        bail!("the prompt has {} tokens; the model's context is {ctx}", prompt.len());
+    }
+    let dev = model.device();
+    let mut cache = KvCache::new(model.cfg.num_layers);
+    let mut rng = Rng::keyed(&[s.seed, 0x5A3F]);
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    loop {
+        if out.len() >= s.max_new_tokens {
+            return Ok((out, Stop::MaxTokens));
+        }
+        if cache.len() + input.len() > ctx {
+            return Ok((out, Stop::ContextFull));
+        }
+        let ids = Tensor::from_vec(input.clone(), (1, input.len()), dev)?;
+        let opts = ForwardOpts { cache: Some(&mut cache), ..Default::default() };
+        let h = model.hidden_states(&model.embed(&ids)?, opts)?;
+        let last = h.narrow(1, input.len() - 1, 1)?;
+        let logits: Vec<f32> = model.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let next = sample(&logits, s, &mut rng);
+        if eos.contains(&next) {
+            return Ok((out, Stop::Eos));
+        }
+        on_token(next)?;
+        out.push(next);
+        input = vec![next];
+    }
+}
+
+/// Picks a token id from raw logits.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+    if s.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if let Some(k) = s.top_k.filter(|&k| k > 0) {
+        idx.truncate(k);
+    }
+    let max = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / s.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = s.top_p {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut u = rng.next_f64();
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return idx[i] as u32;
+        }
+        u -= p;
+    }
+    idx[probs.len() - 1] as u32
+}
+
+fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in xs.iter().enumerate() {
+        if *x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_filters() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9];
+        let mut rng = Rng::new(1);
+        let greedy = Sampling { temperature: 0.0, ..Default::default() };
+        assert_eq!(sample(&logits, &greedy, &mut rng), 1);
+        let top1 = Sampling { temperature: 1.0, top_k: Some(1), ..Default::default() };
+        assert!((0..50).all(|_| sample(&logits, &top1, &mut rng) == 1));
+        let top2 = Sampling { temperature: 1.0, top_k: Some(2), ..Default::default() };
+        assert!((0..200).all(|_| matches!(sample(&logits, &top2, &mut rng), 1 | 3)));
+        let nucleus = Sampling { temperature: 1.0, top_p: Some(0.3), ..Default::default() };
+        assert!((0..50).all(|_| sample(&logits, &nucleus, &mut rng) == 1));
+    }
+}

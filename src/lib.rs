@@ -1,0 +1,36 @@
+//! lmforge: one Rust toolkit for the whole life of a language model.
+//!
+//! The folder layout is a map of the pipeline:
+//! - `tokenizer`, `data`: text → tokens;
+//! - `model`: the decoder (GPT-2 and Llama families), its parameters and HF directories;
+//! - `losses`: losses as pure functions;
+//! - `train`: one module per training method (`pretrain`, …) plus optimizer and checkpoints;
+//! - `generate`: sampling with a KV cache; `eval`: scoring;
+//! - `bench`: the training-step benchmark.
+
+pub mod bench;
+pub mod data;
+pub mod eval;
+pub mod fsutil;
+pub mod generate;
+pub mod losses;
+pub mod model;
+pub mod recipe;
+pub mod rng;
+pub mod tokenizer;
+pub mod train;
+
+/// Picks the compute device from a `--device` flag: `cpu`, `cuda` or `cuda:N`.
+pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let idx = s.strip_prefix("cuda:").map(str::parse::<usize>).transpose()?.unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                anyhow::bail!("--device {s}: this lmforge was built without the `cuda` feature");
+            }
+            Ok(candle_core::Device::new_cuda(idx)?)
+        }
+        other => anyhow::bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
+    }
+}

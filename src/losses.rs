@@ -1,0 +1,37 @@
+//! Losses as pure functions of tensors, shared by every training method.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+
+/// log softmax over the last dimension; the max shift is detached (its gradient is zero).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// log p(target) for each position: logits (..., V), targets (...) u32 -> (...).
+pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let lp = log_softmax(logits)?;
+    let idx = targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
+    Ok(lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?)
+}
+
+/// Mean token cross-entropy: logits (N, V), targets (N) u32.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(gather_logprobs(logits, targets)?.neg()?.mean_all()?)
+}
+
+/// Cross-entropy averaged over positions whose `weights` (N, f32) are non-zero, e.g. only the
+/// completion tokens of SFT. Errors when every weight is zero: an all-masked batch would
+/// otherwise train on nothing while reporting a loss.
+pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let w = weights.to_dtype(DType::F32)?;
+    let total = w.sum_all()?.to_scalar::<f32>()?;
+    if total <= 0.0 {
+        bail!("every target of this batch is masked out; nothing to learn from");
+    }
+    let nll = gather_logprobs(logits, targets)?.neg()?;
+    Ok(((nll * w)?.sum_all()? / total as f64)?)
+}

@@ -1,0 +1,318 @@
+//! The `lmforge` command line: one subcommand per pipeline stage.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lmforge::bench::{self, BenchArgs};
+use lmforge::data::{collect_sources, Pieces};
+use lmforge::eval::score::score_ids;
+use lmforge::generate::{generate, Sampling, Stop};
+use lmforge::model::hf;
+use lmforge::recipe::Recipe;
+use lmforge::train::{checkpoint, pretrain};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "lmforge", version, about = "Pre-train, fine-tune, align, evaluate and sample language models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Causal-LM pre-training (with no flags: the default recipe on the bundled corpus).
+    Pretrain(PretrainArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+    /// Sample text from a model, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Perplexity of a text file under a model.
+    Score(ScoreArgs),
+    /// Time full training steps on random tokens (compare with shared/bench/torch_reference.py).
+    Bench(BenchCli),
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// Recipe file (TOML); defaults to the embedded configs/shakespeare-gpt.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Run directory (checkpoints, metrics.jsonl, final model).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Corpus: text files, directories, or JSONL with a "text" field (repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Continue from a checkpoint directory or a run directory (its latest checkpoint).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Write a checkpoint and stop after this step, as if interrupted.
+    #[arg(long)]
+    stop_at_step: Option<u64>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress bar or log lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a byte-level BPE tokenizer and write tokenizer.json.
+    Train {
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+        /// Replace invalid UTF-8 instead of failing.
+        #[arg(long)]
+        lossy_utf8: bool,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 100)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    file: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Window length in tokens (default: the model's context).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Advance between windows (default: half the window).
+    #[arg(long)]
+    stride: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchArch {
+    Gpt2,
+    Llama,
+}
+
+#[derive(Args)]
+struct BenchCli {
+    #[arg(long, value_enum, default_value = "gpt2")]
+    arch: BenchArch,
+    #[arg(long, default_value_t = 6)]
+    layers: usize,
+    #[arg(long, default_value_t = 6)]
+    heads: usize,
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    #[arg(long, default_value_t = 384)]
+    dim: usize,
+    #[arg(long)]
+    ffn: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 65)]
+    vocab: usize,
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    /// Worker threads (sets RAYON_NUM_THREADS; default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print only the JSON line (the default output is also that line).
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Pretrain(a) => cmd_pretrain(a),
+        Cmd::Tokenizer(TokenizerCmd::Train { input, vocab_size, out, min_frequency, lossy_utf8 }) => {
+            let sources = collect_sources(&input)?;
+            let mut err = None;
+            let texts = Pieces::new(sources, lossy_utf8).map_while(|p| match p {
+                Ok(p) => Some(p.text),
+                Err(e) => {
+                    err = Some(e);
+                    None
+                }
+            });
+            let tok = lmforge::tokenizer::train_bpe(texts, vocab_size, min_frequency)?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+            tok.save(&out)?;
+            eprintln!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Score(a) => cmd_score(a),
+        Cmd::Bench(a) => {
+            if let Some(t) = a.threads {
+                // Before any rayon pool exists (candle's GEMM and our loops read it).
+                std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+            }
+            let dev = lmforge::device(&a.device)?;
+            let args = BenchArgs {
+                llama: matches!(a.arch, BenchArch::Llama),
+                layers: a.layers,
+                heads: a.heads,
+                kv_heads: a.kv_heads,
+                dim: a.dim,
+                ffn: a.ffn,
+                seq: a.seq,
+                batch: a.batch,
+                vocab: a.vocab,
+                steps: a.steps,
+            };
+            let _ = a.json;
+            println!("{}", bench::run(&args, &dev)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
+    let mut overrides = a.set.clone();
+    if let Some(n) = a.max_steps {
+        overrides.push(format!("train.max_steps={n}"));
+    }
+    if let Some(s) = a.seed {
+        overrides.push(format!("train.seed={s}"));
+    }
+    let resume = a.resume.as_deref().map(checkpoint::resolve).transpose()?;
+    let mut recipe = match &resume {
+        // A resumed run continues the recipe it was started with; flags still override.
+        Some(ck) => {
+            let (_, text) = checkpoint::read_state(ck)?;
+            Recipe::parse(&text, &format!("{}/recipe.toml", ck.display()), &overrides, std::path::Path::new(""))?
+        }
+        None => Recipe::load(a.config.as_deref(), &overrides)?,
+    };
+    if let Some(o) = a.out {
+        recipe.output.dir = o;
+    }
+    if !a.data.is_empty() {
+        recipe.data.paths = a.data;
+    }
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step, then writing a checkpoint (Ctrl-C again to abort)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let summary = pretrain::run(pretrain::Options {
+        recipe,
+        device: lmforge::device(&a.device)?,
+        resume,
+        stop_at: a.stop_at_step,
+        interrupt,
+        quiet: a.quiet,
+    })?;
+    if let Some(v) = summary.val_loss {
+        eprintln!(
+            "done: {} steps in {:.0}s, validation loss {v:.4}, perplexity {:.2}; run directory {}",
+            summary.steps,
+            summary.seconds,
+            v.exp(),
+            summary.run_dir.display()
+        );
+    }
+    Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
+    let dev = lmforge::device(&a.device)?;
+    let m = hf::load_dir(&a.model, &dev, &|_| true)?;
+    let prompt = m.tok.encode(&a.prompt, true)?;
+    let s = Sampling { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", a.prompt)?;
+    let mut stream = m.tok.inner.decode_stream(true);
+    let (_, stop) = generate(&m.model, &prompt, &s, &m.eos_ids, |id| {
+        if let Some(text) = stream.step(id).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))? {
+            write!(stdout, "{text}")?;
+            stdout.flush()?;
+        }
+        Ok(())
+    })?;
+    writeln!(stdout)?;
+    if stop == Stop::ContextFull {
+        eprintln!("(stopped: the model's context of {} tokens is full)", m.model.cfg.max_position_embeddings);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
+    let dev = lmforge::device(&a.device)?;
+    let m = hf::load_dir(&a.model, &dev, &|_| true)?;
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!("{}: invalid UTF-8 at byte offset {}", a.file.display(), e.utf8_error().valid_up_to())
+    })?;
+    let ids = m.tok.encode(&text, true)?;
+    let window = a.window.unwrap_or(m.model.cfg.max_position_embeddings).min(m.model.cfg.max_position_embeddings);
+    let stride = a.stride.unwrap_or(window / 2).max(1);
+    let s = score_ids(&m.model, &ids, window, stride)?;
+    if a.json {
+        println!("{}", serde_json::json!({"tokens": s.tokens, "nll": s.nll, "ppl": s.ppl()}));
+    } else {
+        println!("{}: {} tokens, mean NLL {:.4} nats, perplexity {:.3} (window {window}, stride {stride})", a.file.display(), s.tokens, s.nll, s.ppl());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,226 @@
+//! Building blocks of the decoder, composed from candle ops that all have a backward.
+//!
+//! candle-nn's fused `layer_norm`, `rms_norm`, `softmax_last_dim` and `rope*` have no backward
+//! (gradients stop there silently), so none of them is used: these composites are the
+//! reference that fused kernels must match.
+
+use super::config::Activation;
+use super::params::{Init, ParamKind, ParamStore, Source};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+
+/// Which way a weight matrix is stored: `torch.nn.Linear` keeps (out, in), GPT-2's `Conv1D`
+/// keeps (in, out). Weights stay in the file's orientation, so saving needs no transposes and
+/// the matmul reads the transpose through strides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    OutIn,
+    InOut,
+}
+
+/// A linear map `y = x·Wᵀ + b` over the last dimension, named by its HF module path so that
+/// PEFT methods can find and wrap it.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub name: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub layout: Layout,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+/// Everything a layer constructor needs: where weights come from and which ones train.
+pub struct Builder<'a> {
+    pub store: &'a mut ParamStore,
+    pub source: &'a Source<'a>,
+    pub frozen: &'a dyn Fn(&str) -> bool,
+}
+
+impl Builder<'_> {
+    pub fn param(&mut self, name: &str, shape: &[usize], kind: ParamKind, init: Init) -> Result<Tensor> {
+        let trainable = !(self.frozen)(name);
+        self.store.add(self.source, name, shape, kind, init, trainable)
+    }
+}
+
+impl Linear {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: &mut Builder,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        layout: Layout,
+        std: f64,
+    ) -> Result<Self> {
+        let shape = match layout {
+            Layout::OutIn => [out_dim, in_dim],
+            Layout::InOut => [in_dim, out_dim],
+        };
+        let weight = b.param(&format!("{name}.weight"), &shape, ParamKind::Weight, Init::Normal(std))?;
+        let bias = if bias {
+            Some(b.param(&format!("{name}.bias"), &[out_dim], ParamKind::Bias, Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Self { name: name.to_string(), weight, bias, layout, in_dim, out_dim })
+    }
+
+    /// The weight as an (in, out) matrix, transposed through strides when stored (out, in).
+    pub fn weight_in_out(&self) -> Result<Tensor> {
+        Ok(match self.layout {
+            Layout::OutIn => self.weight.t()?,
+            Layout::InOut => self.weight.clone(),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // (..., in) -> (N, in) @ (in, out) -> (..., out)
+        let dims = x.dims().to_vec();
+        let n = x.elem_count() / self.in_dim;
+        let y = x.reshape((n, self.in_dim))?.matmul(&self.weight_in_out()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("x has at least one dimension") = self.out_dim;
+        Ok(y.reshape(out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub weight: Tensor,
+    pub dim: usize,
+}
+
+impl Embedding {
+    pub fn new(b: &mut Builder, name: &str, rows: usize, dim: usize, std: f64) -> Result<Self> {
+        let weight = b.param(name, &[rows, dim], ParamKind::Embedding, Init::Normal(std))?;
+        Ok(Self { weight, dim })
+    }
+
+    /// ids (B, T) u32 -> (B, T, C)
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (bsz, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        Ok(self.weight.index_select(&flat, 0)?.reshape((bsz, t, self.dim))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Norm {
+    LayerNorm { weight: Tensor, bias: Tensor, eps: f64 },
+    RmsNorm { weight: Tensor, eps: f64 },
+}
+
+impl Norm {
+    pub fn layer_norm(b: &mut Builder, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = b.param(&format!("{name}.weight"), &[dim], ParamKind::Norm, Init::Ones)?;
+        let bias = b.param(&format!("{name}.bias"), &[dim], ParamKind::Norm, Init::Zeros)?;
+        Ok(Self::LayerNorm { weight, bias, eps })
+    }
+
+    pub fn rms_norm(b: &mut Builder, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = b.param(&format!("{name}.weight"), &[dim], ParamKind::Norm, Init::Ones)?;
+        Ok(Self::RmsNorm { weight, eps })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::LayerNorm { weight, bias, eps } => {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                let inv = (var + *eps)?.sqrt()?.recip()?;
+                Ok(xc.broadcast_mul(&inv)?.broadcast_mul(weight)?.broadcast_add(bias)?)
+            }
+            Self::RmsNorm { weight, eps } => {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                let inv = (ms + *eps)?.sqrt()?.recip()?;
+                Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
+            }
+        }
+    }
+}
+
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::GeluTanh => x.gelu()?,
+        Activation::GeluErf => x.gelu_erf()?,
+        Activation::Relu => x.relu()?,
+        Activation::Silu => x.silu()?,
+    })
+}
+
+/// Numerically stable softmax over the last dimension. The max is detached: the shift cancels
+/// in the forward result, so its gradient is exactly zero and need not be traced.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Rotary position embedding tables, HF "rotate half" convention (Llama, Mistral, Qwen2).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor, // (max_pos, head_dim)
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, max_pos: usize, theta: f64, dev: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let mut cos = Vec::with_capacity(max_pos * head_dim);
+        let mut sin = Vec::with_capacity(max_pos * head_dim);
+        for p in 0..max_pos {
+            for j in 0..head_dim {
+                // f32 angle, as transformers computes it, so long positions agree bit-for-bit-ish.
+                let a = (p as f32) * (inv[j % half] as f32);
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_pos, head_dim), dev)?,
+            sin: Tensor::from_vec(sin, (max_pos, head_dim), dev)?,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// x (B, H, T, hd) at absolute positions offset..offset+T.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, t, hd) = x.dims4()?;
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// An additive attention mask (T, S) with 0 where query i may see key j and a large negative
+/// value elsewhere. Keys are `prefix` always-visible slots followed by positions 0..past+T.
+pub fn causal_mask(t: usize, past: usize, prefix: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
+    let s = prefix + past + t;
+    let mut m = vec![0f32; t * s];
+    for i in 0..t {
+        let qpos = past + i;
+        for j in 0..past + t {
+            let visible = j <= qpos && window.is_none_or(|w| qpos - j < w);
+            if !visible {
+                m[i * s + prefix + j] = f32::MIN;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (t, s), dev)?.to_dtype(DType::F32)?)
+}

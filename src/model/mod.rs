@@ -1,0 +1,13 @@
+//! The decoder model: configuration, parameters, layers, weights I/O, and HF directories.
+
+pub mod config;
+pub mod decoder;
+pub mod hf;
+pub mod layers;
+pub mod loader;
+pub mod params;
+
+pub use config::{Family, ModelConfig};
+pub use decoder::{DecoderModel, ForwardOpts, KvCache};
+pub use hf::LoadedModel;
+pub use params::{Grads, ParamStore};

@@ -1,0 +1,5 @@
+//! Training methods, one module each, plus what they share (optimizer, checkpoints).
+
+pub mod checkpoint;
+pub mod optim;
+pub mod pretrain;
