@@ -36,7 +36,15 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
         bail!("--steps must be at least 2 (the first step is excluded from timing)");
     }
     let mut cfg = if a.llama {
-        ModelConfig::llama(a.vocab, a.dim, a.layers, a.heads, a.kv_heads.unwrap_or(a.heads), a.seq, a.ffn)
+        ModelConfig::llama(
+            a.vocab,
+            a.dim,
+            a.layers,
+            a.heads,
+            a.kv_heads.unwrap_or(a.heads),
+            a.seq,
+            a.ffn,
+        )
     } else {
         let mut c = ModelConfig::gpt2(a.vocab, a.dim, a.layers, a.heads, a.seq);
         c.intermediate_size = a.ffn.unwrap_or(4 * a.dim);
@@ -45,7 +53,15 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
     cfg.tie_word_embeddings = false;
     let mut store = ParamStore::new(dev.clone());
     let model = DecoderModel::new(&cfg, &mut store, &Source::Random { seed: 0 }, &|_| false)?;
-    let mut opt = AdamW::new(&store, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
+    let mut opt = AdamW::new(
+        &store,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+    )?;
     let mut times = Vec::new();
     let mut loss = 0f32;
     for step in 0..a.steps {
@@ -53,7 +69,11 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
         let n = a.batch * a.seq;
         let x: Vec<u32> = (0..n).map(|_| rng.below(a.vocab as u64) as u32).collect();
         let y: Vec<u32> = (0..n).map(|_| rng.below(a.vocab as u64) as u32).collect();
-        let b = crate::data::Batch { x, y, batch: a.batch };
+        let b = crate::data::Batch {
+            x,
+            y,
+            batch: a.batch,
+        };
         let t0 = Instant::now();
         let (l, grads) = lm_step(&model, &store, &b, 1)?;
         opt.step(&store, &grads, 1e-3)?;
@@ -86,7 +106,9 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
 pub fn peak_rss_mib() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return 0.0 };
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return 0.0;
+    };
     s.lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())

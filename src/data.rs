@@ -49,11 +49,17 @@ pub fn collect_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
                 }
             }
             if out.len() == before {
-                bail!("{}: directory holds no text files (.txt, .md, .text, .jsonl)", p.display());
+                bail!(
+                    "{}: directory holds no text files (.txt, .md, .text, .jsonl)",
+                    p.display()
+                );
             }
         } else if p.is_file() {
             let kind = kind_of(p).unwrap_or(Kind::Text);
-            out.push(SourceFile { path: p.clone(), kind });
+            out.push(SourceFile {
+                path: p.clone(),
+                kind,
+            });
         } else {
             bail!("{}: no such file or directory", p.display());
         }
@@ -62,7 +68,9 @@ pub fn collect_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading directory {}", dir.display()))? {
+    for e in
+        std::fs::read_dir(dir).with_context(|| format!("reading directory {}", dir.display()))?
+    {
         let p = e?.path();
         if p.is_dir() {
             walk(&p, out)?;
@@ -74,7 +82,12 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 fn kind_of(p: &Path) -> Option<Kind> {
-    match p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    match p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("txt" | "md" | "text") => Some(Kind::Text),
         Some("jsonl") => Some(Kind::Jsonl),
         _ => None,
@@ -97,7 +110,12 @@ pub struct Pieces {
 
 impl Pieces {
     pub fn new(files: Vec<SourceFile>, lossy: bool) -> Self {
-        Self { files: files.into_iter(), cur: None, lossy, carry: Vec::new() }
+        Self {
+            files: files.into_iter(),
+            cur: None,
+            lossy,
+            carry: Vec::new(),
+        }
     }
 
     fn utf8(&self, bytes: Vec<u8>, path: &Path, offset: u64) -> Result<String> {
@@ -115,8 +133,11 @@ impl Pieces {
     fn next_piece(&mut self) -> Result<Option<Piece>> {
         loop {
             if self.cur.is_none() {
-                let Some(f) = self.files.next() else { return Ok(None) };
-                let file = File::open(&f.path).with_context(|| format!("opening {}", f.path.display()))?;
+                let Some(f) = self.files.next() else {
+                    return Ok(None);
+                };
+                let file =
+                    File::open(&f.path).with_context(|| format!("opening {}", f.path.display()))?;
                 self.cur = Some((f, BufReader::with_capacity(1 << 16, file), 0, 0));
                 self.carry.clear();
             }
@@ -124,7 +145,9 @@ impl Pieces {
             match f.kind {
                 Kind::Jsonl => {
                     let mut buf = Vec::new();
-                    let n = reader.read_until(b'\n', &mut buf).with_context(|| format!("reading {}", f.path.display()))?;
+                    let n = reader
+                        .read_until(b'\n', &mut buf)
+                        .with_context(|| format!("reading {}", f.path.display()))?;
                     if n == 0 {
                         self.cur = None;
                         continue;
@@ -136,12 +159,16 @@ impl Pieces {
                         continue;
                     }
                     let s = self.utf8(buf, &path, start)?;
-                    let v: serde_json::Value = serde_json::from_str(&s)
-                        .map_err(|e| anyhow::anyhow!("{}:{lineno}: not valid JSON: {e}", path.display()))?;
+                    let v: serde_json::Value = serde_json::from_str(&s).map_err(|e| {
+                        anyhow::anyhow!("{}:{lineno}: not valid JSON: {e}", path.display())
+                    })?;
                     let Some(text) = v.get("text").and_then(|t| t.as_str()) else {
                         bail!("{}:{lineno}: missing string field \"text\"", path.display());
                     };
-                    return Ok(Some(Piece { text: text.to_string(), last: true }));
+                    return Ok(Some(Piece {
+                        text: text.to_string(),
+                        last: true,
+                    }));
                 }
                 Kind::Text => {
                     let mut buf = std::mem::take(&mut self.carry);
@@ -149,7 +176,9 @@ impl Pieces {
                     buf.resize(PIECE_BYTES.max(start + 4096), 0);
                     let mut filled = start;
                     while filled < buf.len() {
-                        let n = reader.read(&mut buf[filled..]).with_context(|| format!("reading {}", f.path.display()))?;
+                        let n = reader
+                            .read(&mut buf[filled..])
+                            .with_context(|| format!("reading {}", f.path.display()))?;
                         if n == 0 {
                             break;
                         }
@@ -163,7 +192,10 @@ impl Pieces {
                         // Cut after the last newline; failing that, at a UTF-8 character boundary.
                         match buf.iter().rposition(|&b| b == b'\n') {
                             Some(i) => i + 1,
-                            None => (0..buf.len()).rev().find(|&i| (buf[i] as i8) >= -0x40).unwrap_or(buf.len()),
+                            None => (0..buf.len())
+                                .rev()
+                                .find(|&i| (buf[i] as i8) >= -0x40)
+                                .unwrap_or(buf.len()),
                         }
                     };
                     self.carry = buf.split_off(cut);
@@ -202,12 +234,23 @@ impl Tokens {
     pub fn open(path: &Path, width: usize) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let bytes = file.metadata()?.len() as usize;
-        if bytes % width != 0 {
-            bail!("{}: size {bytes} is not a multiple of {width}", path.display());
+        if !bytes.is_multiple_of(width) {
+            bail!(
+                "{}: size {bytes} is not a multiple of {width}",
+                path.display()
+            );
         }
         // SAFETY: token files are only ever written under a temporary name and renamed.
-        let mmap = if bytes > 0 { Some(unsafe { Mmap::map(&file) }?) } else { None };
-        Ok(Self { mmap, width, len: bytes / width })
+        let mmap = if bytes > 0 {
+            Some(unsafe { Mmap::map(&file) }?)
+        } else {
+            None
+        };
+        Ok(Self {
+            mmap,
+            width,
+            len: bytes / width,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -235,17 +278,32 @@ impl Tokens {
 
 /// Tokenizes `sources` into `cache_dir/tokens-<key>.bin` unless an identical cache exists;
 /// the key covers the tokenizer, every file's path, size and mtime, and the UTF-8 mode.
-pub fn tokenize_cached(sources: &[SourceFile], tok: &Tok, cache_dir: &Path, lossy: bool) -> Result<Tokens> {
-    let eos = tok.eos_id.context("the tokenizer has no end-of-text token to separate documents")?;
+pub fn tokenize_cached(
+    sources: &[SourceFile],
+    tok: &Tok,
+    cache_dir: &Path,
+    lossy: bool,
+) -> Result<Tokens> {
+    let eos = tok
+        .eos_id
+        .context("the tokenizer has no end-of-text token to separate documents")?;
     let width = if tok.vocab_size() <= 1 << 16 { 2 } else { 4 };
-    let mut key = tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let mut key = tok
+        .inner
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     for s in sources {
-        let m = std::fs::metadata(&s.path).with_context(|| format!("reading {}", s.path.display()))?;
-        let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        let m =
+            std::fs::metadata(&s.path).with_context(|| format!("reading {}", s.path.display()))?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
         key.push_str(&format!("|{}|{}|{:?}", s.path.display(), m.len(), mtime));
     }
     key.push_str(&format!("|lossy={lossy}"));
-    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating {}", cache_dir.display()))?;
     let path = cache_dir.join(format!("tokens-{:016x}.bin", fnv1a(key.as_bytes())));
     if path.exists() {
         return Tokens::open(&path, width);
@@ -264,8 +322,16 @@ pub fn tokenize_cached(sources: &[SourceFile], tok: &Tok, cache_dir: &Path, loss
     Ok(t)
 }
 
-fn write_tokens(sources: &[SourceFile], tok: &Tok, eos: u32, width: usize, lossy: bool, out: &Path) -> Result<()> {
-    let mut w = BufWriter::new(File::create(out).with_context(|| format!("creating {}", out.display()))?);
+fn write_tokens(
+    sources: &[SourceFile],
+    tok: &Tok,
+    eos: u32,
+    width: usize,
+    lossy: bool,
+    out: &Path,
+) -> Result<()> {
+    let mut w =
+        BufWriter::new(File::create(out).with_context(|| format!("creating {}", out.display()))?);
     let mut pieces = Pieces::new(sources.to_vec(), lossy);
     let mut any_text = false;
     loop {
@@ -284,7 +350,10 @@ fn write_tokens(sources: &[SourceFile], tok: &Tok, eos: u32, width: usize, lossy
         if batch.is_empty() {
             break;
         }
-        let encoded: Vec<Result<Vec<u32>>> = batch.par_iter().map(|p| tok.encode(&p.text, false)).collect();
+        let encoded: Vec<Result<Vec<u32>>> = batch
+            .par_iter()
+            .map(|p| tok.encode(&p.text, false))
+            .collect();
         for (p, ids) in batch.iter().zip(encoded) {
             let mut ids = ids?;
             any_text |= !ids.is_empty();
@@ -325,11 +394,19 @@ impl Dataset {
     pub fn new(tokens: Tokens, seq_len: usize, val_fraction: f64) -> Result<Self> {
         let n = tokens.len();
         let need = seq_len + 1;
-        let val = if val_fraction > 0.0 { ((n as f64 * val_fraction) as usize).max(need) } else { 0 };
+        let val = if val_fraction > 0.0 {
+            ((n as f64 * val_fraction) as usize).max(need)
+        } else {
+            0
+        };
         if n < val + need {
             bail!("the corpus has only {n} tokens; a sequence length of {seq_len} with validation fraction {val_fraction} needs at least {}", val + need);
         }
-        Ok(Self { tokens, train_len: n - val, seq_len })
+        Ok(Self {
+            tokens,
+            train_len: n - val,
+            seq_len,
+        })
     }
 
     pub fn val_len(&self) -> usize {

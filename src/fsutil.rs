@@ -5,7 +5,10 @@ use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
 fn sibling(dest: &Path, tag: &str) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
@@ -13,14 +16,16 @@ fn sibling(dest: &Path, tag: &str) -> PathBuf {
 pub fn write_file(dest: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = sibling(dest, "tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))
+    std::fs::rename(&tmp, dest)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))
 }
 
 /// Fills a fresh directory via `fill`, then swaps it in for `dest`. If `fill` fails the
 /// temporary directory is removed and `dest` is untouched.
 pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     let tmp = sibling(dest, "tmp");
     let _ = std::fs::remove_dir_all(&tmp);
@@ -35,10 +40,12 @@ pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
         let old = sibling(dest, "old");
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(dest, &old).with_context(|| format!("moving aside {}", dest.display()))?;
-        std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        std::fs::rename(&tmp, dest)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        std::fs::rename(&tmp, dest)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
     }
     Ok(())
 }

@@ -18,7 +18,13 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self { max_new_tokens: 100, temperature: 0.8, top_k: None, top_p: None, seed: 0 }
+        Self {
+            max_new_tokens: 100,
+            temperature: 0.8,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
     }
 }
 
@@ -41,12 +47,18 @@ pub fn generate(
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization; give at least one token");
     }
-    if !(s.temperature >= 0.0) || s.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+    if s.temperature.is_nan()
+        || s.temperature < 0.0
+        || s.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0))
+    {
         bail!("temperature must be >= 0 and top_p in (0, 1]");
     }
     let ctx = model.cfg.max_position_embeddings;
     if prompt.len() >= ctx {
-        bail!("the prompt has {} tokens; the model's context is {ctx}", prompt.len());
+        bail!(
+            "the prompt has {} tokens; the model's context is {ctx}",
+            prompt.len()
+        );
     }
     let dev = model.device();
     let mut cache = KvCache::new(model.cfg.num_layers);
@@ -61,10 +73,17 @@ pub fn generate(
             return Ok((out, Stop::ContextFull));
         }
         let ids = Tensor::from_vec(input.clone(), (1, input.len()), dev)?;
-        let opts = ForwardOpts { cache: Some(&mut cache), ..Default::default() };
+        let opts = ForwardOpts {
+            cache: Some(&mut cache),
+            ..Default::default()
+        };
         let h = model.hidden_states(&model.embed(&ids)?, opts)?;
         let last = h.narrow(1, input.len() - 1, 1)?;
-        let logits: Vec<f32> = model.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let logits: Vec<f32> = model
+            .logits(&last)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
         let next = sample(&logits, s, &mut rng);
         if eos.contains(&next) {
             return Ok((out, Stop::Eos));
@@ -86,7 +105,10 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
         idx.truncate(k);
     }
     let max = logits[idx[0]] as f64;
-    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / s.temperature).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / s.temperature).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if let Some(top_p) = s.top_p {
@@ -131,13 +153,28 @@ mod tests {
     fn greedy_and_filters() {
         let logits = [0.0f32, 3.0, 1.0, 2.9];
         let mut rng = Rng::new(1);
-        let greedy = Sampling { temperature: 0.0, ..Default::default() };
+        let greedy = Sampling {
+            temperature: 0.0,
+            ..Default::default()
+        };
         assert_eq!(sample(&logits, &greedy, &mut rng), 1);
-        let top1 = Sampling { temperature: 1.0, top_k: Some(1), ..Default::default() };
+        let top1 = Sampling {
+            temperature: 1.0,
+            top_k: Some(1),
+            ..Default::default()
+        };
         assert!((0..50).all(|_| sample(&logits, &top1, &mut rng) == 1));
-        let top2 = Sampling { temperature: 1.0, top_k: Some(2), ..Default::default() };
+        let top2 = Sampling {
+            temperature: 1.0,
+            top_k: Some(2),
+            ..Default::default()
+        };
         assert!((0..200).all(|_| matches!(sample(&logits, &top2, &mut rng), 1 | 3)));
-        let nucleus = Sampling { temperature: 1.0, top_p: Some(0.3), ..Default::default() };
+        let nucleus = Sampling {
+            temperature: 1.0,
+            top_p: Some(0.3),
+            ..Default::default()
+        };
         assert!((0..50).all(|_| sample(&logits, &nucleus, &mut rng) == 1));
     }
 }

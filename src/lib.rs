@@ -25,7 +25,11 @@ pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
     match spec {
         "cpu" => Ok(candle_core::Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let idx = s.strip_prefix("cuda:").map(str::parse::<usize>).transpose()?.unwrap_or(0);
+            let idx = s
+                .strip_prefix("cuda:")
+                .map(str::parse::<usize>)
+                .transpose()?
+                .unwrap_or(0);
             if !candle_core::utils::cuda_is_available() {
                 anyhow::bail!("--device {s}: this lmforge was built without the `cuda` feature");
             }

@@ -16,7 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "lmforge", version, about = "Pre-train, fine-tune, align, evaluate and sample language models")]
+#[command(
+    name = "lmforge",
+    version,
+    about = "Pre-train, fine-tune, align, evaluate and sample language models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -178,7 +182,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Pretrain(a) => cmd_pretrain(a),
-        Cmd::Tokenizer(TokenizerCmd::Train { input, vocab_size, out, min_frequency, lossy_utf8 }) => {
+        Cmd::Tokenizer(TokenizerCmd::Train {
+            input,
+            vocab_size,
+            out,
+            min_frequency,
+            lossy_utf8,
+        }) => {
             let sources = collect_sources(&input)?;
             let mut err = None;
             let texts = Pieces::new(sources, lossy_utf8).map_while(|p| match p {
@@ -236,7 +246,12 @@ fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
         // A resumed run continues the recipe it was started with; flags still override.
         Some(ck) => {
             let (_, text) = checkpoint::read_state(ck)?;
-            Recipe::parse(&text, &format!("{}/recipe.toml", ck.display()), &overrides, std::path::Path::new(""))?
+            Recipe::parse(
+                &text,
+                &format!("{}/recipe.toml", ck.display()),
+                &overrides,
+                std::path::Path::new(""),
+            )?
         }
         None => Recipe::load(a.config.as_deref(), &overrides)?,
     };
@@ -253,7 +268,9 @@ fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
             eprintln!("\nsecond interrupt: exiting without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: finishing this step, then writing a checkpoint (Ctrl-C again to abort)");
+        eprintln!(
+            "\ninterrupt: finishing this step, then writing a checkpoint (Ctrl-C again to abort)"
+        );
     })
     .context("installing the Ctrl-C handler")?;
     let summary = pretrain::run(pretrain::Options {
@@ -273,19 +290,32 @@ fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
             summary.run_dir.display()
         );
     }
-    Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    Ok(if summary.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
     let m = hf::load_dir(&a.model, &dev, &|_| true)?;
     let prompt = m.tok.encode(&a.prompt, true)?;
-    let s = Sampling { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let s = Sampling {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;
     let mut stream = m.tok.inner.decode_stream(true);
     let (_, stop) = generate(&m.model, &prompt, &s, &m.eos_ids, |id| {
-        if let Some(text) = stream.step(id).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))? {
+        if let Some(text) = stream
+            .step(id)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
+        {
             write!(stdout, "{text}")?;
             stdout.flush()?;
         }
@@ -293,7 +323,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     })?;
     writeln!(stdout)?;
     if stop == Stop::ContextFull {
-        eprintln!("(stopped: the model's context of {} tokens is full)", m.model.cfg.max_position_embeddings);
+        eprintln!(
+            "(stopped: the model's context of {} tokens is full)",
+            m.model.cfg.max_position_embeddings
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -303,14 +336,24 @@ fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
     let m = hf::load_dir(&a.model, &dev, &|_| true)?;
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!("{}: invalid UTF-8 at byte offset {}", a.file.display(), e.utf8_error().valid_up_to())
+        anyhow::anyhow!(
+            "{}: invalid UTF-8 at byte offset {}",
+            a.file.display(),
+            e.utf8_error().valid_up_to()
+        )
     })?;
     let ids = m.tok.encode(&text, true)?;
-    let window = a.window.unwrap_or(m.model.cfg.max_position_embeddings).min(m.model.cfg.max_position_embeddings);
+    let window = a
+        .window
+        .unwrap_or(m.model.cfg.max_position_embeddings)
+        .min(m.model.cfg.max_position_embeddings);
     let stride = a.stride.unwrap_or(window / 2).max(1);
     let s = score_ids(&m.model, &ids, window, stride)?;
     if a.json {
-        println!("{}", serde_json::json!({"tokens": s.tokens, "nll": s.nll, "ppl": s.ppl()}));
+        println!(
+            "{}",
+            serde_json::json!({"tokens": s.tokens, "nll": s.nll, "ppl": s.ppl()})
+        );
     } else {
         println!("{}: {} tokens, mean NLL {:.4} nats, perplexity {:.3} (window {window}, stride {stride})", a.file.display(), s.tokens, s.nll, s.ppl());
     }

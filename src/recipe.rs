@@ -117,7 +117,8 @@ impl Recipe {
     /// Parses TOML text, applies `key.path=value` overrides, and resolves relative paths of
     /// the recipe against `base`.
     pub fn parse(text: &str, origin: &str, overrides: &[String], base: &Path) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
@@ -134,7 +135,8 @@ impl Recipe {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
                 Self::parse(&text, &p.display().to_string(), overrides, &base)
             }
@@ -162,11 +164,26 @@ impl Recipe {
             (t.batch_size > 0, "train.batch_size must be positive"),
             (t.seq_len > 1, "train.seq_len must be at least 2"),
             (t.grad_accum > 0, "train.grad_accum must be positive"),
-            (t.lr > 0.0 && t.min_lr >= 0.0, "train.lr must be positive and train.min_lr non-negative"),
-            ((0.0..1.0).contains(&self.data.val_fraction), "data.val_fraction must be in [0, 1)"),
-            (self.model.n_layer > 0 && self.model.n_head > 0, "model.n_layer and model.n_head must be positive"),
-            (self.model.d_model % self.model.n_head == 0, "model.d_model must be divisible by model.n_head"),
-            (t.seq_len <= self.model.ctx, "train.seq_len must not exceed model.ctx"),
+            (
+                t.lr > 0.0 && t.min_lr >= 0.0,
+                "train.lr must be positive and train.min_lr non-negative",
+            ),
+            (
+                (0.0..1.0).contains(&self.data.val_fraction),
+                "data.val_fraction must be in [0, 1)",
+            ),
+            (
+                self.model.n_layer > 0 && self.model.n_head > 0,
+                "model.n_layer and model.n_head must be positive",
+            ),
+            (
+                self.model.d_model.is_multiple_of(self.model.n_head),
+                "model.d_model must be divisible by model.n_head",
+            ),
+            (
+                t.seq_len <= self.model.ctx,
+                "train.seq_len must not exceed model.ctx",
+            ),
         ];
         for (ok, msg) in checks {
             if !ok {
@@ -189,15 +206,21 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
     };
     let key = key.trim();
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.split('.').collect();
     let (last, parents) = parts.split_last().context("--set: empty key")?;
     let mut cur = table;
     for p in parents {
-        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = entry.as_table_mut().with_context(|| format!("--set {key}: {p} is not a table"))?;
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .with_context(|| format!("--set {key}: {p} is not a table"))?;
     }
     cur.insert(last.to_string(), value);
     Ok(())
@@ -215,13 +238,17 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = Recipe::load(None, &["train.learning_rate=0.1".into()]).unwrap_err().to_string();
+        let e = Recipe::load(None, &["train.learning_rate=0.1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("learning_rate"), "{e}");
     }
 
     #[test]
     fn override_type_is_checked() {
-        let e = Recipe::load(None, &["train.max_steps=lots".into()]).unwrap_err().to_string();
+        let e = Recipe::load(None, &["train.max_steps=lots".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("train.max_steps"), "{e}");
         let r = Recipe::load(None, &["train.lr=0.5".into(), "model.arch=llama".into()]).unwrap();
         assert_eq!(r.train.lr, 0.5);

@@ -72,7 +72,10 @@ mod tests {
     fn keyed_streams_are_reproducible_and_distinct() {
         let a: Vec<u64> = (0..4).map(|_| Rng::keyed(&[1, 2]).next_u64()).collect();
         assert!(a.iter().all(|&x| x == a[0]));
-        assert_ne!(Rng::keyed(&[1, 2]).next_u64(), Rng::keyed(&[2, 1]).next_u64());
+        assert_ne!(
+            Rng::keyed(&[1, 2]).next_u64(),
+            Rng::keyed(&[2, 1]).next_u64()
+        );
     }
 
     #[test]

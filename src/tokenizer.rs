@@ -9,7 +9,10 @@ use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer, TokenizerBuilder};
+use tokenizers::{
+    AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
+    TokenizerBuilder,
+};
 
 pub const EOT: &str = "<|endoftext|>";
 
@@ -31,7 +34,11 @@ impl Tok {
         let find = |cands: &[&str]| cands.iter().find_map(|t| inner.token_to_id(t));
         let eos_id = find(&[EOT, "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>"]);
         let bos_id = find(&["<s>", "<|begin_of_text|>", "<bos>"]);
-        Self { inner, eos_id, bos_id }
+        Self {
+            inner,
+            eos_id,
+            bos_id,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -41,16 +48,23 @@ impl Tok {
     /// Encodes like transformers' `tokenizer(text)` when `special` (post-processor applied,
     /// e.g. a BOS for Llama tokenizers), or as raw text pieces otherwise.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.inner.save(path, false).map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", path.display()))
+        self.inner
+            .save(path, false)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", path.display()))
     }
 
     /// A model whose embedding has fewer rows than the tokenizer has ids would index out of range.
@@ -79,16 +93,22 @@ where
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let byte_level = ByteLevel::new(false, true, true);
-    let mut tk: tokenizers::TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> =
-        TokenizerBuilder::new()
-            .with_model(BPE::default())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(byte_level.into()))
-            .with_post_processor(Some(byte_level.into()))
-            .with_decoder(Some(byte_level.into()))
-            .build()
-            .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))?;
-    tk.train(&mut trainer, texts).map_err(|e| anyhow::anyhow!("training tokenizer: {e}"))?;
+    let mut tk: tokenizers::TokenizerImpl<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    > = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(byte_level.into()))
+        .with_post_processor(Some(byte_level.into()))
+        .with_decoder(Some(byte_level.into()))
+        .build()
+        .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))?;
+    tk.train(&mut trainer, texts)
+        .map_err(|e| anyhow::anyhow!("training tokenizer: {e}"))?;
     let tok = Tok::wrap(Tokenizer::from(tk));
     if tok.eos_id.is_none() {
         bail!("internal error: trained tokenizer lacks {EOT}");

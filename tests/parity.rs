@@ -19,12 +19,19 @@ fn check(name: &str, frozen: &dyn Fn(&str) -> bool) {
     assert!(d < 1e-4, "{name}: logits differ by {d}");
 
     let v = m.model.cfg.vocab_size;
-    let pred = logits.narrow(1, 0, t - 1).unwrap().reshape((b * (t - 1), v)).unwrap();
+    let pred = logits
+        .narrow(1, 0, t - 1)
+        .unwrap()
+        .reshape((b * (t - 1), v))
+        .unwrap();
     let tgt = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
     let loss = cross_entropy(&pred, &tgt).unwrap();
     let ref_loss = r["loss"].to_vec1::<f32>().unwrap()[0];
     let l = loss.to_scalar::<f32>().unwrap();
-    assert!((l - ref_loss).abs() < 1e-5, "{name}: loss {l} vs {ref_loss}");
+    assert!(
+        (l - ref_loss).abs() < 1e-5,
+        "{name}: loss {l} vs {ref_loss}"
+    );
 
     let gs = loss.backward().unwrap();
     let grads = m.store.grads(&gs);
@@ -35,10 +42,16 @@ fn check(name: &str, frozen: &dyn Fn(&str) -> bool) {
             assert!(g.is_none(), "{name}: frozen {} got a gradient", p.name);
             continue;
         }
-        let g = g.as_ref().unwrap_or_else(|| panic!("{name}: {} got no gradient", p.name));
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: {} got no gradient", p.name));
         let scale = max_abs(want).max(1e-3);
         let d = max_abs_diff(g, want);
-        assert!(d <= 2e-4 * scale + 1e-7, "{name}: gradient of {} differs by {d} (max |ref| {scale})", p.name);
+        assert!(
+            d <= 2e-4 * scale + 1e-7,
+            "{name}: gradient of {} differs by {d} (max |ref| {scale})",
+            p.name
+        );
         assert!(max_abs(g) > 0.0, "{name}: gradient of {} is zero", p.name);
         compared += 1;
     }
@@ -69,7 +82,9 @@ fn mistral_sliding_window_matches_transformers() {
 
 #[test]
 fn frozen_weights_get_no_gradient_and_the_rest_still_match() {
-    check("llama_tiny", &|n| n.contains("self_attn") || n.contains("embed_tokens"));
+    check("llama_tiny", &|n| {
+        n.contains("self_attn") || n.contains("embed_tokens")
+    });
     check("gpt2_tiny", &|n| n.contains(".mlp."));
 }
 
@@ -77,7 +92,11 @@ fn frozen_weights_get_no_gradient_and_the_rest_still_match() {
 fn kv_cache_decoding_equals_full_forward() {
     for name in ["gpt2_tiny", "llama_tiny", "mistral_tiny"] {
         let m = hf::load_dir(&fixture(name), &Device::Cpu, &|_| true).unwrap();
-        let ids = reference(name)["input_ids"].to_dtype(DType::U32).unwrap().narrow(0, 0, 1).unwrap();
+        let ids = reference(name)["input_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .narrow(0, 0, 1)
+            .unwrap();
         let full = m.model.forward(&ids).unwrap();
         let mut cache = lmforge::model::KvCache::new(m.model.cfg.num_layers);
         let t = ids.dim(1).unwrap();
@@ -86,8 +105,14 @@ fn kv_cache_decoding_equals_full_forward() {
         let mut pos = 0;
         for len in std::iter::once(4).chain(std::iter::repeat(1)).take(t - 3) {
             let x = ids.narrow(1, pos, len).unwrap();
-            let opts = lmforge::model::ForwardOpts { cache: Some(&mut cache), ..Default::default() };
-            let h = m.model.hidden_states(&m.model.embed(&x).unwrap(), opts).unwrap();
+            let opts = lmforge::model::ForwardOpts {
+                cache: Some(&mut cache),
+                ..Default::default()
+            };
+            let h = m
+                .model
+                .hidden_states(&m.model.embed(&x).unwrap(), opts)
+                .unwrap();
             steps.push(m.model.logits(&h).unwrap());
             pos += len;
         }
@@ -110,10 +135,19 @@ fn future_tokens_do_not_change_past_logits_and_padding_is_masked() {
     let d = Tensor::new(&[[5u32, 9, 200, 13]], &Device::Cpu).unwrap();
     let keep = Tensor::new(&[[1u32, 1, 0, 1]], &Device::Cpu).unwrap();
     let last = |x: &Tensor, mask: Option<&Tensor>| {
-        let opts = lmforge::model::ForwardOpts { key_padding: mask, ..Default::default() };
-        let h = m.model.hidden_states(&m.model.embed(x).unwrap(), opts).unwrap();
+        let opts = lmforge::model::ForwardOpts {
+            key_padding: mask,
+            ..Default::default()
+        };
+        let h = m
+            .model
+            .hidden_states(&m.model.embed(x).unwrap(), opts)
+            .unwrap();
         m.model.logits(&h).unwrap().narrow(1, 3, 1).unwrap()
     };
     assert!(max_abs_diff(&last(&c, Some(&keep)), &last(&d, Some(&keep))) < 1e-6);
-    assert!(max_abs_diff(&last(&c, None), &last(&d, None)) > 1e-4, "unmasked keys must matter");
+    assert!(
+        max_abs_diff(&last(&c, None), &last(&d, None)) > 1e-4,
+        "unmasked keys must matter"
+    );
 }

@@ -69,10 +69,17 @@ fn train(recipe: Recipe, resume: Option<&Path>, stop_at: Option<u64>) -> pretrai
 #[test]
 fn tokenizer_matches_transformers_and_round_trips() {
     let tok = Tok::from_file(&fixture("tokenizer").join("tokenizer.json")).unwrap();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer").join("reference.json")).unwrap()).unwrap();
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tokenizer").join("reference.json")).unwrap(),
+    )
+    .unwrap();
     let text = r["text"].as_str().unwrap();
-    let want: Vec<u32> = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> = r["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let ids = tok.encode(text, true).unwrap();
     assert_eq!(ids, want);
     assert_eq!(tok.decode(&ids, false).unwrap(), text);
@@ -80,26 +87,50 @@ fn tokenizer_matches_transformers_and_round_trips() {
 
 #[test]
 fn trained_bpe_round_trips_any_text() {
-    let texts = ["the quick brown fox\n\n".repeat(50), "jumps over the lazy dog. ".repeat(50)];
+    let texts = [
+        "the quick brown fox\n\n".repeat(50),
+        "jumps over the lazy dog. ".repeat(50),
+    ];
     let tok = train_bpe(texts.into_iter(), 300, 2).unwrap();
-    for s in ["Ünïcödé ✓ 🦀\ttabs\r\n", "   spaces  ", "<|endoftext|> special", "新しい"] {
+    for s in [
+        "Ünïcödé ✓ 🦀\ttabs\r\n",
+        "   spaces  ",
+        "<|endoftext|> special",
+        "新しい",
+    ] {
         let ids = tok.encode(s, false).unwrap();
         assert_eq!(tok.decode(&ids, false).unwrap(), s);
     }
-    assert_eq!(tok.encode("<|endoftext|>", false).unwrap(), vec![tok.eos_id.unwrap()]);
+    assert_eq!(
+        tok.encode("<|endoftext|>", false).unwrap(),
+        vec![tok.eos_id.unwrap()]
+    );
 }
 
 #[test]
 fn token_cache_streams_documents_with_eos_and_is_reused() {
     let d = tmpdir("cache");
     std::fs::write(d.join("a.txt"), "one two three").unwrap();
-    std::fs::write(d.join("b.jsonl"), "{\"text\": \"four five\"}\n\n{\"text\": \"six\"}\n").unwrap();
-    let tok = train_bpe(["one two three four five six".to_string()].into_iter(), 260, 1).unwrap();
-    let sources = collect_sources(&[d.clone()]).unwrap();
+    std::fs::write(
+        d.join("b.jsonl"),
+        "{\"text\": \"four five\"}\n\n{\"text\": \"six\"}\n",
+    )
+    .unwrap();
+    let tok = train_bpe(
+        ["one two three four five six".to_string()].into_iter(),
+        260,
+        1,
+    )
+    .unwrap();
+    let sources = collect_sources(std::slice::from_ref(&d)).unwrap();
     let t = tokenize_cached(&sources, &tok, &d.join("cache"), false).unwrap();
     let ids = t.slice(0, t.len());
     let eos = tok.eos_id.unwrap();
-    assert_eq!(ids.iter().filter(|&&i| i == eos).count(), 3, "one EOS per document");
+    assert_eq!(
+        ids.iter().filter(|&&i| i == eos).count(),
+        3,
+        "one EOS per document"
+    );
     let mut expect = tok.encode("one two three", false).unwrap();
     expect.push(eos);
     expect.extend(tok.encode("four five", false).unwrap());
@@ -109,7 +140,11 @@ fn token_cache_streams_documents_with_eos_and_is_reused() {
     assert_eq!(ids, expect);
     let n_files = std::fs::read_dir(d.join("cache")).unwrap().count();
     tokenize_cached(&sources, &tok, &d.join("cache"), false).unwrap();
-    assert_eq!(std::fs::read_dir(d.join("cache")).unwrap().count(), n_files, "second call reuses the cache");
+    assert_eq!(
+        std::fs::read_dir(d.join("cache")).unwrap().count(),
+        n_files,
+        "second call reuses the cache"
+    );
 }
 
 #[test]
@@ -118,11 +153,18 @@ fn long_files_are_cut_at_line_breaks_without_losing_text() {
     let line = "Ünïcödé line of text that repeats\n";
     let text = line.repeat((3 << 20) / line.len());
     std::fs::write(d.join("big.txt"), &text).unwrap();
-    let pieces: Vec<_> = Pieces::new(collect_sources(&[d.join("big.txt")]).unwrap(), false).map(|p| p.unwrap()).collect();
+    let pieces: Vec<_> = Pieces::new(collect_sources(&[d.join("big.txt")]).unwrap(), false)
+        .map(|p| p.unwrap())
+        .collect();
     assert!(pieces.len() >= 3);
-    assert!(pieces[..pieces.len() - 1].iter().all(|p| !p.last && p.text.ends_with('\n')));
+    assert!(pieces[..pieces.len() - 1]
+        .iter()
+        .all(|p| !p.last && p.text.ends_with('\n')));
     assert!(pieces.last().unwrap().last);
-    assert_eq!(pieces.iter().map(|p| p.text.as_str()).collect::<String>(), text);
+    assert_eq!(
+        pieces.iter().map(|p| p.text.as_str()).collect::<String>(),
+        text
+    );
 }
 
 #[test]
@@ -133,31 +175,58 @@ fn training_beats_the_unigram_entropy_and_resume_is_exact() {
     let full = train(tiny_recipe(&corpus, &d.join("full"), 60, &[]), None, None);
     assert_eq!(full.steps, 60);
     // Interrupted at step 25, then resumed from the run directory.
-    let first = train(tiny_recipe(&corpus, &d.join("split"), 60, &[]), None, Some(25));
+    let first = train(
+        tiny_recipe(&corpus, &d.join("split"), 60, &[]),
+        None,
+        Some(25),
+    );
     assert_eq!(first.steps, 25);
     assert!(first.interrupted || first.losses.len() == 25);
-    let second = train(tiny_recipe(&corpus, &d.join("ignored"), 60, &[]), Some(&d.join("split")), None);
+    let second = train(
+        tiny_recipe(&corpus, &d.join("ignored"), 60, &[]),
+        Some(&d.join("split")),
+        None,
+    );
     let resumed: Vec<(u64, f32)> = first.losses.iter().chain(&second.losses).copied().collect();
-    assert_eq!(resumed, full.losses, "losses of the resumed run must equal the uninterrupted run's");
+    assert_eq!(
+        resumed, full.losses,
+        "losses of the resumed run must equal the uninterrupted run's"
+    );
 
     // Unigram entropy of the training tokens: a model that learned nothing beyond token
     // frequencies scores this; a working LM must go below it.
     let tok = Tok::from_file(&d.join("full/tokenizer.json")).unwrap();
-    let tokens = tokenize_cached(&collect_sources(&[corpus]).unwrap(), &tok, &d.join("full/data"), false).unwrap();
+    let tokens = tokenize_cached(
+        &collect_sources(&[corpus]).unwrap(),
+        &tok,
+        &d.join("full/data"),
+        false,
+    )
+    .unwrap();
     let mut counts = vec![0f64; tok.vocab_size()];
     for i in 0..tokens.len() {
         counts[tokens.get(i) as usize] += 1.0;
     }
     let n = tokens.len() as f64;
-    let entropy: f64 = counts.iter().filter(|&&c| c > 0.0).map(|&c| -(c / n) * (c / n).ln()).sum();
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0.0)
+        .map(|&c| -(c / n) * (c / n).ln())
+        .sum();
     let val = full.val_loss.unwrap();
     let first_loss = full.losses[0].1 as f64;
     println!("unigram entropy {entropy:.3} nats, first loss {first_loss:.3}, final validation loss {val:.3}");
-    assert!(val < entropy, "validation loss {val} did not beat unigram entropy {entropy}");
+    assert!(
+        val < entropy,
+        "validation loss {val} did not beat unigram entropy {entropy}"
+    );
 
     // The final model is an HF directory that loads and scores.
     let m = hf::load_dir(&d.join("full/model"), &Device::Cpu, &|_| true).unwrap();
-    let ids = m.tok.encode("HAMLET. To be, or not to be, that is the question.", true).unwrap();
+    let ids = m
+        .tok
+        .encode("HAMLET. To be, or not to be, that is the question.", true)
+        .unwrap();
     let s = lmforge::eval::score::score_ids(&m.model, &ids, 64, 32).unwrap();
     assert_eq!(s.tokens, ids.len() - 1);
     assert!(s.nll.is_finite() && s.nll < entropy + 1.0);
@@ -174,7 +243,16 @@ fn windowed_scoring_covers_every_token_once() {
         assert_eq!(r.tokens, 149, "window {w} stride {s}");
     }
     // With one window covering everything, the windowed score equals a direct computation.
-    let direct = m.model.token_logprobs(&candle_core::Tensor::new(&ids[..60], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Default::default()).unwrap();
+    let direct = m
+        .model
+        .token_logprobs(
+            &candle_core::Tensor::new(&ids[..60], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            Default::default(),
+        )
+        .unwrap();
     let mean = -direct.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
     assert!((mean - one.nll).abs() < 1e-5);
 }
@@ -182,13 +260,39 @@ fn windowed_scoring_covers_every_token_once() {
 #[test]
 fn seeded_generation_is_reproducible() {
     let m = hf::load_dir(&fixture("llama_tiny"), &Device::Cpu, &|_| true).unwrap();
-    let s = |seed| Sampling { max_new_tokens: 20, temperature: 1.0, top_k: Some(50), top_p: Some(0.95), seed };
-    let run = |seed| generate(&m.model, &[1, 2, 3], &s(seed), &[], |_| Ok(())).unwrap().0;
+    let s = |seed| Sampling {
+        max_new_tokens: 20,
+        temperature: 1.0,
+        top_k: Some(50),
+        top_p: Some(0.95),
+        seed,
+    };
+    let run = |seed| {
+        generate(&m.model, &[1, 2, 3], &s(seed), &[], |_| Ok(()))
+            .unwrap()
+            .0
+    };
     assert_eq!(run(5), run(5));
     assert_ne!(run(5), run(6));
-    let greedy = Sampling { temperature: 0.0, ..s(0) };
-    let g1 = generate(&m.model, &[1, 2, 3], &greedy, &[], |_| Ok(())).unwrap().0;
-    let g2 = generate(&m.model, &[1, 2, 3], &Sampling { seed: 9, ..greedy.clone() }, &[], |_| Ok(())).unwrap().0;
+    let greedy = Sampling {
+        temperature: 0.0,
+        ..s(0)
+    };
+    let g1 = generate(&m.model, &[1, 2, 3], &greedy, &[], |_| Ok(()))
+        .unwrap()
+        .0;
+    let g2 = generate(
+        &m.model,
+        &[1, 2, 3],
+        &Sampling {
+            seed: 9,
+            ..greedy.clone()
+        },
+        &[],
+        |_| Ok(()),
+    )
+    .unwrap()
+    .0;
     assert_eq!(g1, g2, "greedy ignores the seed");
     // Stops at EOS: make the first greedy token the EOS.
     let (out, stop) = generate(&m.model, &[1, 2, 3], &greedy, &[g1[0]], |_| Ok(())).unwrap();
@@ -207,5 +311,9 @@ fn failed_directory_write_keeps_the_old_one() {
     });
     assert!(err.is_err());
     assert_eq!(std::fs::read_to_string(dest.join("f")).unwrap(), "good");
-    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1, "no temporary left behind");
+    assert_eq!(
+        std::fs::read_dir(&d).unwrap().count(),
+        1,
+        "no temporary left behind"
+    );
 }

@@ -1,7 +1,7 @@
 //! Perplexity of a text under a model, as transformers' sliding-window recipe computes it:
 //! windows of the model's context advance by `stride`; each window scores only the tokens no
 //! earlier window scored, with the tokens before them as context. With `stride = ctx` windows
-//! do not overlap (fast, pessimistic); smaller strides give each token more context.
+//! share one token (fast, pessimistic); smaller strides give each token more context.
 
 use crate::model::{DecoderModel, ForwardOpts};
 use anyhow::{bail, Result};
@@ -24,7 +24,10 @@ impl Score {
 /// Scores `ids` with windows of at most `window` tokens advancing by `stride`.
 pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize) -> Result<Score> {
     if ids.len() < 2 {
-        bail!("the text has {} token(s); scoring needs at least 2", ids.len());
+        bail!(
+            "the text has {} token(s); scoring needs at least 2",
+            ids.len()
+        );
     }
     if stride == 0 || stride > window {
         bail!("stride must be in 1..={window}");
@@ -38,7 +41,10 @@ pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize
     loop {
         let end = (begin + window).min(ids.len());
         let x = Tensor::from_slice(&ids[begin..end], (1, end - begin), dev)?;
-        let lp: Vec<f32> = model.token_logprobs(&x, ForwardOpts::default())?.squeeze(0)?.to_vec1()?;
+        let lp: Vec<f32> = model
+            .token_logprobs(&x, ForwardOpts::default())?
+            .squeeze(0)?
+            .to_vec1()?;
         // lp[j] is log p(ids[begin + j + 1]); score the targets after `done`.
         for (j, v) in lp.iter().enumerate() {
             if begin + j + 1 > done {
@@ -50,7 +56,12 @@ pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize
         if end == ids.len() {
             break;
         }
-        begin += stride;
+        // A window cannot predict its own first token, so the next one starts no later than
+        // the last token scored: with `stride = window` windows share exactly one token.
+        begin = (begin + stride).min(end - 1);
     }
-    Ok(Score { tokens: count, nll: total / count as f64 })
+    Ok(Score {
+        tokens: count,
+        nll: total / count as f64,
+    })
 }

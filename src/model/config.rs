@@ -156,18 +156,25 @@ impl ModelConfig {
         if c.num_heads == 0 || c.num_kv_heads == 0 || c.num_layers == 0 || c.hidden_size == 0 {
             bail!("model config: layers, heads, kv heads and hidden size must all be positive");
         }
-        if c.num_heads % c.num_kv_heads != 0 {
+        if !c.num_heads.is_multiple_of(c.num_kv_heads) {
             bail!(
                 "model config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 c.num_heads,
                 c.num_kv_heads
             );
         }
-        if c.family == Family::Gpt2 && c.hidden_size % c.num_heads != 0 {
-            bail!("model config: n_embd ({}) must be divisible by n_head ({})", c.hidden_size, c.num_heads);
+        if c.family == Family::Gpt2 && !c.hidden_size.is_multiple_of(c.num_heads) {
+            bail!(
+                "model config: n_embd ({}) must be divisible by n_head ({})",
+                c.hidden_size,
+                c.num_heads
+            );
         }
-        if c.family == Family::Llama && c.head_dim % 2 != 0 {
-            bail!("model config: head_dim ({}) must be even for RoPE", c.head_dim);
+        if c.family == Family::Llama && !c.head_dim.is_multiple_of(2) {
+            bail!(
+                "model config: head_dim ({}) must be even for RoPE",
+                c.head_dim
+            );
         }
         if c.vocab_size == 0 || c.max_position_embeddings == 0 {
             bail!("model config: vocab_size and max_position_embeddings must be positive");
@@ -176,19 +183,27 @@ impl ModelConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", path.display()))?;
         Self::from_hf_json(v).with_context(|| format!("in {}", path.display()))
     }
 
     pub fn from_hf_json(v: Value) -> Result<Self> {
-        let Value::Object(map) = v else { bail!("config.json: expected a JSON object") };
+        let Value::Object(map) = v else {
+            bail!("config.json: expected a JSON object")
+        };
         let r = Reader(&map);
-        let model_type = r.str("model_type")?.context("config.json: missing key model_type")?;
+        let model_type = r
+            .str("model_type")?
+            .context("config.json: missing key model_type")?;
         let cfg = match model_type.as_str() {
             "gpt2" => Self::gpt2_from(&r)?,
             "llama" | "mistral" | "qwen2" => Self::llama_from(&r, &model_type)?,
-            other => bail!("config.json: model_type {other:?} is not supported (gpt2, llama, mistral, qwen2)"),
+            other => bail!(
+                "config.json: model_type {other:?} is not supported (gpt2, llama, mistral, qwen2)"
+            ),
         };
         let mut cfg = cfg;
         cfg.source = map;
@@ -197,7 +212,11 @@ impl ModelConfig {
     }
 
     fn gpt2_from(r: &Reader) -> Result<Self> {
-        for key in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"] {
+        for key in [
+            "scale_attn_by_inverse_layer_idx",
+            "reorder_and_upcast_attn",
+            "add_cross_attention",
+        ] {
             if r.bool(key)?.unwrap_or(false) {
                 bail!("config.json: {key} = true is not supported");
             }
@@ -229,7 +248,10 @@ impl ModelConfig {
         }
         let mut rope_theta = r.f64("rope_theta")?;
         if let Some(p) = r.0.get("rope_parameters").filter(|v| !v.is_null()) {
-            let kind = p.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+            let kind = p
+                .get("rope_type")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             if kind != "default" {
                 bail!("config.json: rope_parameters.rope_type = {kind:?} is not supported (only \"default\")");
             }
@@ -243,7 +265,15 @@ impl ModelConfig {
         let kv = r.usize("num_key_value_heads")?.unwrap_or(heads);
         let ctx = r.usize("max_position_embeddings")?.unwrap_or(2048);
         let ffn = r.req_usize("intermediate_size")?;
-        let mut c = Self::llama(r.req_usize("vocab_size")?, dim, layers, heads, kv, ctx, Some(ffn));
+        let mut c = Self::llama(
+            r.req_usize("vocab_size")?,
+            dim,
+            layers,
+            heads,
+            kv,
+            ctx,
+            Some(ffn),
+        );
         c.model_type = model_type.to_string();
         if let Some(hd) = r.usize("head_dim")? {
             c.head_dim = hd;
@@ -269,10 +299,16 @@ impl ModelConfig {
                 (0..layers)
                     .map(|i| {
                         let sliding = match types {
-                            Some(t) => t.get(i).and_then(Value::as_str) == Some("sliding_attention"),
+                            Some(t) => {
+                                t.get(i).and_then(Value::as_str) == Some("sliding_attention")
+                            }
                             None => i >= max_window_layers,
                         };
-                        if sliding { window } else { None }
+                        if sliding {
+                            window
+                        } else {
+                            None
+                        }
                     })
                     .collect()
             }
@@ -322,11 +358,17 @@ impl ModelConfig {
                 set("num_attention_heads", json!(self.num_heads));
                 set("num_key_value_heads", json!(self.num_kv_heads));
                 set("head_dim", json!(self.head_dim));
-                set("max_position_embeddings", json!(self.max_position_embeddings));
+                set(
+                    "max_position_embeddings",
+                    json!(self.max_position_embeddings),
+                );
                 set("rms_norm_eps", json!(self.norm_eps));
                 set("hidden_act", json!(self.activation.hf_name()));
                 set("rope_theta", json!(self.rope_theta));
-                set("rope_parameters", json!({"rope_type": "default", "rope_theta": self.rope_theta}));
+                set(
+                    "rope_parameters",
+                    json!({"rope_type": "default", "rope_theta": self.rope_theta}),
+                );
                 if self.model_type != "qwen2" {
                     set("attention_bias", json!(self.qkv_bias));
                 }
@@ -348,25 +390,31 @@ impl Reader<'_> {
     fn usize(&self, k: &str) -> Result<Option<usize>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .with_context(|| format!("config.json: {k} must be a non-negative integer, got {v}")),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).with_context(|| {
+                format!("config.json: {k} must be a non-negative integer, got {v}")
+            }),
         }
     }
     fn req_usize(&self, k: &str) -> Result<usize> {
-        self.usize(k)?.with_context(|| format!("config.json: missing key {k}"))
+        self.usize(k)?
+            .with_context(|| format!("config.json: missing key {k}"))
     }
     fn f64(&self, k: &str) -> Result<Option<f64>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).with_context(|| format!("config.json: {k} must be a number, got {v}")),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .with_context(|| format!("config.json: {k} must be a number, got {v}")),
         }
     }
     fn bool(&self, k: &str) -> Result<Option<bool>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).with_context(|| format!("config.json: {k} must be true or false, got {v}")),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .with_context(|| format!("config.json: {k} must be true or false, got {v}")),
         }
     }
     fn str(&self, k: &str) -> Result<Option<String>> {

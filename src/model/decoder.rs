@@ -9,7 +9,9 @@
 //! of the speed work must reproduce.
 
 use super::config::{Family, ModelConfig};
-use super::layers::{activate, causal_mask, softmax_last, Builder, Embedding, Layout, Linear, Norm, Rope};
+use super::layers::{
+    activate, causal_mask, softmax_last, Builder, Embedding, Layout, Linear, Norm, Rope,
+};
 use super::loader::WeightSource;
 use super::params::{ParamStore, Source};
 use anyhow::{bail, Result};
@@ -20,7 +22,11 @@ use candle_core::{DType, Device, Tensor};
 enum Qkv {
     /// GPT-2's `c_attn`: one (C, 3C) Conv1D.
     Fused(Linear),
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
 }
 
 pub struct Attention {
@@ -41,7 +47,10 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers], len: 0 }
+        Self {
+            layers: vec![None; n_layers],
+            len: 0,
+        }
     }
     /// Number of positions already processed.
     pub fn len(&self) -> usize {
@@ -59,18 +68,66 @@ impl Attention {
         let (qkv, o) = match cfg.family {
             Family::Gpt2 => {
                 let p = format!("transformer.h.{i}.attn");
-                let fused = Linear::new(b, &format!("{p}.c_attn"), c, 3 * c, true, Layout::InOut, 0.02)?;
-                let o = Linear::new(b, &format!("{p}.c_proj"), c, c, true, Layout::InOut, resid_std)?;
+                let fused = Linear::new(
+                    b,
+                    &format!("{p}.c_attn"),
+                    c,
+                    3 * c,
+                    true,
+                    Layout::InOut,
+                    0.02,
+                )?;
+                let o = Linear::new(
+                    b,
+                    &format!("{p}.c_proj"),
+                    c,
+                    c,
+                    true,
+                    Layout::InOut,
+                    resid_std,
+                )?;
                 (Qkv::Fused(fused), o)
             }
             Family::Llama => {
                 let p = format!("model.layers.{i}.self_attn");
                 let kvd = cfg.num_kv_heads * hd;
                 let qd = cfg.num_heads * hd;
-                let q = Linear::new(b, &format!("{p}.q_proj"), c, qd, cfg.qkv_bias, Layout::OutIn, 0.02)?;
-                let k = Linear::new(b, &format!("{p}.k_proj"), c, kvd, cfg.qkv_bias, Layout::OutIn, 0.02)?;
-                let v = Linear::new(b, &format!("{p}.v_proj"), c, kvd, cfg.qkv_bias, Layout::OutIn, 0.02)?;
-                let o = Linear::new(b, &format!("{p}.o_proj"), qd, c, cfg.o_bias, Layout::OutIn, resid_std)?;
+                let q = Linear::new(
+                    b,
+                    &format!("{p}.q_proj"),
+                    c,
+                    qd,
+                    cfg.qkv_bias,
+                    Layout::OutIn,
+                    0.02,
+                )?;
+                let k = Linear::new(
+                    b,
+                    &format!("{p}.k_proj"),
+                    c,
+                    kvd,
+                    cfg.qkv_bias,
+                    Layout::OutIn,
+                    0.02,
+                )?;
+                let v = Linear::new(
+                    b,
+                    &format!("{p}.v_proj"),
+                    c,
+                    kvd,
+                    cfg.qkv_bias,
+                    Layout::OutIn,
+                    0.02,
+                )?;
+                let o = Linear::new(
+                    b,
+                    &format!("{p}.o_proj"),
+                    qd,
+                    c,
+                    cfg.o_bias,
+                    Layout::OutIn,
+                    resid_std,
+                )?;
                 (Qkv::Separate { q, k, v }, o)
             }
         };
@@ -100,11 +157,17 @@ impl Attention {
             Qkv::Fused(l) => {
                 let y = l.forward(x)?; // (B, T, 3C)
                 let c = nh * hd;
-                (y.narrow(2, 0, c)?, y.narrow(2, c, c)?, y.narrow(2, 2 * c, c)?)
+                (
+                    y.narrow(2, 0, c)?,
+                    y.narrow(2, c, c)?,
+                    y.narrow(2, 2 * c, c)?,
+                )
             }
             Qkv::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
         };
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((bsz, t, n, hd))?.transpose(1, 2)?) };
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((bsz, t, n, hd))?.transpose(1, 2)?)
+        };
         let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?); // (B, H, T, hd)
         if let Some(rope) = ctx.rope {
             q = rope.apply(&q.contiguous()?, ctx.past)?;
@@ -121,7 +184,9 @@ impl Attention {
         let n_prefix = match ctx.prefix {
             Some((pk, pv)) => {
                 let p = pk.dim(2)?;
-                let expand = |x: &Tensor| -> Result<Tensor> { Ok(x.broadcast_as((bsz, nkv, p, hd))?.contiguous()?) };
+                let expand = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.broadcast_as((bsz, nkv, p, hd))?.contiguous()?)
+                };
                 k = Tensor::cat(&[&expand(pk)?, &k], 2)?;
                 v = Tensor::cat(&[&expand(pv)?, &v], 2)?;
                 p
@@ -135,7 +200,9 @@ impl Attention {
             if rep == 1 {
                 return Ok(x.contiguous()?);
             }
-            Ok(x.unsqueeze(2)?.broadcast_as((bsz, nkv, rep, s, hd))?.reshape((bsz, nh, s, hd))?)
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((bsz, nkv, rep, s, hd))?
+                .reshape((bsz, nh, s, hd))?)
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
         let q = q.contiguous()?;
@@ -157,27 +224,48 @@ fn padding_mask(mask: &Tensor, keep: &Tensor, n_prefix: usize) -> Result<Tensor>
     let (bsz, len) = keep.dims2()?;
     let (t, s) = mask.dims2()?;
     if len + n_prefix != s {
-        bail!("attention mask covers {len} positions but the keys span {}", s - n_prefix);
+        bail!(
+            "attention mask covers {len} positions but the keys span {}",
+            s - n_prefix
+        );
     }
     let keep = keep.to_dtype(DType::F32)?;
     let keep = if n_prefix > 0 {
-        Tensor::cat(&[&Tensor::ones((bsz, n_prefix), DType::F32, keep.device())?, &keep], 1)?
+        Tensor::cat(
+            &[
+                &Tensor::ones((bsz, n_prefix), DType::F32, keep.device())?,
+                &keep,
+            ],
+            1,
+        )?
     } else {
         keep
     };
     // 0 where kept, f32::MIN where padded (MIN + MIN saturates to -inf only where the causal
     // mask already hides the key, so rows never turn NaN).
     let pad = ((keep - 1.0)? * -(f32::MIN as f64))?.reshape((bsz, 1, 1, s))?;
-    Ok(mask.reshape((1, 1, t, s))?.broadcast_add(&pad)?.maximum(f32::MIN as f64)?)
+    Ok(mask
+        .reshape((1, 1, t, s))?
+        .broadcast_add(&pad)?
+        .maximum(f32::MIN as f64)?)
 }
 
 // ---------------------------------------------------------------- MLP
 
 pub enum Mlp {
     /// GPT-2: proj(act(fc(x)))
-    Plain { fc: Linear, proj: Linear, act: super::config::Activation },
+    Plain {
+        fc: Linear,
+        proj: Linear,
+        act: super::config::Activation,
+    },
     /// Llama: down(act(gate(x)) ⊙ up(x))
-    Gated { gate: Linear, up: Linear, down: Linear, act: super::config::Activation },
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+        act: super::config::Activation,
+    },
 }
 
 impl Mlp {
@@ -189,7 +277,15 @@ impl Mlp {
                 let p = format!("transformer.h.{i}.mlp");
                 Mlp::Plain {
                     fc: Linear::new(b, &format!("{p}.c_fc"), c, f, true, Layout::InOut, 0.02)?,
-                    proj: Linear::new(b, &format!("{p}.c_proj"), f, c, true, Layout::InOut, resid_std)?,
+                    proj: Linear::new(
+                        b,
+                        &format!("{p}.c_proj"),
+                        f,
+                        c,
+                        true,
+                        Layout::InOut,
+                        resid_std,
+                    )?,
                     act: cfg.activation,
                 }
             }
@@ -197,9 +293,25 @@ impl Mlp {
                 let p = format!("model.layers.{i}.mlp");
                 let bias = cfg.mlp_bias;
                 Mlp::Gated {
-                    gate: Linear::new(b, &format!("{p}.gate_proj"), c, f, bias, Layout::OutIn, 0.02)?,
+                    gate: Linear::new(
+                        b,
+                        &format!("{p}.gate_proj"),
+                        c,
+                        f,
+                        bias,
+                        Layout::OutIn,
+                        0.02,
+                    )?,
                     up: Linear::new(b, &format!("{p}.up_proj"), c, f, bias, Layout::OutIn, 0.02)?,
-                    down: Linear::new(b, &format!("{p}.down_proj"), f, c, bias, Layout::OutIn, resid_std)?,
+                    down: Linear::new(
+                        b,
+                        &format!("{p}.down_proj"),
+                        f,
+                        c,
+                        bias,
+                        Layout::OutIn,
+                        resid_std,
+                    )?,
                     act: cfg.activation,
                 }
             }
@@ -216,7 +328,12 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::Plain { fc, proj, act } => proj.forward(&activate(&fc.forward(x)?, *act)?),
-            Mlp::Gated { gate, up, down, act } => {
+            Mlp::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => {
                 let g = activate(&gate.forward(x)?, *act)?;
                 down.forward(&(g * up.forward(x)?)?)
             }
@@ -248,16 +365,25 @@ impl Block {
             Family::Llama => Norm::rms_norm(b, name, cfg.hidden_size, cfg.norm_eps),
         };
         let (n1, n2) = match cfg.family {
-            Family::Gpt2 => (format!("transformer.h.{i}.ln_1"), format!("transformer.h.{i}.ln_2")),
-            Family::Llama => {
-                (format!("model.layers.{i}.input_layernorm"), format!("model.layers.{i}.post_attention_layernorm"))
-            }
+            Family::Gpt2 => (
+                format!("transformer.h.{i}.ln_1"),
+                format!("transformer.h.{i}.ln_2"),
+            ),
+            Family::Llama => (
+                format!("model.layers.{i}.input_layernorm"),
+                format!("model.layers.{i}.post_attention_layernorm"),
+            ),
         };
         let norm1 = norm(b, &n1)?;
         let attn = Attention::new(b, cfg, i)?;
         let norm2 = norm(b, &n2)?;
         let mlp = Mlp::new(b, cfg, i)?;
-        Ok(Self { norm1, attn, norm2, mlp })
+        Ok(Self {
+            norm1,
+            attn,
+            norm2,
+            mlp,
+        })
     }
 
     fn forward(&self, x: &Tensor, ctx: &mut LayerCtx) -> Result<Tensor> {
@@ -294,19 +420,39 @@ pub struct DecoderModel {
 impl DecoderModel {
     /// Builds the model, its weights coming from `source`; `frozen(name)` marks weights that
     /// must get no gradient.
-    pub fn new(cfg: &ModelConfig, store: &mut ParamStore, source: &Source, frozen: &dyn Fn(&str) -> bool) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        store: &mut ParamStore,
+        source: &Source,
+        frozen: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         let dev = store.device.clone();
-        let mut b = Builder { store, source, frozen };
+        let mut b = Builder {
+            store,
+            source,
+            frozen,
+        };
         let (c, v) = (cfg.hidden_size, cfg.vocab_size);
         let (wte, wpe) = match cfg.family {
             Family::Gpt2 => (
                 Embedding::new(&mut b, "transformer.wte.weight", v, c, 0.02)?,
-                Some(Embedding::new(&mut b, "transformer.wpe.weight", cfg.max_position_embeddings, c, 0.01)?),
+                Some(Embedding::new(
+                    &mut b,
+                    "transformer.wpe.weight",
+                    cfg.max_position_embeddings,
+                    c,
+                    0.01,
+                )?),
             ),
-            Family::Llama => (Embedding::new(&mut b, "model.embed_tokens.weight", v, c, 0.02)?, None),
+            Family::Llama => (
+                Embedding::new(&mut b, "model.embed_tokens.weight", v, c, 0.02)?,
+                None,
+            ),
         };
-        let blocks = (0..cfg.num_layers).map(|i| Block::new(&mut b, cfg, i)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| Block::new(&mut b, cfg, i))
+            .collect::<Result<Vec<_>>>()?;
         let norm_f = match cfg.family {
             Family::Gpt2 => Norm::layer_norm(&mut b, "transformer.ln_f", c, cfg.norm_eps)?,
             Family::Llama => Norm::rms_norm(&mut b, "model.norm", c, cfg.norm_eps)?,
@@ -314,17 +460,43 @@ impl DecoderModel {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::new(&mut b, "lm_head", c, v, false, Layout::OutIn, 0.02)?)
+            Some(Linear::new(
+                &mut b,
+                "lm_head",
+                c,
+                v,
+                false,
+                Layout::OutIn,
+                0.02,
+            )?)
         };
         let rope = match cfg.family {
-            Family::Llama => Some(Rope::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, &dev)?),
+            Family::Llama => Some(Rope::new(
+                cfg.head_dim,
+                cfg.max_position_embeddings,
+                cfg.rope_theta,
+                &dev,
+            )?),
             Family::Gpt2 => None,
         };
-        Ok(Self { cfg: cfg.clone(), wte, wpe, blocks, norm_f, lm_head, rope })
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            norm_f,
+            lm_head,
+            rope,
+        })
     }
 
     /// Loads a model whose weights are in `weights`, checking that every tensor is used.
-    pub fn load(cfg: &ModelConfig, store: &mut ParamStore, weights: &WeightSource, frozen: &dyn Fn(&str) -> bool) -> Result<Self> {
+    pub fn load(
+        cfg: &ModelConfig,
+        store: &mut ParamStore,
+        weights: &WeightSource,
+        frozen: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
         let model = Self::new(cfg, store, &Source::Weights(weights), frozen)?;
         let tied = cfg.tie_word_embeddings;
         weights.check_all_used(|n| {
@@ -342,7 +514,11 @@ impl DecoderModel {
 
     /// Every linear layer, in order, for PEFT methods to find by name.
     pub fn linears(&self) -> Vec<&Linear> {
-        let mut v: Vec<&Linear> = self.blocks.iter().flat_map(|b| b.attn.linears().into_iter().chain(b.mlp.linears())).collect();
+        let mut v: Vec<&Linear> = self
+            .blocks
+            .iter()
+            .flat_map(|b| b.attn.linears().into_iter().chain(b.mlp.linears()))
+            .collect();
         v.extend(self.lm_head.as_ref());
         v
     }
@@ -356,15 +532,26 @@ impl DecoderModel {
     /// Taking embeddings (not ids) lets prompt tuning prepend learned vectors.
     pub fn hidden_states(&self, embeds: &Tensor, opts: ForwardOpts) -> Result<Tensor> {
         let (_, t, _) = embeds.dims3()?;
-        let ForwardOpts { mut cache, prefix, key_padding } = opts;
+        let ForwardOpts {
+            mut cache,
+            prefix,
+            key_padding,
+        } = opts;
         let past = cache.as_ref().map_or(0, |c| c.len);
         let max = self.cfg.max_position_embeddings;
         if past + t > max {
-            bail!("sequence of {} positions exceeds the model's context of {max}", past + t);
+            bail!(
+                "sequence of {} positions exceeds the model's context of {max}",
+                past + t
+            );
         }
         if let Some(p) = prefix {
             if p.len() != self.blocks.len() {
-                bail!("prefix has {} layers, the model {}", p.len(), self.blocks.len());
+                bail!(
+                    "prefix has {} layers, the model {}",
+                    p.len(),
+                    self.blocks.len()
+                );
             }
         }
         let mut x = match &self.wpe {

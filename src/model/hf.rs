@@ -36,17 +36,32 @@ pub fn load_dir(dir: &Path, dev: &Device, frozen: &dyn Fn(&str) -> bool) -> Resu
     let tok = load_from_dir(dir)?;
     tok.check_fits(cfg.vocab_size, &dir.display().to_string())?;
     let eos_ids = eos_ids(dir, &cfg, &tok)?;
-    Ok(LoadedModel { model, store, tok, eos_ids })
+    Ok(LoadedModel {
+        model,
+        store,
+        tok,
+        eos_ids,
+    })
 }
 
 fn eos_ids(dir: &Path, cfg: &ModelConfig, tok: &Tok) -> Result<Vec<u32>> {
     let path = dir.join("generation_config.json");
     if path.exists() {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", path.display()))?;
         match v.get("eos_token_id") {
-            Some(Value::Number(n)) => return Ok(n.as_u64().into_iter().map(|x| x as u32).collect()),
-            Some(Value::Array(a)) => return Ok(a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect()),
+            Some(Value::Number(n)) => {
+                return Ok(n.as_u64().into_iter().map(|x| x as u32).collect())
+            }
+            Some(Value::Array(a)) => {
+                return Ok(a
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(|x| x as u32)
+                    .collect())
+            }
             _ => {}
         }
     }
@@ -61,7 +76,10 @@ pub fn write_files(dir: &Path, model: &DecoderModel, store: &ParamStore, tok: &T
     write_json(&dir.join("config.json"), &cfg.to_hf_json())?;
     store.save_safetensors(&dir.join("model.safetensors"))?;
     tok.save(&dir.join("tokenizer.json"))?;
-    write_json(&dir.join("tokenizer_config.json"), &hf_tokenizer_config(tok, cfg.max_position_embeddings))?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &hf_tokenizer_config(tok, cfg.max_position_embeddings),
+    )?;
     let gen = json!({
         "_from_model_config": true,
         "bos_token_id": cfg.bos_token_id,

@@ -38,9 +38,16 @@ pub struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    pub fn param(&mut self, name: &str, shape: &[usize], kind: ParamKind, init: Init) -> Result<Tensor> {
+    pub fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        kind: ParamKind,
+        init: Init,
+    ) -> Result<Tensor> {
         let trainable = !(self.frozen)(name);
-        self.store.add(self.source, name, shape, kind, init, trainable)
+        self.store
+            .add(self.source, name, shape, kind, init, trainable)
     }
 }
 
@@ -59,13 +66,30 @@ impl Linear {
             Layout::OutIn => [out_dim, in_dim],
             Layout::InOut => [in_dim, out_dim],
         };
-        let weight = b.param(&format!("{name}.weight"), &shape, ParamKind::Weight, Init::Normal(std))?;
+        let weight = b.param(
+            &format!("{name}.weight"),
+            &shape,
+            ParamKind::Weight,
+            Init::Normal(std),
+        )?;
         let bias = if bias {
-            Some(b.param(&format!("{name}.bias"), &[out_dim], ParamKind::Bias, Init::Zeros)?)
+            Some(b.param(
+                &format!("{name}.bias"),
+                &[out_dim],
+                ParamKind::Bias,
+                Init::Zeros,
+            )?)
         } else {
             None
         };
-        Ok(Self { name: name.to_string(), weight, bias, layout, in_dim, out_dim })
+        Ok(Self {
+            name: name.to_string(),
+            weight,
+            bias,
+            layout,
+            in_dim,
+            out_dim,
+        })
     }
 
     /// The weight as an (in, out) matrix, transposed through strides when stored (out, in).
@@ -80,7 +104,9 @@ impl Linear {
         // (..., in) -> (N, in) @ (in, out) -> (..., out)
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.in_dim;
-        let y = x.reshape((n, self.in_dim))?.matmul(&self.weight_in_out()?)?;
+        let y = x
+            .reshape((n, self.in_dim))?
+            .matmul(&self.weight_in_out()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -107,25 +133,50 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (bsz, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        Ok(self.weight.index_select(&flat, 0)?.reshape((bsz, t, self.dim))?)
+        Ok(self
+            .weight
+            .index_select(&flat, 0)?
+            .reshape((bsz, t, self.dim))?)
     }
 }
 
 #[derive(Debug, Clone)]
 pub enum Norm {
-    LayerNorm { weight: Tensor, bias: Tensor, eps: f64 },
-    RmsNorm { weight: Tensor, eps: f64 },
+    LayerNorm {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
+    RmsNorm {
+        weight: Tensor,
+        eps: f64,
+    },
 }
 
 impl Norm {
     pub fn layer_norm(b: &mut Builder, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        let weight = b.param(&format!("{name}.weight"), &[dim], ParamKind::Norm, Init::Ones)?;
-        let bias = b.param(&format!("{name}.bias"), &[dim], ParamKind::Norm, Init::Zeros)?;
+        let weight = b.param(
+            &format!("{name}.weight"),
+            &[dim],
+            ParamKind::Norm,
+            Init::Ones,
+        )?;
+        let bias = b.param(
+            &format!("{name}.bias"),
+            &[dim],
+            ParamKind::Norm,
+            Init::Zeros,
+        )?;
         Ok(Self::LayerNorm { weight, bias, eps })
     }
 
     pub fn rms_norm(b: &mut Builder, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        let weight = b.param(&format!("{name}.weight"), &[dim], ParamKind::Norm, Init::Ones)?;
+        let weight = b.param(
+            &format!("{name}.weight"),
+            &[dim],
+            ParamKind::Norm,
+            Init::Ones,
+        )?;
         Ok(Self::RmsNorm { weight, eps })
     }
 
@@ -137,7 +188,10 @@ impl Norm {
                 let xc = x.broadcast_sub(&mean)?;
                 let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
                 let inv = (var + *eps)?.sqrt()?.recip()?;
-                Ok(xc.broadcast_mul(&inv)?.broadcast_mul(weight)?.broadcast_add(bias)?)
+                Ok(xc
+                    .broadcast_mul(&inv)?
+                    .broadcast_mul(weight)?
+                    .broadcast_add(bias)?)
             }
             Self::RmsNorm { weight, eps } => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -175,7 +229,9 @@ pub struct Rope {
 impl Rope {
     pub fn new(head_dim: usize, max_pos: usize, theta: f64, dev: &Device) -> Result<Self> {
         let half = head_dim / 2;
-        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let inv: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
         let mut cos = Vec::with_capacity(max_pos * head_dim);
         let mut sin = Vec::with_capacity(max_pos * head_dim);
         for p in 0..max_pos {
@@ -210,7 +266,13 @@ impl Rope {
 
 /// An additive attention mask (T, S) with 0 where query i may see key j and a large negative
 /// value elsewhere. Keys are `prefix` always-visible slots followed by positions 0..past+T.
-pub fn causal_mask(t: usize, past: usize, prefix: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
+pub fn causal_mask(
+    t: usize,
+    past: usize,
+    prefix: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Tensor> {
     let s = prefix + past + t;
     let mut m = vec![0f32; t * s];
     for i in 0..t {

@@ -36,9 +36,10 @@ impl WeightSource {
         let paths = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("reading {}", index.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", index.display()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -46,7 +47,10 @@ impl WeightSource {
             let shards: BTreeSet<&str> = map.values().filter_map(|s| s.as_str()).collect();
             shards.into_iter().map(|s| dir.join(s)).collect()
         } else {
-            bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            );
         };
         Self::open_files(&paths)
     }
@@ -55,22 +59,38 @@ impl WeightSource {
         let mut files = Vec::new();
         let mut names = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let f =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             // SAFETY: the file is opened read-only; lmforge never writes a weights file in place
             // (checkpoints are written elsewhere and renamed), so the mapping stays valid.
-            let mmap = unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
-            let (header_len, meta) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+            let mmap =
+                unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
+            })?;
             let mut infos = HashMap::new();
             for (name, info) in meta.tensors() {
                 if names.insert(name.clone(), i).is_some() {
-                    bail!("{}: tensor {name} appears in more than one file", path.display());
+                    bail!(
+                        "{}: tensor {name} appears in more than one file",
+                        path.display()
+                    );
                 }
                 infos.insert(name, info.clone());
             }
-            files.push(File { path: path.clone(), mmap, header_len, infos });
+            files.push(File {
+                path: path.clone(),
+                mmap,
+                header_len,
+                infos,
+            });
         }
-        Ok(Self { files, names, used: RefCell::new(BTreeSet::new()), strip_prefixes: Vec::new() })
+        Ok(Self {
+            files,
+            names,
+            used: RefCell::new(BTreeSet::new()),
+            strip_prefixes: Vec::new(),
+        })
     }
 
     pub fn with_strip_prefix(mut self, prefix: &str) -> Self {
@@ -103,7 +123,10 @@ impl WeightSource {
     /// Loads `name` as f32, checking its shape against what the model expects.
     pub fn load(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let Some(key) = self.resolve(name) else {
-            bail!("{}: missing tensor {name} (shape {shape:?})", self.describe());
+            bail!(
+                "{}: missing tensor {name} (shape {shape:?})",
+                self.describe()
+            );
         };
         let f = &self.files[self.names[&key]];
         let info = &f.infos[&key];
@@ -119,7 +142,10 @@ impl WeightSource {
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
             Dtype::F64 => DType::F64,
-            other => bail!("{}: tensor {key} has dtype {other:?}; expected a float type", f.path.display()),
+            other => bail!(
+                "{}: tensor {key} has dtype {other:?}; expected a float type",
+                f.path.display()
+            ),
         };
         let start = 8 + f.header_len + info.data_offsets.0;
         let end = 8 + f.header_len + info.data_offsets.1;
@@ -132,8 +158,11 @@ impl WeightSource {
     /// Errors if the files hold tensors the model never asked for (other than `ignorable`).
     pub fn check_all_used(&self, ignorable: impl Fn(&str) -> bool) -> Result<()> {
         let used = self.used.borrow();
-        let mut extra: Vec<&String> =
-            self.names.keys().filter(|n| !used.contains(*n) && !ignorable(n)).collect();
+        let mut extra: Vec<&String> = self
+            .names
+            .keys()
+            .filter(|n| !used.contains(*n) && !ignorable(n))
+            .collect();
         extra.sort();
         if let Some(first) = extra.first() {
             bail!(

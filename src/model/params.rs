@@ -44,7 +44,9 @@ pub struct Param {
 /// Where a model's weights come from while it is built.
 pub enum Source<'a> {
     /// Fresh initialisation; each tensor's stream is keyed by (seed, name), independent of order.
-    Random { seed: u64 },
+    Random {
+        seed: u64,
+    },
     Weights(&'a WeightSource),
 }
 
@@ -59,7 +61,11 @@ pub struct Grads(pub Vec<Option<Tensor>>);
 
 impl ParamStore {
     pub fn new(device: Device) -> Self {
-        Self { device, params: Vec::new(), index: HashMap::new() }
+        Self {
+            device,
+            params: Vec::new(),
+            index: HashMap::new(),
+        }
     }
 
     pub fn params(&self) -> &[Param] {
@@ -75,7 +81,11 @@ impl ParamStore {
     }
 
     pub fn num_trainable(&self) -> usize {
-        self.params.iter().filter(|p| p.trainable).map(|p| p.var.elem_count()).sum()
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.var.elem_count())
+            .sum()
     }
 
     /// Creates (or loads) a parameter and returns the tensor a layer should hold.
@@ -96,9 +106,18 @@ impl ParamStore {
             Source::Weights(w) => w.load(name, shape, &self.device)?,
         };
         let var = Var::from_tensor(&t)?;
-        let out = if trainable { var.as_tensor().clone() } else { var.as_detached_tensor() };
+        let out = if trainable {
+            var.as_tensor().clone()
+        } else {
+            var.as_detached_tensor()
+        };
         self.index.insert(name.to_string(), self.params.len());
-        self.params.push(Param { name: name.to_string(), var, kind, trainable });
+        self.params.push(Param {
+            name: name.to_string(),
+            var,
+            kind,
+            trainable,
+        });
         Ok(out)
     }
 
@@ -109,7 +128,13 @@ impl ParamStore {
                 .iter()
                 // Detached: a gradient computed by autograd still references the step's whole
                 // graph; optimizer moments built from it would chain every step's graph together.
-                .map(|p| if p.trainable { gs.get(p.var.as_tensor()).map(Tensor::detach) } else { None })
+                .map(|p| {
+                    if p.trainable {
+                        gs.get(p.var.as_tensor()).map(Tensor::detach)
+                    } else {
+                        None
+                    }
+                })
                 .collect(),
         )
     }
@@ -117,19 +142,30 @@ impl ParamStore {
     /// Copies values from `other` (same names and shapes), e.g. to restore a checkpoint.
     pub fn assign_from(&self, tensors: &HashMap<String, Tensor>, what: &str) -> Result<()> {
         for p in &self.params {
-            let t = tensors.get(&p.name).with_context(|| format!("{what}: missing tensor {}", p.name))?;
+            let t = tensors
+                .get(&p.name)
+                .with_context(|| format!("{what}: missing tensor {}", p.name))?;
             if t.dims() != p.var.dims() {
-                bail!("{what}: tensor {} has shape {:?}, model expects {:?}", p.name, t.dims(), p.var.dims());
+                bail!(
+                    "{what}: tensor {} has shape {:?}, model expects {:?}",
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                );
             }
-            p.var.set(&t.to_dtype(DType::F32)?.to_device(&self.device)?)?;
+            p.var
+                .set(&t.to_dtype(DType::F32)?.to_device(&self.device)?)?;
         }
         Ok(())
     }
 
     /// Writes all parameters as an HF-compatible `model.safetensors` (f32, `format: pt`).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> =
-            self.params.iter().map(|p| (p.name.clone(), p.var.as_detached_tensor())).collect();
+        let tensors: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
+            .collect();
         save_tensors(&tensors, path)
     }
 }
@@ -139,7 +175,11 @@ impl Grads {
     pub fn global_norm(&self) -> Result<f64> {
         let mut sq = 0f64;
         for g in self.0.iter().flatten() {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
         Ok(sq.sqrt())
     }
@@ -170,7 +210,8 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     for (n, t) in tensors {
         data.push((n.as_str(), t.to_device(&Device::Cpu)?.contiguous()?));
     }
-    safetensors::serialize_to_file(data, Some(meta), path).with_context(|| format!("writing {}", path.display()))
+    safetensors::serialize_to_file(data, Some(meta), path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn init_tensor(seed: u64, name: &str, shape: &[usize], init: Init, dev: &Device) -> Result<Tensor> {

@@ -6,8 +6,8 @@
 //!   run/checkpoints/latest          "step-00000500"
 
 use crate::fsutil::{write_dir, write_file, write_json};
-use crate::model::{hf, DecoderModel, ParamStore};
 use crate::model::params::save_tensors;
+use crate::model::{hf, DecoderModel, ParamStore};
 use crate::tokenizer::Tok;
 use crate::train::optim::AdamW;
 use anyhow::{bail, Context, Result};
@@ -40,8 +40,14 @@ pub fn save(run_dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
     let dir = root.join(&name);
     write_dir(&dir, |tmp| {
         hf::write_files(tmp, ck.model, ck.store, ck.tok)?;
-        save_tensors(&ck.opt.state_tensors(ck.store), &tmp.join("optimizer.safetensors"))?;
-        write_json(&tmp.join("trainer_state.json"), &serde_json::to_value(ck.state)?)?;
+        save_tensors(
+            &ck.opt.state_tensors(ck.store),
+            &tmp.join("optimizer.safetensors"),
+        )?;
+        write_json(
+            &tmp.join("trainer_state.json"),
+            &serde_json::to_value(ck.state)?,
+        )?;
         std::fs::write(tmp.join("recipe.toml"), ck.recipe_toml)?;
         Ok(())
     })?;
@@ -53,12 +59,17 @@ pub fn save(run_dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
 fn prune(root: &Path, keep: usize) -> Result<()> {
     let mut steps: Vec<PathBuf> = std::fs::read_dir(root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        })
         .collect();
     steps.sort();
     let n = steps.len();
     for old in steps.into_iter().take(n.saturating_sub(keep)) {
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("removing old checkpoint {}", old.display()))?;
     }
     Ok(())
 }
@@ -70,12 +81,17 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
     let latest = path.join("checkpoints").join("latest");
     if latest.is_file() {
-        let name = std::fs::read_to_string(&latest).with_context(|| format!("reading {}", latest.display()))?;
+        let name = std::fs::read_to_string(&latest)
+            .with_context(|| format!("reading {}", latest.display()))?;
         let dir = path.join("checkpoints").join(name.trim());
         if dir.join("trainer_state.json").is_file() {
             return Ok(dir);
         }
-        bail!("{}: points to {}, which is not a complete checkpoint", latest.display(), dir.display());
+        bail!(
+            "{}: points to {}, which is not a complete checkpoint",
+            latest.display(),
+            dir.display()
+        );
     }
     bail!(
         "{}: not a checkpoint (no trainer_state.json) and not a run directory (no checkpoints/latest)",
@@ -86,7 +102,8 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 pub fn read_state(ckpt: &Path) -> Result<(TrainerState, String)> {
     let p = ckpt.join("trainer_state.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{}: invalid trainer state", p.display()))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid trainer state", p.display()))?;
     let r = ckpt.join("recipe.toml");
     let recipe = std::fs::read_to_string(&r).with_context(|| format!("reading {}", r.display()))?;
     Ok((state, recipe))
@@ -97,5 +114,10 @@ pub fn run_dir_of(ckpt: &Path) -> Result<PathBuf> {
     ckpt.parent()
         .and_then(Path::parent)
         .map(Path::to_path_buf)
-        .with_context(|| format!("{}: checkpoint is not inside a run directory", ckpt.display()))
+        .with_context(|| {
+            format!(
+                "{}: checkpoint is not inside a run directory",
+                ckpt.display()
+            )
+        })
 }

@@ -46,8 +46,15 @@ impl AdamW {
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
-        for ((p, g), mom) in store.params().iter().zip(&grads.0).zip(self.moments.iter_mut()) {
-            let (Some(g), Some((m, v))) = (g, mom.as_mut()) else { continue };
+        for ((p, g), mom) in store
+            .params()
+            .iter()
+            .zip(&grads.0)
+            .zip(self.moments.iter_mut())
+        {
+            let (Some(g), Some((m, v))) = (g, mom.as_mut()) else {
+                continue;
+            };
             *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&*v / bc2)?.sqrt()? + c.eps)?;
@@ -75,13 +82,28 @@ impl AdamW {
         out
     }
 
-    pub fn load_state(&mut self, store: &ParamStore, t: u64, tensors: &HashMap<String, Tensor>, what: &str) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        store: &ParamStore,
+        t: u64,
+        tensors: &HashMap<String, Tensor>,
+        what: &str,
+    ) -> Result<()> {
         for (p, mom) in store.params().iter().zip(self.moments.iter_mut()) {
             let Some((m, v)) = mom.as_mut() else { continue };
-            for (slot, key) in [(m, format!("exp_avg.{}", p.name)), (v, format!("exp_avg_sq.{}", p.name))] {
-                let Some(x) = tensors.get(&key) else { bail!("{what}: missing optimizer tensor {key}") };
+            for (slot, key) in [
+                (m, format!("exp_avg.{}", p.name)),
+                (v, format!("exp_avg_sq.{}", p.name)),
+            ] {
+                let Some(x) = tensors.get(&key) else {
+                    bail!("{what}: missing optimizer tensor {key}")
+                };
                 if x.dims() != p.var.dims() {
-                    bail!("{what}: optimizer tensor {key} has shape {:?}, parameter has {:?}", x.dims(), p.var.dims());
+                    bail!(
+                        "{what}: optimizer tensor {key} has shape {:?}, parameter has {:?}",
+                        x.dims(),
+                        p.var.dims()
+                    );
                 }
                 *slot = x.to_dtype(DType::F32)?.to_device(p.var.device())?;
             }

@@ -47,7 +47,14 @@ pub struct Summary {
 }
 
 pub fn run(opts: Options) -> Result<Summary> {
-    let Options { recipe, device, resume, stop_at, interrupt, quiet } = opts;
+    let Options {
+        recipe,
+        device,
+        resume,
+        stop_at,
+        interrupt,
+        quiet,
+    } = opts;
     let r = &recipe;
     let run_dir = match &resume {
         Some(ck) => checkpoint::run_dir_of(ck)?,
@@ -85,7 +92,11 @@ pub fn run(opts: Options) -> Result<Summary> {
             return Err(e);
         }
         tok.save(&run_dir.join("tokenizer.json"))?;
-        say(&format!("trained a {}-token BPE tokenizer in {:.1}s", tok.vocab_size(), t0.elapsed().as_secs_f64()));
+        say(&format!(
+            "trained a {}-token BPE tokenizer in {:.1}s",
+            tok.vocab_size(),
+            t0.elapsed().as_secs_f64()
+        ));
         tok
     };
 
@@ -110,19 +121,38 @@ pub fn run(opts: Options) -> Result<Summary> {
     } else {
         let mut store = ParamStore::new(device.clone());
         let cfg = model_config(r, tok.vocab_size());
-        let model = DecoderModel::new(&cfg, &mut store, &Source::Random { seed: r.train.seed }, &none_frozen)?;
+        let model = DecoderModel::new(
+            &cfg,
+            &mut store,
+            &Source::Random { seed: r.train.seed },
+            &none_frozen,
+        )?;
         (model, store)
     };
     tok.check_fits(model.cfg.vocab_size, "tokenizer")?;
     if r.train.seq_len > model.cfg.max_position_embeddings {
-        bail!("train.seq_len {} exceeds the model's context {}", r.train.seq_len, model.cfg.max_position_embeddings);
+        bail!(
+            "train.seq_len {} exceeds the model's context {}",
+            r.train.seq_len,
+            model.cfg.max_position_embeddings
+        );
     }
     let t = &r.train;
     let mut opt = AdamW::new(
         &store,
-        AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+        AdamWConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
     )?;
-    let mut state = TrainerState { step: 0, tokens_seen: 0, elapsed_s: 0.0, lmforge_version: env!("CARGO_PKG_VERSION").into() };
+    let mut state = TrainerState {
+        step: 0,
+        tokens_seen: 0,
+        elapsed_s: 0.0,
+        lmforge_version: env!("CARGO_PKG_VERSION").into(),
+    };
     let metrics_path = run_dir.join("metrics.jsonl");
     if let Some(ck) = &resume {
         let (s, _) = checkpoint::read_state(ck)?;
@@ -147,13 +177,22 @@ pub fn run(opts: Options) -> Result<Summary> {
     ));
 
     // 4. The loop.
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)?;
     let val_batches = data.val_batches(t.batch_size, t.eval_batches);
     let total = t.max_steps;
-    let pb = if quiet { ProgressBar::hidden() } else { ProgressBar::new(total) };
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     pb.set_position(state.step);
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
@@ -164,8 +203,20 @@ pub fn run(opts: Options) -> Result<Summary> {
     let mut interrupted = false;
     let sample = |model: &DecoderModel, seed: u64| -> Result<String> {
         let prompt = tok.encode(&t.sample_prompt, false)?;
-        let s = Sampling { max_new_tokens: t.sample_tokens, temperature: 0.8, top_k: Some(50), top_p: None, seed };
-        let (ids, _) = generate(model, &prompt, &s, &tok.eos_id.into_iter().collect::<Vec<_>>(), |_| Ok(()))?;
+        let s = Sampling {
+            max_new_tokens: t.sample_tokens,
+            temperature: 0.8,
+            top_k: Some(50),
+            top_p: None,
+            seed,
+        };
+        let (ids, _) = generate(
+            model,
+            &prompt,
+            &s,
+            &tok.eos_id.into_iter().collect::<Vec<_>>(),
+            |_| Ok(()),
+        )?;
         Ok(format!("{}{}", t.sample_prompt, tok.decode(&ids, true)?))
     };
 
@@ -208,27 +259,69 @@ pub fn run(opts: Options) -> Result<Summary> {
         )?;
         pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
         pb.set_position(state.step);
-        if pb.is_hidden() && !quiet && state.step % (total / 20).max(1) == 0 {
-            eprintln!("step {:>6}/{total}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s", state.step);
+        if pb.is_hidden() && !quiet && state.step.is_multiple_of((total / 20).max(1)) {
+            eprintln!(
+                "step {:>6}/{total}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s",
+                state.step
+            );
         }
 
         let last = state.step == total;
-        if (t.eval_every > 0 && state.step % t.eval_every == 0) || last {
+        if (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || last {
             let v = evaluate(&model, &val_batches, &device)?;
             val_loss = Some(v);
-            writeln!(metrics, "{}", json!({"step": state.step, "val_loss": v, "val_ppl": v.exp()}))?;
-            log(&pb, quiet, &format!("step {:>6}  train loss {loss:.4}  val loss {v:.4}  val ppl {:.2}", state.step, v.exp()));
+            writeln!(
+                metrics,
+                "{}",
+                json!({"step": state.step, "val_loss": v, "val_ppl": v.exp()})
+            )?;
+            log(
+                &pb,
+                quiet,
+                &format!(
+                    "step {:>6}  train loss {loss:.4}  val loss {v:.4}  val ppl {:.2}",
+                    state.step,
+                    v.exp()
+                ),
+            );
         }
-        if t.sample_every > 0 && state.step % t.sample_every == 0 && !last {
-            log(&pb, quiet, &format!("--- sample at step {} ---\n{}\n---", state.step, sample(&model, state.step)?));
+        if t.sample_every > 0 && state.step.is_multiple_of(t.sample_every) && !last {
+            log(
+                &pb,
+                quiet,
+                &format!(
+                    "--- sample at step {} ---\n{}\n---",
+                    state.step,
+                    sample(&model, state.step)?
+                ),
+            );
         }
         let stop_now = stop_at == Some(state.step);
         interrupted = interrupt.load(Ordering::SeqCst);
-        if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last || stop_now || interrupted {
-            let ck = Checkpoint { model: &model, store: &store, tok: &tok, opt: &opt, state: &state, recipe_toml: &recipe_toml };
+        if (t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every))
+            || last
+            || stop_now
+            || interrupted
+        {
+            let ck = Checkpoint {
+                model: &model,
+                store: &store,
+                tok: &tok,
+                opt: &opt,
+                state: &state,
+                recipe_toml: &recipe_toml,
+            };
             let dir = checkpoint::save(&run_dir, &ck, t.keep_checkpoints)?;
             if interrupted || stop_now {
-                log(&pb, quiet, &format!("stopped at step {}; checkpoint written to {}", state.step, dir.display()));
+                log(
+                    &pb,
+                    quiet,
+                    &format!(
+                        "stopped at step {}; checkpoint written to {}",
+                        state.step,
+                        dir.display()
+                    ),
+                );
                 break;
             }
         }
@@ -242,7 +335,14 @@ pub fn run(opts: Options) -> Result<Summary> {
             eprintln!("final model written to {}", run_dir.join("model").display());
         }
     }
-    Ok(Summary { run_dir, steps: state.step, losses, val_loss, interrupted, seconds: state.elapsed_s })
+    Ok(Summary {
+        run_dir,
+        steps: state.step,
+        losses,
+        val_loss,
+        interrupted,
+        seconds: state.elapsed_s,
+    })
 }
 
 fn model_config(r: &Recipe, vocab: usize) -> ModelConfig {
@@ -255,7 +355,15 @@ fn model_config(r: &Recipe, vocab: usize) -> ModelConfig {
             }
             c
         }
-        Arch::Llama => ModelConfig::llama(vocab, m.d_model, m.n_layer, m.n_head, m.n_kv_head.unwrap_or(m.n_head), m.ctx, m.ffn),
+        Arch::Llama => ModelConfig::llama(
+            vocab,
+            m.d_model,
+            m.n_layer,
+            m.n_head,
+            m.n_kv_head.unwrap_or(m.n_head),
+            m.ctx,
+            m.ffn,
+        ),
     };
     if let Some(theta) = m.rope_theta {
         cfg.rope_theta = theta;
@@ -265,7 +373,12 @@ fn model_config(r: &Recipe, vocab: usize) -> ModelConfig {
 
 /// Forward + backward of one micro-batch; the loss is divided by `accum` so that summed
 /// gradients equal the gradient of the mean over the whole batch. Returns the unscaled loss.
-pub fn lm_step(model: &DecoderModel, store: &ParamStore, b: &Batch, accum: usize) -> Result<(f32, Grads)> {
+pub fn lm_step(
+    model: &DecoderModel,
+    store: &ParamStore,
+    b: &Batch,
+    accum: usize,
+) -> Result<(f32, Grads)> {
     let dev = model.device();
     let t = b.x.len() / b.batch;
     let x = Tensor::from_slice(&b.x, (b.batch, t), dev)?;
@@ -309,7 +422,9 @@ fn log(pb: &ProgressBar, quiet: bool, msg: &str) {
 
 /// Keeps only the metrics of steps ≤ `step` (a resumed run rewrites what came after).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {

@@ -4,11 +4,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
 }
 
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu).expect("reference fixture")
+    candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu)
+        .expect("reference fixture")
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -26,7 +30,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// A fresh temporary directory under target/ (removed first if present).
@@ -41,7 +52,12 @@ pub fn tmpdir(name: &str) -> PathBuf {
 pub fn small_corpus(dir: &Path, bytes: usize) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare/hamlet.txt");
     let text = std::fs::read_to_string(src).unwrap();
-    let cut = text.char_indices().map(|(i, _)| i).take_while(|&i| i <= bytes).last().unwrap();
+    let cut = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .take_while(|&i| i <= bytes)
+        .last()
+        .unwrap();
     let p = dir.join("corpus.txt");
     std::fs::write(&p, &text[..cut]).unwrap();
     p
