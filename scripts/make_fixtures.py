@@ -5,14 +5,17 @@ For each supported model type it builds a tiny random model with transformers, s
 HF directory under tests/fixtures/<name>/, and saves reference.safetensors beside it:
   input_ids (B, T) int64, logits (B, T, V), loss (mean next-token CE), and
   grad.<param> for every parameter (one backward of that loss).
-Also writes a small byte-level BPE tokenizer and the ids it gives for a mixed test text.
+Also writes a small byte-level BPE tokenizer and the ids it gives for a mixed test text, and
+GGUF fixtures (tests/fixtures/gguf/): the llama model as llama.cpp's converter would write it
+(Q/K rows permuted, tokenizer in the metadata) in F32 and in Q8_0, with reference logits, and one
+tensor of every supported quant type with the `gguf` package's dequantization of it.
 
-Setup: python3 -m venv .venv-ref && .venv-ref/bin/pip install torch transformers safetensors
+Setup: python3 -m venv .venv-ref && .venv-ref/bin/pip install torch transformers safetensors gguf
 Run:   .venv-ref/bin/python scripts/make_fixtures.py      (from the repository root)
 """
 import json, os, pathlib
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file, load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, PreTrainedTokenizerFast)
@@ -88,6 +91,135 @@ def main():
     hf = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
     json.dump({"text": MIXED, "ids": hf(MIXED)["input_ids"], "decoded": hf.decode(hf(MIXED)["input_ids"])},
               open(d / "reference.json", "w"), ensure_ascii=False, indent=1)
+    legacy_tokenizer(d)
+    half_fixtures(tok)
+    gguf_fixtures()
+
+def half_fixtures(tok):
+    """gpt2_tiny saved in float16 and llama_tiny in bfloat16; reference logits are computed in
+    float32 from the rounded weights (what lmforge computes on CPU)."""
+    for name, cls, dt in [("gpt2_tiny", GPT2LMHeadModel, torch.float16), ("llama_tiny", LlamaForCausalLM, torch.bfloat16)]:
+        m = cls.from_pretrained(OUT / name, attn_implementation="eager").eval()
+        d = OUT / f"{name}_{str(dt).split('.')[-1]}"
+        d.mkdir(parents=True, exist_ok=True)
+        m.to(dt).save_pretrained(d, safe_serialization=True)
+        save_tok(tok, d)
+        ids = load_file(str(OUT / name / "reference.safetensors"))["input_ids"]
+        with torch.no_grad():
+            logits = m.float()(input_ids=ids).logits.contiguous()
+        save_file({"input_ids": ids, "logits": logits}, str(d / "reference.safetensors"))
+
+def legacy_tokenizer(src):
+    """GPT-2's older tokenizer files (vocab.json + merges.txt, no tokenizer.json) and what the
+    slow GPT2Tokenizer gives for the mixed text."""
+    from transformers import GPT2Tokenizer, GPT2TokenizerFast
+    d = OUT / "tokenizer_legacy"
+    d.mkdir(parents=True, exist_ok=True)
+    fast = GPT2TokenizerFast(tokenizer_file=str(src / "tokenizer.json"), eos_token=EOT, bos_token=EOT, unk_token=EOT)
+    vocab = fast.backend_tokenizer.model
+    files = vocab.save(str(d))  # vocab.json, merges.txt
+    json.dump({"tokenizer_class": "GPT2Tokenizer", "eos_token": EOT, "bos_token": EOT, "unk_token": EOT,
+               "model_max_length": 64}, open(d / "tokenizer_config.json", "w"), indent=1)
+    slow = GPT2Tokenizer.from_pretrained(str(d))
+    ids = slow(MIXED)["input_ids"]
+    json.dump({"text": MIXED, "ids": ids, "fast_ids": fast(MIXED)["input_ids"]},
+              open(d / "reference.json", "w"), ensure_ascii=False, indent=1)
+
+def permute(w, n_head):
+    # llama.cpp convert_hf_to_gguf.py LlamaModel.permute: HF's half-split RoPE rows → interleaved.
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+GGUF_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+def gguf_name(n):
+    if n in GGUF_NAMES:
+        return GGUF_NAMES[n]
+    _, _, i, rest = n.split(".", 3)
+    part, kind = rest.rsplit(".", 1)
+    return f"blk.{i}.{GGUF_PARTS[part]}.{kind}"
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+def write_llama_gguf(path, model, tok_json, qtype):
+    """Writes `model` (a LlamaForCausalLM) as llama.cpp would; returns the state dict it encodes."""
+    import gguf, numpy as np
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings); w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers); w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads); w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps); w.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads); w.add_vocab_size(c.vocab_size)
+    vocab = tok_json["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {a["content"] for a in tok_json["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+    w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("gpt-2"); w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens]); w.add_token_merges(merges)
+    w.add_bos_token_id(vocab[EOT]); w.add_eos_token_id(vocab[EOT]); w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    encoded = {}
+    for n, t in model.state_dict().items():
+        a = t.detach().float().numpy()
+        if n.endswith("q_proj.weight"):
+            a = permute(a, c.num_attention_heads)
+        elif n.endswith("k_proj.weight"):
+            a = permute(a, c.num_key_value_heads)
+        q = qtype if a.ndim == 2 else gguf.GGMLQuantizationType.F32
+        raw = gguf.quants.quantize(a, q)
+        w.add_tensor(gguf_name(n), raw, raw_dtype=q)
+        back = gguf.quants.dequantize(raw, q).reshape(a.shape)
+        if n.endswith("q_proj.weight"):  # un-permute for the HF-side reference model
+            back = back.reshape(c.num_attention_heads, back.shape[0] // c.num_attention_heads // 2, 2, -1).swapaxes(1, 2).reshape(a.shape)
+        elif n.endswith("k_proj.weight"):
+            back = back.reshape(c.num_key_value_heads, back.shape[0] // c.num_key_value_heads // 2, 2, -1).swapaxes(1, 2).reshape(a.shape)
+        encoded[n] = torch.from_numpy(np.ascontiguousarray(back))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return encoded
+
+def gguf_fixtures():
+    import gguf, numpy as np
+    d = OUT / "gguf"
+    d.mkdir(parents=True, exist_ok=True)
+    model = LlamaForCausalLM.from_pretrained(OUT / "llama_tiny", attn_implementation="eager").eval()
+    tok_json = json.load(open(OUT / "llama_tiny" / "tokenizer.json"))
+    ids = load_file(str(OUT / "llama_tiny" / "reference.safetensors"))["input_ids"]
+    ref = {"input_ids": ids}
+    for name, q in [("f32", gguf.GGMLQuantizationType.F32), ("q8_0", gguf.GGMLQuantizationType.Q8_0)]:
+        sd = write_llama_gguf(d / f"llama_{name}.gguf", model, tok_json, q)
+        m = LlamaForCausalLM(model.config).eval()
+        m.load_state_dict(sd)
+        with torch.no_grad():
+            ref[f"logits_{name}"] = m(input_ids=ids).logits.contiguous()
+    save_file(ref, str(d / "llama_reference.safetensors"))
+    # One (2, 256) tensor per quant type: real quantization where gguf-py has it, else random
+    # blocks with finite f16 scales; the reference is gguf-py's dequantization.
+    rng = np.random.default_rng(3)
+    T = gguf.GGMLQuantizationType
+    f16_at = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+    w = gguf.GGUFWriter(str(d / "quants.gguf"), "llama")
+    deq = {}
+    for q in [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]:
+        x = rng.standard_normal((2, 256)).astype(np.float32)
+        if q in f16_at:
+            bsize, tsize = gguf.GGML_QUANT_SIZES[q]
+            raw = rng.integers(0, 256, (2, 256 // bsize, tsize), dtype=np.uint8)
+            for off in f16_at[q]:
+                raw[:, :, off:off + 2] = rng.uniform(-0.1, 0.1, (2, 256 // bsize)).astype(np.float16)[..., None].view(np.uint8)
+            raw = raw.reshape(2, -1)
+        else:
+            raw = gguf.quants.quantize(x, q)
+        w.add_tensor(q.name, raw, raw_dtype=q)
+        deq[q.name] = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, q).reshape(2, 256).astype(np.float32)))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    save_file(deq, str(d / "quants_reference.safetensors"))
+    print("gguf fixtures:", sorted(p.name for p in d.iterdir()))
 
 if __name__ == "__main__":
     main()

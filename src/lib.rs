@@ -9,6 +9,7 @@
 //! - `bench`: the training-step benchmark.
 
 pub mod bench;
+pub mod chat;
 pub mod data;
 pub mod eval;
 pub mod fsutil;

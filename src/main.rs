@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lmforge::bench::{self, BenchArgs};
+use lmforge::chat::Message;
 use lmforge::data::{collect_sources, Pieces};
 use lmforge::eval::score::score_ids;
 use lmforge::generate::{generate, Sampling, Stop};
@@ -37,6 +38,8 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Perplexity of a text file under a model.
     Score(ScoreArgs),
+    /// Write a model (HF directory or .gguf file) as an HF directory transformers loads.
+    Convert(ConvertArgs),
     /// Time full training steps on random tokens (compare with shared/bench/torch_reference.py).
     Bench(BenchCli),
 }
@@ -91,11 +94,27 @@ enum TokenizerCmd {
 }
 
 #[derive(Args)]
+struct ConvertArgs {
+    /// An HF model directory or a .gguf file.
+    input: PathBuf,
+    /// The HF directory to write (replaced atomically if it exists).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
+    /// An HF model directory or a .gguf file.
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
     prompt: String,
+    /// Send the prompt as a user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message before the user's.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     #[arg(long, default_value_t = 100)]
     max_new_tokens: usize,
     /// 0 = greedy.
@@ -113,6 +132,7 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct ScoreArgs {
+    /// An HF model directory or a .gguf file.
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
@@ -208,6 +228,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Score(a) => cmd_score(a),
+        Cmd::Convert(a) => {
+            let t = std::time::Instant::now();
+            let m = hf::load(&a.input, &candle_core::Device::Cpu, &|_| true)?;
+            hf::save_loaded(&a.out, &m)?;
+            eprintln!(
+                "wrote {} ({} {} layers, {:.1}M parameters) in {:.1}s",
+                a.out.display(),
+                m.model.cfg.model_type,
+                m.model.cfg.num_layers,
+                m.store.num_params() as f64 / 1e6,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench(a) => {
             if let Some(t) = a.threads {
                 // Before any rayon pool exists (candle's GEMM and our loops read it).
@@ -299,8 +333,23 @@ fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
 
 fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
-    let m = hf::load_dir(&a.model, &dev, &|_| true)?;
-    let prompt = m.tok.encode(&a.prompt, true)?;
+    let t0 = std::time::Instant::now();
+    let m = hf::load(&a.model, &dev, &|_| true)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(sys) = &a.system {
+            msgs.push(Message::new("system", sys));
+        }
+        msgs.push(Message::new("user", &a.prompt));
+        let text = m
+            .chat(&a.model.display().to_string())?
+            .render(&msgs, true)?;
+        // The template already holds the special tokens transformers would add.
+        m.tok.encode(&text, false)?
+    } else {
+        m.tok.encode(&a.prompt, true)?
+    };
     let s = Sampling {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -309,9 +358,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
         seed: a.seed,
     };
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{}", a.prompt)?;
+    if !a.chat {
+        write!(stdout, "{}", a.prompt)?;
+    }
     let mut stream = m.tok.inner.decode_stream(true);
-    let (_, stop) = generate(&m.model, &prompt, &s, &m.eos_ids, |id| {
+    let t1 = std::time::Instant::now();
+    let (out, stop) = generate(&m.model, &prompt, &s, &m.eos_ids, |id| {
         if let Some(text) = stream
             .step(id)
             .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
@@ -322,6 +374,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
         Ok(())
     })?;
     writeln!(stdout)?;
+    let gen_s = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "(load {load_s:.2}s; prompt {} tokens; {} new tokens in {gen_s:.2}s, {:.1} tokens/s)",
+        prompt.len(),
+        out.len(),
+        out.len() as f64 / gen_s.max(1e-9)
+    );
     if stop == Stop::ContextFull {
         eprintln!(
             "(stopped: the model's context of {} tokens is full)",
@@ -333,7 +392,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
 
 fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
-    let m = hf::load_dir(&a.model, &dev, &|_| true)?;
+    let m = hf::load(&a.model, &dev, &|_| true)?;
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(

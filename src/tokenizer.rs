@@ -5,7 +5,9 @@
 //! document separator. The result is a plain `tokenizer.json` that transformers loads.
 
 use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
 use std::path::Path;
+use std::str::FromStr;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -129,11 +131,139 @@ pub fn hf_tokenizer_config(tok: &Tok, model_max_length: usize) -> serde_json::Va
     })
 }
 
-/// Reads `tokenizer.json` from a model directory, with a clear error when absent.
+/// GPT-2's byte-level pre-tokenizer (regex split unless `use_regex` is false), no prefix space.
+pub fn byte_level_pre(use_regex: bool) -> Value {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+}
+
+/// What a byte-level BPE `tokenizer.json` is made of, when it has to be assembled from parts
+/// (GGUF metadata, or GPT-2's older `vocab.json` + `merges.txt`).
+pub struct BpeParts<'a> {
+    /// token → id
+    pub vocab: Map<String, Value>,
+    /// `"a b"` strings or `["a", "b"]` pairs.
+    pub merges: Vec<Value>,
+    /// `added_tokens` entries (special tokens matched whole).
+    pub added: Vec<Value>,
+    pub normalizer: Value,
+    pub pre_tokenizer: Value,
+    /// A BOS token the post-processor prepends (Llama-3 style), else none.
+    pub bos: Option<(u32, &'a str)>,
+}
+
+/// Assembles a `tokenizer.json` document from its parts and loads it.
+pub fn byte_level_bpe(p: BpeParts) -> Result<Tokenizer> {
+    let post = match p.bos {
+        Some((id, bt)) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bt, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bt, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bt, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bt: {"id": bt, "ids": [id], "tokens": [bt]}}}),
+        None => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
+    };
+    let doc = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": p.added, "normalizer": p.normalizer, "pre_tokenizer": p.pre_tokenizer,
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": p.vocab, "merges": p.merges},
+    });
+    Tokenizer::from_str(&doc.to_string()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Reads a model directory's tokenizer: `tokenizer.json`, or GPT-2's older `vocab.json` +
+/// `merges.txt` (with the special tokens `tokenizer_config.json` names), with a clear error
+/// when neither is there.
 pub fn load_from_dir(dir: &Path) -> Result<Tok> {
     let p = dir.join("tokenizer.json");
-    if !p.exists() {
-        bail!("{}: no tokenizer.json", dir.display());
+    if p.exists() {
+        return Tok::from_file(&p)
+            .with_context(|| format!("loading tokenizer of {}", dir.display()));
     }
-    Tok::from_file(&p).with_context(|| format!("loading tokenizer of {}", dir.display()))
+    let (vocab_path, merges_path) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if !(vocab_path.exists() && merges_path.exists()) {
+        bail!(
+            "{}: no tokenizer.json (nor vocab.json + merges.txt)",
+            dir.display()
+        );
+    }
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let vocab: Map<String, Value> =
+        serde_json::from_str(&read(&vocab_path)?).with_context(|| {
+            format!(
+                "{}: expected a JSON object of token → id",
+                vocab_path.display()
+            )
+        })?;
+    let mut merges = Vec::new();
+    for (i, line) in read(&merges_path)?.lines().enumerate() {
+        // The first line of GPT-2's file is a `#version` comment.
+        if line.starts_with("#version") || line.trim().is_empty() {
+            continue;
+        }
+        if line.split(' ').count() != 2 {
+            bail!(
+                "{}:{}: expected two tokens separated by a space",
+                merges_path.display(),
+                i + 1
+            );
+        }
+        merges.push(json!(line));
+    }
+    // Special tokens as the slow tokenizer knows them: tokenizer_config.json's named tokens
+    // and its added_tokens_decoder.
+    let mut specials: Vec<(u32, String)> = Vec::new();
+    let cfg_path = dir.join("tokenizer_config.json");
+    if cfg_path.exists() {
+        let cfg: Value = serde_json::from_str(&read(&cfg_path)?)
+            .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let content = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        };
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            if let Some(t) = cfg.get(key).and_then(content) {
+                if let Some(id) = vocab.get(&t).and_then(Value::as_u64) {
+                    specials.push((id as u32, t));
+                }
+            }
+        }
+        if let Some(Value::Object(dec)) = cfg.get("added_tokens_decoder") {
+            for (id, v) in dec {
+                if let (Ok(id), Some(t)) = (id.parse::<u32>(), content(v)) {
+                    specials.push((id, t));
+                }
+            }
+        }
+    }
+    specials.sort();
+    specials.dedup();
+    let added = specials
+        .iter()
+        .map(|(id, t)| {
+            json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let inner = byte_level_bpe(BpeParts {
+        vocab,
+        merges,
+        added,
+        normalizer: Value::Null,
+        pre_tokenizer: byte_level_pre(true),
+        bos: None,
+    })
+    .with_context(|| {
+        format!(
+            "{}: cannot build a tokenizer from vocab.json + merges.txt",
+            dir.display()
+        )
+    })?;
+    Ok(Tok::wrap(inner))
 }

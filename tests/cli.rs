@@ -287,3 +287,79 @@ fn tokenizer_train_command() {
         &["at least 257"],
     );
 }
+
+#[test]
+fn gguf_generate_chat_score_and_convert() {
+    let g = s(&fixture("gguf").join("llama_q8_0.gguf"));
+    let args = [
+        "generate",
+        "--model",
+        &g,
+        "--prompt",
+        "hi",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+    ];
+    let (code, out, err) = lmforge(&args);
+    assert_eq!(code, 0, "{err}");
+    // With --chat the prompt is not echoed; the answer is the model's only.
+    assert!(!out.starts_with("hi"), "{out:?}");
+    assert!(err.contains("tokens/s"), "{err}");
+    assert_eq!(lmforge(&args).1, out, "greedy decoding is deterministic");
+
+    let d = tmpdir("cli_convert");
+    let (code, _, err) = lmforge(&["convert", &g, "--out", &s(&d.join("hf"))]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(
+        d.join("t.txt"),
+        "To be, or not to be, that is the question.",
+    )
+    .unwrap();
+    let score = |m: &str| {
+        let (code, out, err) = lmforge(&[
+            "score",
+            "--model",
+            m,
+            "--file",
+            &s(&d.join("t.txt")),
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    assert_eq!(score(&g), score(&s(&d.join("hf"))));
+
+    // A broken GGUF: an error naming the file, and a failed convert leaves the old output alone.
+    let bad = d.join("bad.gguf");
+    let bytes = std::fs::read(fixture("gguf").join("llama_q8_0.gguf")).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    fails(
+        &["convert", &s(&bad), "--out", &s(&d.join("hf"))],
+        &["bad.gguf", "past the end"],
+    );
+    assert!(d.join("hf/model.safetensors").exists());
+    fails(
+        &[
+            "generate",
+            "--model",
+            &s(&fixture("llama_tiny").join("config.json")),
+            "--prompt",
+            "x",
+        ],
+        &["config.json", "expected a model directory or a .gguf file"],
+    );
+    fails(
+        &[
+            "generate",
+            "--model",
+            &s(&fixture("gpt2_tiny")),
+            "--prompt",
+            "x",
+            "--chat",
+        ],
+        &["has no chat template"],
+    );
+}

@@ -329,7 +329,8 @@ impl ModelConfig {
         set("tie_word_embeddings", json!(self.tie_word_embeddings));
         set("bos_token_id", json!(self.bos_token_id));
         set("eos_token_id", json!(self.eos_token_id));
-        set("torch_dtype", json!("float32"));
+        // transformers ≥ 4.56 reads `dtype` and warns about the old `torch_dtype`.
+        set("dtype", json!("float32"));
         match self.family {
             Family::Gpt2 => {
                 set("architectures", json!(["GPT2LMHeadModel"]));
@@ -376,6 +377,7 @@ impl ModelConfig {
                 set("attention_dropout", json!(0.0));
             }
         }
+        m.remove("torch_dtype");
         Value::Object(m)
     }
 }

@@ -4,8 +4,10 @@
 
 use super::config::{Family, ModelConfig};
 use super::decoder::DecoderModel;
+use super::gguf::{self, GgufFile};
 use super::loader::WeightSource;
 use super::params::ParamStore;
+use crate::chat::{template_from_dir, ChatTemplate};
 use crate::fsutil::{write_dir, write_json};
 use crate::tokenizer::{hf_tokenizer_config, load_from_dir, Tok};
 use anyhow::{Context, Result};
@@ -19,6 +21,48 @@ pub struct LoadedModel {
     pub tok: Tok,
     /// Token ids that end generation.
     pub eos_ids: Vec<u32>,
+    /// The model's Jinja chat template, if it ships one.
+    pub chat_template: Option<String>,
+}
+
+impl LoadedModel {
+    /// The chat template with this model's special tokens, or an error naming `what`.
+    pub fn chat(&self, what: &str) -> Result<ChatTemplate> {
+        let src = self
+            .chat_template
+            .clone()
+            .with_context(|| format!("{what}: the model has no chat template"))?;
+        let name = |id: Option<u32>| id.and_then(|i| self.tok.inner.id_to_token(i));
+        Ok(ChatTemplate::new(
+            src,
+            name(self.model.cfg.bos_token_id.or(self.tok.bos_id)),
+            name(self.eos_ids.first().copied().or(self.tok.eos_id)),
+        ))
+    }
+}
+
+/// Loads a model from an HF directory or a `.gguf` file.
+pub fn load(path: &Path, dev: &Device, frozen: &dyn Fn(&str) -> bool) -> Result<LoadedModel> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let g = GgufFile::open(path)?;
+        let m = gguf::llama::load(&g)?;
+        let mut store = ParamStore::new(dev.clone());
+        let model = DecoderModel::load(&m.cfg, &mut store, &m.weights, frozen)?;
+        Ok(LoadedModel {
+            model,
+            store,
+            tok: m.tok,
+            eos_ids: m.eos_ids,
+            chat_template: m.chat_template,
+        })
+    } else if path.is_file() {
+        anyhow::bail!(
+            "{}: expected a model directory or a .gguf file",
+            path.display()
+        )
+    } else {
+        load_dir(path, dev, frozen)
+    }
 }
 
 /// Loads an HF model directory (weights must match the config exactly).
@@ -36,11 +80,13 @@ pub fn load_dir(dir: &Path, dev: &Device, frozen: &dyn Fn(&str) -> bool) -> Resu
     let tok = load_from_dir(dir)?;
     tok.check_fits(cfg.vocab_size, &dir.display().to_string())?;
     let eos_ids = eos_ids(dir, &cfg, &tok)?;
+    let chat_template = template_from_dir(dir)?;
     Ok(LoadedModel {
         model,
         store,
         tok,
         eos_ids,
+        chat_template,
     })
 }
 
@@ -70,16 +116,31 @@ fn eos_ids(dir: &Path, cfg: &ModelConfig, tok: &Tok) -> Result<Vec<u32>> {
 
 /// Writes the model's files into `dir` (which must exist); not atomic on its own.
 pub fn write_files(dir: &Path, model: &DecoderModel, store: &ParamStore, tok: &Tok) -> Result<()> {
+    write_files_with(dir, model, store, tok, None)
+}
+
+/// `write_files`, with a chat template stored in `tokenizer_config.json`.
+pub fn write_files_with(
+    dir: &Path,
+    model: &DecoderModel,
+    store: &ParamStore,
+    tok: &Tok,
+    chat_template: Option<&str>,
+) -> Result<()> {
     let mut cfg = model.cfg.clone();
     cfg.eos_token_id = cfg.eos_token_id.or(tok.eos_id);
     cfg.bos_token_id = cfg.bos_token_id.or(tok.bos_id).or(tok.eos_id);
     write_json(&dir.join("config.json"), &cfg.to_hf_json())?;
     store.save_safetensors(&dir.join("model.safetensors"))?;
     tok.save(&dir.join("tokenizer.json"))?;
-    write_json(
-        &dir.join("tokenizer_config.json"),
-        &hf_tokenizer_config(tok, cfg.max_position_embeddings),
-    )?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
+    let mut tc = hf_tokenizer_config(tok, cfg.max_position_embeddings);
+    tc["eos_token"] = json!(name(cfg.eos_token_id));
+    tc["bos_token"] = json!(name(cfg.bos_token_id));
+    if let Some(t) = chat_template {
+        tc["chat_template"] = json!(t);
+    }
+    write_json(&dir.join("tokenizer_config.json"), &tc)?;
     let gen = json!({
         "_from_model_config": true,
         "bos_token_id": cfg.bos_token_id,
@@ -91,4 +152,11 @@ pub fn write_files(dir: &Path, model: &DecoderModel, store: &ParamStore, tok: &T
 /// Writes a complete HF model directory atomically (a crash leaves the old one intact).
 pub fn save_dir(dir: &Path, model: &DecoderModel, store: &ParamStore, tok: &Tok) -> Result<()> {
     write_dir(dir, |tmp| write_files(tmp, model, store, tok))
+}
+
+/// Writes a loaded model (e.g. one read from GGUF) as an HF directory, atomically.
+pub fn save_loaded(dir: &Path, m: &LoadedModel) -> Result<()> {
+    write_dir(dir, |tmp| {
+        write_files_with(tmp, &m.model, &m.store, &m.tok, m.chat_template.as_deref())
+    })
 }

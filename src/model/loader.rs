@@ -23,6 +23,9 @@ pub struct WeightSource {
     files: Vec<File>,
     /// tensor name in the file → index into `files`
     names: HashMap<String, usize>,
+    /// Tensors already in memory (dequantized GGUF weights), with a label for messages.
+    mem: HashMap<String, Tensor>,
+    mem_label: String,
     used: RefCell<BTreeSet<String>>,
     /// Alternative spellings tried when a name is absent (GPT-2 hub files lack `transformer.`).
     strip_prefixes: Vec<String>,
@@ -65,6 +68,12 @@ impl WeightSource {
             // (checkpoints are written elsewhere and renamed), so the mapping stays valid.
             let mmap =
                 unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
+            if let Some(name) = duplicate_header_key(&mmap) {
+                bail!(
+                    "{}: not a valid safetensors file: tensor {name} appears twice in the header",
+                    path.display()
+                );
+            }
             let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
                 anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
             })?;
@@ -88,9 +97,23 @@ impl WeightSource {
         Ok(Self {
             files,
             names,
+            mem: HashMap::new(),
+            mem_label: String::new(),
             used: RefCell::new(BTreeSet::new()),
             strip_prefixes: Vec::new(),
         })
+    }
+
+    /// Weights that are already tensors (f32 or any float dtype), e.g. dequantized from GGUF.
+    pub fn from_tensors(label: String, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            files: Vec::new(),
+            names: HashMap::new(),
+            mem: tensors,
+            mem_label: label,
+            used: RefCell::new(BTreeSet::new()),
+            strip_prefixes: Vec::new(),
+        }
     }
 
     pub fn with_strip_prefix(mut self, prefix: &str) -> Self {
@@ -102,19 +125,24 @@ impl WeightSource {
         self.resolve(name).is_some()
     }
 
+    fn has(&self, name: &str) -> bool {
+        self.names.contains_key(name) || self.mem.contains_key(name)
+    }
+
     fn resolve(&self, name: &str) -> Option<String> {
-        if self.names.contains_key(name) {
+        if self.has(name) {
             return Some(name.to_string());
         }
         self.strip_prefixes
             .iter()
             .filter_map(|p| name.strip_prefix(p.as_str()))
-            .find(|n| self.names.contains_key(*n))
+            .find(|n| self.has(n))
             .map(str::to_string)
     }
 
     fn describe(&self) -> String {
         match self.files.as_slice() {
+            [] => self.mem_label.clone(),
             [one] => one.path.display().to_string(),
             many => format!("{} (+{} shards)", many[0].path.display(), many.len() - 1),
         }
@@ -128,6 +156,18 @@ impl WeightSource {
                 self.describe()
             );
         };
+        if let Some(t) = self.mem.get(&key) {
+            if t.dims() != shape {
+                bail!(
+                    "{}: tensor {key} has shape {:?}, the model's config expects {shape:?}",
+                    self.mem_label,
+                    t.dims()
+                );
+            }
+            let t = t.to_dtype(DType::F32)?.to_device(dev)?;
+            self.used.borrow_mut().insert(key);
+            return Ok(t);
+        }
         let f = &self.files[self.names[&key]];
         let info = &f.infos[&key];
         if info.shape != shape {
@@ -161,6 +201,7 @@ impl WeightSource {
         let mut extra: Vec<&String> = self
             .names
             .keys()
+            .chain(self.mem.keys())
             .filter(|n| !used.contains(*n) && !ignorable(n))
             .collect();
         extra.sort();
@@ -173,4 +214,33 @@ impl WeightSource {
         }
         Ok(())
     }
+}
+
+/// The first key that appears twice in a safetensors JSON header. serde (and so the
+/// safetensors crate) keeps the last of duplicate keys silently, which would load a tensor
+/// the writer did not mean.
+fn duplicate_header_key(file: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = m.next_key::<String>()? {
+                m.next_value::<IgnoredAny>()?;
+                if !seen.insert(k.clone()) && dup.is_none() {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let len = u64::from_le_bytes(file.get(..8)?.try_into().ok()?);
+    let header = file.get(8..8usize.checked_add(usize::try_from(len).ok()?)?)?;
+    let mut de = serde_json::Deserializer::from_slice(header);
+    de.deserialize_map(Keys).ok().flatten()
 }

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod gguf;
 pub mod hf;
 pub mod layers;
 pub mod loader;
