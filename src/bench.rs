@@ -115,3 +115,62 @@ pub fn peak_rss_mib() -> f64 {
         .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
         .unwrap_or(0.0)
 }
+
+/// GEMM throughput on the training step's shapes for this configuration: candle's matmul (the
+/// `gemm` crate, which the linear op uses), f32 on the CPU, the median of `reps` runs.
+/// Shapes are (m, k, n) of the forward (x·Wᵀ), input-gradient (dy·W) and weight-gradient
+/// (dyᵀ·x) products of every distinct linear layer.
+pub fn gemm_shapes(a: &BenchArgs, reps: usize) -> Result<Vec<Value>> {
+    let tokens = a.batch * a.seq;
+    let kv = a.kv_heads.unwrap_or(a.heads) * (a.dim / a.heads.max(1));
+    let ffn = a.ffn.unwrap_or(if a.llama {
+        (8 * a.dim / 3).div_ceil(64) * 64
+    } else {
+        4 * a.dim
+    });
+    let mut layers = vec![
+        (a.dim, a.dim + 2 * kv),
+        (a.dim, a.dim),
+        (a.dim, ffn),
+        (ffn, a.dim),
+    ];
+    layers.push((a.dim, a.vocab));
+    let mut out = Vec::new();
+    let mut rng = Rng::new(0);
+    let dev = Device::Cpu;
+    let mut rand = |r: usize, c: usize| {
+        let v: Vec<f32> = (0..r * c).map(|_| rng.normal() as f32).collect();
+        candle_core::Tensor::from_vec(v, (r, c), &dev)
+    };
+    for (inp, outp) in layers {
+        let x = rand(tokens, inp)?;
+        let w = rand(outp, inp)?;
+        let dy = rand(tokens, outp)?;
+        let cases = [
+            ("forward x·Wᵀ", x.clone(), w.t()?),
+            ("input grad dy·W", dy.clone(), w.clone()),
+            ("weight grad dyᵀ·x", dy.t()?, x.clone()),
+        ];
+        for (what, l, r) in cases {
+            let (m, k) = l.dims2()?;
+            let n = r.dim(1)?;
+            let time = |f: &dyn Fn() -> Result<candle_core::Tensor>| -> Result<f64> {
+                f()?;
+                let mut t = Vec::new();
+                for _ in 0..reps {
+                    let t0 = Instant::now();
+                    f()?;
+                    t.push(t0.elapsed().as_secs_f64());
+                }
+                t.sort_by(f64::total_cmp);
+                Ok(2.0 * (m * k * n) as f64 / t[t.len() / 2] / 1e9)
+            };
+            let gflops = time(&|| Ok(l.matmul(&r)?))?;
+            out.push(json!({
+                "product": what, "m": m, "k": k, "n": n,
+                "gflops_per_s": (gflops * 10.0).round() / 10.0,
+            }));
+        }
+    }
+    Ok(out)
+}

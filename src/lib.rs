@@ -14,6 +14,7 @@ pub mod data;
 pub mod eval;
 pub mod fsutil;
 pub mod generate;
+pub mod kernels;
 pub mod losses;
 pub mod model;
 pub mod recipe;

@@ -181,14 +181,16 @@ struct BenchCli {
     /// Worker threads (sets RAYON_NUM_THREADS; default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Print only the JSON line (the default output is also that line).
-    #[arg(long)]
-    json: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Instead of training steps: GEMM throughput on this configuration's matmul shapes
+    /// (one JSON line per product).
+    #[arg(long)]
+    gemm: bool,
 }
 
 fn main() -> ExitCode {
+    lmforge::kernels::tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -260,8 +262,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 vocab: a.vocab,
                 steps: a.steps,
             };
-            let _ = a.json;
-            println!("{}", bench::run(&args, &dev)?);
+            if a.gemm {
+                for line in bench::gemm_shapes(&args, a.steps.max(3))? {
+                    println!("{line}");
+                }
+            } else {
+                println!("{}", bench::run(&args, &dev)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

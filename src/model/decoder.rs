@@ -41,7 +41,7 @@ pub struct Attention {
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Default, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>, // (B, n_kv, S, hd) each
+    layers: Vec<Option<(Tensor, Tensor)>>, // (B, S, n_kv, hd) each
     len: usize,
 }
 
@@ -153,50 +153,74 @@ impl Attention {
     fn forward(&self, x: &Tensor, ctx: &mut LayerCtx) -> Result<Tensor> {
         let (bsz, t, _) = x.dims3()?; // (B, T, C)
         let (nh, nkv, hd) = (self.n_head, self.n_kv, self.hd);
-        let (q, k, v) = match &self.qkv {
+        // (B, T, n, hd) views of the projections: no transposes, no copies.
+        let (mut q, mut k, mut v) = match &self.qkv {
             Qkv::Fused(l) => {
-                let y = l.forward(x)?; // (B, T, 3C)
-                let c = nh * hd;
-                (
-                    y.narrow(2, 0, c)?,
-                    y.narrow(2, c, c)?,
-                    y.narrow(2, 2 * c, c)?,
-                )
+                let y = l.forward(x)?.reshape((bsz, t, 3, nh, hd))?;
+                let part = |i: usize| -> Result<Tensor> { Ok(y.narrow(2, i, 1)?.squeeze(2)?) };
+                (part(0)?, part(1)?, part(2)?)
             }
-            Qkv::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Separate { q, k, v } => (
+                q.forward(x)?.reshape((bsz, t, nh, hd))?,
+                k.forward(x)?.reshape((bsz, t, nkv, hd))?,
+                v.forward(x)?.reshape((bsz, t, nkv, hd))?,
+            ),
         };
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((bsz, t, n, hd))?.transpose(1, 2)?)
-        };
-        let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?); // (B, H, T, hd)
         if let Some(rope) = ctx.rope {
-            q = rope.apply(&q.contiguous()?, ctx.past)?;
-            k = rope.apply(&k.contiguous()?, ctx.past)?;
+            q = rope.apply(&q, ctx.past)?;
+            k = rope.apply(&k, ctx.past)?;
         }
-        let (mut k, mut v) = (k, v);
         if let Some(slot) = ctx.cache.as_deref_mut() {
             if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(&[&pk, &k], 2)?;
-                v = Tensor::cat(&[&pv, &v], 2)?;
+                k = Tensor::cat(&[&pk, &k], 1)?;
+                v = Tensor::cat(&[&pv, &v], 1)?;
             }
             *slot = Some((k.clone(), v.clone()));
         }
         let n_prefix = match ctx.prefix {
             Some((pk, pv)) => {
                 let p = pk.dim(2)?;
+                // (1 or B, n_kv, P, hd) -> (B, P, n_kv, hd)
                 let expand = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.broadcast_as((bsz, nkv, p, hd))?.contiguous()?)
+                    Ok(x.transpose(1, 2)?.broadcast_as((bsz, p, nkv, hd))?)
                 };
-                k = Tensor::cat(&[&expand(pk)?, &k], 2)?;
-                v = Tensor::cat(&[&expand(pv)?, &v], 2)?;
+                k = Tensor::cat(&[&expand(pk)?, &k], 1)?;
+                v = Tensor::cat(&[&expand(pv)?, &v], 1)?;
                 p
             }
             None => 0,
         };
-        let s = k.dim(2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let y = if ctx.key_padding.is_none() && crate::kernels::fusable(&[&q, &k, &v]) {
+            let spec = crate::kernels::attention::Spec {
+                scale: scale as f32,
+                prefix: n_prefix,
+                past: ctx.past,
+                window: self.window,
+            };
+            crate::kernels::attention::attention(&q, &k, &v, spec)? // (B, T, H, hd)
+        } else {
+            self.composite(&q, &k, &v, n_prefix, ctx)?
+        };
+        self.o.forward(&y.reshape((bsz, t, nh * hd))?)
+    }
+
+    /// The reference: explicit scores, additive mask, softmax, ·V. q (B, T, H, hd),
+    /// k and v (B, S, n_kv, hd) -> (B, T, H, hd).
+    fn composite(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        n_prefix: usize,
+        ctx: &LayerCtx,
+    ) -> Result<Tensor> {
+        let (bsz, t, nh, hd) = q.dims4()?;
+        let (_, s, nkv, _) = k.dims4()?;
         // Grouped-query attention: each kv head serves n_head / n_kv query heads.
         let rep = nh / nkv;
-        let repeat = |x: Tensor| -> Result<Tensor> {
+        let heads = |x: &Tensor| -> Result<Tensor> {
+            let x = x.transpose(1, 2)?; // (B, n_kv, S, hd)
             if rep == 1 {
                 return Ok(x.contiguous()?);
             }
@@ -204,18 +228,16 @@ impl Attention {
                 .broadcast_as((bsz, nkv, rep, s, hd))?
                 .reshape((bsz, nh, s, hd))?)
         };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let q = q.contiguous()?;
+        let (k, v) = (heads(k)?, heads(v)?);
+        let q = q.transpose(1, 2)?.contiguous()?; // (B, H, T, hd)
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?; // (B, H, T, S)
-        let mut mask = causal_mask(t, ctx.past, n_prefix, self.window, x.device())?; // (T, S)
+        let mut mask = causal_mask(t, ctx.past, n_prefix, self.window, q.device())?; // (T, S)
         if let Some(pad) = ctx.key_padding {
             mask = padding_mask(&mask, pad, n_prefix)?; // (B, 1, T, S)
         }
         let att = softmax_last(&att.broadcast_add(&mask)?)?;
-        let y = att.matmul(&v)?; // (B, H, T, hd)
-        let y = y.transpose(1, 2)?.reshape((bsz, t, nh * hd))?;
-        self.o.forward(&y)
+        Ok(att.matmul(&v)?.transpose(1, 2)?) // (B, T, H, hd)
     }
 }
 
@@ -590,7 +612,13 @@ impl DecoderModel {
                 let dims = h.dims().to_vec();
                 let c = self.cfg.hidden_size;
                 let n = h.elem_count() / c;
-                let y = h.reshape((n, c))?.matmul(&self.wte.weight.t()?)?;
+                let (h2, w) = (h.reshape((n, c))?, &self.wte.weight);
+                let y = if w.is_contiguous() && crate::kernels::fusable(&[&h2, w]) {
+                    use crate::kernels::linear::{linear, WeightLayout};
+                    linear(&h2, w, WeightLayout::OutIn)?
+                } else {
+                    h2.matmul(&w.t()?)?
+                };
                 let mut out = dims;
                 *out.last_mut().expect("h has a hidden dimension") = self.cfg.vocab_size;
                 Ok(y.reshape(out)?)

@@ -9,14 +9,7 @@ use super::params::{Init, ParamKind, ParamStore, Source};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
-/// Which way a weight matrix is stored: `torch.nn.Linear` keeps (out, in), GPT-2's `Conv1D`
-/// keeps (in, out). Weights stay in the file's orientation, so saving needs no transposes and
-/// the matmul reads the transpose through strides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    OutIn,
-    InOut,
-}
+pub use crate::kernels::linear::WeightLayout as Layout;
 
 /// A linear map `y = x·Wᵀ + b` over the last dimension, named by its HF module path so that
 /// PEFT methods can find and wrap it.
@@ -104,10 +97,16 @@ impl Linear {
         // (..., in) -> (N, in) @ (in, out) -> (..., out)
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.in_dim;
-        let y = x
-            .reshape((n, self.in_dim))?
-            .matmul(&self.weight_in_out()?)?;
+        let x2 = x.reshape((n, self.in_dim))?;
+        let y = if self.weight.is_contiguous() && crate::kernels::fusable(&[&x2, &self.weight]) {
+            crate::kernels::linear::linear(&x2, &self.weight, self.layout)?
+        } else {
+            x2.matmul(&self.weight_in_out()?)?
+        };
         let y = match &self.bias {
+            Some(b) if crate::kernels::fusable(&[&y, b]) => {
+                crate::kernels::linear::bias_add(&y, b)?
+            }
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
@@ -182,6 +181,20 @@ impl Norm {
 
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::kernels::{fusable, norm};
+        match self {
+            Self::LayerNorm { weight, bias, eps } if fusable(&[x, weight, bias]) => {
+                Ok(norm::layer_norm(x, weight, bias, *eps)?)
+            }
+            Self::RmsNorm { weight, eps } if fusable(&[x, weight]) => {
+                Ok(norm::rms_norm(x, weight, *eps)?)
+            }
+            _ => self.forward_composite(x),
+        }
+    }
+
+    /// The composite reference of `forward` (candle ops with a backward).
+    pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::LayerNorm { weight, bias, eps } => {
                 let mean = x.mean_keepdim(D::Minus1)?;
@@ -203,6 +216,20 @@ impl Norm {
 }
 
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    use crate::kernels::act::{self, Act};
+    let fused = match act {
+        Activation::GeluTanh => Some(Act::GeluTanh),
+        Activation::Silu => Some(Act::Silu),
+        _ => None,
+    };
+    if let Some(a) = fused.filter(|_| crate::kernels::fusable(&[x])) {
+        return Ok(act::apply(x, a)?);
+    }
+    activate_composite(x, act)
+}
+
+/// The composite reference of `activate` (candle's element-wise ops).
+pub fn activate_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
         Activation::GeluTanh => x.gelu()?,
         Activation::GeluErf => x.gelu_erf()?,
@@ -252,11 +279,15 @@ impl Rope {
         self.cos.dim(0).unwrap_or(0)
     }
 
-    /// x (B, H, T, hd) at absolute positions offset..offset+T.
+    /// x (B, T, H, hd) at absolute positions offset..offset+T.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, _, t, hd) = x.dims4()?;
-        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let (_, t, _, hd) = x.dims4()?;
+        let table = |m: &Tensor| -> Result<Tensor> {
+            Ok(m.narrow(0, offset, t)?
+                .to_dtype(x.dtype())?
+                .reshape((1, t, 1, hd))?)
+        };
+        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
         let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
         let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;

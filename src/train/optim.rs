@@ -34,8 +34,9 @@ impl AdamW {
                 if !p.trainable {
                     return Ok(None);
                 }
-                let z = Tensor::zeros(p.var.shape(), DType::F32, p.var.device())?;
-                Ok(Some((z.clone(), z)))
+                // Two allocations: the fused step updates m and v in place.
+                let z = || Tensor::zeros(p.var.shape(), DType::F32, p.var.device());
+                Ok(Some((z()?, z()?)))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { cfg, t: 0, moments })
@@ -55,13 +56,27 @@ impl AdamW {
             let (Some(g), Some((m, v))) = (g, mom.as_mut()) else {
                 continue;
             };
+            let wd = if p.kind.decays() { c.weight_decay } else { 0.0 };
+            let theta = p.var.as_tensor();
+            if crate::kernels::fusable(&[theta, g, m, v]) && theta.is_contiguous() {
+                crate::kernels::adamw::step(
+                    theta,
+                    g,
+                    m,
+                    v,
+                    (c.beta1, c.beta2, c.eps),
+                    lr,
+                    1.0 - lr * wd,
+                    (bc1, bc2),
+                )?;
+                continue;
+            }
             *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&*v / bc2)?.sqrt()? + c.eps)?;
             let update = ((&*m / bc1)? / denom)?;
-            let theta = p.var.as_tensor();
-            let decayed = if p.kind.decays() && c.weight_decay > 0.0 {
-                (theta * (1.0 - lr * c.weight_decay))?
+            let decayed = if wd > 0.0 {
+                (theta * (1.0 - lr * wd))?
             } else {
                 theta.clone()
             };
@@ -105,7 +120,8 @@ impl AdamW {
                         p.var.dims()
                     );
                 }
-                *slot = x.to_dtype(DType::F32)?.to_device(p.var.device())?;
+                // A fresh copy: the fused step updates moments in place.
+                *slot = x.to_dtype(DType::F32)?.to_device(p.var.device())?.copy()?;
             }
         }
         self.t = t;

@@ -1,0 +1,462 @@
+//! Causal attention as one op with a backward, flash-attention style (Dao et al. 2022) but
+//! tiled for a CPU: per (batch, head) and block of `BQ` queries, the scores against only the
+//! keys that block can see are formed with GEMM into a per-task scratch of BQ×S floats, masked,
+//! soft-maxed in place and multiplied by V. Nothing of size T×T is kept: the backward recomputes
+//! the probabilities from the saved log-sum-exp, as flash attention does.
+//!
+//!   forward:  P = softmax(scale·QKᵀ + mask),  O = P·V,  lse_i = log Σ_j exp(scale·q_i·k_j)
+//!   backward: dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ∘ (dP − rowsum(dO ∘ O)),
+//!             dQ = scale·dS·K,  dK = scale·dSᵀ·Q
+//!
+//! Layouts are (B, T, H, D) for queries/outputs and (B, S, H_kv, D) for keys/values, any
+//! strides with a unit last stride, so the projections' outputs are used without transposes
+//! or copies. Keys are `prefix` always-visible slots (prefix tuning) followed by positions
+//! 0..past+T; grouped-query heads share their key/value head. The composite reference is
+//! `model::decoder`'s attention (masked softmax of explicit scores).
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Queries per tile: the scratch is BQ × S floats per task.
+const BQ: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub scale: f32,
+    /// Always-visible key slots before position 0.
+    pub prefix: usize,
+    /// Position of the first query (keys/values of earlier positions come from a cache).
+    pub past: usize,
+    /// Sliding window: a query sees keys at most `w - 1` positions back.
+    pub window: Option<usize>,
+}
+
+impl Spec {
+    #[inline]
+    fn visible(&self, j: usize, qpos: usize) -> bool {
+        if j < self.prefix {
+            return true;
+        }
+        let kp = j - self.prefix;
+        kp <= qpos && self.window.is_none_or(|w| qpos - kp < w)
+    }
+}
+
+/// A strided (B, N, H, D) view with unit last stride.
+#[derive(Clone, Copy)]
+struct View {
+    off: usize,
+    sb: usize,
+    sn: usize,
+    sh: usize,
+    dims: (usize, usize, usize, usize),
+}
+
+impl View {
+    fn of(l: &Layout, what: &str) -> Result<Self> {
+        let dims = l.shape().dims4()?;
+        let st = l.stride();
+        if st[3] != 1 && dims.3 > 1 {
+            bail!("fused attention: {what} must have a unit stride in its last dimension");
+        }
+        Ok(Self {
+            off: l.start_offset(),
+            sb: st[0],
+            sn: st[1],
+            sh: st[2],
+            dims,
+        })
+    }
+    #[inline]
+    fn at(&self, b: usize, n: usize, h: usize) -> usize {
+        self.off + b * self.sb + n * self.sn + h * self.sh
+    }
+}
+
+fn f32s(s: &CpuStorage) -> Result<&[f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => bail!("fused attention: expected f32 storage"),
+    }
+}
+
+/// Raw pointer that may cross into rayon tasks; every task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+impl Ptr {
+    /// A method (not the field) so closures capture the whole `Send` wrapper.
+    #[inline]
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// dst(m×n) = beta·lhs(m×k)·rhs(k×n) [+ dst when `acc`], row/column strides in elements.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (d_rs, d_cs): (usize, usize),
+    acc: bool,
+    lhs: *const f32,
+    (l_rs, l_cs): (usize, usize),
+    rhs: *const f32,
+    (r_rs, r_cs): (usize, usize),
+    beta: f32,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        d_cs as isize,
+        d_rs as isize,
+        acc,
+        lhs,
+        l_cs as isize,
+        l_rs as isize,
+        rhs,
+        r_cs as isize,
+        r_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+struct Fwd {
+    spec: Spec,
+    /// Log-sum-exp per (b, h, t), written by the forward, read by the backward.
+    lse: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+fn check(q: &View, k: &View, v: &View, spec: &Spec) -> Result<()> {
+    let (b, t, h, d) = q.dims;
+    let (kb, s, hkv, kd) = k.dims;
+    if (kb, kd) != (b, d) || k.dims != v.dims {
+        bail!(
+            "fused attention: q {:?}, k {:?}, v {:?} do not fit together",
+            q.dims,
+            k.dims,
+            v.dims
+        );
+    }
+    if hkv == 0 || !h.is_multiple_of(hkv) {
+        bail!("fused attention: {h} query heads are not a multiple of {hkv} key/value heads");
+    }
+    if s != spec.prefix + spec.past + t {
+        bail!(
+            "fused attention: {s} keys, expected prefix {} + past {} + {t}",
+            spec.prefix,
+            spec.past
+        );
+    }
+    Ok(())
+}
+
+impl CustomOp3 for Fwd {
+    fn name(&self) -> &'static str {
+        "lmforge-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qv, kv, vv) = (View::of(lq, "q")?, View::of(lk, "k")?, View::of(lv, "v")?);
+        check(&qv, &kv, &vv, &self.spec)?;
+        let (q, k, v) = (f32s(sq)?, f32s(sk)?, f32s(sv)?);
+        let (b, t, h, d) = qv.dims;
+        let (_, s, hkv, _) = kv.dims;
+        let rep = h / hkv;
+        let spec = self.spec;
+        let mut out = vec![0f32; b * t * h * d];
+        let mut lse = vec![0f32; b * h * t];
+        let (po, pl) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
+        let nblk = t.div_ceil(BQ);
+        (0..b * h * nblk).into_par_iter().for_each(|task| {
+            let (bh, blk) = (task / nblk, task % nblk);
+            let (bi, hi) = (bh / h, bh % h);
+            let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
+            let rows = i1 - i0;
+            let kend = (spec.prefix + spec.past + i1).min(s);
+            let mut sc = vec![0f32; rows * kend];
+            let qp = q[qv.at(bi, i0, hi)..].as_ptr();
+            let kp = k[kv.at(bi, 0, hi / rep)..].as_ptr();
+            let vp = v[vv.at(bi, 0, hi / rep)..].as_ptr();
+            // SAFETY: the views were checked against the shapes; each task writes its own rows
+            // of `out` and `lse`.
+            unsafe {
+                // S = scale · Q_blk · K[..kend]ᵀ
+                mm(
+                    (rows, kend, d),
+                    sc.as_mut_ptr(),
+                    (kend, 1),
+                    false,
+                    qp,
+                    (qv.sn, 1),
+                    kp,
+                    (1, kv.sn),
+                    spec.scale,
+                );
+                for r in 0..rows {
+                    let qpos = spec.past + i0 + r;
+                    let row = &mut sc[r * kend..(r + 1) * kend];
+                    let mut m = f32::NEG_INFINITY;
+                    for (j, x) in row.iter_mut().enumerate() {
+                        if spec.visible(j, qpos) {
+                            m = m.max(*x);
+                        } else {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - m).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    for x in row.iter_mut() {
+                        *x *= inv;
+                    }
+                    *pl.get().add((bi * h + hi) * t + i0 + r) = m + sum.ln();
+                }
+                // O_blk = P · V[..kend], written as rows of the (B, T, H, D) output.
+                let op = po.get().add(((bi * t + i0) * h + hi) * d);
+                mm(
+                    (rows, d, kend),
+                    op,
+                    (h * d, 1),
+                    false,
+                    sc.as_ptr(),
+                    (kend, 1),
+                    vp,
+                    (vv.sn, 1),
+                    1.0,
+                );
+            }
+        });
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? = Some(Arc::new(lse));
+        Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?
+            .clone();
+        let Some(lse) = lse else {
+            bail!("fused attention: backward before forward");
+        };
+        let op = Bwd {
+            spec: self.spec,
+            lse,
+            out: out.contiguous()?,
+            grad: grad.contiguous()?,
+        };
+        let flat = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = flat.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = flat.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = flat.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+struct Bwd {
+    spec: Spec,
+    lse: Arc<Vec<f32>>,
+    out: Tensor,
+    grad: Tensor,
+}
+
+fn cpu_contiguous(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize)> {
+    let (s, l) = t.storage_and_layout();
+    let Some((a, _)) = l.contiguous_offsets() else {
+        bail!("fused attention: expected a contiguous tensor");
+    };
+    Ok((s, a))
+}
+
+impl CustomOp3 for Bwd {
+    fn name(&self) -> &'static str {
+        "lmforge-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qv, kv, vv) = (View::of(lq, "q")?, View::of(lk, "k")?, View::of(lv, "v")?);
+        check(&qv, &kv, &vv, &self.spec)?;
+        let (q, k, v) = (f32s(sq)?, f32s(sk)?, f32s(sv)?);
+        let (b, t, h, d) = qv.dims;
+        let (_, s, hkv, _) = kv.dims;
+        let rep = h / hkv;
+        let spec = self.spec;
+        let (og, ooff) = cpu_contiguous(&self.out)?;
+        let (gg, goff) = cpu_contiguous(&self.grad)?;
+        let (Storage::Cpu(os), Storage::Cpu(gs)) = (&*og, &*gg) else {
+            bail!("fused attention: expected CPU tensors");
+        };
+        let (o, go) = (&f32s(os)?[ooff..], &f32s(gs)?[goff..]);
+        if o.len() < b * t * h * d || go.len() < b * t * h * d || self.lse.len() != b * h * t {
+            bail!("fused attention: saved tensors do not match the inputs");
+        }
+        let (nq, nk) = (b * t * h * d, b * s * hkv * d);
+        let mut flat = vec![0f32; nq + 2 * nk];
+        let base = Ptr(flat.as_mut_ptr());
+        let lse = &self.lse;
+        let nblk = t.div_ceil(BQ);
+        // One task per (batch, kv head): dK and dV of that head are accumulated by its query
+        // heads only, so tasks never write the same memory.
+        (0..b * hkv).into_par_iter().for_each(|task| {
+            let (bi, kh) = (task / hkv, task % hkv);
+            let kp = k[kv.at(bi, 0, kh)..].as_ptr();
+            let vp = v[vv.at(bi, 0, kh)..].as_ptr();
+            let mut p = vec![0f32; BQ * s];
+            let mut ds = vec![0f32; BQ * s];
+            // SAFETY: offsets follow the checked shapes; the regions written (dq rows of this
+            // task's heads, dk/dv rows of its kv head) belong to this task alone.
+            unsafe {
+                let dq = base.get();
+                let dk = base.get().add(nq + bi * s * hkv * d + kh * d);
+                let dv = base.get().add(nq + nk + bi * s * hkv * d + kh * d);
+                for hi in kh * rep..(kh + 1) * rep {
+                    for blk in 0..nblk {
+                        let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
+                        let rows = i1 - i0;
+                        let kend = (spec.prefix + spec.past + i1).min(s);
+                        let qp = q[qv.at(bi, i0, hi)..].as_ptr();
+                        let row0 = (bi * t + i0) * h + hi; // first (b, t, h) row of this block
+                        let gp = go[row0 * d..].as_ptr();
+                        // P = exp(scale·QKᵀ − lse), zero where masked.
+                        mm(
+                            (rows, kend, d),
+                            p.as_mut_ptr(),
+                            (kend, 1),
+                            false,
+                            qp,
+                            (qv.sn, 1),
+                            kp,
+                            (1, kv.sn),
+                            spec.scale,
+                        );
+                        // dP = dO · Vᵀ
+                        mm(
+                            (rows, kend, d),
+                            ds.as_mut_ptr(),
+                            (kend, 1),
+                            false,
+                            gp,
+                            (h * d, 1),
+                            vp,
+                            (1, vv.sn),
+                            1.0,
+                        );
+                        for r in 0..rows {
+                            let qpos = spec.past + i0 + r;
+                            let l = lse[(bi * h + hi) * t + i0 + r];
+                            let orow = &o[(row0 + r * h) * d..(row0 + r * h) * d + d];
+                            let grow = &go[(row0 + r * h) * d..(row0 + r * h) * d + d];
+                            let di: f32 = orow.iter().zip(grow).map(|(a, b)| a * b).sum();
+                            let pr = &mut p[r * kend..(r + 1) * kend];
+                            let dr = &mut ds[r * kend..(r + 1) * kend];
+                            for (j, (pv, dv)) in pr.iter_mut().zip(dr.iter_mut()).enumerate() {
+                                if spec.visible(j, qpos) {
+                                    *pv = (*pv - l).exp();
+                                    *dv = *pv * (*dv - di);
+                                } else {
+                                    *pv = 0.0;
+                                    *dv = 0.0;
+                                }
+                            }
+                        }
+                        // dQ_blk = scale · dS · K
+                        mm(
+                            (rows, d, kend),
+                            dq.add(row0 * d),
+                            (h * d, 1),
+                            false,
+                            ds.as_ptr(),
+                            (kend, 1),
+                            kp,
+                            (kv.sn, 1),
+                            spec.scale,
+                        );
+                        // dK += scale · dSᵀ · Q_blk,  dV += Pᵀ · dO_blk
+                        mm(
+                            (kend, d, rows),
+                            dk,
+                            (hkv * d, 1),
+                            true,
+                            ds.as_ptr(),
+                            (1, kend),
+                            qp,
+                            (qv.sn, 1),
+                            spec.scale,
+                        );
+                        mm(
+                            (kend, d, rows),
+                            dv,
+                            (hkv * d, 1),
+                            true,
+                            p.as_ptr(),
+                            (1, kend),
+                            gp,
+                            (h * d, 1),
+                            1.0,
+                        );
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(flat), Shape::from(nq + 2 * nk)))
+    }
+}
+
+/// Fused attention: q (B, T, H, D), k and v (B, S, H_kv, D), f32 on the CPU, any strides with
+/// a unit last stride. Returns (B, T, H, D), contiguous.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: Spec) -> Result<Tensor> {
+    let unit = |t: &Tensor| t.dim(3).map(|d| d <= 1 || t.stride()[3] == 1);
+    let q = if unit(q)? { q.clone() } else { q.contiguous()? };
+    let k = if unit(k)? { k.clone() } else { k.contiguous()? };
+    let v = if unit(v)? { v.clone() } else { v.contiguous()? };
+    q.apply_op3(
+        &k,
+        &v,
+        Fwd {
+            spec,
+            lse: Mutex::new(None),
+        },
+    )
+}

@@ -1,0 +1,216 @@
+//! LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019) over the last dimension as
+//! one pass each way, rows in parallel.
+//!
+//!   LayerNorm: x̂ = (x − μ)·r,  r = 1/√(var + ε),  y = x̂·w + b
+//!              dx = r·(g − mean(g) − x̂·mean(g·x̂)),  g = dy·w,  dw = Σ dy·x̂,  db = Σ dy
+//!   RMSNorm:   x̂ = x·r,  r = 1/√(mean(x²) + ε),  y = x̂·w
+//!              dx = r·(g − x̂·mean(g·x̂)),  dw = Σ dy·x̂
+//!
+//! The composite (eight candle ops for LayerNorm) spends most of its time in candle's
+//! single-threaded reductions, above all the column sums for dw and db in the backward. The
+//! backward recomputes μ and r from x (one read of x) instead of keeping them.
+
+use super::{slice, CHUNK};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Layer,
+    Rms,
+}
+
+#[inline]
+fn stats(x: &[f32], kind: Kind, eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    match kind {
+        Kind::Layer => {
+            let mu = x.iter().sum::<f32>() / n;
+            let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / n;
+            (mu, 1.0 / (var + eps).sqrt())
+        }
+        Kind::Rms => {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / n;
+            (0.0, 1.0 / (ms + eps).sqrt())
+        }
+    }
+}
+
+fn rows_per_task(c: usize) -> usize {
+    (CHUNK / c.max(1)).max(1)
+}
+
+fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, kind: Kind, eps: f32) -> Vec<f32> {
+    let c = w.len();
+    let mut y = vec![0f32; x.len()];
+    let rows = rows_per_task(c) * c;
+    y.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(c).zip(x.chunks(c)) {
+                let (mu, r) = stats(x, kind, eps);
+                match b {
+                    Some(b) => {
+                        for i in 0..c {
+                            y[i] = (x[i] - mu) * r * w[i] + b[i];
+                        }
+                    }
+                    None => {
+                        for i in 0..c {
+                            y[i] = x[i] * r * w[i];
+                        }
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// Returns [dx | dw | db] (db only for LayerNorm).
+fn backward(x: &[f32], w: &[f32], dy: &[f32], kind: Kind, eps: f32) -> Vec<f32> {
+    let c = w.len();
+    let with_b = matches!(kind, Kind::Layer);
+    let mut dx = vec![0f32; x.len()];
+    let rows = rows_per_task(c) * c;
+    let partial = dx
+        .par_chunks_mut(rows)
+        .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
+        .map(|(dx, (x, dy))| {
+            let mut acc = vec![0f32; if with_b { 2 * c } else { c }];
+            let mut xh = vec![0f32; c];
+            for (dx, (x, dy)) in dx.chunks_mut(c).zip(x.chunks(c).zip(dy.chunks(c))) {
+                let (mu, r) = stats(x, kind, eps);
+                let (mut sg, mut sgx) = (0f32, 0f32);
+                for i in 0..c {
+                    xh[i] = (x[i] - mu) * r;
+                    let g = dy[i] * w[i];
+                    sg += g;
+                    sgx += g * xh[i];
+                    acc[i] += dy[i] * xh[i];
+                }
+                if with_b {
+                    for i in 0..c {
+                        acc[c + i] += dy[i];
+                    }
+                }
+                let (mg, mgx) = (sg / c as f32, sgx / c as f32);
+                let mg = if with_b { mg } else { 0.0 };
+                for i in 0..c {
+                    dx[i] = r * (dy[i] * w[i] - mg - xh[i] * mgx);
+                }
+            }
+            acc
+        })
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; if with_b { 2 * c } else { c }]);
+    dx.extend_from_slice(&partial);
+    dx
+}
+
+/// A gradient only for tensors that take part in autograd: frozen weights get none.
+fn keep(t: &Tensor, g: Tensor) -> Option<Tensor> {
+    t.track_op().then_some(g)
+}
+
+struct LayerFwd(f32);
+struct RmsFwd(f32);
+struct Bwd(Kind, f32);
+
+impl CustomOp3 for LayerFwd {
+    fn name(&self) -> &'static str {
+        "lmforge-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let y = forward(x, w, Some(b), Kind::Layer, self.0);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let flat = x.apply_op3_no_bwd(w, &g.contiguous()?, &Bwd(Kind::Layer, self.0))?;
+        let (n, c) = (x.elem_count(), w.elem_count());
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = flat.narrow(0, n, c)?;
+        let db = flat.narrow(0, n + c, c)?;
+        Ok((keep(x, dx), keep(w, dw), keep(b, db)))
+    }
+}
+
+impl CustomOp2 for RmsFwd {
+    fn name(&self) -> &'static str {
+        "lmforge-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let y = forward(x, w, None, Kind::Rms, self.0);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let flat = x.apply_op3_no_bwd(w, &g.contiguous()?, &Bwd(Kind::Rms, self.0))?;
+        let (n, c) = (x.elem_count(), w.elem_count());
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = flat.narrow(0, n, c)?;
+        Ok((keep(x, dx), keep(w, dw)))
+    }
+}
+
+impl CustomOp3 for Bwd {
+    fn name(&self) -> &'static str {
+        "lmforge-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let out = backward(x, w, dy, self.0, self.1);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// Fused LayerNorm over the last dimension (f32 CPU; callers check `kernels::fusable`).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerFwd(eps as f32))
+}
+
+/// Fused RMSNorm over the last dimension (f32 CPU; callers check `kernels::fusable`).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsFwd(eps as f32))
+}

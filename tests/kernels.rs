@@ -1,0 +1,541 @@
+//! Fused kernels against their composite references: forward values and every input gradient
+//! on random shapes (odd sizes, grouped-query heads, prefix slots, a KV-cache offset, sliding
+//! windows, tiles that end mid-way), plus central finite differences of the fused backward.
+//! The composites are themselves finite-difference checked in f64 by `tests/gradcheck.rs`.
+
+use candle_core::{DType, Device, Tensor, Var};
+use lmforge::kernels::act::{self, Act};
+use lmforge::kernels::{adamw, attention};
+use lmforge::model::config::Activation;
+use lmforge::model::layers::{activate_composite, causal_mask, softmax_last};
+use lmforge::rng::Rng;
+
+fn randn(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let mut r = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| r.normal() as f32 * scale).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The decoder's composite attention: (B, H, T, D) with explicit scores, mask and softmax.
+/// Takes the fused op's layouts, q (B, T, H, D) and k, v (B, S, H_kv, D).
+fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, spec: attention::Spec) -> Tensor {
+    let (b, t, h, d) = q.dims4().unwrap();
+    let (_, s, hkv, _) = k.dims4().unwrap();
+    let rep = |x: &Tensor| {
+        let x = x.transpose(1, 2).unwrap(); // (B, Hkv, S, D)
+        x.unsqueeze(2)
+            .unwrap()
+            .broadcast_as((b, hkv, h / hkv, s, d))
+            .unwrap()
+            .reshape((b, h, s, d))
+            .unwrap()
+    };
+    let q = q.transpose(1, 2).unwrap().contiguous().unwrap();
+    let kt = rep(k).t().unwrap().contiguous().unwrap();
+    let att = (q.matmul(&kt).unwrap() * spec.scale as f64).unwrap();
+    let mask = causal_mask(t, spec.past, spec.prefix, spec.window, &Device::Cpu).unwrap();
+    softmax_last(&att.broadcast_add(&mask).unwrap())
+        .unwrap()
+        .matmul(&rep(v).contiguous().unwrap())
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+}
+
+struct Case {
+    b: usize,
+    t: usize,
+    h: usize,
+    hkv: usize,
+    d: usize,
+    prefix: usize,
+    past: usize,
+    window: Option<usize>,
+}
+
+/// Forward and all three input gradients, fused vs composite, for a weighted-sum objective.
+fn compare_attention(c: &Case, seed: u64) {
+    let s = c.prefix + c.past + c.t;
+    let spec = attention::Spec {
+        scale: 1.0 / (c.d as f32).sqrt(),
+        prefix: c.prefix,
+        past: c.past,
+        window: c.window,
+    };
+    let q = Var::from_tensor(&randn(&[c.b, c.t, c.h, c.d], seed, 1.0)).unwrap();
+    let k = Var::from_tensor(&randn(&[c.b, s, c.hkv, c.d], seed + 1, 1.0)).unwrap();
+    let v = Var::from_tensor(&randn(&[c.b, s, c.hkv, c.d], seed + 2, 1.0)).unwrap();
+    let w = randn(&[c.b, c.t, c.h, c.d], seed + 3, 1.0);
+    let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+        let o = f(q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let g = (&o * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |x: &Var| g.get(x.as_tensor()).expect("gradient").clone();
+        (o, grad(&q), grad(&k), grad(&v))
+    };
+    let fused = run(&|q, k, v| attention::attention(q, k, v, spec).unwrap());
+    let comp = run(&|q, k, v| attention_composite(q, k, v, spec));
+    let what = format!(
+        "B{} T{} H{}/{} D{} prefix{} past{} window{:?}",
+        c.b, c.t, c.h, c.hkv, c.d, c.prefix, c.past, c.window
+    );
+    for (name, a, b) in [
+        ("out", &fused.0, &comp.0),
+        ("dq", &fused.1, &comp.1),
+        ("dk", &fused.2, &comp.2),
+        ("dv", &fused.3, &comp.3),
+    ] {
+        let e = max_diff(a, b);
+        assert!(e < 2e-5, "{what}: {name} differs by {e}");
+    }
+}
+
+#[test]
+fn fused_attention_matches_composite() {
+    let cases = [
+        // a single tile, plain multi-head
+        Case {
+            b: 1,
+            t: 5,
+            h: 2,
+            hkv: 2,
+            d: 4,
+            prefix: 0,
+            past: 0,
+            window: None,
+        },
+        // odd sizes, GQA, more than one query tile (64) with a ragged last tile
+        Case {
+            b: 2,
+            t: 131,
+            h: 6,
+            hkv: 2,
+            d: 7,
+            prefix: 0,
+            past: 0,
+            window: None,
+        },
+        // prefix slots and a sliding window shorter than the sequence
+        Case {
+            b: 1,
+            t: 70,
+            h: 4,
+            hkv: 1,
+            d: 8,
+            prefix: 3,
+            past: 0,
+            window: Some(9),
+        },
+        // a KV-cache offset (decoding continues after `past` positions), GQA
+        Case {
+            b: 2,
+            t: 3,
+            h: 4,
+            hkv: 2,
+            d: 5,
+            prefix: 0,
+            past: 11,
+            window: None,
+        },
+        // everything at once
+        Case {
+            b: 1,
+            t: 67,
+            h: 3,
+            hkv: 3,
+            d: 16,
+            prefix: 2,
+            past: 5,
+            window: Some(20),
+        },
+        // one query (the decode step)
+        Case {
+            b: 3,
+            t: 1,
+            h: 2,
+            hkv: 1,
+            d: 6,
+            prefix: 1,
+            past: 9,
+            window: None,
+        },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        compare_attention(c, 100 + 10 * i as u64);
+    }
+}
+
+#[test]
+fn fused_attention_takes_strided_views() {
+    // The decoder passes column slices of the fused qkv projection: unit last stride only.
+    let (b, t, h, d) = (2, 9, 3, 4);
+    let qkv = randn(&[b, t, 3 * h * d], 7, 1.0);
+    let part = |i: usize| {
+        qkv.narrow(2, i * h * d, h * d)
+            .unwrap()
+            .reshape((b, t, h, d))
+    };
+    // narrow + reshape of a non-contiguous view copies in candle; build the strided view directly.
+    let view = |i: usize| {
+        qkv.reshape((b, t, 3, h, d))
+            .unwrap()
+            .narrow(2, i, 1)
+            .unwrap()
+            .squeeze(2)
+            .unwrap()
+    };
+    let spec = attention::Spec {
+        scale: 0.5,
+        prefix: 0,
+        past: 0,
+        window: None,
+    };
+    let strided = attention::attention(&view(0), &view(1), &view(2), spec).unwrap();
+    assert!(!view(0).is_contiguous());
+    let (q, k, v) = (part(0).unwrap(), part(1).unwrap(), part(2).unwrap());
+    let dense = attention::attention(&q, &k, &v, spec).unwrap();
+    assert_eq!(max_diff(&strided, &dense), 0.0);
+}
+
+/// Central differences in f32 of Σ w ⊙ f(x) for a sample of elements of x.
+fn finite_difference(name: &str, x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, samples: usize) {
+    let w = randn(f(x).dims(), 77, 1.0);
+    let objective = |t: &Tensor| {
+        (f(t) * &w)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let var = Var::from_tensor(x).unwrap();
+    let g = (f(var.as_tensor()) * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g: Vec<f32> = g
+        .get(var.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let h = 1e-2f32;
+    let step = (base.len() / samples).max(1);
+    let mut worst = 0f64;
+    for i in (0..base.len()).step_by(step) {
+        let eval = |dlt: f32| {
+            let mut v = base.clone();
+            v[i] += dlt;
+            objective(&Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap())
+        };
+        let fd = (eval(h) - eval(-h)) / (2.0 * h as f64);
+        worst = worst.max((fd - g[i] as f64).abs() / (1.0 + fd.abs()));
+    }
+    println!("{name}: worst relative error {worst:e}");
+    assert!(
+        worst < 5e-3,
+        "{name}: fused backward disagrees with finite differences by {worst}"
+    );
+}
+
+#[test]
+fn fused_attention_backward_matches_finite_differences() {
+    let spec = attention::Spec {
+        scale: 0.4,
+        prefix: 2,
+        past: 1,
+        window: Some(6),
+    };
+    let (b, t, h, hkv, d) = (1, 9, 4, 2, 3);
+    let s = spec.prefix + spec.past + t;
+    let q = randn(&[b, t, h, d], 1, 1.0);
+    let k = randn(&[b, s, hkv, d], 2, 1.0);
+    let v = randn(&[b, s, hkv, d], 3, 1.0);
+    finite_difference(
+        "attention dq",
+        &q,
+        &|q| attention::attention(q, &k, &v, spec).unwrap(),
+        60,
+    );
+    finite_difference(
+        "attention dk",
+        &k,
+        &|k| attention::attention(&q, k, &v, spec).unwrap(),
+        60,
+    );
+    finite_difference(
+        "attention dv",
+        &v,
+        &|v| attention::attention(&q, &k, v, spec).unwrap(),
+        60,
+    );
+}
+
+#[test]
+fn fused_activations_match_composite_and_finite_differences() {
+    for (a, act) in [
+        (Act::GeluTanh, Activation::GeluTanh),
+        (Act::Silu, Activation::Silu),
+    ] {
+        // 70k elements: more than one rayon chunk, with a ragged end.
+        let x = Var::from_tensor(&randn(&[7, 10_001], 5, 3.0)).unwrap();
+        let w = randn(&[7, 10_001], 6, 1.0);
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let y = f(x.as_tensor());
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(x.as_tensor()).unwrap().clone())
+        };
+        let fused = run(&|x| act::apply(x, a).unwrap());
+        let comp = run(&|x| activate_composite(x, act).unwrap());
+        let (ey, eg) = (max_diff(&fused.0, &comp.0), max_diff(&fused.1, &comp.1));
+        assert!(ey < 1e-5 && eg < 1e-5, "{a:?}: forward {ey}, gradient {eg}");
+        let small = randn(&[3, 11], 8, 2.0);
+        finite_difference(
+            &format!("{a:?}"),
+            &small,
+            &|x| act::apply(x, a).unwrap(),
+            33,
+        );
+    }
+}
+
+#[test]
+fn fused_adamw_matches_the_formula() {
+    let n = 40_003;
+    let (b1, b2, eps, lr, wd) = (0.9, 0.95, 1e-8, 3e-3, 0.1);
+    let theta0 = randn(&[n], 1, 1.0);
+    let theta = theta0.copy().unwrap();
+    let (m, v) = (theta.zeros_like().unwrap(), theta.zeros_like().unwrap());
+    let (mut rm, mut rv, mut rt) = (
+        theta.zeros_like().unwrap().to_dtype(DType::F64).unwrap(),
+        theta.zeros_like().unwrap().to_dtype(DType::F64).unwrap(),
+        theta0.to_dtype(DType::F64).unwrap(),
+    );
+    for t in 1..=3 {
+        let g = randn(&[n], 10 + t, 0.5);
+        let (bc1, bc2) = (1.0 - f64::powi(b1, t as i32), 1.0 - f64::powi(b2, t as i32));
+        adamw::step(
+            &theta,
+            &g,
+            &m,
+            &v,
+            (b1, b2, eps),
+            lr,
+            1.0 - lr * wd,
+            (bc1, bc2),
+        )
+        .unwrap();
+        let g = g.to_dtype(DType::F64).unwrap();
+        rm = ((&rm * b1).unwrap() + (&g * (1.0 - b1)).unwrap()).unwrap();
+        rv = ((&rv * b2).unwrap() + (g.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
+        let upd =
+            ((&rm / bc1).unwrap() / ((&rv / bc2).unwrap().sqrt().unwrap() + eps).unwrap()).unwrap();
+        rt = ((&rt * (1.0 - lr * wd)).unwrap() - (upd * lr).unwrap()).unwrap();
+    }
+    let f32of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    assert!(max_diff(&m, &f32of(&rm)) < 1e-6);
+    assert!(max_diff(&v, &f32of(&rv)) < 1e-6);
+    let e = max_diff(&theta, &f32of(&rt));
+    assert!(e < 1e-6, "parameters differ from the f64 formula by {e}");
+    // the step moved every parameter
+    assert!(max_diff(&theta, &theta0) > 1e-3);
+}
+
+#[test]
+fn fused_linear_matches_matmul_with_gradients() {
+    use lmforge::kernels::linear::{linear, WeightLayout};
+    // m ≤ 16 takes the GEMV, larger m the blocked GEMM; odd sizes leave partial 6×16 tiles and
+    // k > 256 spans two packed panels.
+    let shapes = [
+        (1, 576, 1536),
+        (3, 37, 301),
+        (16, 129, 100),
+        (2, 7, 5),
+        (17, 300, 33),
+        (200, 513, 70),
+    ];
+    for (m, k, n) in shapes {
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            let wshape = match layout {
+                WeightLayout::OutIn => [n, k],
+                WeightLayout::InOut => [k, n],
+            };
+            let x = Var::from_tensor(&randn(&[m, k], 1, 1.0)).unwrap();
+            let w = Var::from_tensor(&randn(&wshape, 2, 1.0)).unwrap();
+            let dy = randn(&[m, n], 3, 1.0);
+            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+                let y = f(x.as_tensor(), w.as_tensor());
+                let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                (y, get(&x), get(&w))
+            };
+            let fused = run(&|x, w| linear(x, w, layout).unwrap());
+            let comp = run(&|x, w| match layout {
+                WeightLayout::OutIn => x.matmul(&w.t().unwrap()).unwrap(),
+                WeightLayout::InOut => x.matmul(w).unwrap(),
+            });
+            let tol = 2e-6 * (k.max(m) as f32);
+            for (name, a, b) in [
+                ("y", &fused.0, &comp.0),
+                ("dx", &fused.1, &comp.1),
+                ("dw", &fused.2, &comp.2),
+            ] {
+                let e = max_diff(a, b);
+                assert!(
+                    e < tol,
+                    "linear {layout:?} m{m} k{k} n{n}: {name} differs by {e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn frozen_linear_weight_gets_no_gradient() {
+    use lmforge::kernels::linear::{linear, WeightLayout};
+    let x = Var::from_tensor(&randn(&[40, 24], 1, 1.0)).unwrap();
+    let w = randn(&[12, 24], 2, 1.0); // a constant: frozen
+    let g = linear(x.as_tensor(), &w, WeightLayout::OutIn)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(&w).is_none());
+    let dx = g.get(x.as_tensor()).unwrap();
+    let want = Tensor::ones((40, 12), DType::F32, &Device::Cpu)
+        .unwrap()
+        .matmul(&w)
+        .unwrap();
+    assert!(max_diff(dx, &want) < 1e-5);
+}
+
+#[test]
+fn fused_norms_match_composite_and_finite_differences() {
+    use lmforge::kernels::norm;
+    use lmforge::model::layers::Norm;
+    // 37 columns (odd), 1001 rows: several rayon row blocks with a ragged last one.
+    let (rows, c) = (1001, 37);
+    let w = Var::from_tensor(&randn(&[c], 1, 1.0)).unwrap();
+    let b = Var::from_tensor(&randn(&[c], 2, 1.0)).unwrap();
+    let x = Var::from_tensor(&(randn(&[rows, c], 3, 2.0) + 0.5).unwrap()).unwrap();
+    let dy = randn(&[rows, c], 4, 1.0);
+    let ln = Norm::LayerNorm {
+        weight: w.as_tensor().clone(),
+        bias: b.as_tensor().clone(),
+        eps: 1e-5,
+    };
+    let rms = Norm::RmsNorm {
+        weight: w.as_tensor().clone(),
+        eps: 1e-6,
+    };
+    for (name, norm) in [("layer norm", &ln), ("rms norm", &rms)] {
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let y = f(x.as_tensor());
+            let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let get = |v: &Var| g.get(v.as_tensor()).cloned();
+            (y, get(&x).unwrap(), get(&w).unwrap(), get(&b))
+        };
+        let fused = run(&|x| norm.forward(x).unwrap());
+        let comp = run(&|x| norm.forward_composite(x).unwrap());
+        for (what, a, e) in [
+            ("y", &fused.0, &comp.0),
+            ("dx", &fused.1, &comp.1),
+            ("dw", &fused.2, &comp.2),
+        ] {
+            let d = max_diff(a, e);
+            // dw sums 1001 rows
+            let tol = if what == "dw" { 1e-3 } else { 2e-5 };
+            assert!(d < tol, "{name}: {what} differs by {d}");
+        }
+        match (&fused.3, &comp.3) {
+            (Some(a), Some(e)) => assert!(max_diff(a, e) < 1e-3, "{name}: db differs"),
+            (None, None) => {}
+            _ => panic!("{name}: bias gradient present on one side only"),
+        }
+    }
+    let small = (randn(&[4, 9], 5, 1.5) + 0.3).unwrap();
+    let (wt, bt) = (randn(&[9], 6, 1.0), randn(&[9], 7, 1.0));
+    finite_difference(
+        "layer norm",
+        &small,
+        &|x| norm::layer_norm(x, &wt, &bt, 1e-5).unwrap(),
+        36,
+    );
+    finite_difference(
+        "rms norm",
+        &small,
+        &|x| norm::rms_norm(x, &wt, 1e-6).unwrap(),
+        36,
+    );
+    // weight and bias gradients by finite differences too
+    let xs = small.clone();
+    finite_difference(
+        "layer norm dw",
+        &wt,
+        &|w| norm::layer_norm(&xs, w, &bt, 1e-5).unwrap(),
+        9,
+    );
+    finite_difference(
+        "layer norm db",
+        &bt,
+        &|b| norm::layer_norm(&xs, &wt, b, 1e-5).unwrap(),
+        9,
+    );
+    finite_difference(
+        "rms norm dw",
+        &wt,
+        &|w| norm::rms_norm(&xs, w, 1e-6).unwrap(),
+        9,
+    );
+}
+
+#[test]
+fn fused_bias_add_matches_broadcast_add() {
+    use lmforge::kernels::linear::bias_add;
+    let y = Var::from_tensor(&randn(&[3001, 13], 1, 1.0)).unwrap();
+    let b = Var::from_tensor(&randn(&[13], 2, 1.0)).unwrap();
+    let dy = randn(&[3001, 13], 3, 1.0);
+    let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+        let o = f(y.as_tensor(), b.as_tensor());
+        let g = (&o * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        (
+            o,
+            g.get(y.as_tensor()).unwrap().clone(),
+            g.get(b.as_tensor()).unwrap().clone(),
+        )
+    };
+    let fused = run(&|y, b| bias_add(y, b).unwrap());
+    let comp = run(&|y, b| y.broadcast_add(b).unwrap());
+    assert_eq!(max_diff(&fused.0, &comp.0), 0.0);
+    assert_eq!(max_diff(&fused.1, &comp.1), 0.0);
+    assert!(max_diff(&fused.2, &comp.2) < 1e-3);
+    // a frozen bias gets no gradient
+    let frozen = randn(&[13], 2, 1.0);
+    let g = bias_add(y.as_tensor(), &frozen)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(&frozen).is_none());
+}
