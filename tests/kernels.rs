@@ -3,6 +3,8 @@
 //! windows, tiles that end mid-way), plus central finite differences of the fused backward.
 //! The composites are themselves finite-difference checked in f64 by `tests/gradcheck.rs`.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use lmforge::kernels::act::{self, Act};
 use lmforge::kernels::{adamw, attention};
@@ -17,18 +19,7 @@ fn randn(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use common::max_abs_diff as max_diff;
 
 /// The decoder's composite attention: (B, H, T, D) with explicit scores, mask and softmax.
 /// Takes the fused op's layouts, q (B, T, H, D) and k, v (B, S, H_kv, D).
