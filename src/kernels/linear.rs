@@ -13,7 +13,7 @@
 //! at 20 tok/s through candle's matmul, 32 tok/s here). The GEMV reads every weight row once,
 //! straight from where it lies, and dots it with all m input rows while it is in L1.
 
-use super::{slice, CHUNK};
+use super::{slice, sum_partials, CHUNK};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -220,20 +220,14 @@ impl candle_core::CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, n) = (slice(s, l)?, self.0);
         let rows = (CHUNK / n.max(1)).max(1) * n;
-        let sum = g
-            .par_chunks(rows)
-            .map(|g| {
-                let mut acc = vec![0f32; n];
-                for r in g.chunks(n) {
-                    acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
-                }
-                acc
-            })
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            })
-            .unwrap_or_else(|| vec![0f32; n]);
+        let parts = g.par_chunks(rows).map(|g| {
+            let mut acc = vec![0f32; n];
+            for r in g.chunks(n) {
+                acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+            acc
+        });
+        let sum = sum_partials(parts, n);
         Ok((CpuStorage::F32(sum), Shape::from(n)))
     }
 }

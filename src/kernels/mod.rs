@@ -44,6 +44,19 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     Ok(&v[a..b])
 }
 
+/// Element-wise sum of per-task partial vectors of length `n` (column sums, dw/db).
+pub(crate) fn sum_partials(
+    parts: impl rayon::iter::ParallelIterator<Item = Vec<f32>>,
+    n: usize,
+) -> Vec<f32> {
+    parts
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; n])
+}
+
 /// Elements per rayon task for element-wise work: large enough to amortise scheduling.
 pub(crate) const CHUNK: usize = 1 << 14;
 

@@ -10,7 +10,7 @@
 //! single-threaded reductions, above all the column sums for dw and db in the backward. The
 //! backward recomputes μ and r from x (one read of x) instead of keeping them.
 
-use super::{slice, CHUNK};
+use super::{slice, sum_partials, CHUNK};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -72,7 +72,7 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], kind: Kind, eps: f32) -> Vec<f32> 
     let with_b = matches!(kind, Kind::Layer);
     let mut dx = vec![0f32; x.len()];
     let rows = rows_per_task(c) * c;
-    let partial = dx
+    let parts = dx
         .par_chunks_mut(rows)
         .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
         .map(|(dx, (x, dy))| {
@@ -100,14 +100,29 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], kind: Kind, eps: f32) -> Vec<f32> 
                 }
             }
             acc
-        })
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .unwrap_or_else(|| vec![0f32; if with_b { 2 * c } else { c }]);
+        });
+    let partial = sum_partials(parts, if with_b { 2 * c } else { c });
     dx.extend_from_slice(&partial);
     dx
+}
+
+/// Runs the backward kernel and splits its flat [dx | dw | db] output.
+fn grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    kind: Kind,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let flat = x.apply_op3_no_bwd(w, &g.contiguous()?, &Bwd(kind, eps))?;
+    let (n, c) = (x.elem_count(), w.elem_count());
+    let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dw = flat.narrow(0, n, c)?;
+    let db = match kind {
+        Kind::Layer => Some(flat.narrow(0, n + c, c)?),
+        Kind::Rms => None,
+    };
+    Ok((dx, dw, db))
 }
 
 /// A gradient only for tensors that take part in autograd: frozen weights get none.
@@ -144,12 +159,8 @@ impl CustomOp3 for LayerFwd {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let flat = x.apply_op3_no_bwd(w, &g.contiguous()?, &Bwd(Kind::Layer, self.0))?;
-        let (n, c) = (x.elem_count(), w.elem_count());
-        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = flat.narrow(0, n, c)?;
-        let db = flat.narrow(0, n + c, c)?;
-        Ok((keep(x, dx), keep(w, dw), keep(b, db)))
+        let (dx, dw, db) = grads(x, w, g, Kind::Layer, self.0)?;
+        Ok((keep(x, dx), keep(w, dw), db.and_then(|db| keep(b, db))))
     }
 }
 
@@ -175,10 +186,7 @@ impl CustomOp2 for RmsFwd {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let flat = x.apply_op3_no_bwd(w, &g.contiguous()?, &Bwd(Kind::Rms, self.0))?;
-        let (n, c) = (x.elem_count(), w.elem_count());
-        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = flat.narrow(0, n, c)?;
+        let (dx, dw, _) = grads(x, w, g, Kind::Rms, self.0)?;
         Ok((keep(x, dx), keep(w, dw)))
     }
 }
