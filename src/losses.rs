@@ -12,7 +12,16 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// log p(target) for each position: logits (..., V), targets (...) u32 -> (...).
+/// On the CPU in f32 this is one fused op (`kernels::xent`), same values and gradients.
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if crate::kernels::fusable(&[logits]) {
+        return Ok(crate::kernels::xent::target_logprobs(logits, targets)?);
+    }
+    gather_logprobs_composite(logits, targets)
+}
+
+/// `gather_logprobs` from candle ops: the reference for the fused kernel and the path off-CPU.
+pub fn gather_logprobs_composite(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lp = log_softmax(logits)?;
     let idx = targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
     Ok(lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?)

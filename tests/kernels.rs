@@ -530,3 +530,44 @@ fn fused_bias_add_matches_broadcast_add() {
         .unwrap();
     assert!(g.get(&frozen).is_none());
 }
+
+#[test]
+fn fused_cross_entropy_matches_composite_and_finite_differences() {
+    use lmforge::kernels::xent;
+    use lmforge::losses::gather_logprobs_composite;
+    // 37 rows × 1031 classes: several rayon tasks, a ragged last one, rows not a multiple of 8.
+    for (n, v, scale) in [(37, 1031, 4.0), (5, 3, 1.0), (300, 65, 10.0)] {
+        let x = Var::from_tensor(&randn(&[n, v], 11 + v as u64, scale)).unwrap();
+        let mut r = Rng::new(v as u64);
+        let ids: Vec<u32> = (0..n).map(|_| r.below(v as u64) as u32).collect();
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let w = randn(&[n], 12, 1.0);
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let lp = f(x.as_tensor());
+            let g = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (lp, g.get(x.as_tensor()).expect("gradient").clone())
+        };
+        let fused = run(&|x| xent::target_logprobs(x, &t).unwrap());
+        let comp = run(&|x| gather_logprobs_composite(x, &t).unwrap());
+        let (ey, eg) = (max_diff(&fused.0, &comp.0), max_diff(&fused.1, &comp.1));
+        assert!(
+            ey < 1e-4 && eg < 1e-5,
+            "{n}x{v}: forward {ey}, gradient {eg}"
+        );
+    }
+    // (B, T, V) logits with (B, T) targets keep their shape.
+    let x = randn(&[2, 3, 7], 13, 1.0);
+    let t = Tensor::new(&[[1u32, 0, 6], [2, 2, 5]], &Device::Cpu).unwrap();
+    assert_eq!(xent::target_logprobs(&x, &t).unwrap().dims(), &[2, 3]);
+    let bad = Tensor::new(&[[1u32, 0, 7], [2, 2, 5]], &Device::Cpu).unwrap();
+    let err = xent::target_logprobs(&x, &bad).unwrap_err().to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    let small = randn(&[4, 9], 14, 2.0);
+    let t = Tensor::new(&[8u32, 0, 3, 3], &Device::Cpu).unwrap();
+    finite_difference(
+        "cross-entropy",
+        &small,
+        &|x| xent::target_logprobs(x, &t).unwrap(),
+        36,
+    );
+}

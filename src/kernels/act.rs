@@ -7,7 +7,7 @@
 //! candle's own `gelu` computes x³ with `powf` and calls `tanhf`; here tanh u = 1 − 2/(e^{2u}+1)
 //! (exact in f32 to a few ulps, saturating correctly for large |u|).
 
-use super::{slice, CHUNK};
+use super::{slice, vmath, CHUNK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -20,20 +20,20 @@ pub enum Act {
     Silu,
 }
 
-#[inline]
+#[inline(always)]
 fn tanh_fast(u: f32) -> f32 {
-    1.0 - 2.0 / ((2.0 * u).exp() + 1.0)
+    1.0 - 2.0 / (vmath::exp(2.0 * u) + 1.0)
 }
 
-#[inline]
+#[inline(always)]
 fn fwd(a: Act, x: f32) -> f32 {
     match a {
         Act::GeluTanh => 0.5 * x * (1.0 + tanh_fast(SQRT_2_OVER_PI * (x + C * x * x * x))),
-        Act::Silu => x / (1.0 + (-x).exp()),
+        Act::Silu => x / (1.0 + vmath::exp(-x)),
     }
 }
 
-#[inline]
+#[inline(always)]
 fn deriv(a: Act, x: f32) -> f32 {
     match a {
         Act::GeluTanh => {
@@ -41,10 +41,40 @@ fn deriv(a: Act, x: f32) -> f32 {
             0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * C * x * x)
         }
         Act::Silu => {
-            let s = 1.0 / (1.0 + (-x).exp());
+            let s = 1.0 / (1.0 + vmath::exp(-x));
             s * (1.0 + x * (1.0 - s))
         }
     }
+}
+
+#[inline(always)]
+fn fwd_chunk_generic(a: Act, x: &[f32], y: &mut [f32]) {
+    match a {
+        Act::GeluTanh => y
+            .iter_mut()
+            .zip(x)
+            .for_each(|(y, &x)| *y = fwd(Act::GeluTanh, x)),
+        Act::Silu => y
+            .iter_mut()
+            .zip(x)
+            .for_each(|(y, &x)| *y = fwd(Act::Silu, x)),
+    }
+}
+
+#[inline(always)]
+fn bwd_chunk_generic(a: Act, x: &[f32], g: &[f32], d: &mut [f32]) {
+    let it = d.iter_mut().zip(x).zip(g);
+    match a {
+        Act::GeluTanh => it.for_each(|((d, &x), &g)| *d = g * deriv(Act::GeluTanh, x)),
+        Act::Silu => it.for_each(|((d, &x), &g)| *d = g * deriv(Act::Silu, x)),
+    }
+}
+
+vmath::dispatch! {
+    fn fwd_chunk(a: Act, x: &[f32], y: &mut [f32]) -> () = fwd_chunk_generic;
+}
+vmath::dispatch! {
+    fn bwd_chunk(a: Act, x: &[f32], g: &[f32], d: &mut [f32]) -> () = bwd_chunk_generic;
 }
 
 struct Fwd(Act);
@@ -60,11 +90,7 @@ impl CustomOp1 for Fwd {
         let a = self.0;
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = fwd(a, x);
-                }
-            });
+            .for_each(|(y, x)| fwd_chunk(a, x, y));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -88,11 +114,7 @@ impl CustomOp2 for Bwd {
         let a = self.0;
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(d, (x, g))| {
-                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                    *d = g * deriv(a, x);
-                }
-            });
+            .for_each(|(d, (x, g))| bwd_chunk(a, x, g, d));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

@@ -14,6 +14,7 @@
 //! 0..past+T; grouped-query heads share their key/value head. The composite reference is
 //! `model::decoder`'s attention (masked softmax of explicit scores).
 
+use super::vmath;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -34,13 +35,24 @@ pub struct Spec {
 }
 
 impl Spec {
-    #[inline]
+    /// The masking rule, element by element (`mask_row` is checked against it).
+    #[cfg(test)]
     fn visible(&self, j: usize, qpos: usize) -> bool {
         if j < self.prefix {
             return true;
         }
         let kp = j - self.prefix;
         kp <= qpos && self.window.is_none_or(|w| qpos - kp < w)
+    }
+
+    /// Writes `fill` over the keys of `row` that query position `qpos` must not see: the same
+    /// set as `!visible`, as two ranges (before the window, after the query).
+    #[inline]
+    fn mask_row(&self, row: &mut [f32], qpos: usize, fill: f32) {
+        let n = row.len();
+        let lo = self.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+        row[self.prefix.min(n)..(self.prefix + lo).min(n)].fill(fill);
+        row[(self.prefix + qpos + 1).min(n)..].fill(fill);
     }
 }
 
@@ -215,19 +227,9 @@ impl CustomOp3 for Fwd {
                 for r in 0..rows {
                     let qpos = spec.past + i0 + r;
                     let row = &mut sc[r * kend..(r + 1) * kend];
-                    let mut m = f32::NEG_INFINITY;
-                    for (j, x) in row.iter_mut().enumerate() {
-                        if spec.visible(j, qpos) {
-                            m = m.max(*x);
-                        } else {
-                            *x = f32::NEG_INFINITY;
-                        }
-                    }
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - m).exp();
-                        sum += *x;
-                    }
+                    spec.mask_row(row, qpos, f32::NEG_INFINITY);
+                    let m = vmath::max(row);
+                    let sum = vmath::exp_shift_sum(row, m);
                     let inv = 1.0 / sum;
                     for x in row.iter_mut() {
                         *x *= inv;
@@ -391,15 +393,9 @@ impl CustomOp3 for Bwd {
                             let di: f32 = orow.iter().zip(grow).map(|(a, b)| a * b).sum();
                             let pr = &mut p[r * kend..(r + 1) * kend];
                             let dr = &mut ds[r * kend..(r + 1) * kend];
-                            for (j, (pv, dv)) in pr.iter_mut().zip(dr.iter_mut()).enumerate() {
-                                if spec.visible(j, qpos) {
-                                    *pv = (*pv - l).exp();
-                                    *dv = *pv * (*dv - di);
-                                } else {
-                                    *pv = 0.0;
-                                    *dv = 0.0;
-                                }
-                            }
+                            // Masked scores become −∞, so e^(p − lse) = 0 and their dS is 0.
+                            spec.mask_row(pr, qpos, f32::NEG_INFINITY);
+                            vmath::softmax_grad(pr, dr, l, di);
                         }
                         // dQ_blk = scale · dS · K
                         mm(
@@ -459,4 +455,38 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: Spec) -> Result<Tenso
             lse: Mutex::new(None),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spec;
+
+    #[test]
+    fn mask_row_hides_exactly_the_invisible_keys() {
+        for prefix in [0, 3] {
+            for past in [0, 5] {
+                for window in [None, Some(1), Some(4)] {
+                    let spec = Spec {
+                        scale: 1.0,
+                        prefix,
+                        past,
+                        window,
+                    };
+                    for n in 0..prefix + past + 12 {
+                        for qpos in 0..past + 12 {
+                            let mut row = vec![1f32; n];
+                            spec.mask_row(&mut row, qpos, 0.0);
+                            for (j, v) in row.iter().enumerate() {
+                                assert_eq!(
+                                    *v == 1.0,
+                                    spec.visible(j, qpos),
+                                    "{prefix} {past} {window:?} {n} {qpos} {j}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -15,6 +15,8 @@ pub mod adamw;
 pub mod attention;
 pub mod linear;
 pub mod norm;
+pub mod vmath;
+pub mod xent;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
 
