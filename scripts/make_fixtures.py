@@ -10,8 +10,11 @@ GGUF fixtures (tests/fixtures/gguf/): the llama model as llama.cpp's converter w
 (Q/K rows permuted, tokenizer in the metadata) in F32 and in Q8_0, with reference logits, and one
 tensor of every supported quant type with the `gguf` package's dequantization of it.
 
-Setup: python3 -m venv .venv-ref && .venv-ref/bin/pip install torch transformers safetensors gguf
-Run:   .venv-ref/bin/python scripts/make_fixtures.py      (from the repository root)
+Also LoRA adapters written by Python peft, with logits and LoRA-weight gradients (tests/fixtures/peft/).
+
+Setup: python3 -m venv .venv-ref && .venv-ref/bin/pip install torch transformers safetensors gguf peft
+Run:   .venv-ref/bin/python scripts/make_fixtures.py      (from the repository root; `... peft` for
+       only the PEFT fixtures)
 """
 import json, os, pathlib
 import torch
@@ -94,6 +97,7 @@ def main():
     legacy_tokenizer(d)
     half_fixtures(tok)
     gguf_fixtures()
+    peft_fixtures()
 
 def half_fixtures(tok):
     """gpt2_tiny saved in float16 and llama_tiny in bfloat16; reference logits are computed in
@@ -221,5 +225,40 @@ def gguf_fixtures():
     save_file(deq, str(d / "quants_reference.safetensors"))
     print("gguf fixtures:", sorted(p.name for p in d.iterdir()))
 
+def peft_fixtures():
+    """LoRA adapters written by Python peft (random A and B, alpha != r) on llama_tiny and on
+    gpt2_tiny (Conv1D layers: fan_in_fan_out), with logits with the adapter on and off, the loss,
+    and the gradient of every LoRA weight (the base is frozen)."""
+    from peft import LoraConfig, get_peft_model
+    for name, cls, targets, fan in [("llama_tiny", LlamaForCausalLM, ["q_proj", "v_proj", "down_proj"], False),
+                                    ("gpt2_tiny", GPT2LMHeadModel, ["c_attn", "c_fc"], True)]:
+        torch.manual_seed(5)
+        base = cls.from_pretrained(OUT / name, attn_implementation="eager").eval()
+        cfg = LoraConfig(r=4, lora_alpha=6, target_modules=targets, lora_dropout=0.0, init_lora_weights=False,
+                         fan_in_fan_out=fan, task_type="CAUSAL_LM")
+        m = get_peft_model(base, cfg).eval()
+        d = OUT / "peft" / f"{name}_lora"
+        d.mkdir(parents=True, exist_ok=True)
+        m.save_pretrained(d)
+        (d / "README.md").unlink(missing_ok=True)
+        c = json.load(open(d / "adapter_config.json"))
+        c["base_model_name_or_path"] = f"tests/fixtures/{name}"
+        json.dump(c, open(d / "adapter_config.json", "w"), indent=2)
+        ids = load_file(str(OUT / name / "reference.safetensors"))["input_ids"]
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        ref = {"input_ids": ids, "logits": out.logits.detach().contiguous(), "loss": out.loss.detach().reshape(1)}
+        with m.disable_adapter(), torch.no_grad():
+            ref["logits_base"] = m(input_ids=ids).logits.contiguous()
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                ref["grad." + n.replace(".default", "")] = p.grad.detach().contiguous()
+        save_file(ref, str(d / "reference.safetensors"))
+        print("peft", name, "lora params", sum(p.numel() for p in m.parameters() if p.requires_grad))
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] == ["peft"]:
+        peft_fixtures()
+    else:
+        main()

@@ -9,7 +9,7 @@ use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
 use std::path::Path;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Message {
     pub role: String,
     pub content: String,

@@ -4,7 +4,8 @@
 //! - `tokenizer`, `data`: text → tokens;
 //! - `model`: the decoder (GPT-2 and Llama families), its parameters and HF directories;
 //! - `losses`: losses as pure functions;
-//! - `train`: one module per training method (`pretrain`, …) plus optimizer and checkpoints;
+//! - `peft`: one module per parameter-efficient method (`lora`), attached to `Linear` layers;
+//! - `train`: one module per training method (`pretrain`, `sft`, …) plus optimizer and checkpoints;
 //! - `generate`: sampling with a KV cache; `eval`: scoring;
 //! - `bench`: the training-step benchmark.
 
@@ -17,6 +18,7 @@ pub mod generate;
 pub mod kernels;
 pub mod losses;
 pub mod model;
+pub mod peft;
 pub mod recipe;
 pub mod rng;
 pub mod tokenizer;

@@ -40,8 +40,98 @@ enum Cmd {
     Score(ScoreArgs),
     /// Write a model (HF directory or .gguf file) as an HF directory transformers loads.
     Convert(ConvertArgs),
+    /// Supervised fine-tuning on prompt/completion pairs, chat conversations or text (JSONL),
+    /// in full or with LoRA.
+    Sft(SftArgs),
+    /// Fold a LoRA adapter (PEFT directory) into its base model and write a plain HF directory.
+    Merge(MergeArgs),
     /// Time full training steps on random tokens (compare with shared/bench/torch_reference.py).
     Bench(BenchCli),
+}
+
+#[derive(Args)]
+struct SftArgs {
+    /// Base model: an HF directory or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL: {"prompt","completion"}, {"messages":[{"role","content"}...]} or {"text"} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: metrics.jsonl and model/ (full fine-tune) or adapter/ (LoRA).
+    #[arg(long, default_value = "runs/sft")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Peak learning rate (default 2e-5 full, 2e-4 LoRA).
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Examples are truncated to this many tokens (capped at the model's context).
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Put prompt / user / system tokens in the loss too.
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// A Jinja chat template file, instead of the model's own.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// Parameter-efficient method.
+    #[arg(long, value_enum)]
+    peft: Option<PeftKind>,
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Comma-separated module names (q_proj,v_proj) or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    target_modules: String,
+    /// LoRA scaling α/√r instead of α/r.
+    #[arg(long)]
+    use_rslora: bool,
+    /// With --peft: also write the merged model to OUT/model.
+    #[arg(long)]
+    merge: bool,
+    /// Text file whose perplexity is reported before and after fine-tuning.
+    #[arg(long)]
+    forgetting_eval: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PeftKind {
+    Lora,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Base model: an HF directory or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The HF directory to write (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -126,6 +216,9 @@ struct GenerateArgs {
     top_p: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A LoRA adapter (PEFT directory) to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -230,6 +323,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Score(a) => cmd_score(a),
+        Cmd::Sft(a) => cmd_sft(a),
+        Cmd::Merge(a) => {
+            let mut m = hf::load(&a.model, &lmforge::device("cpu")?, &|_| true)?;
+            let switch = lmforge::peft::AdapterSwitch::default();
+            let lora = lmforge::peft::lora::load(&a.adapter, &mut m.model, &mut m.store, &switch)
+                .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
+            lora.merge(&mut m.model, &m.store)?;
+            hf::save_loaded(&a.out, &m)?;
+            eprintln!(
+                "merged {} LoRA layers (r={}, alpha={}) into {}",
+                lora.modules.len(),
+                lora.cfg.r,
+                lora.cfg.alpha,
+                a.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Convert(a) => {
             let t = std::time::Instant::now();
             let m = hf::load(&a.input, &candle_core::Device::Cpu, &|_| true)?;
@@ -341,7 +451,15 @@ fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
 fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
     let t0 = std::time::Instant::now();
-    let m = hf::load(&a.model, &dev, &|_| true)?;
+    let mut m = hf::load(&a.model, &dev, &|_| true)?;
+    if let Some(dir) = &a.adapter {
+        let switch = lmforge::peft::AdapterSwitch::default();
+        lmforge::peft::lora::load(dir, &mut m.model, &mut m.store, &switch)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        if let Some(t) = lmforge::chat::template_from_dir(dir)? {
+            m.chat_template = Some(t);
+        }
+    }
     let load_s = t0.elapsed().as_secs_f64();
     let prompt = if a.chat {
         let mut msgs = Vec::new();
@@ -423,5 +541,68 @@ fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
     } else {
         println!("{}: {} tokens, mean NLL {:.4} nats, perplexity {:.3} (window {window}, stride {stride})", a.file.display(), s.tokens, s.nll, s.ppl());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
+    use lmforge::peft::lora::{LoraConfig, Targets};
+    use lmforge::train::sft;
+    let lora = match a.peft {
+        Some(PeftKind::Lora) => Some(LoraConfig {
+            r: a.lora_r,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            targets: Targets::parse(&a.target_modules)?,
+            use_rslora: a.use_rslora,
+        }),
+        None => None,
+    };
+    if a.merge && lora.is_none() {
+        anyhow::bail!("--merge needs --peft lora");
+    }
+    let lr = a.lr.unwrap_or(if lora.is_some() { 2e-4 } else { 2e-5 });
+    let s = sft::run(sft::Options {
+        model: a.model,
+        data: a.data,
+        out: a.out,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        lr,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_len: a.max_len,
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        seed: a.seed,
+        train_on_prompt: a.train_on_prompt,
+        chat_template: a.chat_template,
+        lora,
+        merge: a.merge,
+        forgetting_eval: a.forgetting_eval,
+        device: lmforge::device(&a.device)?,
+        quiet: a.quiet,
+    })?;
+    let first = s.losses.first().copied().unwrap_or(f32::NAN);
+    let last = s.losses.last().copied().unwrap_or(f32::NAN);
+    eprintln!(
+        "done: {} steps in {:.1}s, loss {first:.4} -> {last:.4}; {} examples used ({} truncated), {} skipped; {} of {} parameters trained",
+        s.steps,
+        s.seconds,
+        s.counts.kept + s.counts.truncated,
+        s.counts.truncated,
+        s.counts.dropped,
+        s.trainable,
+        s.total
+    );
+    if let Some((b, after)) = s.forgetting {
+        eprintln!(
+            "forgetting: perplexity of the evaluation text {:.3} before, {:.3} after ({:+.1}%)",
+            b.ppl(),
+            after.ppl(),
+            100.0 * (after.ppl() / b.ppl() - 1.0)
+        );
+    }
+    eprintln!("output: {}", s.output.display());
     Ok(ExitCode::SUCCESS)
 }

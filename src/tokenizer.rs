@@ -18,6 +18,9 @@ use tokenizers::{
 
 pub const EOT: &str = "<|endoftext|>";
 
+/// A token's byte range in the encoded text.
+pub type Span = (usize, usize);
+
 pub struct Tok {
     pub inner: Tokenizer,
     /// End-of-sequence / document separator id, if the vocabulary has one.
@@ -55,6 +58,27 @@ impl Tok {
             .encode(text, special)
             .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// `encode` with each token's byte range in `text` (`None` for tokens the post-processor
+    /// added, e.g. BOS). Byte-level tokenizers may trim a leading space out of the range.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        special: bool,
+    ) -> Result<(Vec<u32>, Vec<Option<Span>>)> {
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let spec = enc.get_special_tokens_mask();
+        let offs = enc
+            .get_offsets()
+            .iter()
+            .zip(spec)
+            .map(|(&o, &s)| (s == 0 || o.0 != o.1).then_some(o))
+            .collect();
+        Ok((enc.get_ids().to_vec(), offs))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

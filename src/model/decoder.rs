@@ -150,6 +150,15 @@ impl Attention {
         v
     }
 
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = match &mut self.qkv {
+            Qkv::Fused(l) => vec![l],
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+        };
+        v.push(&mut self.o);
+        v
+    }
+
     fn forward(&self, x: &Tensor, ctx: &mut LayerCtx) -> Result<Tensor> {
         let (bsz, t, _) = x.dims3()?; // (B, T, C)
         let (nh, nkv, hd) = (self.n_head, self.n_kv, self.hd);
@@ -341,6 +350,13 @@ impl Mlp {
     }
 
     pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Mlp::Plain { fc, proj, .. } => vec![fc, proj],
+            Mlp::Gated { gate, up, down, .. } => vec![gate, up, down],
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
             Mlp::Plain { fc, proj, .. } => vec![fc, proj],
             Mlp::Gated { gate, up, down, .. } => vec![gate, up, down],
@@ -542,6 +558,20 @@ impl DecoderModel {
             .flat_map(|b| b.attn.linears().into_iter().chain(b.mlp.linears()))
             .collect();
         v.extend(self.lm_head.as_ref());
+        v
+    }
+
+    /// `linears`, mutable: PEFT methods attach adapters through it.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| {
+                let (attn, mlp) = (&mut b.attn, &mut b.mlp);
+                attn.linears_mut().into_iter().chain(mlp.linears_mut())
+            })
+            .collect();
+        v.extend(self.lm_head.as_mut());
         v
     }
 

@@ -13,7 +13,7 @@ pub use crate::kernels::linear::WeightLayout as Layout;
 
 /// A linear map `y = x·Wᵀ + b` over the last dimension, named by its HF module path so that
 /// PEFT methods can find and wrap it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Linear {
     pub name: String,
     pub weight: Tensor,
@@ -21,6 +21,27 @@ pub struct Linear {
     pub layout: Layout,
     pub in_dim: usize,
     pub out_dim: usize,
+    /// A PEFT method's addition to the output (LoRA's (α/r)·B·A·x), see `peft`.
+    pub adapter: Option<std::sync::Arc<dyn LinearAdapter>>,
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linear")
+            .field("name", &self.name)
+            .field("in_dim", &self.in_dim)
+            .field("out_dim", &self.out_dim)
+            .field("layout", &self.layout)
+            .field("adapter", &self.adapter.is_some())
+            .finish()
+    }
+}
+
+/// Something added to a linear layer's output: `y = base(x) + delta(x)`. Returning `None`
+/// means "nothing this time" (adapters switched off, e.g. for the reference model of DPO/PPO).
+pub trait LinearAdapter: Send + Sync {
+    /// x (N, in) -> delta (N, out), or None.
+    fn delta(&self, x: &Tensor) -> Result<Option<Tensor>>;
 }
 
 /// Everything a layer constructor needs: where weights come from and which ones train.
@@ -82,6 +103,7 @@ impl Linear {
             layout,
             in_dim,
             out_dim,
+            adapter: None,
         })
     }
 
@@ -110,9 +132,22 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
+        let y = match self.adapter.as_ref().map(|a| a.delta(&x2)).transpose()? {
+            Some(Some(d)) => (y + d)?,
+            _ => y,
+        };
         let mut out = dims;
         *out.last_mut().expect("x has at least one dimension") = self.out_dim;
         Ok(y.reshape(out)?)
+    }
+}
+
+/// x (N, in) · wᵀ for w (out, in): the fused linear kernel where it applies, else a matmul.
+pub fn xwt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if w.is_contiguous() && x.is_contiguous() && crate::kernels::fusable(&[x, w]) {
+        crate::kernels::linear::linear(x, w, Layout::OutIn)
+    } else {
+        x.matmul(&w.t()?)
     }
 }
 

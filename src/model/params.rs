@@ -19,17 +19,21 @@ pub enum ParamKind {
     Bias,
     Norm,
     Embedding,
+    /// A PEFT method's weight (LoRA A/B): trained, decayed, saved apart from the base model.
+    Adapter,
 }
 
 impl ParamKind {
     pub fn decays(self) -> bool {
-        self == ParamKind::Weight
+        matches!(self, ParamKind::Weight | ParamKind::Adapter)
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
     Normal(f64),
+    /// U(−b, b), e.g. Kaiming-uniform.
+    Uniform(f64),
     Zeros,
     Ones,
 }
@@ -42,6 +46,7 @@ pub struct Param {
 }
 
 /// Where a model's weights come from while it is built.
+#[derive(Clone, Copy)]
 pub enum Source<'a> {
     /// Fresh initialisation; each tensor's stream is keyed by (seed, name), independent of order.
     Random {
@@ -159,11 +164,13 @@ impl ParamStore {
         Ok(())
     }
 
-    /// Writes all parameters as an HF-compatible `model.safetensors` (f32, `format: pt`).
+    /// Writes the model's parameters (not adapters) as an HF-compatible `model.safetensors`
+    /// (f32, `format: pt`).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
         let tensors: Vec<(String, Tensor)> = self
             .params
             .iter()
+            .filter(|p| p.kind != ParamKind::Adapter)
             .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
             .collect();
         save_tensors(&tensors, path)
@@ -222,6 +229,13 @@ fn init_tensor(seed: u64, name: &str, shape: &[usize], init: Init, dev: &Device)
         Init::Normal(std) => {
             let mut rng = Rng::keyed(&[seed, fnv1a(name.as_bytes())]);
             let v: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+            Tensor::from_vec(v, shape, dev)?
+        }
+        Init::Uniform(b) => {
+            let mut rng = Rng::keyed(&[seed, fnv1a(name.as_bytes())]);
+            let v: Vec<f32> = (0..n)
+                .map(|_| ((rng.next_f64() * 2.0 - 1.0) * b) as f32)
+                .collect();
             Tensor::from_vec(v, shape, dev)?
         }
     };

@@ -7,6 +7,8 @@
 //! tokenization, so a merge across such a cut cannot happen (it never spans a newline in
 //! GPT-2-style pre-tokenisation anyway, except for runs of whitespace).
 
+pub mod sft;
+
 use crate::rng::{fnv1a, Rng};
 use crate::tokenizer::Tok;
 use anyhow::{bail, Context, Result};

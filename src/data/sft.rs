@@ -1,0 +1,285 @@
+//! Supervised fine-tuning examples: JSONL → token ids with a per-token "train on this" mask.
+//!
+//! One JSON object per line, any of
+//!   {"prompt": …, "completion": …}                     loss on the completion (+ EOS)
+//!   {"messages": [{"role", "content"}, …]}             loss on the assistant turns
+//!   {"text": …}                                         loss on everything (+ EOS)
+//!
+//! Conversations go through the model's chat template. The mask is built from character spans
+//! of the rendered text and the tokenizer's offsets, never by searching for the answer string:
+//! an assistant turn's span is where `render(messages[..=i])` extends
+//! `render(messages[..i], add_generation_prompt)`, so the turn's end-of-turn marker is trained
+//! too (the model learns to stop). Text is tokenized once, so tokens that merge across a
+//! boundary are assigned by where they start. Rendered templates carry their own BOS, so they are
+//! tokenized without special tokens (no double BOS); plain text gets the tokenizer's usual ones.
+
+use crate::chat::{ChatTemplate, Message};
+use crate::tokenizer::Tok;
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::ops::Range;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    PromptCompletion { prompt: String, completion: String },
+    Chat(Vec<Message>),
+    Text(String),
+}
+
+/// An example with where it came from, for messages.
+#[derive(Debug, Clone)]
+pub struct Sourced {
+    pub example: Example,
+    /// `file:line`
+    pub at: String,
+}
+
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+fn string_field(v: &Value, key: &str, at: &str) -> Result<Option<String>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => bail!("{at}: \"{key}\" must be a string, got {other}"),
+    }
+}
+
+/// Parses one JSON line.
+pub fn parse_line(line: &str, at: &str) -> Result<Example> {
+    let v: Value = serde_json::from_str(line).with_context(|| format!("{at}: invalid JSON"))?;
+    if !v.is_object() {
+        bail!("{at}: expected a JSON object");
+    }
+    if let Some(msgs) = v.get("messages") {
+        let Value::Array(items) = msgs else {
+            bail!("{at}: \"messages\" must be a list");
+        };
+        let mut out = Vec::new();
+        for (i, m) in items.iter().enumerate() {
+            let role = string_field(m, "role", at)?
+                .with_context(|| format!("{at}: message {i} has no \"role\""))?;
+            if !ROLES.contains(&role.as_str()) {
+                bail!(
+                    "{at}: message {i} has unknown role {role:?} (expected one of {})",
+                    ROLES.join(", ")
+                );
+            }
+            let content = string_field(m, "content", at)?
+                .with_context(|| format!("{at}: message {i} has no \"content\""))?;
+            if role == "assistant" && content.trim().is_empty() {
+                bail!("{at}: message {i} is an empty assistant turn");
+            }
+            out.push(Message { role, content });
+        }
+        if !out.iter().any(|m| m.role == "assistant") {
+            bail!("{at}: the conversation has no assistant turn to learn from");
+        }
+        return Ok(Example::Chat(out));
+    }
+    match (
+        string_field(&v, "prompt", at)?,
+        string_field(&v, "completion", at)?,
+        string_field(&v, "text", at)?,
+    ) {
+        (Some(prompt), Some(completion), None) => {
+            if completion.is_empty() {
+                bail!("{at}: empty \"completion\"");
+            }
+            Ok(Example::PromptCompletion { prompt, completion })
+        }
+        (None, None, Some(text)) if !text.is_empty() => Ok(Example::Text(text)),
+        (None, None, Some(_)) => bail!("{at}: empty \"text\""),
+        _ => {
+            bail!("{at}: expected {{\"prompt\", \"completion\"}}, {{\"messages\"}} or {{\"text\"}}")
+        }
+    }
+}
+
+/// Reads a JSONL file (blank lines skipped); any bad line is an error naming file:line.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Sourced>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), i + 1);
+        out.push(Sourced {
+            example: parse_line(line, &at)?,
+            at,
+        });
+    }
+    if out.is_empty() {
+        bail!("{}: no examples", path.display());
+    }
+    Ok(out)
+}
+
+/// Token ids and, per token, whether the loss includes predicting it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokenized {
+    pub ids: Vec<u32>,
+    pub train: Vec<bool>,
+}
+
+impl Tokenized {
+    /// Number of trained targets (tokens after the first that are marked).
+    pub fn n_targets(&self) -> usize {
+        self.train.iter().skip(1).filter(|&&t| t).count()
+    }
+}
+
+pub struct Formatter<'a> {
+    pub tok: &'a Tok,
+    pub template: Option<&'a ChatTemplate>,
+    /// Include prompt / user / system tokens in the loss.
+    pub train_on_prompt: bool,
+    pub eos: Option<u32>,
+}
+
+/// What happened to an example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Kept(Tokenized),
+    /// Shortened to the length limit, with some trained tokens left.
+    Truncated(Tokenized),
+    /// Nothing left to train on after truncation.
+    Dropped,
+}
+
+impl Formatter<'_> {
+    /// The text to tokenize, the byte spans to train on, and whether the tokenizer should add
+    /// its special tokens.
+    fn render(&self, ex: &Example, at: &str) -> Result<(String, Vec<Range<usize>>, bool)> {
+        Ok(match ex {
+            Example::Text(t) => (t.clone(), std::iter::once(0..t.len()).collect(), true),
+            Example::PromptCompletion { prompt, completion } => {
+                let text = format!("{prompt}{completion}");
+                (
+                    text,
+                    std::iter::once(prompt.len()..prompt.len() + completion.len()).collect(),
+                    true,
+                )
+            }
+            Example::Chat(msgs) => {
+                let t = self.template.with_context(|| {
+                    format!("{at}: a conversation needs a chat template (the model has none; pass --chat-template FILE)")
+                })?;
+                let full = t.render(msgs, false).with_context(|| at.to_string())?;
+                let mut spans = Vec::new();
+                for (i, m) in msgs.iter().enumerate() {
+                    if m.role != "assistant" {
+                        continue;
+                    }
+                    let before = t.render(&msgs[..i], true).with_context(|| at.to_string())?;
+                    let upto = t
+                        .render(&msgs[..=i], false)
+                        .with_context(|| at.to_string())?;
+                    if !upto.starts_with(&before) || !full.starts_with(&upto) {
+                        bail!(
+                            "{at}: the chat template renders turn {i} differently depending on what follows \
+                             (its text is not a prefix of the whole conversation), so the assistant tokens cannot \
+                             be located; use --chat-template with a prefix-stable template"
+                        );
+                    }
+                    spans.push(before.len()..upto.len());
+                }
+                (full, spans, false)
+            }
+        })
+    }
+
+    /// Tokenizes an example and truncates it to `max_len` tokens.
+    pub fn tokenize(&self, ex: &Example, max_len: usize, at: &str) -> Result<Outcome> {
+        let (text, spans, special) = self.render(ex, at)?;
+        let (mut ids, offs) = self.tok.encode_with_offsets(&text, special)?;
+        let mut train: Vec<bool> = offs
+            .iter()
+            .map(|o| match o {
+                Some((s, _)) => self.train_on_prompt || spans.iter().any(|r| r.contains(s)),
+                None => false,
+            })
+            .collect();
+        // Double BOS: a text that starts with the BOS string, tokenized with a BOS-adding
+        // post-processor.
+        if ids.len() >= 2 && ids[0] == ids[1] && self.tok.bos_id == Some(ids[0]) {
+            ids.remove(0);
+            train.remove(0);
+        }
+        if !matches!(ex, Example::Chat(_)) {
+            if let Some(e) = self.eos {
+                if ids.last() != Some(&e) {
+                    ids.push(e);
+                    train.push(true);
+                }
+            }
+        }
+        let mut t = Tokenized { ids, train };
+        if t.ids.len() <= max_len {
+            return Ok(if t.n_targets() == 0 {
+                Outcome::Dropped
+            } else {
+                Outcome::Kept(t)
+            });
+        }
+        t.ids.truncate(max_len);
+        t.train.truncate(max_len);
+        Ok(if t.n_targets() == 0 {
+            Outcome::Dropped
+        } else {
+            Outcome::Truncated(t)
+        })
+    }
+}
+
+/// ChatML, the template used for conversations when a model has none and no
+/// `--chat-template` is given (SmolLM2, Qwen and many others use it).
+pub const DEFAULT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Counts reported at the end of a run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub kept: usize,
+    pub truncated: usize,
+    pub dropped: usize,
+}
+
+/// Tokenizes every example; returns the trainable ones and the counts. Dropped examples are
+/// reported with their `file:line` through `warn`.
+pub fn tokenize_all(
+    f: &Formatter,
+    examples: &[Sourced],
+    max_len: usize,
+    mut warn: impl FnMut(&str),
+) -> Result<(Vec<Tokenized>, Counts)> {
+    let mut out = Vec::new();
+    let mut c = Counts::default();
+    for s in examples {
+        match f.tokenize(&s.example, max_len, &s.at)? {
+            Outcome::Kept(t) => {
+                c.kept += 1;
+                out.push(t);
+            }
+            Outcome::Truncated(t) => {
+                c.truncated += 1;
+                out.push(t);
+            }
+            Outcome::Dropped => {
+                c.dropped += 1;
+                warn(&format!(
+                    "{}: skipped: no trained token left within {max_len} tokens",
+                    s.at
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "no example has a token to train on (all {} were cut away by truncation)",
+            examples.len()
+        );
+    }
+    Ok((out, c))
+}

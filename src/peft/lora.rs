@@ -1,0 +1,431 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+//!
+//!   h = W₀x + s·B·A·dropout(x),   A ∈ ℝ^{r×in} Kaiming-uniform (a=√5, PEFT's init), B ∈ ℝ^{out×r} = 0
+//!   s = α/r  (rsLoRA, Kalajdzievski 2023: s = α/√r)
+//!
+//! B = 0 makes the adapted model start exactly at the base model. The base weights are built
+//! frozen, so the fused linear backward skips their weight-gradient GEMMs; only A and B train.
+//! Weights are stored under PEFT's names (`base_model.model.<module>.lora_A.weight`), so the
+//! parameter store *is* the adapter file. Merging folds s·B·A into W₀ (transposed for GPT-2's
+//! Conv1D layout, PEFT's `fan_in_fan_out`).
+//!
+//! Deviation: dropout masks come from lmforge's keyed RNG (reproducible per step), not torch's.
+
+use super::AdapterSwitch;
+use crate::fsutil::{write_dir, write_json};
+use crate::model::layers::{xwt, Layout, LinearAdapter};
+use crate::model::loader::WeightSource;
+use crate::model::params::{save_tensors, Init, ParamKind, Source};
+use crate::model::{DecoderModel, ParamStore};
+use crate::rng::{fnv1a, Rng};
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Which linear layers get an adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets {
+    /// Every linear layer except the output head (PEFT's `"all-linear"`).
+    AllLinear,
+    /// Module names or name suffixes at a `.` boundary, e.g. `q_proj` or `self_attn.q_proj`.
+    Names(Vec<String>),
+}
+
+impl Targets {
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.trim() == "all-linear" {
+            return Ok(Targets::AllLinear);
+        }
+        let names: Vec<String> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(String::from)
+            .collect();
+        if names.is_empty() {
+            bail!("--target-modules: expected module names (q_proj,v_proj) or all-linear");
+        }
+        Ok(Targets::Names(names))
+    }
+
+    fn matches(&self, module: &str) -> bool {
+        match self {
+            Targets::AllLinear => module != "lm_head",
+            Targets::Names(ns) => ns
+                .iter()
+                .any(|n| module == n || module.ends_with(&format!(".{n}"))),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            Targets::AllLinear => json!("all-linear"),
+            Targets::Names(ns) => json!(ns),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub targets: Targets,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            bail!("LoRA rank r must be positive");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("LoRA dropout must be in [0, 1), got {}", self.dropout);
+        }
+        Ok(())
+    }
+}
+
+/// PEFT's names for a module's A and B.
+pub fn key_a(module: &str) -> String {
+    format!("base_model.model.{module}.lora_A.weight")
+}
+pub fn key_b(module: &str) -> String {
+    format!("base_model.model.{module}.lora_B.weight")
+}
+
+/// One adapted layer.
+struct Layer {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    dropout: f32,
+    key: u64,
+    switch: AdapterSwitch,
+}
+
+impl LinearAdapter for Layer {
+    fn delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.switch.enabled() {
+            return Ok(None);
+        }
+        let x = match self.switch.training() {
+            Some(k) if self.dropout > 0.0 => dropout(x, self.dropout, Rng::keyed(&[k, self.key]))?,
+            _ => x.clone(),
+        };
+        // (N, in)·Aᵀ -> (N, r); scaling the rank-r activations is cheaper than the (N, out) output.
+        let h = (xwt(&x, &self.a)? * self.scale)?;
+        Ok(Some(xwt(&h, &self.b)?)) // (N, out)
+    }
+}
+
+fn dropout(x: &Tensor, p: f32, mut rng: Rng) -> candle_core::Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.next_f64() < p as f64 { 0.0 } else { keep })
+        .collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?
+}
+
+/// The adapters attached to a model.
+pub struct Lora {
+    pub cfg: LoraConfig,
+    /// Adapted module names, in model order.
+    pub modules: Vec<String>,
+    pub switch: AdapterSwitch,
+    /// GPT-2's Conv1D layers store W as (in, out): PEFT's `fan_in_fan_out`.
+    pub fan_in_fan_out: bool,
+}
+
+/// Every linear layer's name, for error messages that list what a target could have been.
+fn available(model: &DecoderModel) -> String {
+    let mut short: Vec<String> = model
+        .linears()
+        .iter()
+        .map(|l| l.name.rsplit('.').next().unwrap_or(&l.name).to_string())
+        .collect();
+    short.sort();
+    short.dedup();
+    short.join(", ")
+}
+
+/// Attaches adapters to the layers `cfg.targets` selects. `weights` loads A and B (a PEFT
+/// directory); without it A is Kaiming-uniform from `seed` and B is zero.
+pub fn attach(
+    model: &mut DecoderModel,
+    store: &mut ParamStore,
+    cfg: &LoraConfig,
+    weights: Option<&WeightSource>,
+    seed: u64,
+    switch: &AdapterSwitch,
+) -> Result<Lora> {
+    cfg.validate()?;
+    if let Targets::Names(ns) = &cfg.targets {
+        for n in ns {
+            if !model
+                .linears()
+                .iter()
+                .any(|l| Targets::Names(vec![n.clone()]).matches(&l.name))
+            {
+                bail!(
+                    "LoRA target module {n:?} matches no linear layer of this model; available: {}",
+                    available(model)
+                );
+            }
+        }
+    }
+    let random = Source::Random { seed };
+    let mut modules = Vec::new();
+    let mut fan_in_fan_out = false;
+    for lin in model.linears_mut() {
+        if !cfg.targets.matches(&lin.name) {
+            continue;
+        }
+        let (ka, kb) = (key_a(&lin.name), key_b(&lin.name));
+        let src = weights.map_or(random, Source::Weights);
+        // Kaiming-uniform with a = √5: bound = √(6 / ((1 + a²)·fan_in)) = 1/√fan_in.
+        let bound = 1.0 / (lin.in_dim as f64).sqrt();
+        let a = store.add(
+            &src,
+            &ka,
+            &[cfg.r, lin.in_dim],
+            ParamKind::Adapter,
+            Init::Uniform(bound),
+            true,
+        )?;
+        let b = store.add(
+            &src,
+            &kb,
+            &[lin.out_dim, cfg.r],
+            ParamKind::Adapter,
+            Init::Zeros,
+            true,
+        )?;
+        fan_in_fan_out |= lin.layout == Layout::InOut;
+        lin.adapter = Some(Arc::new(Layer {
+            a,
+            b,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+            key: fnv1a(lin.name.as_bytes()),
+            switch: switch.clone(),
+        }));
+        modules.push(lin.name.clone());
+    }
+    if modules.is_empty() {
+        bail!(
+            "LoRA targets {:?} match no linear layer; available: {}",
+            cfg.targets,
+            available(model)
+        );
+    }
+    if let Some(w) = weights {
+        w.check_all_used(|_| false)?;
+    }
+    Ok(Lora {
+        cfg: cfg.clone(),
+        modules,
+        switch: switch.clone(),
+        fan_in_fan_out,
+    })
+}
+
+impl Lora {
+    /// Trainable parameters of the adapters.
+    pub fn num_params(&self, store: &ParamStore) -> usize {
+        store
+            .params()
+            .iter()
+            .filter(|p| p.kind == ParamKind::Adapter)
+            .map(|p| p.var.elem_count())
+            .sum()
+    }
+
+    fn config_json(&self, base: &str) -> Value {
+        // "all-linear" is written out as the adapted modules' names, as PEFT itself saves it.
+        let targets = match &self.cfg.targets {
+            Targets::AllLinear => {
+                let mut n: Vec<&str> = self
+                    .modules
+                    .iter()
+                    .map(|m| m.rsplit('.').next().unwrap_or(m))
+                    .collect();
+                n.sort();
+                n.dedup();
+                json!(n)
+            }
+            t => t.to_json(),
+        };
+        json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": self.cfg.r,
+            "lora_alpha": self.cfg.alpha,
+            // Via the shortest decimal, so 0.05 is written as 0.05, not 0.0500000007.
+            "lora_dropout": self.cfg.dropout.to_string().parse::<f64>().unwrap_or(0.0),
+            "target_modules": targets,
+            "use_rslora": self.cfg.use_rslora,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "bias": "none",
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "use_dora": false,
+            "revision": null,
+        })
+    }
+
+    /// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (must exist).
+    pub fn write_files(&self, dir: &Path, store: &ParamStore, base: &str) -> Result<()> {
+        write_json(&dir.join("adapter_config.json"), &self.config_json(base))?;
+        let tensors: Vec<(String, Tensor)> = store
+            .params()
+            .iter()
+            .filter(|p| p.kind == ParamKind::Adapter)
+            .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
+            .collect();
+        save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
+    }
+
+    /// A complete PEFT adapter directory, written atomically.
+    pub fn save(&self, dir: &Path, store: &ParamStore, base: &str) -> Result<()> {
+        write_dir(dir, |tmp| self.write_files(tmp, store, base))
+    }
+
+    /// Folds every adapter into its base weight (W₀ += s·B·A) and detaches the adapters:
+    /// the model is then a plain model with the fine-tune built in.
+    pub fn merge(&self, model: &mut DecoderModel, store: &ParamStore) -> Result<()> {
+        let s = self.cfg.scale();
+        for lin in model.linears_mut() {
+            if lin.adapter.take().is_none() {
+                continue;
+            }
+            let var = |n: &str| -> Result<&Var> {
+                Ok(&store
+                    .get(n)
+                    .with_context(|| format!("missing parameter {n}"))?
+                    .var)
+            };
+            let a = var(&key_a(&lin.name))?.as_detached_tensor();
+            let b = var(&key_b(&lin.name))?.as_detached_tensor();
+            let delta = (b.matmul(&a)? * s)?; // (out, in)
+            let delta = match lin.layout {
+                Layout::OutIn => delta,
+                Layout::InOut => delta.t()?.contiguous()?,
+            };
+            let w = var(&format!("{}.weight", lin.name))?;
+            w.set(&(w.as_detached_tensor() + delta)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a PEFT LoRA directory's `adapter_config.json`.
+pub fn read_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
+    let path = dir.join("adapter_config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+    let peft_type = field("peft_type").and_then(Value::as_str).unwrap_or("");
+    if peft_type != "LORA" {
+        bail!(
+            "{}: peft_type {peft_type:?} is not supported (LORA only)",
+            path.display()
+        );
+    }
+    // Features that change what the weights mean: refuse rather than load them wrongly.
+    for k in [
+        "use_dora",
+        "lora_bias",
+        "use_qalora",
+        "layers_to_transform",
+        "layer_replication",
+        "exclude_modules",
+        "modules_to_save",
+        "target_parameters",
+        "trainable_token_indices",
+    ] {
+        let set = match field(k) {
+            None | Some(Value::Bool(false)) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            bail!("{}: {k} is not supported by lmforge's LoRA", path.display());
+        }
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if field(k)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
+            bail!(
+                "{}: {k} (per-module ranks) is not supported",
+                path.display()
+            );
+        }
+    }
+    let r = field("r")
+        .and_then(Value::as_u64)
+        .with_context(|| format!("{}: key r missing", path.display()))?;
+    let alpha = field("lora_alpha")
+        .and_then(Value::as_f64)
+        .with_context(|| format!("{}: key lora_alpha missing", path.display()))?;
+    let targets = match field("target_modules") {
+        Some(Value::String(s)) if s == "all-linear" => Targets::AllLinear,
+        Some(Value::String(s)) => bail!(
+            "{}: target_modules as a regular expression ({s:?}) is not supported; give a list",
+            path.display()
+        ),
+        Some(Value::Array(a)) => Targets::Names(
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect(),
+        ),
+        _ => bail!("{}: key target_modules missing", path.display()),
+    };
+    let cfg = LoraConfig {
+        r: r as usize,
+        alpha,
+        dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
+        targets,
+        use_rslora: field("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    let base = field("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .map(String::from);
+    Ok((cfg, base))
+}
+
+/// Loads a PEFT LoRA directory onto `model` (adapters enabled, weights frozen unless `train`).
+pub fn load(
+    dir: &Path,
+    model: &mut DecoderModel,
+    store: &mut ParamStore,
+    switch: &AdapterSwitch,
+) -> Result<Lora> {
+    let (cfg, _) = read_config(dir)?;
+    let file = dir.join("adapter_model.safetensors");
+    if !file.is_file() {
+        bail!("{}: adapter_model.safetensors is missing", dir.display());
+    }
+    let w = WeightSource::open_files(&[file])?;
+    attach(model, store, &cfg, Some(&w), 0, switch)
+}

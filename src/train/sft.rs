@@ -1,0 +1,357 @@
+//! Supervised fine-tuning (instruction tuning; Ouyang et al. 2022 §3.5, TRL's `SFTTrainer`):
+//!
+//!   L = −(1/|M|) Σ_{t∈M} log p(x_t | x_<t)
+//!
+//! where M holds the completion / assistant tokens of every example in the optimizer step
+//! (all tokens with `train_on_prompt`). `run(opts)` reads top to bottom: base model → data →
+//! optional LoRA → forgetting baseline → loop (accumulated micro-batches, clip, AdamW, log) →
+//! output (an HF model directory, or a PEFT adapter directory, optionally merged too) →
+//! forgetting after.
+//!
+//! Batches are right-padded: with causal attention, padding after a sequence cannot change the
+//! tokens before it, so no attention mask is needed and padded positions just carry no loss.
+//! Examples are visited in a fresh keyed permutation per epoch, so runs are reproducible.
+
+use crate::chat::ChatTemplate;
+use crate::data::sft::{read_jsonl, tokenize_all, Counts, Formatter, Tokenized, DEFAULT_TEMPLATE};
+use crate::eval::score::{score_ids, Score};
+use crate::fsutil::write_dir;
+use crate::model::{hf, DecoderModel, Grads, ParamStore};
+use crate::peft::lora::{self, LoraConfig};
+use crate::peft::AdapterSwitch;
+use crate::rng::Rng;
+use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct Options {
+    /// Base model: HF directory or .gguf file.
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub epochs: usize,
+    pub max_steps: Option<u64>,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Examples are truncated to this many tokens (capped at the model's context).
+    pub max_len: usize,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub train_on_prompt: bool,
+    pub chat_template: Option<PathBuf>,
+    /// LoRA instead of a full fine-tune.
+    pub lora: Option<LoraConfig>,
+    /// With LoRA: also write the merged model to `out/model`.
+    pub merge: bool,
+    /// Text whose perplexity is measured before and after (how much the model forgot).
+    pub forgetting_eval: Option<PathBuf>,
+    pub device: Device,
+    pub quiet: bool,
+}
+
+pub struct Summary {
+    pub steps: u64,
+    pub losses: Vec<f32>,
+    pub counts: Counts,
+    pub trainable: usize,
+    pub total: usize,
+    pub forgetting: Option<(Score, Score)>,
+    pub seconds: f64,
+    /// Where the result went: `out/model` or `out/adapter`.
+    pub output: PathBuf,
+}
+
+pub fn run(o: Options) -> Result<Summary> {
+    let say = |s: &str| {
+        if !o.quiet {
+            eprintln!("{s}");
+        }
+    };
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+
+    // 1. Base model: every weight frozen for LoRA (no gradient, no weight-gradient GEMM).
+    let peft = o.lora.is_some();
+    let mut m = hf::load(&o.model, &o.device, &|_| peft)?;
+    let template = match &o.chat_template {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => m.chat_template.clone(),
+    };
+    let has_own_template = template.is_some();
+    let template = template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
+    m.chat_template = Some(template.clone());
+    let tpl: ChatTemplate = m.chat("sft")?;
+
+    // 2. Data.
+    let examples = read_jsonl(&o.data)?;
+    let ctx = m.model.cfg.max_position_embeddings;
+    let max_len = o.max_len.min(ctx);
+    if max_len < 2 {
+        bail!("--max-len must be at least 2");
+    }
+    let fmt = Formatter {
+        tok: &m.tok,
+        template: Some(&tpl),
+        train_on_prompt: o.train_on_prompt,
+        eos: m.eos_ids.first().copied().or(m.tok.eos_id),
+    };
+    if !has_own_template
+        && examples
+            .iter()
+            .any(|e| matches!(e.example, crate::data::sft::Example::Chat(_)))
+    {
+        say("note: the model has no chat template; conversations use the default ChatML template");
+    }
+    let (data, counts) = tokenize_all(&fmt, &examples, max_len, |w| say(w))?;
+    let targets: usize = data.iter().map(Tokenized::n_targets).sum();
+    say(&format!(
+        "data: {} examples ({} truncated, {} skipped), {targets} trained tokens",
+        data.len(),
+        counts.truncated,
+        counts.dropped
+    ));
+
+    // 3. Forgetting baseline, measured on the base model.
+    let forget_ids = match &o.forgetting_eval {
+        Some(p) => Some(read_text_ids(p, &m.tok)?),
+        None => None,
+    };
+    let window = ctx.min(512);
+    let before = match &forget_ids {
+        Some(ids) => Some(score_ids(&m.model, ids, window, window / 2)?),
+        None => None,
+    };
+
+    // 4. Adapters.
+    let switch = AdapterSwitch::default();
+    let adapters = match &o.lora {
+        Some(cfg) => Some(lora::attach(
+            &mut m.model,
+            &mut m.store,
+            cfg,
+            None,
+            o.seed,
+            &switch,
+        )?),
+        None => None,
+    };
+    let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
+    say(&format!(
+        "trainable parameters: {trainable} of {total} ({:.3}%){}",
+        100.0 * trainable as f64 / total as f64,
+        match &adapters {
+            Some(a) => format!(", LoRA r={} on {} layers", a.cfg.r, a.modules.len()),
+            None => String::new(),
+        }
+    ));
+
+    // 5. Loop.
+    let mut opt = AdamW::new(
+        &m.store,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: o.weight_decay,
+        },
+    )?;
+    let per_step = o.batch_size * o.grad_accum;
+    if per_step == 0 {
+        bail!("--batch-size and --grad-accum must be positive");
+    }
+    let total_steps = o
+        .max_steps
+        .unwrap_or((o.epochs * data.len()).div_ceil(per_step) as u64);
+    if total_steps == 0 {
+        bail!("nothing to do: 0 steps (check --epochs / --max-steps)");
+    }
+    let pad = fmt.eos.unwrap_or(0);
+    let mut metrics = std::fs::File::create(o.out.join("metrics.jsonl"))
+        .with_context(|| format!("creating {}", o.out.join("metrics.jsonl").display()))?;
+    let started = Instant::now();
+    let mut losses = Vec::new();
+    for step in 0..total_steps {
+        let t0 = Instant::now();
+        let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
+        let micro: Vec<Vec<&Tokenized>> = (0..o.grad_accum)
+            .map(|mi| {
+                (0..o.batch_size)
+                    .map(|i| {
+                        let p = (step as usize * o.grad_accum + mi) * o.batch_size + i;
+                        &data[pick(o.seed, p, data.len())]
+                    })
+                    .collect()
+            })
+            .collect();
+        let n_targets: usize = micro.iter().flatten().map(|t| t.n_targets()).sum();
+        let mut grads: Option<Grads> = None;
+        let mut nll = 0f64;
+        for (mi, exs) in micro.iter().enumerate() {
+            switch.set_training(true, (step << 8) ^ mi as u64 ^ o.seed.rotate_left(32));
+            let (sum, g) = masked_step(&m.model, &m.store, exs, pad, n_targets)?;
+            nll += sum;
+            match grads.as_mut() {
+                Some(acc) => acc.accumulate(g)?,
+                None => grads = Some(g),
+            }
+        }
+        switch.set_training(false, 0);
+        let mut grads = grads.context("no micro-batch")?;
+        let loss = (nll / n_targets as f64) as f32;
+        if !loss.is_finite() {
+            bail!("loss became {loss} at step {step}; lower --lr");
+        }
+        let norm = grads.global_norm()?;
+        if o.grad_clip > 0.0 && norm > o.grad_clip {
+            grads.scale(o.grad_clip / norm)?;
+        }
+        opt.step(&m.store, &grads, lr)?;
+        losses.push(loss);
+        let dt = t0.elapsed().as_secs_f64();
+        writeln!(
+            metrics,
+            "{}",
+            json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                   "trained_tokens": n_targets, "step_s": dt})
+        )?;
+        if !o.quiet && ((step + 1) % (total_steps / 20).max(1) == 0 || step + 1 == total_steps) {
+            eprintln!(
+                "step {:>5}/{total_steps}  loss {loss:.4}  lr {lr:.2e}  {dt:.2}s",
+                step + 1
+            );
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    // 6. Output.
+    let base = o.model.display().to_string();
+    let output = match &adapters {
+        Some(a) => {
+            let dir = o.out.join("adapter");
+            write_dir(&dir, |tmp| {
+                a.write_files(tmp, &m.store, &base)?;
+                m.tok.save(&tmp.join("tokenizer.json"))?;
+                std::fs::write(tmp.join("chat_template.jinja"), &template)?;
+                Ok(())
+            })?;
+            if o.merge {
+                a.merge(&mut m.model, &m.store)?;
+                hf::save_loaded(&o.out.join("model"), &m)?;
+                say(&format!(
+                    "merged model written to {}",
+                    o.out.join("model").display()
+                ));
+            }
+            dir
+        }
+        None => {
+            let dir = o.out.join("model");
+            hf::save_loaded(&dir, &m)?;
+            dir
+        }
+    };
+    say(&format!("wrote {}", output.display()));
+
+    // 7. Forgetting: the same text under the fine-tuned model.
+    let forgetting = match (&forget_ids, before) {
+        (Some(ids), Some(b)) => {
+            let after = score_ids(&m.model, ids, window, window / 2)?;
+            writeln!(
+                metrics,
+                "{}",
+                json!({"forgetting_eval": o.forgetting_eval.as_ref().map(|p| p.display().to_string()),
+                       "ppl_before": b.ppl(), "ppl_after": after.ppl(), "tokens": b.tokens})
+            )?;
+            Some((b, after))
+        }
+        _ => None,
+    };
+    writeln!(
+        metrics,
+        "{}",
+        json!({"summary": true, "steps": total_steps, "final_loss": losses.last(),
+               "examples": data.len(), "truncated": counts.truncated, "skipped": counts.dropped,
+               "trainable_params": trainable, "total_params": total, "seconds": seconds})
+    )?;
+    Ok(Summary {
+        steps: total_steps,
+        losses,
+        counts,
+        trainable,
+        total,
+        forgetting,
+        seconds,
+        output,
+    })
+}
+
+/// Index of the p-th example of the stream: epoch p / n visits a keyed permutation.
+fn pick(seed: u64, p: usize, n: usize) -> usize {
+    let (epoch, i) = (p / n, p % n);
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut r = Rng::keyed(&[seed, epoch as u64, 0x5F7]);
+    for k in (1..n).rev() {
+        perm.swap(k, r.below(k as u64 + 1) as usize);
+    }
+    perm[i]
+}
+
+/// A right-padded batch: inputs (B, T), targets and loss weights (B·T).
+pub fn pad_batch(exs: &[&Tokenized], pad: u32) -> (Vec<u32>, Vec<u32>, Vec<f32>, usize) {
+    let t = exs
+        .iter()
+        .map(|e| e.ids.len() - 1)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
+    for e in exs {
+        let n = e.ids.len() - 1;
+        x.extend_from_slice(&e.ids[..n]);
+        y.extend_from_slice(&e.ids[1..]);
+        w.extend(e.train[1..].iter().map(|&b| if b { 1f32 } else { 0.0 }));
+        x.extend(std::iter::repeat_n(pad, t - n));
+        y.extend(std::iter::repeat_n(pad, t - n));
+        w.extend(std::iter::repeat_n(0f32, t - n));
+    }
+    (x, y, w, t)
+}
+
+/// Forward + backward of one micro-batch whose loss is its summed NLL over trained tokens
+/// divided by the step's trained-token count. Returns the summed NLL and the gradients.
+pub fn masked_step(
+    model: &DecoderModel,
+    store: &ParamStore,
+    exs: &[&Tokenized],
+    pad: u32,
+    step_targets: usize,
+) -> Result<(f64, Grads)> {
+    let dev = model.device();
+    let (x, y, w, t) = pad_batch(exs, pad);
+    let b = exs.len();
+    let x = Tensor::from_vec(x, (b, t), dev)?;
+    let y = Tensor::from_vec(y, b * t, dev)?;
+    let w = Tensor::from_vec(w, b * t, dev)?;
+    let logits = model.forward(&x)?.reshape((b * t, model.cfg.vocab_size))?;
+    let nll = (crate::losses::gather_logprobs(&logits, &y)?.neg()? * w)?.sum_all()?;
+    let sum = nll.to_scalar::<f32>()? as f64;
+    let grads = (nll / step_targets.max(1) as f64)?.backward()?;
+    Ok((sum, store.grads(&grads)))
+}
+
+fn read_text_ids(p: &Path, tok: &crate::tokenizer::Tok) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let ids = tok.encode(&text, true)?;
+    if ids.len() < 2 {
+        bail!("{}: too short to measure perplexity on", p.display());
+    }
+    Ok(ids)
+}
