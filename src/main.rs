@@ -86,6 +86,9 @@ struct SftArgs {
     /// Put prompt / user / system tokens in the loss too.
     #[arg(long)]
     train_on_prompt: bool,
+    /// Pack several examples into each sequence (no attention across examples).
+    #[arg(long)]
+    packing: bool,
     /// A Jinja chat template file, instead of the model's own.
     #[arg(long)]
     chat_template: Option<PathBuf>,
@@ -576,6 +579,7 @@ fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
         grad_clip: a.grad_clip,
         seed: a.seed,
         train_on_prompt: a.train_on_prompt,
+        packing: a.packing,
         chat_template: a.chat_template,
         lora,
         merge: a.merge,

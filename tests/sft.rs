@@ -3,7 +3,7 @@
 //! the same loss as examples one by one, and the `sft` / `merge` / `generate --adapter` commands.
 
 mod common;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use common::*;
 use lmforge::chat::{ChatTemplate, Message};
 use lmforge::data::sft::{
@@ -196,16 +196,14 @@ fn bad_lines_are_named() {
     }
 }
 
-#[test]
-fn padded_batch_loss_equals_examples_one_by_one() {
-    let m = hf::load_dir(&fixture("llama_tiny"), &Device::Cpu, &|_| false).unwrap();
+fn examples(m: &hf::LoadedModel) -> Vec<Tokenized> {
     let f = Formatter {
         tok: &m.tok,
         template: None,
         train_on_prompt: false,
         eos: m.tok.eos_id,
     };
-    let exs: Vec<Tokenized> = [
+    [
         ("To be", " or not"),
         ("O", " Romeo, Romeo, wherefore"),
         ("A horse", "!"),
@@ -218,14 +216,18 @@ fn padded_batch_loss_equals_examples_one_by_one() {
         };
         kept(f.tokenize(&ex, 64, "x").unwrap())
     })
-    .collect();
-    let refs: Vec<&Tokenized> = exs.iter().collect();
-    let total: usize = exs.iter().map(Tokenized::n_targets).sum();
-    let (batch_sum, g) = masked_step(&m.model, &m.store, &refs, 0, total).unwrap();
+    .collect()
+}
+
+/// Summed NLL and gradients of `rows`, compared with each example alone.
+fn same_as_one_by_one(m: &hf::LoadedModel, rows: &[Vec<&Tokenized>]) {
+    let all: Vec<&Tokenized> = rows.iter().flatten().copied().collect();
+    let total: usize = all.iter().map(|t| t.n_targets()).sum();
+    let (batch_sum, g) = masked_step(&m.model, &m.store, rows, 0, total).unwrap();
     let mut one_by_one = 0f64;
     let mut acc: Option<lmforge::model::Grads> = None;
-    for e in &refs {
-        let (s, g1) = masked_step(&m.model, &m.store, &[e], 0, total).unwrap();
+    for e in &all {
+        let (s, g1) = masked_step(&m.model, &m.store, &[vec![*e]], 0, total).unwrap();
         one_by_one += s;
         match acc.as_mut() {
             Some(a) => a.accumulate(g1).unwrap(),
@@ -236,9 +238,82 @@ fn padded_batch_loss_equals_examples_one_by_one() {
         (batch_sum - one_by_one).abs() < 1e-4 * one_by_one,
         "{batch_sum} vs {one_by_one}"
     );
-    for (a, b) in g.0.iter().zip(&acc.unwrap().0) {
+    for ((a, b), p) in g.0.iter().zip(&acc.unwrap().0).zip(m.store.params()) {
         let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-        assert!(max_abs_diff(a, b) <= 1e-4 * max_abs(b).max(1e-3));
+        let d = max_abs_diff(a, b);
+        assert!(
+            d <= 1e-4 * max_abs(b).max(1e-3),
+            "gradient of {} differs by {d}",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn padded_and_packed_batches_equal_examples_one_by_one() {
+    for base in ["llama_tiny", "gpt2_tiny"] {
+        let m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| false).unwrap();
+        let exs = examples(&m);
+        // Right-padded: one example per row.
+        same_as_one_by_one(&m, &exs.iter().map(|e| vec![e]).collect::<Vec<_>>());
+        // Packed: all three in one row, and two rows of unequal fill.
+        same_as_one_by_one(&m, &[exs.iter().collect()]);
+        same_as_one_by_one(&m, &[vec![&exs[0], &exs[2]], vec![&exs[1]]]);
+    }
+}
+
+#[test]
+fn packed_logits_equal_separate_logits_fused_and_composite() {
+    use lmforge::model::{ForwardOpts, Packing};
+    for base in ["llama_tiny", "gpt2_tiny"] {
+        let m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
+        let exs = examples(&m);
+        let row: Vec<u32> = exs.iter().flat_map(|e| e.ids.clone()).collect();
+        let t = row.len() + 3; // padding after the last example
+        let mut ids = row.clone();
+        ids.extend([0, 0, 0]);
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let p = Packing::new(
+            &[exs.iter().map(|e| e.ids.len()).collect()],
+            t,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let ones = Tensor::ones((1, t), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let run = |padding: Option<&Tensor>| {
+            let opts = ForwardOpts {
+                packing: Some(&p),
+                key_padding: padding,
+                ..Default::default()
+            };
+            let h = m
+                .model
+                .hidden_states(&m.model.embed(&x).unwrap(), opts)
+                .unwrap();
+            m.model.logits(&h).unwrap()
+        };
+        // A key-padding mask routes attention through the composite path.
+        for (what, packed) in [("fused", run(None)), ("composite", run(Some(&ones)))] {
+            let mut at = 0;
+            for e in &exs {
+                let alone = m
+                    .model
+                    .forward(
+                        &Tensor::new(e.ids.as_slice(), &Device::Cpu)
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap(),
+                    )
+                    .unwrap();
+                let part = packed.narrow(1, at, e.ids.len()).unwrap();
+                let d = max_abs_diff(&part, &alone);
+                assert!(d < 1e-5, "{base} {what}: packed logits differ by {d}");
+                at += e.ids.len();
+            }
+        }
     }
 }
 

@@ -46,11 +46,15 @@ impl Spec {
     }
 
     /// Writes `fill` over the keys of `row` that query position `qpos` must not see: the same
-    /// set as `!visible`, as two ranges (before the window, after the query).
+    /// set as `!visible`, as two ranges (before the window, after the query). `seg_lo` hides
+    /// positions before the query's packed segment too.
     #[inline]
-    fn mask_row(&self, row: &mut [f32], qpos: usize, fill: f32) {
+    fn mask_row(&self, row: &mut [f32], qpos: usize, seg_lo: usize, fill: f32) {
         let n = row.len();
-        let lo = self.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+        let lo = self
+            .window
+            .map_or(0, |w| (qpos + 1).saturating_sub(w))
+            .max(seg_lo);
         row[self.prefix.min(n)..(self.prefix + lo).min(n)].fill(fill);
         row[(self.prefix + qpos + 1).min(n)..].fill(fill);
     }
@@ -144,8 +148,17 @@ unsafe fn mm(
     )
 }
 
+/// For packed sequences: per (batch row, query position) the position where the query's
+/// segment starts; keys before it are hidden (no attention across packed examples).
+type Starts = Option<Arc<Vec<u32>>>;
+
+fn seg_lo(starts: &Starts, bi: usize, t: usize, i: usize) -> usize {
+    starts.as_ref().map_or(0, |s| s[bi * t + i] as usize)
+}
+
 struct Fwd {
     spec: Spec,
+    starts: Starts,
     /// Log-sum-exp per (b, h, t), written by the forward, read by the backward.
     lse: Mutex<Option<Arc<Vec<f32>>>>,
 }
@@ -227,7 +240,8 @@ impl CustomOp3 for Fwd {
                 for r in 0..rows {
                     let qpos = spec.past + i0 + r;
                     let row = &mut sc[r * kend..(r + 1) * kend];
-                    spec.mask_row(row, qpos, f32::NEG_INFINITY);
+                    let lo = seg_lo(&self.starts, bi, t, i0 + r);
+                    spec.mask_row(row, qpos, lo, f32::NEG_INFINITY);
                     let m = vmath::max(row);
                     let sum = vmath::exp_shift_sum(row, m);
                     let inv = 1.0 / sum;
@@ -276,6 +290,7 @@ impl CustomOp3 for Fwd {
         };
         let op = Bwd {
             spec: self.spec,
+            starts: self.starts.clone(),
             lse,
             out: out.contiguous()?,
             grad: grad.contiguous()?,
@@ -291,6 +306,7 @@ impl CustomOp3 for Fwd {
 
 struct Bwd {
     spec: Spec,
+    starts: Starts,
     lse: Arc<Vec<f32>>,
     out: Tensor,
     grad: Tensor,
@@ -394,7 +410,8 @@ impl CustomOp3 for Bwd {
                             let pr = &mut p[r * kend..(r + 1) * kend];
                             let dr = &mut ds[r * kend..(r + 1) * kend];
                             // Masked scores become −∞, so e^(p − lse) = 0 and their dS is 0.
-                            spec.mask_row(pr, qpos, f32::NEG_INFINITY);
+                            let lo = seg_lo(&self.starts, bi, t, i0 + r);
+                            spec.mask_row(pr, qpos, lo, f32::NEG_INFINITY);
                             vmath::softmax_grad(pr, dr, l, di);
                         }
                         // dQ_blk = scale · dS · K
@@ -443,6 +460,24 @@ impl CustomOp3 for Bwd {
 /// Fused attention: q (B, T, H, D), k and v (B, S, H_kv, D), f32 on the CPU, any strides with
 /// a unit last stride. Returns (B, T, H, D), contiguous.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: Spec) -> Result<Tensor> {
+    attention_packed(q, k, v, spec, None)
+}
+
+/// `attention` over packed rows: `starts[b·T + i]` is where query i's example begins in row b
+/// (positions without a KV cache, `past = 0`).
+pub fn attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: Spec,
+    starts: Option<Arc<Vec<u32>>>,
+) -> Result<Tensor> {
+    if let Some(st) = &starts {
+        let (b, t) = (q.dim(0)?, q.dim(1)?);
+        if spec.past != 0 || st.len() != b * t {
+            bail!("fused attention: packed segments need past = 0 and one start per query");
+        }
+    }
     let unit = |t: &Tensor| t.dim(3).map(|d| d <= 1 || t.stride()[3] == 1);
     let q = if unit(q)? { q.clone() } else { q.contiguous()? };
     let k = if unit(k)? { k.clone() } else { k.contiguous()? };
@@ -452,6 +487,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: Spec) -> Result<Tenso
         &v,
         Fwd {
             spec,
+            starts,
             lse: Mutex::new(None),
         },
     )
@@ -474,14 +510,17 @@ mod tests {
                     };
                     for n in 0..prefix + past + 12 {
                         for qpos in 0..past + 12 {
-                            let mut row = vec![1f32; n];
-                            spec.mask_row(&mut row, qpos, 0.0);
-                            for (j, v) in row.iter().enumerate() {
-                                assert_eq!(
-                                    *v == 1.0,
-                                    spec.visible(j, qpos),
-                                    "{prefix} {past} {window:?} {n} {qpos} {j}"
-                                );
+                            for seg in [0, 2, qpos] {
+                                let mut row = vec![1f32; n];
+                                spec.mask_row(&mut row, qpos, seg, 0.0);
+                                for (j, v) in row.iter().enumerate() {
+                                    let in_seg = j < prefix || j - prefix >= seg;
+                                    assert_eq!(
+                                        *v == 1.0,
+                                        spec.visible(j, qpos) && in_seg,
+                                        "{prefix} {past} {window:?} {n} {qpos} {seg} {j}"
+                                    );
+                                }
                             }
                         }
                     }

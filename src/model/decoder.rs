@@ -176,8 +176,16 @@ impl Attention {
             ),
         };
         if let Some(rope) = ctx.rope {
-            q = rope.apply(&q, ctx.past)?;
-            k = rope.apply(&k, ctx.past)?;
+            match ctx.packing {
+                Some(p) => {
+                    q = rope.apply_at(&q, &p.positions)?;
+                    k = rope.apply_at(&k, &p.positions)?;
+                }
+                None => {
+                    q = rope.apply(&q, ctx.past)?;
+                    k = rope.apply(&k, ctx.past)?;
+                }
+            }
         }
         if let Some(slot) = ctx.cache.as_deref_mut() {
             if let Some((pk, pv)) = slot.take() {
@@ -207,7 +215,9 @@ impl Attention {
                 past: ctx.past,
                 window: self.window,
             };
-            crate::kernels::attention::attention(&q, &k, &v, spec)? // (B, T, H, hd)
+            let starts = ctx.packing.map(|p| p.starts.clone());
+            crate::kernels::attention::attention_packed(&q, &k, &v, spec, starts)?
+        // (B, T, H, hd)
         } else {
             self.composite(&q, &k, &v, n_prefix, ctx)?
         };
@@ -244,6 +254,9 @@ impl Attention {
         let mut mask = causal_mask(t, ctx.past, n_prefix, self.window, q.device())?; // (T, S)
         if let Some(pad) = ctx.key_padding {
             mask = padding_mask(&mask, pad, n_prefix)?; // (B, 1, T, S)
+        }
+        if let Some(p) = ctx.packing {
+            mask = mask.broadcast_add(&p.mask(n_prefix, q.device())?)?; // (B, 1, T, S)
         }
         let att = softmax_last(&att.broadcast_add(&mask)?)?;
         Ok(att.matmul(&v)?.transpose(1, 2)?) // (B, T, H, hd)
@@ -394,6 +407,7 @@ struct LayerCtx<'a> {
     cache: Option<&'a mut Option<(Tensor, Tensor)>>,
     prefix: Option<&'a (Tensor, Tensor)>,
     key_padding: Option<&'a Tensor>,
+    packing: Option<&'a Packing>,
 }
 
 impl Block {
@@ -432,6 +446,59 @@ impl Block {
 
 // ---------------------------------------------------------------- model
 
+/// Several examples packed into each row: positions restart at every example and attention
+/// stays inside it (no token sees another example), so a packed row computes what its examples
+/// would compute one by one.
+pub struct Packing {
+    /// (B, T) u32 position of each token within its example.
+    pub positions: Tensor,
+    /// Per (row, position): where that token's example starts in the row.
+    pub starts: std::sync::Arc<Vec<u32>>,
+    t: usize,
+}
+
+impl Packing {
+    /// `segments[b]` = lengths of the examples packed into row b, in order; positions past the
+    /// last one (padding) form one more segment.
+    pub fn new(segments: &[Vec<usize>], t: usize, dev: &Device) -> Result<Self> {
+        let mut starts = Vec::with_capacity(segments.len() * t);
+        let mut pos = Vec::with_capacity(segments.len() * t);
+        for lens in segments {
+            let used: usize = lens.iter().sum();
+            if used > t {
+                bail!("packed segments of {used} tokens exceed the row length {t}");
+            }
+            let mut s = 0;
+            for &n in lens.iter().chain(std::iter::once(&(t - used))) {
+                for i in 0..n {
+                    starts.push(s as u32);
+                    pos.push(i as u32);
+                }
+                s += n;
+            }
+        }
+        Ok(Self {
+            positions: Tensor::from_vec(pos, (segments.len(), t), dev)?,
+            starts: std::sync::Arc::new(starts),
+            t,
+        })
+    }
+
+    /// Additive (B, 1, T, n_prefix + T) mask hiding keys of other examples.
+    fn mask(&self, n_prefix: usize, dev: &Device) -> Result<Tensor> {
+        let (t, s) = (self.t, n_prefix + self.t);
+        let b = self.starts.len() / t;
+        let mut m = vec![0f32; b * t * s];
+        for bi in 0..b {
+            for i in 0..t {
+                let lo = self.starts[bi * t + i] as usize;
+                m[(bi * t + i) * s + n_prefix..(bi * t + i) * s + n_prefix + lo].fill(f32::MIN);
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, t, s), dev)?)
+    }
+}
+
 /// Optional inputs of a forward pass beyond the token embeddings.
 #[derive(Default)]
 pub struct ForwardOpts<'a> {
@@ -442,6 +509,8 @@ pub struct ForwardOpts<'a> {
     pub prefix: Option<&'a [(Tensor, Tensor)]>,
     /// (B, past+T) with 1 for real tokens and 0 for padding keys.
     pub key_padding: Option<&'a Tensor>,
+    /// Several examples per row (SFT packing); not with a cache.
+    pub packing: Option<&'a Packing>,
 }
 
 pub struct DecoderModel {
@@ -588,7 +657,11 @@ impl DecoderModel {
             mut cache,
             prefix,
             key_padding,
+            packing,
         } = opts;
+        if packing.is_some() && cache.is_some() {
+            bail!("packed sequences cannot use a KV cache");
+        }
         let past = cache.as_ref().map_or(0, |c| c.len);
         let max = self.cfg.max_position_embeddings;
         if past + t > max {
@@ -607,10 +680,17 @@ impl DecoderModel {
             }
         }
         let mut x = match &self.wpe {
-            Some(wpe) => {
-                let pos = Tensor::arange(past as u32, (past + t) as u32, embeds.device())?;
-                embeds.broadcast_add(&wpe.weight.index_select(&pos, 0)?)?
-            }
+            Some(wpe) => match packing {
+                Some(p) => {
+                    let (b, _, c) = embeds.dims3()?;
+                    let pos = p.positions.flatten_all()?;
+                    (embeds + wpe.weight.index_select(&pos, 0)?.reshape((b, t, c))?)?
+                }
+                None => {
+                    let pos = Tensor::arange(past as u32, (past + t) as u32, embeds.device())?;
+                    embeds.broadcast_add(&wpe.weight.index_select(&pos, 0)?)?
+                }
+            },
             None => embeds.clone(),
         };
         if let Some(c) = cache.as_deref_mut() {
@@ -625,6 +705,7 @@ impl DecoderModel {
                 cache: cache.as_deref_mut().map(|c| &mut c.layers[i]),
                 prefix: prefix.map(|p| &p[i]),
                 key_padding,
+                packing,
             };
             x = block.forward(&x, &mut ctx)?;
         }

@@ -322,11 +322,27 @@ impl Rope {
                 .to_dtype(x.dtype())?
                 .reshape((1, t, 1, hd))?)
         };
-        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
+        self.rotate(x, &table(&self.cos)?, &table(&self.sin)?)
+    }
+
+    /// x (B, T, H, hd) at the given positions (B, T) u32 (packed sequences restart at 0).
+    pub fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, t, _, hd) = x.dims4()?;
+        let flat = positions.flatten_all()?;
+        let table = |m: &Tensor| -> Result<Tensor> {
+            Ok(m.index_select(&flat, 0)?
+                .to_dtype(x.dtype())?
+                .reshape((b, t, 1, hd))?)
+        };
+        self.rotate(x, &table(&self.cos)?, &table(&self.sin)?)
+    }
+
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
         let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
         let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+        Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
     }
 }
 

@@ -9,6 +9,6 @@ pub mod loader;
 pub mod params;
 
 pub use config::{Family, ModelConfig};
-pub use decoder::{DecoderModel, ForwardOpts, KvCache};
+pub use decoder::{DecoderModel, ForwardOpts, KvCache, Packing};
 pub use hf::LoadedModel;
 pub use params::{Grads, ParamStore};

@@ -16,7 +16,7 @@ use crate::chat::ChatTemplate;
 use crate::data::sft::{read_jsonl, tokenize_all, Counts, Formatter, Tokenized, DEFAULT_TEMPLATE};
 use crate::eval::score::{score_ids, Score};
 use crate::fsutil::write_dir;
-use crate::model::{hf, DecoderModel, Grads, ParamStore};
+use crate::model::{hf, DecoderModel, ForwardOpts, Grads, Packing, ParamStore};
 use crate::peft::lora::{self, LoraConfig};
 use crate::peft::AdapterSwitch;
 use crate::rng::Rng;
@@ -45,6 +45,8 @@ pub struct Options {
     pub grad_clip: f64,
     pub seed: u64,
     pub train_on_prompt: bool,
+    /// Several examples per sequence (attention and positions kept per example).
+    pub packing: bool,
     pub chat_template: Option<PathBuf>,
     /// LoRA instead of a full fine-tune.
     pub lora: Option<LoraConfig>,
@@ -167,9 +169,17 @@ pub fn run(o: Options) -> Result<Summary> {
     if per_step == 0 {
         bail!("--batch-size and --grad-accum must be positive");
     }
+    let rows = rows_of(&data, o.packing, max_len, o.seed);
+    if o.packing {
+        say(&format!(
+            "packing: {} examples into {} rows of up to {max_len} tokens",
+            data.len(),
+            rows.len()
+        ));
+    }
     let total_steps = o
         .max_steps
-        .unwrap_or((o.epochs * data.len()).div_ceil(per_step) as u64);
+        .unwrap_or((o.epochs * rows.len()).div_ceil(per_step) as u64);
     if total_steps == 0 {
         bail!("nothing to do: 0 steps (check --epochs / --max-steps)");
     }
@@ -178,20 +188,30 @@ pub fn run(o: Options) -> Result<Summary> {
         .with_context(|| format!("creating {}", o.out.join("metrics.jsonl").display()))?;
     let started = Instant::now();
     let mut losses = Vec::new();
+    let mut stream = Stream {
+        seed: o.seed,
+        n: rows.len(),
+        epoch: None,
+    };
     for step in 0..total_steps {
         let t0 = Instant::now();
         let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
-        let micro: Vec<Vec<&Tokenized>> = (0..o.grad_accum)
+        let micro: Vec<Vec<Vec<&Tokenized>>> = (0..o.grad_accum)
             .map(|mi| {
                 (0..o.batch_size)
                     .map(|i| {
                         let p = (step as usize * o.grad_accum + mi) * o.batch_size + i;
-                        &data[pick(o.seed, p, data.len())]
+                        rows[stream.get(p)].iter().map(|&e| &data[e]).collect()
                     })
                     .collect()
             })
             .collect();
-        let n_targets: usize = micro.iter().flatten().map(|t| t.n_targets()).sum();
+        let n_targets: usize = micro
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|t| t.n_targets())
+            .sum();
         let mut grads: Option<Grads> = None;
         let mut nll = 0f64;
         for (mi, exs) in micro.iter().enumerate() {
@@ -293,54 +313,105 @@ pub fn run(o: Options) -> Result<Summary> {
     })
 }
 
-/// Index of the p-th example of the stream: epoch p / n visits a keyed permutation.
-fn pick(seed: u64, p: usize, n: usize) -> usize {
-    let (epoch, i) = (p / n, p % n);
+/// The order in which epoch `epoch` visits n items (Fisher-Yates on a keyed stream).
+fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut perm: Vec<usize> = (0..n).collect();
-    let mut r = Rng::keyed(&[seed, epoch as u64, 0x5F7]);
+    let mut r = Rng::keyed(&[seed, epoch, 0x5F7]);
     for k in (1..n).rev() {
         perm.swap(k, r.below(k as u64 + 1) as usize);
     }
-    perm[i]
+    perm
 }
 
-/// A right-padded batch: inputs (B, T), targets and loss weights (B·T).
-pub fn pad_batch(exs: &[&Tokenized], pad: u32) -> (Vec<u32>, Vec<u32>, Vec<f32>, usize) {
-    let t = exs
-        .iter()
-        .map(|e| e.ids.len() - 1)
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
-    for e in exs {
-        let n = e.ids.len() - 1;
-        x.extend_from_slice(&e.ids[..n]);
-        y.extend_from_slice(&e.ids[1..]);
-        w.extend(e.train[1..].iter().map(|&b| if b { 1f32 } else { 0.0 }));
+/// Item p of an endless stream of epochs, each a fresh permutation (cached per epoch).
+struct Stream {
+    seed: u64,
+    n: usize,
+    epoch: Option<(u64, Vec<usize>)>,
+}
+
+impl Stream {
+    fn get(&mut self, p: usize) -> usize {
+        let e = (p / self.n) as u64;
+        if self.epoch.as_ref().is_none_or(|(k, _)| *k != e) {
+            self.epoch = Some((e, permutation(self.seed, e, self.n)));
+        }
+        self.epoch.as_ref().map_or(0, |(_, perm)| perm[p % self.n])
+    }
+}
+
+/// Groups examples into rows: one example per row, or with `packing` as many consecutive
+/// examples (in a seeded shuffled order) as fit into `max_len` tokens.
+pub fn rows_of(data: &[Tokenized], packing: bool, max_len: usize, seed: u64) -> Vec<Vec<usize>> {
+    if !packing {
+        return (0..data.len()).map(|i| vec![i]).collect();
+    }
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut used = usize::MAX;
+    for i in permutation(seed ^ 0xBAC4, 0, data.len()) {
+        let len = data[i].ids.len() - 1; // inputs: every token but the last
+        if used + len > max_len - 1 || rows.is_empty() {
+            rows.push(Vec::new());
+            used = 0;
+        }
+        rows.last_mut().expect("a row was just pushed").push(i);
+        used += len;
+    }
+    rows
+}
+
+/// A right-padded batch of rows, each the concatenation of its examples: inputs (B, T),
+/// targets and loss weights (B·T), and the examples' lengths per row.
+pub fn build_batch(
+    rows: &[Vec<&Tokenized>],
+    pad: u32,
+) -> (Vec<u32>, Vec<u32>, Vec<f32>, usize, Vec<Vec<usize>>) {
+    let len = |r: &Vec<&Tokenized>| r.iter().map(|e| e.ids.len() - 1).sum::<usize>();
+    let t = rows.iter().map(len).max().unwrap_or(1).max(1);
+    let (mut x, mut y, mut w, mut segs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        for e in r {
+            let n = e.ids.len() - 1;
+            x.extend_from_slice(&e.ids[..n]);
+            y.extend_from_slice(&e.ids[1..]);
+            w.extend(e.train[1..].iter().map(|&b| if b { 1f32 } else { 0.0 }));
+        }
+        let n = len(r);
         x.extend(std::iter::repeat_n(pad, t - n));
         y.extend(std::iter::repeat_n(pad, t - n));
         w.extend(std::iter::repeat_n(0f32, t - n));
+        segs.push(r.iter().map(|e| e.ids.len() - 1).collect());
     }
-    (x, y, w, t)
+    (x, y, w, t, segs)
 }
 
 /// Forward + backward of one micro-batch whose loss is its summed NLL over trained tokens
 /// divided by the step's trained-token count. Returns the summed NLL and the gradients.
+/// Rows holding several examples run with `Packing` (positions and attention per example).
 pub fn masked_step(
     model: &DecoderModel,
     store: &ParamStore,
-    exs: &[&Tokenized],
+    rows: &[Vec<&Tokenized>],
     pad: u32,
     step_targets: usize,
 ) -> Result<(f64, Grads)> {
     let dev = model.device();
-    let (x, y, w, t) = pad_batch(exs, pad);
-    let b = exs.len();
+    let (x, y, w, t, segs) = build_batch(rows, pad);
+    let b = rows.len();
     let x = Tensor::from_vec(x, (b, t), dev)?;
     let y = Tensor::from_vec(y, b * t, dev)?;
     let w = Tensor::from_vec(w, b * t, dev)?;
-    let logits = model.forward(&x)?.reshape((b * t, model.cfg.vocab_size))?;
+    let packing = if segs.iter().any(|s| s.len() > 1) {
+        Some(Packing::new(&segs, t, dev)?)
+    } else {
+        None
+    };
+    let opts = ForwardOpts {
+        packing: packing.as_ref(),
+        ..Default::default()
+    };
+    let h = model.hidden_states(&model.embed(&x)?, opts)?;
+    let logits = model.logits(&h)?.reshape((b * t, model.cfg.vocab_size))?;
     let nll = (crate::losses::gather_logprobs(&logits, &y)?.neg()? * w)?.sum_all()?;
     let sum = nll.to_scalar::<f32>()? as f64;
     let grads = (nll / step_targets.max(1) as f64)?.backward()?;
