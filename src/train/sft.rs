@@ -360,12 +360,18 @@ pub fn rows_of(data: &[Tokenized], packing: bool, max_len: usize, seed: u64) -> 
     rows
 }
 
-/// A right-padded batch of rows, each the concatenation of its examples: inputs (B, T),
-/// targets and loss weights (B·T), and the examples' lengths per row.
-pub fn build_batch(
-    rows: &[Vec<&Tokenized>],
-    pad: u32,
-) -> (Vec<u32>, Vec<u32>, Vec<f32>, usize, Vec<Vec<usize>>) {
+/// A right-padded batch of rows, each the concatenation of its examples.
+pub struct RowBatch {
+    /// Inputs (B, T), targets and loss weights (B·T).
+    pub x: Vec<u32>,
+    pub y: Vec<u32>,
+    pub w: Vec<f32>,
+    pub t: usize,
+    /// The examples' lengths per row.
+    pub segments: Vec<Vec<usize>>,
+}
+
+pub fn build_batch(rows: &[Vec<&Tokenized>], pad: u32) -> RowBatch {
     let len = |r: &Vec<&Tokenized>| r.iter().map(|e| e.ids.len() - 1).sum::<usize>();
     let t = rows.iter().map(len).max().unwrap_or(1).max(1);
     let (mut x, mut y, mut w, mut segs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -382,7 +388,13 @@ pub fn build_batch(
         w.extend(std::iter::repeat_n(0f32, t - n));
         segs.push(r.iter().map(|e| e.ids.len() - 1).collect());
     }
-    (x, y, w, t, segs)
+    RowBatch {
+        x,
+        y,
+        w,
+        t,
+        segments: segs,
+    }
 }
 
 /// Forward + backward of one micro-batch whose loss is its summed NLL over trained tokens
@@ -396,7 +408,13 @@ pub fn masked_step(
     step_targets: usize,
 ) -> Result<(f64, Grads)> {
     let dev = model.device();
-    let (x, y, w, t, segs) = build_batch(rows, pad);
+    let RowBatch {
+        x,
+        y,
+        w,
+        t,
+        segments: segs,
+    } = build_batch(rows, pad);
     let b = rows.len();
     let x = Tensor::from_vec(x, (b, t), dev)?;
     let y = Tensor::from_vec(y, b * t, dev)?;
