@@ -98,6 +98,7 @@ def main():
     half_fixtures(tok)
     gguf_fixtures()
     peft_fixtures()
+    bert_fixture()
 
 def half_fixtures(tok):
     """gpt2_tiny saved in float16 and llama_tiny in bfloat16; reference logits are computed in
@@ -256,9 +257,58 @@ def peft_fixtures():
         save_file(ref, str(d / "reference.safetensors"))
         print("peft", name, "lora params", sum(p.numel() for p in m.parameters() if p.requires_grad))
 
+def bert_fixture():
+    """A tiny random BertForMaskedLM with a WordPiece tokenizer; reference: hidden states, MLM
+    logits, the MLM loss over a few labelled positions (-100 elsewhere) with padding and token
+    types, and every parameter's gradient."""
+    from transformers import BertConfig, BertForMaskedLM
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    d = OUT / "bert_tiny"
+    d.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator((ROOT / "data" / "shakespeare" / "hamlet.txt").read_text()[:60000].split("\n\n"),
+                            trainers.WordPieceTrainer(vocab_size=300, special_tokens=special, show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    from tokenizers import decoders
+    tok.decoder = decoders.WordPiece()
+    tok.save(str(d / "tokenizer.json"))
+    json.dump({"tokenizer_class": "BertTokenizerFast", "do_lower_case": True, "model_max_length": 32,
+               "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+               "mask_token": "[MASK]"}, open(d / "tokenizer_config.json", "w"), indent=1)
+    torch.manual_seed(0)
+    m = BertForMaskedLM(BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+                                   hidden_dropout_prob=0, attention_probs_dropout_prob=0, pad_token_id=0,
+                                   attn_implementation="eager")).eval()
+    m.save_pretrained(d, safe_serialization=True)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(5, tok.get_vocab_size(), (2, 10), generator=g)
+    ids[:, 0] = cls
+    mask = torch.ones(2, 10, dtype=torch.int64); mask[1, 7:] = 0; ids[1, 7:] = 0
+    types = torch.zeros(2, 10, dtype=torch.int64); types[0, 5:] = 1
+    labels = torch.full((2, 10), -100); labels[0, 2] = ids[0, 2]; labels[0, 6] = 7; labels[1, 3] = ids[1, 3]
+    out = m(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels, output_hidden_states=True)
+    out.loss.backward()
+    ref = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
+           "hidden": out.hidden_states[-1].detach().contiguous(), "logits": out.logits.detach().contiguous(),
+           "loss": out.loss.detach().reshape(1)}
+    for n, p in m.named_parameters():
+        ref["grad." + n] = p.grad.detach().contiguous()
+    save_file(ref, str(d / "reference.safetensors"))
+    enc = tok.encode("To be, or not to be", "that is the question")
+    json.dump({"ids": enc.ids, "type_ids": enc.type_ids}, open(d / "tokenizer_reference.json", "w"))
+    print("bert_tiny", sum(p.numel() for p in m.parameters()), "params, loss", round(out.loss.item(), 4))
+
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:] == ["peft"]:
+    if sys.argv[1:] == ["bert"]:
+        bert_fixture()
+    elif sys.argv[1:] == ["peft"]:
         peft_fixtures()
     else:
         main()

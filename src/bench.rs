@@ -2,7 +2,9 @@
 //! initialised decoder on random tokens, with the same flags and meaning as
 //! `shared/bench/torch_reference.py` (untied output head, AdamW lr 1e-3, wd 0.01, β₂ 0.999).
 //!
-//! tokens_per_s = batch·seq / median step time, first step excluded.
+//! tokens_per_s = batch·seq / median step time, first step excluded. `--lora R` trains LoRA
+//! adapters of rank R on every linear layer but the head, with the base frozen (the same FLOP
+//! formula is kept, so gflops_per_s compares like with like).
 //! gflops_per_s counts 6·(matmul parameters)·tokens plus 12·L·T²·d·B for attention scores and
 //! values as computed (the full T×T, masked half included).
 
@@ -29,6 +31,8 @@ pub struct BenchArgs {
     pub batch: usize,
     pub vocab: usize,
     pub steps: usize,
+    /// LoRA rank on every linear layer but the head, base frozen (0 = full training).
+    pub lora_r: usize,
 }
 
 pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
@@ -52,7 +56,19 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
     };
     cfg.tie_word_embeddings = false;
     let mut store = ParamStore::new(dev.clone());
-    let model = DecoderModel::new(&cfg, &mut store, &Source::Random { seed: 0 }, &|_| false)?;
+    let lora = a.lora_r > 0;
+    let mut model = DecoderModel::new(&cfg, &mut store, &Source::Random { seed: 0 }, &|_| lora)?;
+    if lora {
+        let c = crate::peft::lora::LoraConfig {
+            r: a.lora_r,
+            alpha: 2.0 * a.lora_r as f64,
+            dropout: 0.0,
+            targets: crate::peft::lora::Targets::AllLinear,
+            use_rslora: false,
+        };
+        let sw = crate::peft::AdapterSwitch::default();
+        crate::peft::lora::attach(&mut model, &mut store, &c, None, 0, &sw)?;
+    }
     let mut opt = AdamW::new(
         &store,
         AdamWConfig {
@@ -94,6 +110,7 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
         "system": format!("lmforge-{}", env!("CARGO_PKG_VERSION")),
         "arch": if a.llama { "llama" } else { "gpt2" },
         "params": store.num_params(),
+        "trainable_params": store.num_trainable(),
         "batch": a.batch,
         "seq": a.seq,
         "step_ms_median": (med * 1e4).round() / 10.0,

@@ -137,8 +137,19 @@ struct MergeArgs {
     out: PathBuf,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Objective {
+    /// Causal LM (next token), GPT-2 / Llama decoders.
+    Clm,
+    /// Masked LM, a BERT encoder (15% of tokens, 80/10/10 mask/random/keep).
+    Mlm,
+}
+
 #[derive(Args)]
 struct PretrainArgs {
+    /// Training objective; mlm trains a BERT encoder with the recipe's sizes.
+    #[arg(long, value_enum, default_value = "clm")]
+    objective: Objective,
     /// Recipe file (TOML); defaults to the embedded configs/shakespeare-gpt.toml.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -283,6 +294,9 @@ struct BenchCli {
     /// (one JSON line per product).
     #[arg(long)]
     gemm: bool,
+    /// Train LoRA adapters of this rank (base frozen) instead of every weight.
+    #[arg(long, default_value_t = 0)]
+    lora: usize,
 }
 
 fn main() -> ExitCode {
@@ -374,6 +388,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 batch: a.batch,
                 vocab: a.vocab,
                 steps: a.steps,
+                lora_r: a.lora,
             };
             if a.gemm {
                 for line in bench::gemm_shapes(&args, a.steps.max(3))? {
@@ -427,17 +442,21 @@ fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
         );
     })
     .context("installing the Ctrl-C handler")?;
-    let summary = pretrain::run(pretrain::Options {
+    let opts = pretrain::Options {
         recipe,
         device: lmforge::device(&a.device)?,
         resume,
         stop_at: a.stop_at_step,
         interrupt,
         quiet: a.quiet,
-    })?;
+    };
+    let (summary, what) = match a.objective {
+        Objective::Clm => (pretrain::run(opts)?, "validation loss"),
+        Objective::Mlm => (lmforge::train::mlm::run(opts)?, "validation MLM loss"),
+    };
     if let Some(v) = summary.val_loss {
         eprintln!(
-            "done: {} steps in {:.0}s, validation loss {v:.4}, perplexity {:.2}; run directory {}",
+            "done: {} steps in {:.0}s, {what} {v:.4}, perplexity {:.2}; run directory {}",
             summary.steps,
             summary.seconds,
             v.exp(),

@@ -37,8 +37,15 @@ impl Tok {
 
     pub fn wrap(inner: Tokenizer) -> Self {
         let find = |cands: &[&str]| cands.iter().find_map(|t| inner.token_to_id(t));
-        let eos_id = find(&[EOT, "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>"]);
-        let bos_id = find(&["<s>", "<|begin_of_text|>", "<bos>"]);
+        let eos_id = find(&[
+            EOT,
+            "</s>",
+            "<|im_end|>",
+            "<|end_of_text|>",
+            "<eos>",
+            "[SEP]",
+        ]);
+        let bos_id = find(&["<s>", "<|begin_of_text|>", "<bos>", "[CLS]"]);
         Self {
             inner,
             eos_id,
@@ -140,6 +147,65 @@ where
         bail!("internal error: trained tokenizer lacks {EOT}");
     }
     Ok(tok)
+}
+
+/// Trains a BERT-style WordPiece tokenizer (lower-cased, BERT pre-tokenization, `##`
+/// continuations) with [PAD] [UNK] [CLS] [SEP] [MASK] as ids 0–4 and BERT's
+/// `[CLS] A [SEP] (B [SEP])` post-processor.
+pub fn train_wordpiece<I>(texts: I, vocab_size: usize, min_frequency: u64) -> Result<Tok>
+where
+    I: Iterator<Item = String> + Send,
+{
+    use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+    use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+    use tokenizers::normalizers::bert::BertNormalizer;
+    use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+    use tokenizers::processors::template::TemplateProcessing;
+    const SPECIAL: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+    if vocab_size < 64 {
+        bail!("vocab size must be at least 64 for a WordPiece tokenizer, got {vocab_size}");
+    }
+    let mut trainer = WordPieceTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(min_frequency)
+        .show_progress(false)
+        .special_tokens(SPECIAL.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .build();
+    let mut tk: tokenizers::TokenizerImpl<
+        WordPiece,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    > = TokenizerBuilder::new()
+        .with_model(
+            WordPiece::builder()
+                .unk_token("[UNK]".into())
+                .build()
+                .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))?,
+        )
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, true).into()))
+        .with_pre_tokenizer(Some(BertPreTokenizer.into()))
+        .with_post_processor(None)
+        .with_decoder(Some(WordPieceDecoder::default().into()))
+        .build()
+        .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))?;
+    tk.train(&mut trainer, texts)
+        .map_err(|e| anyhow::anyhow!("training tokenizer: {e}"))?;
+    let id = |t: &str| {
+        tk.token_to_id(t)
+            .with_context(|| format!("internal error: trained tokenizer lacks {t}"))
+    };
+    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    let post = TemplateProcessing::builder()
+        .try_single("[CLS] $A [SEP]")
+        .and_then(|b| b.try_pair("[CLS] $A [SEP] $B:1 [SEP]:1"))
+        .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))?
+        .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
+        .build()
+        .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))?;
+    tk.with_post_processor(Some(PostProcessorWrapper::from(post)));
+    Ok(Tok::wrap(Tokenizer::from(tk)))
 }
 
 /// The `tokenizer_config.json` transformers needs to know the special tokens of our tokenizers.

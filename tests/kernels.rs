@@ -571,3 +571,31 @@ fn fused_cross_entropy_matches_composite_and_finite_differences() {
         36,
     );
 }
+
+#[test]
+fn fused_dropout_regenerates_its_mask_in_the_backward() {
+    use lmforge::kernels::dropout::dropout;
+    let x = Var::from_tensor(&(randn(&[70_001], 21, 1.0).abs().unwrap() + 0.1).unwrap()).unwrap();
+    let y = dropout(x.as_tensor(), 0.25, 99).unwrap();
+    let (xv, yv): (Vec<f32>, Vec<f32>) = (x.as_tensor().to_vec1().unwrap(), y.to_vec1().unwrap());
+    let zeros = yv.iter().filter(|&&v| v == 0.0).count() as f64 / yv.len() as f64;
+    assert!((zeros - 0.25).abs() < 0.01, "dropped fraction {zeros}");
+    assert!(xv
+        .iter()
+        .zip(&yv)
+        .all(|(a, b)| *b == 0.0 || (b - a / 0.75).abs() < 1e-6));
+    // The gradient of Σ w⊙y is w ⊙ mask / (1 − p): zero exactly where y is.
+    let w = randn(&[70_001], 22, 1.0);
+    let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gv: Vec<f32> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+    let wv: Vec<f32> = w.to_vec1().unwrap();
+    for i in 0..yv.len() {
+        let want = if yv[i] == 0.0 { 0.0 } else { wv[i] / 0.75 };
+        assert!((gv[i] - want).abs() < 1e-6, "element {i}");
+    }
+    assert_eq!(
+        max_diff(&dropout(x.as_tensor(), 0.25, 99).unwrap(), &y),
+        0.0
+    );
+    assert!(max_diff(&dropout(x.as_tensor(), 0.25, 98).unwrap(), &y) > 0.0);
+}

@@ -13,6 +13,7 @@
 pub mod act;
 pub mod adamw;
 pub mod attention;
+pub mod dropout;
 pub mod linear;
 pub mod norm;
 pub mod vmath;

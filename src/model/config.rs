@@ -32,7 +32,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn parse(s: &str, key: &str) -> Result<Self> {
+    pub(crate) fn parse(s: &str, key: &str) -> Result<Self> {
         Ok(match s {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
             "gelu" => Self::GeluErf,

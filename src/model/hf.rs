@@ -4,6 +4,7 @@
 
 use super::config::{Family, ModelConfig};
 use super::decoder::DecoderModel;
+use super::encoder::{Encoder, EncoderConfig, Heads};
 use super::gguf::{self, GgufFile};
 use super::loader::WeightSource;
 use super::params::ParamStore;
@@ -158,5 +159,70 @@ pub fn save_dir(dir: &Path, model: &DecoderModel, store: &ParamStore, tok: &Tok)
 pub fn save_loaded(dir: &Path, m: &LoadedModel) -> Result<()> {
     write_dir(dir, |tmp| {
         write_files_with(tmp, &m.model, &m.store, &m.tok, m.chat_template.as_deref())
+    })
+}
+
+/// An encoder (BERT) HF directory, loaded.
+pub struct LoadedEncoder {
+    pub model: Encoder,
+    pub store: ParamStore,
+    pub tok: Tok,
+    /// Heads the checkpoint did not have, initialised fresh.
+    pub fresh: Vec<String>,
+}
+
+/// Loads a BERT directory (`BertModel`, `BertForMaskedLM`, … weights; a `bert.` prefix or none).
+pub fn load_encoder(
+    dir: &Path,
+    dev: &Device,
+    heads: Heads,
+    frozen: &dyn Fn(&str) -> bool,
+) -> Result<LoadedEncoder> {
+    if !dir.is_dir() {
+        anyhow::bail!("{}: not a model directory", dir.display());
+    }
+    let cfg = EncoderConfig::from_file(&dir.join("config.json"))?;
+    let weights = WeightSource::open_dir(dir)?.with_strip_prefix("bert.");
+    let mut store = ParamStore::new(dev.clone());
+    let (model, fresh) = Encoder::load(&cfg, &mut store, &weights, heads, frozen)?;
+    let tok = load_from_dir(dir)?;
+    tok.check_fits(cfg.vocab_size, &dir.display().to_string())?;
+    Ok(LoadedEncoder {
+        model,
+        store,
+        tok,
+        fresh,
+    })
+}
+
+/// Writes an encoder as an HF directory (atomically); `architecture` names the transformers
+/// class that loads it (`BertForMaskedLM`, `BertForSequenceClassification`, …).
+pub fn save_encoder(
+    dir: &Path,
+    model: &Encoder,
+    store: &ParamStore,
+    tok: &Tok,
+    architecture: &str,
+) -> Result<()> {
+    write_dir(dir, |tmp| {
+        write_json(
+            &tmp.join("config.json"),
+            &model.cfg.to_hf_json(architecture),
+        )?;
+        store.save_safetensors(&tmp.join("model.safetensors"))?;
+        tok.save(&tmp.join("tokenizer.json"))?;
+        let mut tc = hf_tokenizer_config(tok, model.cfg.max_position_embeddings);
+        for (k, t) in [
+            ("pad_token", "[PAD]"),
+            ("unk_token", "[UNK]"),
+            ("cls_token", "[CLS]"),
+            ("sep_token", "[SEP]"),
+            ("mask_token", "[MASK]"),
+        ] {
+            if tok.inner.token_to_id(t).is_some() {
+                tc[k] = json!(t);
+            }
+        }
+        write_json(&tmp.join("tokenizer_config.json"), &tc)
     })
 }

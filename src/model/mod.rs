@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod encoder;
 pub mod gguf;
 pub mod hf;
 pub mod layers;

@@ -120,7 +120,9 @@ impl LinearAdapter for Layer {
             return Ok(None);
         }
         let x = match self.switch.training() {
-            Some(k) if self.dropout > 0.0 => dropout(x, self.dropout, Rng::keyed(&[k, self.key]))?,
+            Some(k) if self.dropout > 0.0 => {
+                dropout(x, self.dropout, Rng::keyed(&[k, self.key]).next_u64())?
+            }
             _ => x.clone(),
         };
         // (N, in)·Aᵀ -> (N, r); scaling the rank-r activations is cheaper than the (N, out) output.
@@ -129,7 +131,12 @@ impl LinearAdapter for Layer {
     }
 }
 
-fn dropout(x: &Tensor, p: f32, mut rng: Rng) -> candle_core::Result<Tensor> {
+/// The fused dropout (mask regenerated in the backward) on the CPU; elsewhere a stored mask.
+fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
+    if crate::kernels::fusable(&[x]) {
+        return crate::kernels::dropout::dropout(x, p, key);
+    }
+    let mut rng = Rng::new(key);
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.next_f64() < p as f64 { 0.0 } else { keep })

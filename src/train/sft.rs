@@ -240,12 +240,14 @@ pub fn run(o: Options) -> Result<Summary> {
             metrics,
             "{}",
             json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                   "trained_tokens": n_targets, "step_s": dt})
+                   "trained_tokens": n_targets, "step_s": dt,
+                   "peak_rss_mib": crate::bench::peak_rss_mib()})
         )?;
         if !o.quiet && ((step + 1) % (total_steps / 20).max(1) == 0 || step + 1 == total_steps) {
             eprintln!(
-                "step {:>5}/{total_steps}  loss {loss:.4}  lr {lr:.2e}  {dt:.2}s",
-                step + 1
+                "step {:>5}/{total_steps}  loss {loss:.4}  lr {lr:.2e}  {dt:.2}s  peak RSS {:.0} MiB",
+                step + 1,
+                crate::bench::peak_rss_mib()
             );
         }
     }
