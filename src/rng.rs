@@ -48,6 +48,16 @@ impl Rng {
     }
 }
 
+/// The order in which epoch `epoch` visits n items (Fisher-Yates on a keyed stream).
+pub fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut r = Rng::keyed(&[seed, epoch, 0x5F7]);
+    for k in (1..n).rev() {
+        perm.swap(k, r.below(k as u64 + 1) as usize);
+    }
+    perm
+}
+
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

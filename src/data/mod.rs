@@ -7,6 +7,7 @@
 //! tokenization, so a merge across such a cut cannot happen (it never spans a newline in
 //! GPT-2-style pre-tokenisation anyway, except for runs of whitespace).
 
+pub mod labeled;
 pub mod sft;
 
 use crate::rng::{fnv1a, Rng};

@@ -1,3 +1,4 @@
 //! Evaluation without weight updates.
 
+pub mod metrics;
 pub mod score;

@@ -167,10 +167,15 @@ impl ParamStore {
     /// Writes the model's parameters (not adapters) as an HF-compatible `model.safetensors`
     /// (f32, `format: pt`).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        self.save_safetensors_where(path, |_| true)
+    }
+
+    /// `save_safetensors` of the parameters whose names `keep` accepts.
+    pub fn save_safetensors_where(&self, path: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
         let tensors: Vec<(String, Tensor)> = self
             .params
             .iter()
-            .filter(|p| p.kind != ParamKind::Adapter)
+            .filter(|p| p.kind != ParamKind::Adapter && keep(&p.name))
             .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
             .collect();
         save_tensors(&tensors, path)

@@ -13,7 +13,7 @@
 
 use super::AdapterSwitch;
 use crate::fsutil::{write_dir, write_json};
-use crate::model::layers::{xwt, Layout, LinearAdapter};
+use crate::model::layers::{xwt, Layout, Linear, LinearAdapter};
 use crate::model::loader::WeightSource;
 use crate::model::params::{save_tensors, Init, ParamKind, Source};
 use crate::model::{DecoderModel, ParamStore};
@@ -155,11 +155,10 @@ pub struct Lora {
 }
 
 /// Every linear layer's name, for error messages that list what a target could have been.
-fn available(model: &DecoderModel) -> String {
-    let mut short: Vec<String> = model
-        .linears()
+fn available(names: &[String]) -> String {
+    let mut short: Vec<String> = names
         .iter()
-        .map(|l| l.name.rsplit('.').next().unwrap_or(&l.name).to_string())
+        .map(|l| l.rsplit('.').next().unwrap_or(l).to_string())
         .collect();
     short.sort();
     short.dedup();
@@ -176,17 +175,29 @@ pub fn attach(
     seed: u64,
     switch: &AdapterSwitch,
 ) -> Result<Lora> {
+    attach_to(model.linears_mut(), store, cfg, weights, seed, switch)
+}
+
+/// `attach` for any set of linear layers (an encoder's, a decoder's).
+pub fn attach_to(
+    linears: Vec<&mut Linear>,
+    store: &mut ParamStore,
+    cfg: &LoraConfig,
+    weights: Option<&WeightSource>,
+    seed: u64,
+    switch: &AdapterSwitch,
+) -> Result<Lora> {
     cfg.validate()?;
+    let names: Vec<String> = linears.iter().map(|l| l.name.clone()).collect();
     if let Targets::Names(ns) = &cfg.targets {
         for n in ns {
-            if !model
-                .linears()
+            if !names
                 .iter()
-                .any(|l| Targets::Names(vec![n.clone()]).matches(&l.name))
+                .any(|l| Targets::Names(vec![n.clone()]).matches(l))
             {
                 bail!(
                     "LoRA target module {n:?} matches no linear layer of this model; available: {}",
-                    available(model)
+                    available(&names)
                 );
             }
         }
@@ -194,7 +205,7 @@ pub fn attach(
     let random = Source::Random { seed };
     let mut modules = Vec::new();
     let mut fan_in_fan_out = false;
-    for lin in model.linears_mut() {
+    for lin in linears {
         if !cfg.targets.matches(&lin.name) {
             continue;
         }
@@ -233,7 +244,7 @@ pub fn attach(
         bail!(
             "LoRA targets {:?} match no linear layer; available: {}",
             cfg.targets,
-            available(model)
+            available(&names)
         );
     }
     if let Some(w) = weights {
@@ -313,8 +324,13 @@ impl Lora {
     /// Folds every adapter into its base weight (W₀ += s·B·A) and detaches the adapters:
     /// the model is then a plain model with the fine-tune built in.
     pub fn merge(&self, model: &mut DecoderModel, store: &ParamStore) -> Result<()> {
+        self.merge_into(model.linears_mut(), store)
+    }
+
+    /// `merge` for any set of linear layers.
+    pub fn merge_into(&self, linears: Vec<&mut Linear>, store: &ParamStore) -> Result<()> {
         let s = self.cfg.scale();
-        for lin in model.linears_mut() {
+        for lin in linears {
             if lin.adapter.take().is_none() {
                 continue;
             }

@@ -1,6 +1,7 @@
 //! Training methods, one module each, plus what they share (optimizer, checkpoints).
 
 pub mod checkpoint;
+pub mod classify;
 pub mod mlm;
 pub mod optim;
 pub mod pretrain;

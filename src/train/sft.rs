@@ -19,7 +19,7 @@ use crate::fsutil::write_dir;
 use crate::model::{hf, DecoderModel, ForwardOpts, Grads, Packing, ParamStore};
 use crate::peft::lora::{self, LoraConfig};
 use crate::peft::AdapterSwitch;
-use crate::rng::Rng;
+use crate::rng::permutation;
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -315,25 +315,15 @@ pub fn run(o: Options) -> Result<Summary> {
     })
 }
 
-/// The order in which epoch `epoch` visits n items (Fisher-Yates on a keyed stream).
-fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    let mut perm: Vec<usize> = (0..n).collect();
-    let mut r = Rng::keyed(&[seed, epoch, 0x5F7]);
-    for k in (1..n).rev() {
-        perm.swap(k, r.below(k as u64 + 1) as usize);
-    }
-    perm
-}
-
 /// Item p of an endless stream of epochs, each a fresh permutation (cached per epoch).
-struct Stream {
-    seed: u64,
-    n: usize,
-    epoch: Option<(u64, Vec<usize>)>,
+pub struct Stream {
+    pub seed: u64,
+    pub n: usize,
+    pub epoch: Option<(u64, Vec<usize>)>,
 }
 
 impl Stream {
-    fn get(&mut self, p: usize) -> usize {
+    pub fn get(&mut self, p: usize) -> usize {
         let e = (p / self.n) as u64;
         if self.epoch.as_ref().is_none_or(|(k, _)| *k != e) {
             self.epoch = Some((e, permutation(self.seed, e, self.n)));

@@ -1,0 +1,234 @@
+//! A pre-trained body under a task head: a BERT encoder (features = pooled [CLS]) or a decoder
+//! (features = the hidden state of each sequence's last real token, as transformers'
+//! `…ForSequenceClassification` reads it). Loaded from an HF directory or GGUF file, saved back
+//! as the transformers class that has the same head (`BertForSequenceClassification`,
+//! `LlamaForSequenceClassification`, `GPT2ForSequenceClassification`).
+
+use super::encoder::{Encoder, Heads};
+use super::hf;
+use super::layers::Linear;
+use super::{DecoderModel, Family, ForwardOpts, ParamStore};
+use crate::tokenizer::Tok;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub enum Backbone {
+    Encoder(Encoder),
+    Decoder(DecoderModel),
+}
+
+pub struct LoadedBackbone {
+    pub body: Backbone,
+    pub store: ParamStore,
+    pub tok: Tok,
+}
+
+/// True when `path` is an HF directory of an encoder (model_type bert).
+fn is_encoder(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("model_type")?.as_str().map(|s| s == "bert"))
+        .unwrap_or(false)
+}
+
+impl Backbone {
+    pub fn load(
+        path: &Path,
+        dev: &Device,
+        frozen: &dyn Fn(&str) -> bool,
+    ) -> Result<LoadedBackbone> {
+        if path.is_dir() && is_encoder(path) {
+            let m = hf::load_encoder(
+                path,
+                dev,
+                Heads {
+                    mlm: false,
+                    pooler: true,
+                },
+                frozen,
+            )?;
+            Ok(LoadedBackbone {
+                body: Backbone::Encoder(m.model),
+                store: m.store,
+                tok: m.tok,
+            })
+        } else {
+            let m = hf::load(path, dev, frozen)?;
+            Ok(LoadedBackbone {
+                body: Backbone::Decoder(m.model),
+                store: m.store,
+                tok: m.tok,
+            })
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Backbone::Encoder(e) => e.cfg.hidden_size,
+            Backbone::Decoder(d) => d.cfg.hidden_size,
+        }
+    }
+
+    pub fn max_len(&self) -> usize {
+        match self {
+            Backbone::Encoder(e) => e.cfg.max_position_embeddings,
+            Backbone::Decoder(d) => d.cfg.max_position_embeddings,
+        }
+    }
+
+    pub fn pad_id(&self, tok: &Tok) -> u32 {
+        match self {
+            Backbone::Encoder(e) => e.cfg.pad_token_id,
+            Backbone::Decoder(_) => tok.eos_id.unwrap_or(0),
+        }
+    }
+
+    /// Where the head's weights go and whether it has a bias (transformers' names).
+    pub fn head_name(&self) -> (&'static str, bool) {
+        match self {
+            Backbone::Encoder(_) => ("classifier", true),
+            Backbone::Decoder(_) => ("score", false),
+        }
+    }
+
+    /// Right-padded rows -> every token's hidden state (B, T, C).
+    pub fn token_states(&self, rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<Tensor> {
+        let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let b = rows.len();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t);
+        for r in rows {
+            ids.extend_from_slice(r);
+            ids.extend(std::iter::repeat_n(pad, t - r.len()));
+            mask.extend(std::iter::repeat_n(1u32, r.len()));
+            mask.extend(std::iter::repeat_n(0u32, t - r.len()));
+        }
+        let x = Tensor::from_vec(ids, (b, t), dev)?;
+        match self {
+            Backbone::Encoder(e) => {
+                let m = Tensor::from_vec(mask, (b, t), dev)?;
+                e.forward(&x, None, Some(&m))
+            }
+            // Causal attention: right padding cannot affect earlier tokens.
+            Backbone::Decoder(d) => d.hidden_states(&d.embed(&x)?, ForwardOpts::default()),
+        }
+    }
+
+    /// One feature vector per row (B, C): pooled [CLS] or the last real token.
+    pub fn features(&self, rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<Tensor> {
+        let h = self.token_states(rows, pad, dev)?;
+        match self {
+            Backbone::Encoder(e) => e.pooled(&h),
+            Backbone::Decoder(_) => {
+                let (b, t, c) = h.dims3()?;
+                let last: Vec<u32> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (i * t + r.len().max(1) - 1) as u32)
+                    .collect();
+                let idx = Tensor::from_vec(last, b, dev)?;
+                Ok(h.reshape((b * t, c))?.index_select(&idx, 0)?)
+            }
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Backbone::Encoder(e) => e.linears_mut(),
+            Backbone::Decoder(d) => {
+                // The LM head is not part of a classifier.
+                d.linears_mut()
+                    .into_iter()
+                    .filter(|l| l.name != "lm_head")
+                    .collect()
+            }
+        }
+    }
+
+    /// config.json of the model with a `kind` head ("SequenceClassification", …) and labels.
+    pub fn head_config(&self, kind: &str, labels: &[String], pad: u32) -> Value {
+        let id2: serde_json::Map<String, Value> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), json!(l)))
+            .collect();
+        let l2i: serde_json::Map<String, Value> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), json!(i)))
+            .collect();
+        let mut v = match self {
+            Backbone::Encoder(e) => e.cfg.to_hf_json(&format!("BertFor{kind}")),
+            Backbone::Decoder(d) => {
+                let mut v = d.cfg.to_hf_json();
+                let arch = match d.cfg.family {
+                    Family::Gpt2 => "GPT2",
+                    Family::Llama => match d.cfg.model_type.as_str() {
+                        "mistral" => "Mistral",
+                        "qwen2" => "Qwen2",
+                        _ => "Llama",
+                    },
+                };
+                v["architectures"] = json!([format!("{arch}For{kind}")]);
+                v
+            }
+        };
+        v["id2label"] = Value::Object(id2);
+        v["label2id"] = Value::Object(l2i);
+        v["num_labels"] = json!(labels.len());
+        v["pad_token_id"] = json!(pad);
+        v
+    }
+}
+
+/// The parameter names a head model writes: the body without a decoder's LM head.
+pub fn saved_with_head(name: &str) -> bool {
+    name != "lm_head.weight"
+}
+
+/// Reads `config.json`'s labels (id2label order) if the directory has them.
+pub fn labels_of(dir: &Path) -> Result<Option<Vec<String>>> {
+    let p = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&p) else {
+        return Ok(None);
+    };
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    let Some(m) = v.get("id2label").and_then(Value::as_object) else {
+        return Ok(None);
+    };
+    let mut l = vec![String::new(); m.len()];
+    for (k, name) in m {
+        let i: usize = k
+            .parse()
+            .ok()
+            .filter(|&i: &usize| i < m.len())
+            .with_context(|| {
+                format!("{}: id2label key {k:?} is not 0..{}", p.display(), m.len())
+            })?;
+        l[i] = name.as_str().unwrap_or_default().to_string();
+    }
+    Ok(Some(l))
+}
+
+/// f32 helper for logits → argmax per row.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
+    let v: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(v.iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+                    if x > bv {
+                        (i, x)
+                    } else {
+                        (bi, bv)
+                    }
+                })
+                .0
+        })
+        .collect())
+}

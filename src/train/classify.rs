@@ -1,0 +1,326 @@
+//! Sequence classification fine-tuning (BERT §4.1; decoders read their last token, as
+//! transformers' `LlamaForSequenceClassification`):
+//!
+//!   p(y | x) = softmax(W·f(x) + b),   L = −(1/B) Σ log p(y_i | x_i)
+//!
+//! f(x) is the encoder's pooled [CLS] vector or the decoder's last-token hidden state. The head is
+//! `classifier` (with bias) on encoders and `score` (no bias) on decoders, so the output directory
+//! loads as `AutoModelForSequenceClassification` with `id2label`/`label2id`. With LoRA, the body is
+//! frozen, the head trains in full and is saved beside the adapter as PEFT's `modules_to_save`.
+//!
+//! Data: JSONL `{"text", "label"}` or CSV with `text` and `label` columns. Labels come from the
+//! training file (sorted); an evaluation label not among them is an error naming file:line.
+
+use crate::data::labeled::{read_labeled, Labeled};
+use crate::eval::metrics::{accuracy, macro_f1};
+use crate::fsutil::{write_dir, write_json};
+use crate::model::backbone::{argmax_rows, saved_with_head, Backbone};
+use crate::model::layers::{Builder, Layout, Linear};
+use crate::model::params::{save_tensors, ParamKind, Source};
+use crate::peft::lora::{self, LoraConfig};
+use crate::peft::AdapterSwitch;
+use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::train::sft::Stream;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+const POOLER: &str = "bert.pooler.";
+
+pub struct Options {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub eval_data: Option<PathBuf>,
+    pub out: PathBuf,
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    pub lora: Option<LoraConfig>,
+    pub merge: bool,
+    pub device: Device,
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub seconds: f64,
+    pub step_s_median: f64,
+    pub peak_rss_mib: f64,
+    pub trainable: usize,
+    pub total: usize,
+    pub accuracy: Option<f64>,
+    pub macro_f1: Option<f64>,
+    /// Bytes of the written weights (adapter + head, or the whole model).
+    pub checkpoint_bytes: u64,
+}
+
+fn encode(tok: &crate::tokenizer::Tok, rows: &[Labeled], max_len: usize) -> Result<Vec<Vec<u32>>> {
+    rows.iter()
+        .map(|r| {
+            let mut ids = tok.encode(&r.text, true)?;
+            ids.truncate(max_len);
+            if ids.is_empty() {
+                bail!("{}: the text tokenizes to nothing", r.at);
+            }
+            Ok(ids)
+        })
+        .collect()
+}
+
+pub fn run(o: Options) -> Result<Summary> {
+    let say = |s: &str| {
+        if !o.quiet {
+            eprintln!("{s}");
+        }
+    };
+    // 1. Data and labels.
+    let train = read_labeled(&o.data)?;
+    let mut labels: Vec<String> = train.iter().map(|r| r.label.clone()).collect();
+    labels.sort();
+    labels.dedup();
+    if labels.len() < 2 {
+        bail!(
+            "{}: need at least 2 distinct labels, found {:?}",
+            o.data.display(),
+            labels
+        );
+    }
+    let label_id = |r: &Labeled| -> Result<usize> {
+        labels.binary_search(&r.label).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: label {:?} is not in the training labels {:?}",
+                r.at,
+                r.label,
+                labels
+            )
+        })
+    };
+    let eval = match &o.eval_data {
+        Some(p) => read_labeled(p)?,
+        None => Vec::new(),
+    };
+    let y_train: Vec<usize> = train.iter().map(label_id).collect::<Result<_>>()?;
+    let y_eval: Vec<usize> = eval.iter().map(label_id).collect::<Result<_>>()?;
+
+    // 2. Body (frozen for LoRA) and head.
+    let peft = o.lora.is_some();
+    // BERT's pooler belongs to the classification head: it trains (and is saved with the
+    // adapter as `modules_to_save`) under LoRA too, also when the checkpoint has none.
+    let mut m = Backbone::load(&o.model, &o.device, &|n: &str| {
+        peft && !n.starts_with(POOLER)
+    })?;
+    let max_len = o.max_len.min(m.body.max_len());
+    let x_train = encode(&m.tok, &train, max_len)?;
+    let x_eval = encode(&m.tok, &eval, max_len)?;
+    let (head_name, head_bias) = m.body.head_name();
+    let head = {
+        let mut b = Builder {
+            store: &mut m.store,
+            source: &Source::Random { seed: o.seed },
+            frozen: &|_| false,
+        };
+        Linear::new(
+            &mut b,
+            head_name,
+            m.body.hidden_size(),
+            labels.len(),
+            head_bias,
+            Layout::OutIn,
+            0.02,
+        )?
+    };
+    let switch = AdapterSwitch::default();
+    let adapters = match &o.lora {
+        Some(c) => Some(lora::attach_to(
+            m.body.linears_mut(),
+            &mut m.store,
+            c,
+            None,
+            o.seed,
+            &switch,
+        )?),
+        None => None,
+    };
+    let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
+    say(&format!(
+        "{} train / {} eval examples, {} labels; trainable parameters {trainable} of {total} ({:.2}%)",
+        train.len(),
+        eval.len(),
+        labels.len(),
+        100.0 * trainable as f64 / total as f64
+    ));
+
+    // 3. Loop.
+    let pad = m.body.pad_id(&m.tok);
+    let dev = o.device.clone();
+    let mut opt = AdamW::new(
+        &m.store,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: o.weight_decay,
+        },
+    )?;
+    let per_epoch = train.len().div_ceil(o.batch_size.max(1)) as u64;
+    let total_steps = per_epoch * o.epochs as u64;
+    if total_steps == 0 {
+        bail!("nothing to do: 0 steps");
+    }
+    let predict = |rows: &[Vec<u32>]| -> Result<Vec<usize>> {
+        let mut out = Vec::new();
+        for c in rows.chunks(o.batch_size.max(1)) {
+            let logits = head.forward(&m.body.features(c, pad, &dev)?.detach())?;
+            out.extend(argmax_rows(&logits)?);
+        }
+        Ok(out)
+    };
+    let mut metrics = std::fs::File::create(o.out.join("metrics.jsonl")).or_else(|_| {
+        std::fs::create_dir_all(&o.out)?;
+        std::fs::File::create(o.out.join("metrics.jsonl"))
+    })?;
+    let mut stream = Stream {
+        seed: o.seed,
+        n: train.len(),
+        epoch: None,
+    };
+    let started = Instant::now();
+    let mut times = Vec::new();
+    let (mut acc, mut f1) = (None, None);
+    for step in 0..total_steps {
+        let t0 = Instant::now();
+        let idx: Vec<usize> = (0..o.batch_size)
+            .map(|i| stream.get(step as usize * o.batch_size + i))
+            .collect();
+        let rows: Vec<Vec<u32>> = idx.iter().map(|&i| x_train[i].clone()).collect();
+        let y: Vec<u32> = idx.iter().map(|&i| y_train[i] as u32).collect();
+        switch.set_training(true, step ^ o.seed.rotate_left(17));
+        let logits = head.forward(&m.body.features(&rows, pad, &dev)?)?;
+        switch.set_training(false, 0);
+        let loss = crate::losses::cross_entropy(&logits, &Tensor::from_vec(y, idx.len(), &dev)?)?;
+        let lv = loss.to_scalar::<f32>()?;
+        let grads = m.store.grads(&loss.backward()?);
+        let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
+        opt.step(&m.store, &grads, lr)?;
+        times.push(t0.elapsed().as_secs_f64());
+        writeln!(
+            metrics,
+            "{}",
+            json!({"step": step + 1, "loss": lv, "lr": lr})
+        )?;
+        if (step + 1) % per_epoch == 0 || step + 1 == total_steps {
+            let epoch = (step + 1).div_ceil(per_epoch);
+            if !x_eval.is_empty() {
+                let pred = predict(&x_eval)?;
+                let (a, f) = (accuracy(&y_eval, &pred), macro_f1(&y_eval, &pred));
+                (acc, f1) = (Some(a), Some(f));
+                writeln!(
+                    metrics,
+                    "{}",
+                    json!({"epoch": epoch, "accuracy": a, "macro_f1": f})
+                )?;
+                say(&format!(
+                    "epoch {epoch}: loss {lv:.4}  eval accuracy {a:.4}  macro-F1 {f:.4}"
+                ));
+            } else {
+                say(&format!("epoch {epoch}: loss {lv:.4}"));
+            }
+        } else if !o.quiet && (step + 1) % (total_steps / 20).max(1) == 0 {
+            eprintln!("step {:>5}/{total_steps}  loss {lv:.4}", step + 1);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+
+    // 4. Output: the full model, or the adapter with the head (plus the merged model).
+    let config = m.body.head_config("SequenceClassification", &labels, pad);
+    let write_model = |dir: &std::path::Path| -> Result<()> {
+        write_dir(dir, |tmp| {
+            write_json(&tmp.join("config.json"), &config)?;
+            m.store
+                .save_safetensors_where(&tmp.join("model.safetensors"), saved_with_head)?;
+            m.tok.save(&tmp.join("tokenizer.json"))?;
+            let mut tc = crate::tokenizer::hf_tokenizer_config(&m.tok, max_len);
+            if let Some(p) = m.tok.inner.id_to_token(pad) {
+                tc["pad_token"] = json!(p);
+            }
+            write_json(&tmp.join("tokenizer_config.json"), &tc)
+        })
+    };
+    let checkpoint_bytes = match &adapters {
+        Some(a) => {
+            let dir = o.out.join("adapter");
+            let base = o.model.display().to_string();
+            write_dir(&dir, |tmp| {
+                a.write_files(tmp, &m.store, &base)?;
+                // PEFT keeps a classification head under `modules_to_save`, saved in the same file.
+                let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+                    tmp.join("adapter_config.json"),
+                )?)?;
+                cfg["task_type"] = json!("SEQ_CLS");
+                let mut keep = vec![head_name];
+                if matches!(m.body, Backbone::Encoder(_)) {
+                    keep.push("pooler");
+                }
+                cfg["modules_to_save"] = json!(keep);
+                write_json(&tmp.join("adapter_config.json"), &cfg)?;
+                let mut tensors: Vec<(String, Tensor)> = m
+                    .store
+                    .params()
+                    .iter()
+                    .filter(|p| {
+                        p.kind == ParamKind::Adapter
+                            || p.name.starts_with(&format!("{head_name}."))
+                            || p.name.starts_with(POOLER)
+                    })
+                    .map(|p| {
+                        let name = if p.kind == ParamKind::Adapter {
+                            p.name.clone()
+                        } else {
+                            format!("base_model.model.{}", p.name)
+                        };
+                        (name, p.var.as_detached_tensor())
+                    })
+                    .collect();
+                tensors.sort_by(|a, b| a.0.cmp(&b.0));
+                save_tensors(&tensors, &tmp.join("adapter_model.safetensors"))
+            })?;
+            if o.merge {
+                a.merge_into(m.body.linears_mut(), &m.store)?;
+                write_model(&o.out.join("model"))?;
+            }
+            std::fs::metadata(dir.join("adapter_model.safetensors"))?.len()
+        }
+        None => {
+            write_model(&o.out.join("model"))?;
+            std::fs::metadata(o.out.join("model/model.safetensors"))?.len()
+        }
+    };
+    let summary = Summary {
+        steps: total_steps,
+        seconds,
+        step_s_median: times[times.len() / 2],
+        peak_rss_mib: crate::bench::peak_rss_mib(),
+        trainable,
+        total,
+        accuracy: acc,
+        macro_f1: f1,
+        checkpoint_bytes,
+    };
+    writeln!(
+        metrics,
+        "{}",
+        json!({"summary": true, "steps": total_steps, "seconds": seconds, "step_s_median": summary.step_s_median,
+               "peak_rss_mib": summary.peak_rss_mib, "trainable_params": trainable, "total_params": total,
+               "accuracy": acc, "macro_f1": f1, "checkpoint_bytes": checkpoint_bytes})
+    )?;
+    Ok(summary)
+}
