@@ -97,18 +97,8 @@ struct SftArgs {
     /// Parameter-efficient method.
     #[arg(long, value_enum)]
     peft: Option<PeftKind>,
-    #[arg(long, default_value_t = 8)]
-    lora_r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
-    #[arg(long, default_value_t = 0.05)]
-    lora_dropout: f32,
-    /// Comma-separated module names (q_proj,v_proj) or all-linear.
-    #[arg(long, default_value = "all-linear")]
-    target_modules: String,
-    /// LoRA scaling α/√r instead of α/r.
-    #[arg(long)]
-    use_rslora: bool,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// With --peft: also write the merged model to OUT/model.
     #[arg(long)]
     merge: bool,
@@ -124,6 +114,45 @@ struct SftArgs {
 #[derive(Clone, Copy, ValueEnum)]
 enum PeftKind {
     Lora,
+}
+
+/// LoRA's flags, shared by every fine-tuning command.
+#[derive(Args)]
+struct LoraArgs {
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Comma-separated module names (q_proj,v_proj) or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    target_modules: String,
+    /// LoRA scaling α/√r instead of α/r.
+    #[arg(long)]
+    use_rslora: bool,
+}
+
+fn lora_config(
+    peft: Option<PeftKind>,
+    a: &LoraArgs,
+    merge: bool,
+) -> Result<Option<lmforge::peft::lora::LoraConfig>> {
+    use lmforge::peft::lora::{LoraConfig, Targets};
+    let cfg = match peft {
+        Some(PeftKind::Lora) => Some(LoraConfig {
+            r: a.lora_r,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            targets: Targets::parse(&a.target_modules)?,
+            use_rslora: a.use_rslora,
+        }),
+        None => None,
+    };
+    if merge && cfg.is_none() {
+        anyhow::bail!("--merge needs --peft lora");
+    }
+    Ok(cfg)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -162,16 +191,11 @@ struct FinetuneArgs {
     weight_decay: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Parameter-efficient method.
     #[arg(long, value_enum)]
     peft: Option<PeftKind>,
-    #[arg(long, default_value_t = 8)]
-    lora_r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
-    #[arg(long, default_value_t = 0.1)]
-    lora_dropout: f32,
-    #[arg(long, default_value = "all-linear")]
-    target_modules: String,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// With --peft: also write the merged model to OUT/model.
     #[arg(long)]
     merge: bool,
@@ -625,21 +649,8 @@ fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
 }
 
 fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
-    use lmforge::peft::lora::{LoraConfig, Targets};
     use lmforge::train::sft;
-    let lora = match a.peft {
-        Some(PeftKind::Lora) => Some(LoraConfig {
-            r: a.lora_r,
-            alpha: a.lora_alpha,
-            dropout: a.lora_dropout,
-            targets: Targets::parse(&a.target_modules)?,
-            use_rslora: a.use_rslora,
-        }),
-        None => None,
-    };
-    if a.merge && lora.is_none() {
-        anyhow::bail!("--merge needs --peft lora");
-    }
+    let lora = lora_config(a.peft, &a.lora, a.merge)?;
     let lr = a.lr.unwrap_or(if lora.is_some() { 2e-4 } else { 2e-5 });
     let s = sft::run(sft::Options {
         model: a.model,
@@ -689,21 +700,8 @@ fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
 }
 
 fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
-    use lmforge::peft::lora::{LoraConfig, Targets};
     use lmforge::train::classify;
-    let lora = match a.peft {
-        Some(PeftKind::Lora) => Some(LoraConfig {
-            r: a.lora_r,
-            alpha: a.lora_alpha,
-            dropout: a.lora_dropout,
-            targets: Targets::parse(&a.target_modules)?,
-            use_rslora: false,
-        }),
-        None => None,
-    };
-    if a.merge && lora.is_none() {
-        anyhow::bail!("--merge needs --peft lora");
-    }
+    let lora = lora_config(a.peft, &a.lora, a.merge)?;
     let lr = a.lr.unwrap_or(if lora.is_some() { 5e-4 } else { 5e-5 });
     let s = match a.task {
         Task::Classify => classify::run(classify::Options {

@@ -66,7 +66,7 @@ fn classify_full_and_lora_on_encoder_and_decoder() {
     let (tr, te) = data(&d);
     for (base, lora, lr) in [
         ("bert_tiny", false, "3e-3"),
-        ("bert_tiny", true, "1e-2"),
+        ("bert_tiny", true, "3e-3"),
         ("llama_tiny", false, "3e-3"),
     ] {
         let out = d.join(format!("{base}_{lora}"));
@@ -90,7 +90,15 @@ fn classify_full_and_lora_on_encoder_and_decoder() {
             "--quiet",
         ];
         if lora {
-            args.extend(["--peft", "lora", "--lora-r", "4", "--merge"]);
+            args.extend([
+                "--peft",
+                "lora",
+                "--lora-r",
+                "4",
+                "--lora-dropout",
+                "0",
+                "--merge",
+            ]);
         }
         let (ok, err) = run(&args);
         assert!(ok, "{base} lora={lora}: {err}");

@@ -73,7 +73,8 @@ fn prompt_completion_trains_the_completion_and_eos_only() {
 #[test]
 fn a_token_merged_across_the_boundary_belongs_to_where_it_starts() {
     // " the" is one token: cut as "th" | "e", BPE merges across the cut, so searching for the
-    // completion's own tokens would fail; offsets do not.
+    // completion's own tokens would fail; offsets do not. A prompt ending in a space before a
+    // one-word answer is the common case of the same thing.
     let tok = tok();
     let f = Formatter {
         tok: &tok,
@@ -89,9 +90,14 @@ fn a_token_merged_across_the_boundary_belongs_to_where_it_starts() {
     let (ids, offs) = tok.encode_with_offsets("Lord the king", true).unwrap();
     assert_eq!(ids, t.ids, "the example is tokenized as one text");
     for (o, tr) in offs.iter().zip(&t.train) {
-        let s = o.unwrap().0;
-        assert_eq!(*tr, s >= "Lord th".len(), "token at byte {s}");
+        let (s, e) = o.unwrap();
+        assert_eq!(*tr, e > "Lord th".len(), "token at bytes {s}..{e}");
     }
+    // The merged token " the" is trained: the answer cannot be produced without it.
+    let the = tok.encode(" the", false).unwrap();
+    assert_eq!(the.len(), 1);
+    let i = t.ids.iter().position(|&x| x == the[0]).unwrap();
+    assert!(t.train[i]);
     assert_ne!(
         tok.encode("e king", false).unwrap(),
         t.ids[t.ids.len() - t.n_targets()..].to_vec(),
@@ -425,4 +431,23 @@ fn sft_lora_merge_and_generate_commands() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("train.jsonl:1"));
     assert!(!d.join("bad/model").exists());
+}
+
+#[test]
+fn packing_rows_hold_every_example_once_within_the_length() {
+    use lmforge::train::sft::rows_of;
+    let m = hf::load_dir(&fixture("llama_tiny"), &Device::Cpu, &|_| true).unwrap();
+    let mut exs = examples(&m);
+    exs.extend(examples(&m));
+    exs.extend(examples(&m));
+    let max_len = 40;
+    let rows = rows_of(&exs, true, max_len, 5);
+    assert!(rows.len() < exs.len(), "nothing was packed");
+    let mut seen: Vec<usize> = rows.iter().flatten().copied().collect();
+    seen.sort();
+    assert_eq!(seen, (0..exs.len()).collect::<Vec<_>>());
+    for r in &rows {
+        assert!(r.iter().map(|&i| exs[i].ids.len() - 1).sum::<usize>() <= max_len - 1);
+    }
+    assert_eq!(rows_of(&exs, false, max_len, 5).len(), exs.len());
 }

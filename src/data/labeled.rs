@@ -16,10 +16,12 @@ pub struct Labeled {
 pub fn read_labeled(path: &Path) -> Result<Vec<Labeled>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    // Spreadsheet exports often start with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let rows = if path.extension().is_some_and(|e| e == "csv") {
-        read_csv(&text, &path.display().to_string())?
+        read_csv(text, &path.display().to_string())?
     } else {
-        read_jsonl(&text, &path.display().to_string())?
+        read_jsonl(text, &path.display().to_string())?
     };
     if rows.is_empty() {
         bail!("{}: no examples", path.display());

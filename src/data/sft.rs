@@ -9,8 +9,8 @@
 //! of the rendered text and the tokenizer's offsets, never by searching for the answer string:
 //! an assistant turn's span is where `render(messages[..=i])` extends
 //! `render(messages[..i], add_generation_prompt)`, so the turn's end-of-turn marker is trained
-//! too (the model learns to stop). Text is tokenized once, so tokens that merge across a
-//! boundary are assigned by where they start. Rendered templates carry their own BOS, so they are
+//! too (the model learns to stop). Text is tokenized once; a token that merges across a
+//! boundary is trained when any of its bytes is (it is needed to produce the answer). Rendered templates carry their own BOS, so they are
 //! tokenized without special tokens (no double BOS); plain text gets the tokenizer's usual ones.
 
 use crate::chat::{ChatTemplate, Message};
@@ -197,8 +197,13 @@ impl Formatter<'_> {
         let (mut ids, offs) = self.tok.encode_with_offsets(&text, special)?;
         let mut train: Vec<bool> = offs
             .iter()
-            .map(|o| match o {
-                Some((s, _)) => self.train_on_prompt || spans.iter().any(|r| r.contains(s)),
+            // A token is trained if any of its bytes is: a word merged with the space before it
+            // (`" positive"` after `"Answer: "`) must be trained, or a one-word answer learns nothing.
+            .map(|o| match *o {
+                Some((s, e)) => {
+                    self.train_on_prompt
+                        || spans.iter().any(|r| s < r.end && e.max(s + 1) > r.start)
+                }
                 None => false,
             })
             .collect();
@@ -210,7 +215,12 @@ impl Formatter<'_> {
         }
         if !matches!(ex, Example::Chat(_)) {
             if let Some(e) = self.eos {
-                if ids.last() != Some(&e) {
+                if ids.last() == Some(&e) {
+                    // Appended by the post-processor (no offsets): still the answer's end.
+                    if let Some(t) = train.last_mut() {
+                        *t = true;
+                    }
+                } else {
                     ids.push(e);
                     train.push(true);
                 }

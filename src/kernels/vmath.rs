@@ -7,13 +7,15 @@
 //! accumulators: f32 addition is not associative, so the compiler will not vectorise a single
 //! running sum by itself.
 
-/// e^x for x ≤ 88.7; exactly 0 below −87.3 (so masked −∞ scores give 0), NaN stays NaN.
+/// e^x for x ≤ 88.3 (larger x saturate there, ~2·10³⁸); exactly 0 below −87.3 (so masked −∞
+/// scores give 0); NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.clamp(-87.3, 88.7);
+    // 88.3 keeps n ≤ 127, so 2ⁿ is a normal float (n = 128 would be +∞).
+    let xc = x.clamp(-87.3, 88.3);
     // Round to nearest with the 1.5·2²³ trick (vectorises; `round` would be a libm call).
     let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
     let r = xc - n * LN2_HI - n * LN2_LO;

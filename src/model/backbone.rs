@@ -9,7 +9,7 @@ use super::hf;
 use super::layers::Linear;
 use super::{DecoderModel, Family, ForwardOpts, ParamStore};
 use crate::tokenizer::Tok;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -187,31 +187,6 @@ impl Backbone {
 /// The parameter names a head model writes: the body without a decoder's LM head.
 pub fn saved_with_head(name: &str) -> bool {
     name != "lm_head.weight"
-}
-
-/// Reads `config.json`'s labels (id2label order) if the directory has them.
-pub fn labels_of(dir: &Path) -> Result<Option<Vec<String>>> {
-    let p = dir.join("config.json");
-    let Ok(text) = std::fs::read_to_string(&p) else {
-        return Ok(None);
-    };
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
-    let Some(m) = v.get("id2label").and_then(Value::as_object) else {
-        return Ok(None);
-    };
-    let mut l = vec![String::new(); m.len()];
-    for (k, name) in m {
-        let i: usize = k
-            .parse()
-            .ok()
-            .filter(|&i: &usize| i < m.len())
-            .with_context(|| {
-                format!("{}: id2label key {k:?} is not 0..{}", p.display(), m.len())
-            })?;
-        l[i] = name.as_str().unwrap_or_default().to_string();
-    }
-    Ok(Some(l))
 }
 
 /// f32 helper for logits → argmax per row.

@@ -270,18 +270,10 @@ impl Lora {
     }
 
     fn config_json(&self, base: &str) -> Value {
-        // "all-linear" is written out as the adapted modules' names, as PEFT itself saves it.
+        // "all-linear" is written out as the adapted modules' full paths: suffixes such as
+        // BERT's `dense` would also match layers lmforge did not adapt (the pooler).
         let targets = match &self.cfg.targets {
-            Targets::AllLinear => {
-                let mut n: Vec<&str> = self
-                    .modules
-                    .iter()
-                    .map(|m| m.rsplit('.').next().unwrap_or(m))
-                    .collect();
-                n.sort();
-                n.dedup();
-                json!(n)
-            }
+            Targets::AllLinear => json!(self.modules),
             t => t.to_json(),
         };
         json!({

@@ -65,8 +65,16 @@ pub struct Summary {
 fn encode(tok: &crate::tokenizer::Tok, rows: &[Labeled], max_len: usize) -> Result<Vec<Vec<u32>>> {
     rows.iter()
         .map(|r| {
-            let mut ids = tok.encode(&r.text, true)?;
-            ids.truncate(max_len);
+            let (mut ids, offs) = tok.encode_with_offsets(&r.text, true)?;
+            if ids.len() > max_len {
+                // Keep a closing special token ([SEP], EOS) the way transformers truncates.
+                let tail = match offs.last() {
+                    Some(None) => ids.last().copied(),
+                    _ => None,
+                };
+                ids.truncate(max_len - usize::from(tail.is_some()));
+                ids.extend(tail);
+            }
             if ids.is_empty() {
                 bail!("{}: the text tokenizes to nothing", r.at);
             }
@@ -84,7 +92,11 @@ pub fn run(o: Options) -> Result<Summary> {
     // 1. Data and labels.
     let train = read_labeled(&o.data)?;
     let mut labels: Vec<String> = train.iter().map(|r| r.label.clone()).collect();
-    labels.sort();
+    // Integer labels keep their numeric order (label 10 after 9, not after 1).
+    labels.sort_by(|a, b| match (a.parse::<i64>(), b.parse::<i64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    });
     labels.dedup();
     if labels.len() < 2 {
         bail!(
@@ -94,7 +106,7 @@ pub fn run(o: Options) -> Result<Summary> {
         );
     }
     let label_id = |r: &Labeled| -> Result<usize> {
-        labels.binary_search(&r.label).map_err(|_| {
+        labels.iter().position(|l| *l == r.label).ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: label {:?} is not in the training labels {:?}",
                 r.at,
@@ -170,7 +182,10 @@ pub fn run(o: Options) -> Result<Summary> {
             weight_decay: o.weight_decay,
         },
     )?;
-    let per_epoch = train.len().div_ceil(o.batch_size.max(1)) as u64;
+    if o.batch_size == 0 || max_len < 2 {
+        bail!("--batch-size must be positive and --max-len at least 2");
+    }
+    let per_epoch = train.len().div_ceil(o.batch_size) as u64;
     let total_steps = per_epoch * o.epochs as u64;
     if total_steps == 0 {
         bail!("nothing to do: 0 steps");
@@ -207,6 +222,9 @@ pub fn run(o: Options) -> Result<Summary> {
         switch.set_training(false, 0);
         let loss = crate::losses::cross_entropy(&logits, &Tensor::from_vec(y, idx.len(), &dev)?)?;
         let lv = loss.to_scalar::<f32>()?;
+        if !lv.is_finite() {
+            bail!("loss became {lv} at step {step}; lower --lr");
+        }
         let grads = m.store.grads(&loss.backward()?);
         let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
         opt.step(&m.store, &grads, lr)?;

@@ -257,24 +257,33 @@ pub fn run(opts: Options) -> Result<Summary> {
     let mut val_loss = None;
     for step in 0..t.max_steps {
         let lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
-        let mut grads: Option<Grads> = None;
-        let mut loss_sum = 0f32;
+        // Each micro-batch's loss is a mean over its selected tokens; the step averages the
+        // micro-batches that selected any (a window can, rarely, select nothing).
+        let mut parts = Vec::new();
         for micro in 0..t.grad_accum as u64 {
             let b = data.train_batch(t.seed, step, micro, t.batch_size);
             let rows = wrap(&b.x, b.batch, cls, sep);
             let seed = t.seed ^ (step << 16) ^ micro;
-            let Some(loss) = mlm_loss(&model, &rows, b.batch, &spec, seed, &device)? else {
-                continue;
-            };
+            if let Some(loss) = mlm_loss(&model, &rows, b.batch, &spec, seed, &device)? {
+                parts.push(loss);
+            }
+        }
+        if parts.is_empty() {
+            continue;
+        }
+        let n = parts.len();
+        let mut grads: Option<Grads> = None;
+        let mut loss_sum = 0f32;
+        for loss in parts {
             loss_sum += loss.to_scalar::<f32>()?;
-            let g = store.grads(&(loss / t.grad_accum as f64)?.backward()?);
+            let g = store.grads(&(loss / n as f64)?.backward()?);
             match grads.as_mut() {
                 Some(acc) => acc.accumulate(g)?,
                 None => grads = Some(g),
             }
         }
-        let Some(mut grads) = grads else { continue };
-        let loss = loss_sum / t.grad_accum as f32;
+        let mut grads = grads.context("no micro-batch")?;
+        let loss = loss_sum / n as f32;
         if !loss.is_finite() {
             bail!("loss became {loss} at step {step}; lower train.lr");
         }

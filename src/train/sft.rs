@@ -339,10 +339,10 @@ pub fn rows_of(data: &[Tokenized], packing: bool, max_len: usize, seed: u64) -> 
         return (0..data.len()).map(|i| vec![i]).collect();
     }
     let mut rows: Vec<Vec<usize>> = Vec::new();
-    let mut used = usize::MAX;
+    let mut used = 0usize;
     for i in permutation(seed ^ 0xBAC4, 0, data.len()) {
         let len = data[i].ids.len() - 1; // inputs: every token but the last
-        if used + len > max_len - 1 || rows.is_empty() {
+        if rows.is_empty() || used + len > max_len - 1 {
             rows.push(Vec::new());
             used = 0;
         }
