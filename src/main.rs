@@ -159,6 +159,8 @@ fn lora_config(
 enum Task {
     /// Sequence classification (text, label): accuracy and macro-F1.
     Classify,
+    /// Token classification / NER (CoNLL BIO files): entity-level F1.
+    Ner,
 }
 
 #[derive(Args)]
@@ -168,7 +170,8 @@ struct FinetuneArgs {
     /// Base model: an HF directory (BERT or decoder) or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// Training data: JSONL {"text","label"} or CSV with text,label columns.
+    /// Training data: classify: JSONL {"text","label"} or CSV with text,label columns;
+    /// ner: CoNLL lines "word ... TAG" (BIO), blank lines between sentences.
     #[arg(long)]
     data: PathBuf,
     /// Held-out data in the same format, evaluated after every epoch.
@@ -703,24 +706,26 @@ fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
     use lmforge::train::classify;
     let lora = lora_config(a.peft, &a.lora, a.merge)?;
     let lr = a.lr.unwrap_or(if lora.is_some() { 5e-4 } else { 5e-5 });
+    let opts = classify::Options {
+        model: a.model,
+        data: a.data,
+        eval_data: a.eval_data,
+        out: a.out.clone(),
+        epochs: a.epochs,
+        lr,
+        batch_size: a.batch_size,
+        max_len: a.max_len,
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        lora,
+        merge: a.merge,
+        device: lmforge::device(&a.device)?,
+        quiet: a.quiet,
+    };
     let s = match a.task {
-        Task::Classify => classify::run(classify::Options {
-            model: a.model,
-            data: a.data,
-            eval_data: a.eval_data,
-            out: a.out.clone(),
-            epochs: a.epochs,
-            lr,
-            batch_size: a.batch_size,
-            max_len: a.max_len,
-            warmup_steps: a.warmup_steps,
-            weight_decay: a.weight_decay,
-            seed: a.seed,
-            lora,
-            merge: a.merge,
-            device: lmforge::device(&a.device)?,
-            quiet: a.quiet,
-        })?,
+        Task::Classify => classify::run(opts)?,
+        Task::Ner => lmforge::train::ner::run(opts)?,
     };
     eprintln!(
         "done: {} steps in {:.1}s (median step {:.3}s), peak RSS {:.0} MiB; {} of {} parameters trained; weights written: {:.2} MB",
@@ -728,6 +733,9 @@ fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
     );
     if let (Some(acc), Some(f1)) = (s.accuracy, s.macro_f1) {
         eprintln!("eval: accuracy {acc:.4}, macro-F1 {f1:.4}");
+    }
+    if let Some(f1) = s.entity_f1 {
+        eprintln!("eval: entity F1 {f1:.4}");
     }
     eprintln!("output: {}", a.out.display());
     Ok(ExitCode::SUCCESS)

@@ -7,7 +7,10 @@
 use super::encoder::{Encoder, Heads};
 use super::hf;
 use super::layers::Linear;
+use super::params::{save_tensors, ParamKind};
 use super::{DecoderModel, Family, ForwardOpts, ParamStore};
+use crate::fsutil::{write_dir, write_json};
+use crate::peft::lora::Lora;
 use crate::tokenizer::Tok;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -35,21 +38,15 @@ fn is_encoder(path: &Path) -> bool {
 }
 
 impl Backbone {
+    /// `pooler`: build BERT's pooler (sequence classification reads it; token heads do not).
     pub fn load(
         path: &Path,
         dev: &Device,
+        pooler: bool,
         frozen: &dyn Fn(&str) -> bool,
     ) -> Result<LoadedBackbone> {
         if path.is_dir() && is_encoder(path) {
-            let m = hf::load_encoder(
-                path,
-                dev,
-                Heads {
-                    mlm: false,
-                    pooler: true,
-                },
-                frozen,
-            )?;
+            let m = hf::load_encoder(path, dev, Heads { mlm: false, pooler }, frozen)?;
             Ok(LoadedBackbone {
                 body: Backbone::Encoder(m.model),
                 store: m.store,
@@ -91,6 +88,14 @@ impl Backbone {
         match self {
             Backbone::Encoder(_) => ("classifier", true),
             Backbone::Decoder(_) => ("score", false),
+        }
+    }
+
+    /// The per-token head of `…ForTokenClassification` (name, bias).
+    pub fn token_head_name(&self) -> (&'static str, bool) {
+        match self {
+            Backbone::Decoder(d) if d.cfg.family == Family::Llama => ("score", true),
+            _ => ("classifier", true),
         }
     }
 
@@ -187,6 +192,90 @@ impl Backbone {
 /// The parameter names a head model writes: the body without a decoder's LM head.
 pub fn saved_with_head(name: &str) -> bool {
     name != "lm_head.weight"
+}
+
+/// BERT's pooler belongs to a classification head: it trains under LoRA too and is saved with
+/// the adapter.
+pub const POOLER: &str = "bert.pooler.";
+
+/// What a head fine-tune writes at the end.
+pub struct HeadOutputs<'a> {
+    pub m: &'a mut LoadedBackbone,
+    /// transformers' class suffix: "SequenceClassification", "TokenClassification", …
+    pub kind: &'a str,
+    /// PEFT's task_type: "SEQ_CLS", "TOKEN_CLS", …
+    pub peft_task: &'a str,
+    pub head_name: &'a str,
+    pub labels: &'a [String],
+    pub pad: u32,
+    pub max_len: usize,
+    pub adapters: Option<&'a Lora>,
+    pub out: &'a Path,
+    pub base: &'a Path,
+    pub merge: bool,
+}
+
+/// Writes `out/model` (full fine-tune) or `out/adapter` (LoRA + head as PEFT `modules_to_save`,
+/// plus `out/model` merged with `merge`). Returns the bytes of the weights file written.
+pub fn write_head_outputs(h: &mut HeadOutputs) -> Result<u64> {
+    let config = h.m.body.head_config(h.kind, h.labels, h.pad);
+    let write_model = |m: &LoadedBackbone, dir: &Path| -> Result<()> {
+        write_dir(dir, |tmp| {
+            write_json(&tmp.join("config.json"), &config)?;
+            m.store
+                .save_safetensors_where(&tmp.join("model.safetensors"), saved_with_head)?;
+            m.tok.save(&tmp.join("tokenizer.json"))?;
+            let mut tc = crate::tokenizer::hf_tokenizer_config(&m.tok, h.max_len);
+            if let Some(p) = m.tok.inner.id_to_token(h.pad) {
+                tc["pad_token"] = json!(p);
+            }
+            write_json(&tmp.join("tokenizer_config.json"), &tc)
+        })
+    };
+    let Some(a) = h.adapters else {
+        write_model(h.m, &h.out.join("model"))?;
+        return Ok(std::fs::metadata(h.out.join("model/model.safetensors"))?.len());
+    };
+    let dir = h.out.join("adapter");
+    let head = h.head_name;
+    let m = &*h.m;
+    write_dir(&dir, |tmp| {
+        a.write_files(tmp, &m.store, &h.base.display().to_string())?;
+        let mut cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.join("adapter_config.json"))?)?;
+        cfg["task_type"] = json!(h.peft_task);
+        let mut keep = vec![head];
+        if m.store.get("bert.pooler.dense.weight").is_some() {
+            keep.push("pooler");
+        }
+        cfg["modules_to_save"] = json!(keep);
+        write_json(&tmp.join("adapter_config.json"), &cfg)?;
+        let mut tensors: Vec<(String, Tensor)> = m
+            .store
+            .params()
+            .iter()
+            .filter(|p| {
+                p.kind == ParamKind::Adapter
+                    || p.name.starts_with(&format!("{head}."))
+                    || p.name.starts_with(POOLER)
+            })
+            .map(|p| {
+                let name = if p.kind == ParamKind::Adapter {
+                    p.name.clone()
+                } else {
+                    format!("base_model.model.{}", p.name)
+                };
+                (name, p.var.as_detached_tensor())
+            })
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        save_tensors(&tensors, &tmp.join("adapter_model.safetensors"))
+    })?;
+    if h.merge {
+        a.merge_into(h.m.body.linears_mut(), &h.m.store)?;
+        write_model(h.m, &h.out.join("model"))?;
+    }
+    Ok(std::fs::metadata(dir.join("adapter_model.safetensors"))?.len())
 }
 
 /// f32 helper for logits → argmax per row.

@@ -13,10 +13,9 @@
 
 use crate::data::labeled::{read_labeled, Labeled};
 use crate::eval::metrics::{accuracy, macro_f1};
-use crate::fsutil::{write_dir, write_json};
-use crate::model::backbone::{argmax_rows, saved_with_head, Backbone};
+use crate::model::backbone::{argmax_rows, write_head_outputs, Backbone, HeadOutputs, POOLER};
 use crate::model::layers::{Builder, Layout, Linear};
-use crate::model::params::{save_tensors, ParamKind, Source};
+use crate::model::params::Source;
 use crate::peft::lora::{self, LoraConfig};
 use crate::peft::AdapterSwitch;
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
@@ -27,8 +26,6 @@ use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
-
-const POOLER: &str = "bert.pooler.";
 
 pub struct Options {
     pub model: PathBuf,
@@ -58,6 +55,8 @@ pub struct Summary {
     pub total: usize,
     pub accuracy: Option<f64>,
     pub macro_f1: Option<f64>,
+    /// Token classification: entity-level F1.
+    pub entity_f1: Option<f64>,
     /// Bytes of the written weights (adapter + head, or the whole model).
     pub checkpoint_bytes: u64,
 }
@@ -126,7 +125,7 @@ pub fn run(o: Options) -> Result<Summary> {
     let peft = o.lora.is_some();
     // BERT's pooler belongs to the classification head: it trains (and is saved with the
     // adapter as `modules_to_save`) under LoRA too, also when the checkpoint has none.
-    let mut m = Backbone::load(&o.model, &o.device, &|n: &str| {
+    let mut m = Backbone::load(&o.model, &o.device, true, &|n: &str| {
         peft && !n.starts_with(POOLER)
     })?;
     let max_len = o.max_len.min(m.body.max_len());
@@ -259,69 +258,19 @@ pub fn run(o: Options) -> Result<Summary> {
     times.sort_by(f64::total_cmp);
 
     // 4. Output: the full model, or the adapter with the head (plus the merged model).
-    let config = m.body.head_config("SequenceClassification", &labels, pad);
-    let write_model = |dir: &std::path::Path| -> Result<()> {
-        write_dir(dir, |tmp| {
-            write_json(&tmp.join("config.json"), &config)?;
-            m.store
-                .save_safetensors_where(&tmp.join("model.safetensors"), saved_with_head)?;
-            m.tok.save(&tmp.join("tokenizer.json"))?;
-            let mut tc = crate::tokenizer::hf_tokenizer_config(&m.tok, max_len);
-            if let Some(p) = m.tok.inner.id_to_token(pad) {
-                tc["pad_token"] = json!(p);
-            }
-            write_json(&tmp.join("tokenizer_config.json"), &tc)
-        })
-    };
-    let checkpoint_bytes = match &adapters {
-        Some(a) => {
-            let dir = o.out.join("adapter");
-            let base = o.model.display().to_string();
-            write_dir(&dir, |tmp| {
-                a.write_files(tmp, &m.store, &base)?;
-                // PEFT keeps a classification head under `modules_to_save`, saved in the same file.
-                let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-                    tmp.join("adapter_config.json"),
-                )?)?;
-                cfg["task_type"] = json!("SEQ_CLS");
-                let mut keep = vec![head_name];
-                if matches!(m.body, Backbone::Encoder(_)) {
-                    keep.push("pooler");
-                }
-                cfg["modules_to_save"] = json!(keep);
-                write_json(&tmp.join("adapter_config.json"), &cfg)?;
-                let mut tensors: Vec<(String, Tensor)> = m
-                    .store
-                    .params()
-                    .iter()
-                    .filter(|p| {
-                        p.kind == ParamKind::Adapter
-                            || p.name.starts_with(&format!("{head_name}."))
-                            || p.name.starts_with(POOLER)
-                    })
-                    .map(|p| {
-                        let name = if p.kind == ParamKind::Adapter {
-                            p.name.clone()
-                        } else {
-                            format!("base_model.model.{}", p.name)
-                        };
-                        (name, p.var.as_detached_tensor())
-                    })
-                    .collect();
-                tensors.sort_by(|a, b| a.0.cmp(&b.0));
-                save_tensors(&tensors, &tmp.join("adapter_model.safetensors"))
-            })?;
-            if o.merge {
-                a.merge_into(m.body.linears_mut(), &m.store)?;
-                write_model(&o.out.join("model"))?;
-            }
-            std::fs::metadata(dir.join("adapter_model.safetensors"))?.len()
-        }
-        None => {
-            write_model(&o.out.join("model"))?;
-            std::fs::metadata(o.out.join("model/model.safetensors"))?.len()
-        }
-    };
+    let checkpoint_bytes = write_head_outputs(&mut HeadOutputs {
+        m: &mut m,
+        kind: "SequenceClassification",
+        peft_task: "SEQ_CLS",
+        head_name,
+        labels: &labels,
+        pad,
+        max_len,
+        adapters: adapters.as_ref(),
+        out: &o.out,
+        base: &o.model,
+        merge: o.merge,
+    })?;
     let summary = Summary {
         steps: total_steps,
         seconds,
@@ -331,6 +280,7 @@ pub fn run(o: Options) -> Result<Summary> {
         total,
         accuracy: acc,
         macro_f1: f1,
+        entity_f1: None,
         checkpoint_bytes,
     };
     writeln!(

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod classify;
 pub mod mlm;
+pub mod ner;
 pub mod optim;
 pub mod pretrain;
 pub mod sft;
