@@ -161,6 +161,8 @@ enum Task {
     Classify,
     /// Token classification / NER (CoNLL BIO files): entity-level F1.
     Ner,
+    /// Extractive question answering (SQuAD v1.1 JSON), encoders: exact match and F1.
+    Qa,
 }
 
 #[derive(Args)]
@@ -171,7 +173,7 @@ struct FinetuneArgs {
     #[arg(long)]
     model: PathBuf,
     /// Training data: classify: JSONL {"text","label"} or CSV with text,label columns;
-    /// ner: CoNLL lines "word ... TAG" (BIO), blank lines between sentences.
+    /// ner: CoNLL lines "word ... TAG" (BIO), blank lines between sentences; qa: SQuAD v1.1 JSON.
     #[arg(long)]
     data: PathBuf,
     /// Held-out data in the same format, evaluated after every epoch.
@@ -188,6 +190,9 @@ struct FinetuneArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 256)]
     max_len: usize,
+    /// qa: tokens shared by consecutive windows of a long context.
+    #[arg(long, default_value_t = 64)]
+    stride: usize,
     #[arg(long, default_value_t = 0)]
     warmup_steps: u64,
     #[arg(long, default_value_t = 0.01)]
@@ -726,6 +731,7 @@ fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
     let s = match a.task {
         Task::Classify => classify::run(opts)?,
         Task::Ner => lmforge::train::ner::run(opts)?,
+        Task::Qa => lmforge::train::qa::run(opts, a.stride)?,
     };
     eprintln!(
         "done: {} steps in {:.1}s (median step {:.3}s), peak RSS {:.0} MiB; {} of {} parameters trained; weights written: {:.2} MB",
@@ -736,6 +742,9 @@ fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
     }
     if let Some(f1) = s.entity_f1 {
         eprintln!("eval: entity F1 {f1:.4}");
+    }
+    if let Some((em, f1)) = s.squad {
+        eprintln!("eval: exact match {em:.2}, F1 {f1:.2}");
     }
     eprintln!("output: {}", a.out.display());
     Ok(ExitCode::SUCCESS)

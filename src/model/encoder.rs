@@ -413,6 +413,7 @@ impl Encoder {
                 || (!heads.pooler && n.contains("pooler."))
                 || (!heads.mlm && n.starts_with("cls.predictions"))
                 || n.starts_with("classifier.")
+                || n.starts_with("qa_outputs.")
         })?;
         Ok(out)
     }

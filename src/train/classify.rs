@@ -57,6 +57,8 @@ pub struct Summary {
     pub macro_f1: Option<f64>,
     /// Token classification: entity-level F1.
     pub entity_f1: Option<f64>,
+    /// Extractive QA: exact match and F1 (percent).
+    pub squad: Option<(f64, f64)>,
     /// Bytes of the written weights (adapter + head, or the whole model).
     pub checkpoint_bytes: u64,
 }
@@ -281,6 +283,7 @@ pub fn run(o: Options) -> Result<Summary> {
         accuracy: acc,
         macro_f1: f1,
         entity_f1: None,
+        squad: None,
         checkpoint_bytes,
     };
     writeln!(

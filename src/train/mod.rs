@@ -6,4 +6,5 @@ pub mod mlm;
 pub mod ner;
 pub mod optim;
 pub mod pretrain;
+pub mod qa;
 pub mod sft;

@@ -336,6 +336,7 @@ pub fn run(o: Options) -> Result<Summary> {
         accuracy: None,
         macro_f1: None,
         entity_f1: f1,
+        squad: None,
         checkpoint_bytes,
     };
     writeln!(
