@@ -207,6 +207,9 @@ struct FinetuneArgs {
     /// With --peft: also write the merged model to OUT/model.
     #[arg(long)]
     merge: bool,
+    /// Decoders: a text file whose perplexity is reported before and after fine-tuning.
+    #[arg(long)]
+    forgetting_eval: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long)]
@@ -725,6 +728,7 @@ fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
         seed: a.seed,
         lora,
         merge: a.merge,
+        forgetting_eval: a.forgetting_eval,
         device: lmforge::device(&a.device)?,
         quiet: a.quiet,
     };
@@ -745,6 +749,12 @@ fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
     }
     if let Some((em, f1)) = s.squad {
         eprintln!("eval: exact match {em:.2}, F1 {f1:.2}");
+    }
+    if let Some((b, after)) = s.forgetting {
+        eprintln!(
+            "forgetting: perplexity of the evaluation text {b:.3} before, {after:.3} after ({:+.1}%)",
+            100.0 * (after / b - 1.0)
+        );
     }
     eprintln!("output: {}", a.out.display());
     Ok(ExitCode::SUCCESS)

@@ -198,3 +198,51 @@ fn unknown_eval_label_and_bad_csv_are_named() {
     ]);
     assert!(!ok && err.contains("t.csv:3"), "{err}");
 }
+
+#[test]
+fn forgetting_report_on_decoders_and_refused_on_encoders() {
+    let d = tmpdir("classify_forget");
+    let (tr, _) = data(&d);
+    let text = small_corpus(&d, 2000);
+    let out = d.join("o");
+    let l = fixture("llama_tiny");
+    let (ok, err) = run(&[
+        "finetune",
+        "--task",
+        "classify",
+        "--model",
+        l.to_str().unwrap(),
+        "--data",
+        &tr,
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--lr",
+        "3e-3",
+        "--quiet",
+        "--forgetting-eval",
+        text.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("forgetting: perplexity"), "{err}");
+    let ppl = &summary(&out)["forgetting_ppl"];
+    assert!(
+        ppl[0].as_f64().unwrap() > 1.0 && ppl[1].as_f64().unwrap() > 1.0,
+        "{ppl}"
+    );
+    let b = fixture("bert_tiny");
+    let (ok, err) = run(&[
+        "finetune",
+        "--task",
+        "classify",
+        "--model",
+        b.to_str().unwrap(),
+        "--data",
+        &tr,
+        "--out",
+        d.join("b").to_str().unwrap(),
+        "--forgetting-eval",
+        text.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("BERT encoder"), "{err}");
+}

@@ -140,6 +140,20 @@ impl Backbone {
         }
     }
 
+    /// Perplexity of `ids` under the body with its (untouched) LM head: how much a task
+    /// fine-tune made a decoder forget. Encoders have no causal LM to score with.
+    pub fn lm_score(&self, ids: &[u32]) -> Result<crate::eval::score::Score> {
+        match self {
+            Backbone::Decoder(d) => {
+                let w = d.cfg.max_position_embeddings.min(512);
+                crate::eval::score::score_ids(d, ids, w, w / 2)
+            }
+            Backbone::Encoder(_) => anyhow::bail!(
+                "--forgetting-eval measures causal-LM perplexity, which a BERT encoder does not have"
+            ),
+        }
+    }
+
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
             Backbone::Encoder(e) => e.linears_mut(),

@@ -41,6 +41,8 @@ pub struct Options {
     pub seed: u64,
     pub lora: Option<LoraConfig>,
     pub merge: bool,
+    /// Decoders: text whose perplexity is reported before and after fine-tuning.
+    pub forgetting_eval: Option<PathBuf>,
     pub device: Device,
     pub quiet: bool,
 }
@@ -59,6 +61,8 @@ pub struct Summary {
     pub entity_f1: Option<f64>,
     /// Extractive QA: exact match and F1 (percent).
     pub squad: Option<(f64, f64)>,
+    /// Perplexity of the forgetting-evaluation text before and after.
+    pub forgetting: Option<(f64, f64)>,
     /// Bytes of the written weights (adapter + head, or the whole model).
     pub checkpoint_bytes: u64,
 }
@@ -162,6 +166,7 @@ pub fn run(o: Options) -> Result<Summary> {
         )?),
         None => None,
     };
+    let mut forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &m)?;
     let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
     say(&format!(
         "{} train / {} eval examples, {} labels; trainable parameters {trainable} of {total} ({:.2}%)",
@@ -284,6 +289,7 @@ pub fn run(o: Options) -> Result<Summary> {
         macro_f1: f1,
         entity_f1: None,
         squad: None,
+        forgetting: forgetting.finish(&m.body)?,
         checkpoint_bytes,
     };
     writeln!(
@@ -291,7 +297,44 @@ pub fn run(o: Options) -> Result<Summary> {
         "{}",
         json!({"summary": true, "steps": total_steps, "seconds": seconds, "step_s_median": summary.step_s_median,
                "peak_rss_mib": summary.peak_rss_mib, "trainable_params": trainable, "total_params": total,
-               "accuracy": acc, "macro_f1": f1, "checkpoint_bytes": checkpoint_bytes})
+               "accuracy": acc, "macro_f1": f1, "checkpoint_bytes": checkpoint_bytes,
+               "forgetting_ppl": summary.forgetting})
     )?;
     Ok(summary)
+}
+
+/// `--forgetting-eval` for task fine-tunes: the text's perplexity before training, then after.
+pub struct Forgetting {
+    ids: Option<Vec<u32>>,
+    before: Option<f64>,
+}
+
+impl Forgetting {
+    pub fn start(
+        path: Option<&std::path::Path>,
+        m: &crate::model::backbone::LoadedBackbone,
+    ) -> Result<Self> {
+        let Some(p) = path else {
+            return Ok(Self {
+                ids: None,
+                before: None,
+            });
+        };
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+        let ids = m.tok.encode(&text, true)?;
+        let before = m.body.lm_score(&ids)?.ppl();
+        Ok(Self {
+            ids: Some(ids),
+            before: Some(before),
+        })
+    }
+
+    /// (before, after), also printed; None without --forgetting-eval.
+    pub fn finish(&mut self, body: &Backbone) -> Result<Option<(f64, f64)>> {
+        let (Some(ids), Some(b)) = (self.ids.take(), self.before) else {
+            return Ok(None);
+        };
+        Ok(Some((b, body.lm_score(&ids)?.ppl())))
+    }
 }

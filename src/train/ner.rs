@@ -17,7 +17,7 @@ use crate::model::params::Source;
 use crate::peft::lora;
 use crate::peft::AdapterSwitch;
 use crate::tokenizer::Tok;
-use crate::train::classify::{Options, Summary};
+use crate::train::classify::{Forgetting, Options, Summary};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
 use crate::train::sft::Stream;
 use anyhow::{bail, Context, Result};
@@ -194,6 +194,7 @@ pub fn run(o: Options) -> Result<Summary> {
         )?),
         None => None,
     };
+    let mut forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &m)?;
     let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
     say(&format!(
         "{} train / {} eval sentences, {} tags, {cut} sentences truncated; trainable parameters {trainable} of {total}",
@@ -337,6 +338,7 @@ pub fn run(o: Options) -> Result<Summary> {
         macro_f1: None,
         entity_f1: f1,
         squad: None,
+        forgetting: forgetting.finish(&m.body)?,
         checkpoint_bytes,
     };
     writeln!(
@@ -344,7 +346,7 @@ pub fn run(o: Options) -> Result<Summary> {
         "{}",
         json!({"summary": true, "steps": total_steps, "seconds": seconds, "entity_f1": f1,
                "truncated_sentences": cut, "trainable_params": trainable, "total_params": total,
-               "checkpoint_bytes": checkpoint_bytes})
+               "checkpoint_bytes": checkpoint_bytes, "forgetting_ppl": summary.forgetting})
     )?;
     Ok(summary)
 }

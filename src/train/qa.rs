@@ -211,6 +211,9 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
     };
     let peft = o.lora.is_some();
     let mut m = Backbone::load(&o.model, &o.device, false, &|_| peft)?;
+    if o.forgetting_eval.is_some() {
+        bail!("--forgetting-eval measures causal-LM perplexity; extractive QA runs on encoders, which have none");
+    }
     if !matches!(m.body, Backbone::Encoder(_)) {
         bail!(
             "{}: extractive QA needs a bidirectional encoder (BERT); decoders are not supported",
@@ -423,6 +426,7 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
         macro_f1: None,
         entity_f1: None,
         squad: scores,
+        forgetting: None,
         checkpoint_bytes,
     })
 }
