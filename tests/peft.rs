@@ -269,3 +269,81 @@ fn lora_step_computes_no_base_weight_gradients() {
         assert_eq!(got, p.kind == ParamKind::Adapter, "{}", p.name);
     }
 }
+
+#[test]
+fn fused_lora_linear_matches_base_plus_delta_with_dropout() {
+    // Both weight layouts (Llama Linear, GPT-2 Conv1D), dropout on, in train mode.
+    for (base, module) in [
+        ("llama_tiny", "model.layers.0.mlp.down_proj"),
+        ("gpt2_tiny", "transformer.h.1.attn.c_attn"),
+    ] {
+        let mut m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
+        let mut c = cfg(4, 12.0, "all-linear");
+        c.dropout = 0.3;
+        let sw = AdapterSwitch::default();
+        lora::attach(&mut m.model, &mut m.store, &c, None, 5, &sw).unwrap();
+        // Non-zero B so the adapter matters.
+        for p in m
+            .store
+            .params()
+            .iter()
+            .filter(|p| p.name.contains("lora_B"))
+        {
+            p.var
+                .set(&Tensor::randn(0f32, 0.1, p.var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let lin = m
+            .model
+            .linears()
+            .into_iter()
+            .find(|l| l.name == module)
+            .unwrap()
+            .clone();
+        let x = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (7, lin.in_dim), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let w = Tensor::randn(0f32, 1.0, (7, lin.out_dim), &Device::Cpu).unwrap();
+        sw.set_training(true, 42);
+        let plain = lmforge::model::layers::Linear {
+            adapter: None,
+            ..lin.clone()
+        };
+        let run = |fused: bool| {
+            let y = if fused {
+                lin.forward(x.as_tensor()).unwrap()
+            } else {
+                (plain.forward(x.as_tensor()).unwrap()
+                    + lin
+                        .adapter
+                        .as_ref()
+                        .unwrap()
+                        .delta(x.as_tensor())
+                        .unwrap()
+                        .unwrap())
+                .unwrap()
+            };
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut grads = vec![g.get(x.as_tensor()).unwrap().clone()];
+            for suffix in ["lora_A.weight", "lora_B.weight"] {
+                let p = m
+                    .store
+                    .get(&format!("base_model.model.{module}.{suffix}"))
+                    .unwrap();
+                grads.push(g.get(p.var.as_tensor()).unwrap().clone());
+            }
+            (y, grads)
+        };
+        let ((yf, gf), (yc, gc)) = (run(true), run(false));
+        assert!(max_abs_diff(&yf, &yc) < 1e-5, "{base}: forward");
+        for (a, b) in gf.iter().zip(&gc) {
+            let d = max_abs_diff(a, b);
+            assert!(
+                d < 1e-4 * max_abs(b).max(1.0),
+                "{base}: gradient differs by {d}"
+            );
+        }
+        assert!(max_abs(&gf[1]) > 0.0);
+    }
+}

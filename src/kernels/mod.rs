@@ -15,6 +15,7 @@ pub mod adamw;
 pub mod attention;
 pub mod dropout;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 pub mod vmath;
 pub mod xent;

@@ -42,6 +42,12 @@ impl std::fmt::Debug for Linear {
 pub trait LinearAdapter: Send + Sync {
     /// x (N, in) -> delta (N, out), or None.
     fn delta(&self, x: &Tensor) -> Result<Option<Tensor>>;
+
+    /// The whole adapted output base(x) + delta(x) as one fused op, where the method has one
+    /// and it applies (None: use `delta`).
+    fn fused(&self, _lin: &Linear, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// Everything a layer constructor needs: where weights come from and which ones train.
@@ -120,6 +126,17 @@ impl Linear {
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.in_dim;
         let x2 = x.reshape((n, self.in_dim))?;
+        let mut out = dims;
+        *out.last_mut().expect("x has at least one dimension") = self.out_dim;
+        if let Some(y) = self
+            .adapter
+            .as_ref()
+            .map(|a| a.fused(self, &x2))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(y.reshape(out)?);
+        }
         let y = if self.weight.is_contiguous() && crate::kernels::fusable(&[&x2, &self.weight]) {
             crate::kernels::linear::linear(&x2, &self.weight, self.layout)?
         } else {
@@ -136,8 +153,6 @@ impl Linear {
             Some(Some(d)) => (y + d)?,
             _ => y,
         };
-        let mut out = dims;
-        *out.last_mut().expect("x has at least one dimension") = self.out_dim;
         Ok(y.reshape(out)?)
     }
 }

@@ -129,6 +129,31 @@ impl LinearAdapter for Layer {
         let h = (xwt(&x, &self.a)? * self.scale)?;
         Ok(Some(xwt(&h, &self.b)?)) // (N, out)
     }
+
+    /// One op for base + adapter on the CPU when the base is frozen (`kernels::lora`): only the
+    /// output is kept for the backward instead of base output, adapter output and their sum.
+    fn fused(&self, lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        let frozen = !lin.weight.track_op() && lin.bias.as_ref().is_none_or(|b| !b.track_op());
+        let mut ts = vec![x, &lin.weight, &self.a, &self.b];
+        ts.extend(lin.bias.as_ref());
+        if !self.switch.enabled() || !frozen || !crate::kernels::fusable(&ts) {
+            return Ok(None);
+        }
+        let dropout = match self.switch.training() {
+            Some(k) if self.dropout > 0.0 => {
+                Some((self.dropout, Rng::keyed(&[k, self.key]).next_u64()))
+            }
+            _ => None,
+        };
+        let op = crate::kernels::lora::LoraLinear {
+            w: lin.weight.contiguous()?,
+            bias: lin.bias.clone(),
+            layout: lin.layout,
+            scale: self.scale,
+            dropout,
+        };
+        Ok(Some(x.contiguous()?.apply_op3(&self.a, &self.b, op)?))
+    }
 }
 
 /// The fused dropout (mask regenerated in the backward) on the CPU; elsewhere a stored mask.
