@@ -212,6 +212,54 @@ pub fn saved_with_head(name: &str) -> bool {
 /// the adapter.
 pub const POOLER: &str = "bert.pooler.";
 
+/// Adds a fresh task head `name` (hidden size → `n`, normal(0.02) init seeded by `seed`) to the
+/// store and, with `lora`, adapters on the body's linear layers.
+pub fn add_head(
+    m: &mut LoadedBackbone,
+    name: &str,
+    bias: bool,
+    n: usize,
+    lora: Option<&crate::peft::lora::LoraConfig>,
+    seed: u64,
+) -> Result<(Linear, crate::peft::AdapterSwitch, Option<Lora>)> {
+    let hidden = m.body.hidden_size();
+    let head = {
+        let mut b = super::layers::Builder {
+            store: &mut m.store,
+            source: &super::params::Source::Random { seed },
+            frozen: &|_| false,
+        };
+        Linear::new(
+            &mut b,
+            name,
+            hidden,
+            n,
+            bias,
+            super::layers::Layout::OutIn,
+            0.02,
+        )?
+    };
+    let switch = crate::peft::AdapterSwitch::default();
+    let adapters = match lora {
+        Some(c) => Some(crate::peft::lora::attach_to(
+            m.body.linears_mut(),
+            &mut m.store,
+            c,
+            None,
+            seed,
+            &switch,
+        )?),
+        None => None,
+    };
+    Ok((head, switch, adapters))
+}
+
+/// `out/metrics.jsonl`, created with its directory.
+pub fn open_metrics(out: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(out)?;
+    Ok(std::fs::File::create(out.join("metrics.jsonl"))?)
+}
+
 /// What a head fine-tune writes at the end.
 pub struct HeadOutputs<'a> {
     pub m: &'a mut LoadedBackbone,

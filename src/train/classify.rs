@@ -13,11 +13,10 @@
 
 use crate::data::labeled::{read_labeled, Labeled};
 use crate::eval::metrics::{accuracy, macro_f1};
-use crate::model::backbone::{argmax_rows, write_head_outputs, Backbone, HeadOutputs, POOLER};
-use crate::model::layers::{Builder, Layout, Linear};
-use crate::model::params::Source;
-use crate::peft::lora::{self, LoraConfig};
-use crate::peft::AdapterSwitch;
+use crate::model::backbone::{
+    add_head, argmax_rows, open_metrics, write_head_outputs, Backbone, HeadOutputs, POOLER,
+};
+use crate::peft::lora::LoraConfig;
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
 use crate::train::sft::Stream;
 use anyhow::{bail, Result};
@@ -138,34 +137,14 @@ pub fn run(o: Options) -> Result<Summary> {
     let x_train = encode(&m.tok, &train, max_len)?;
     let x_eval = encode(&m.tok, &eval, max_len)?;
     let (head_name, head_bias) = m.body.head_name();
-    let head = {
-        let mut b = Builder {
-            store: &mut m.store,
-            source: &Source::Random { seed: o.seed },
-            frozen: &|_| false,
-        };
-        Linear::new(
-            &mut b,
-            head_name,
-            m.body.hidden_size(),
-            labels.len(),
-            head_bias,
-            Layout::OutIn,
-            0.02,
-        )?
-    };
-    let switch = AdapterSwitch::default();
-    let adapters = match &o.lora {
-        Some(c) => Some(lora::attach_to(
-            m.body.linears_mut(),
-            &mut m.store,
-            c,
-            None,
-            o.seed,
-            &switch,
-        )?),
-        None => None,
-    };
+    let (head, switch, adapters) = add_head(
+        &mut m,
+        head_name,
+        head_bias,
+        labels.len(),
+        o.lora.as_ref(),
+        o.seed,
+    )?;
     let mut forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &m)?;
     let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
     say(&format!(
@@ -204,10 +183,7 @@ pub fn run(o: Options) -> Result<Summary> {
         }
         Ok(out)
     };
-    let mut metrics = std::fs::File::create(o.out.join("metrics.jsonl")).or_else(|_| {
-        std::fs::create_dir_all(&o.out)?;
-        std::fs::File::create(o.out.join("metrics.jsonl"))
-    })?;
+    let mut metrics = open_metrics(&o.out)?;
     let mut stream = Stream {
         seed: o.seed,
         n: train.len(),

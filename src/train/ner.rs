@@ -11,11 +11,9 @@
 //! counted.
 
 use crate::eval::metrics::entity_prf;
-use crate::model::backbone::{write_head_outputs, Backbone, HeadOutputs, POOLER};
-use crate::model::layers::{Builder, Layout, Linear};
-use crate::model::params::Source;
-use crate::peft::lora;
-use crate::peft::AdapterSwitch;
+use crate::model::backbone::{
+    add_head, open_metrics, write_head_outputs, Backbone, HeadOutputs, POOLER,
+};
 use crate::tokenizer::Tok;
 use crate::train::classify::{Forgetting, Options, Summary};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
@@ -166,34 +164,14 @@ pub fn run(o: Options) -> Result<Summary> {
         .filter(|(a, _)| a.first.iter().any(Option::is_none))
         .count();
     let (head_name, bias) = m.body.token_head_name();
-    let head = {
-        let mut b = Builder {
-            store: &mut m.store,
-            source: &Source::Random { seed: o.seed },
-            frozen: &|_| false,
-        };
-        Linear::new(
-            &mut b,
-            head_name,
-            m.body.hidden_size(),
-            labels.len(),
-            bias,
-            Layout::OutIn,
-            0.02,
-        )?
-    };
-    let switch = AdapterSwitch::default();
-    let adapters = match &o.lora {
-        Some(c) => Some(lora::attach_to(
-            m.body.linears_mut(),
-            &mut m.store,
-            c,
-            None,
-            o.seed,
-            &switch,
-        )?),
-        None => None,
-    };
+    let (head, switch, adapters) = add_head(
+        &mut m,
+        head_name,
+        bias,
+        labels.len(),
+        o.lora.as_ref(),
+        o.seed,
+    )?;
     let mut forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &m)?;
     let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
     say(&format!(
@@ -247,10 +225,7 @@ pub fn run(o: Options) -> Result<Summary> {
         let p = entity_prf(&gold, &pred);
         Ok((p.precision, p.recall, p.f1))
     };
-    let mut metrics = std::fs::File::create(o.out.join("metrics.jsonl")).or_else(|_| {
-        std::fs::create_dir_all(&o.out)?;
-        std::fs::File::create(o.out.join("metrics.jsonl"))
-    })?;
+    let mut metrics = open_metrics(&o.out)?;
     let mut stream = Stream {
         seed: o.seed,
         n: tr.len(),

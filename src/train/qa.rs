@@ -11,11 +11,7 @@
 //! a start position.
 
 use crate::eval::metrics::{exact_match, squad_f1};
-use crate::model::backbone::{write_head_outputs, Backbone, HeadOutputs};
-use crate::model::layers::{Builder, Layout, Linear};
-use crate::model::params::Source;
-use crate::peft::lora;
-use crate::peft::AdapterSwitch;
+use crate::model::backbone::{add_head, open_metrics, write_head_outputs, Backbone, HeadOutputs};
 use crate::tokenizer::Tok;
 use crate::train::classify::{Options, Summary};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
@@ -228,34 +224,8 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
         windows(&m.tok, &train, max_len, stride)?,
         windows(&m.tok, &eval, max_len, stride)?,
     );
-    let head = {
-        let mut b = Builder {
-            store: &mut m.store,
-            source: &Source::Random { seed: o.seed },
-            frozen: &|_| false,
-        };
-        Linear::new(
-            &mut b,
-            "qa_outputs",
-            m.body.hidden_size(),
-            2,
-            true,
-            Layout::OutIn,
-            0.02,
-        )?
-    };
-    let switch = AdapterSwitch::default();
-    let adapters = match &o.lora {
-        Some(c) => Some(lora::attach_to(
-            m.body.linears_mut(),
-            &mut m.store,
-            c,
-            None,
-            o.seed,
-            &switch,
-        )?),
-        None => None,
-    };
+    let (head, switch, adapters) =
+        add_head(&mut m, "qa_outputs", true, 2, o.lora.as_ref(), o.seed)?;
     let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
     say(&format!(
         "{} train questions ({} windows), {} eval ({} windows); trainable parameters {trainable} of {total}",
@@ -325,10 +295,7 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
     if total_steps == 0 {
         bail!("nothing to do: 0 steps");
     }
-    let mut metrics = std::fs::File::create(o.out.join("metrics.jsonl")).or_else(|_| {
-        std::fs::create_dir_all(&o.out)?;
-        std::fs::File::create(o.out.join("metrics.jsonl"))
-    })?;
+    let mut metrics = open_metrics(&o.out)?;
     let mut stream = Stream {
         seed: o.seed,
         n: tw.len(),
