@@ -13,6 +13,7 @@ use super::layers::{
     activate, causal_mask, softmax_last, Builder, Embedding, Layout, Linear, Norm, Rope,
 };
 use super::loader::WeightSource;
+pub use super::packing::Packing;
 use super::params::{ParamStore, Source};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -445,59 +446,6 @@ impl Block {
 }
 
 // ---------------------------------------------------------------- model
-
-/// Several examples packed into each row: positions restart at every example and attention
-/// stays inside it (no token sees another example), so a packed row computes what its examples
-/// would compute one by one.
-pub struct Packing {
-    /// (B, T) u32 position of each token within its example.
-    pub positions: Tensor,
-    /// Per (row, position): where that token's example starts in the row.
-    pub starts: std::sync::Arc<Vec<u32>>,
-    t: usize,
-}
-
-impl Packing {
-    /// `segments[b]` = lengths of the examples packed into row b, in order; positions past the
-    /// last one (padding) form one more segment.
-    pub fn new(segments: &[Vec<usize>], t: usize, dev: &Device) -> Result<Self> {
-        let mut starts = Vec::with_capacity(segments.len() * t);
-        let mut pos = Vec::with_capacity(segments.len() * t);
-        for lens in segments {
-            let used: usize = lens.iter().sum();
-            if used > t {
-                bail!("packed segments of {used} tokens exceed the row length {t}");
-            }
-            let mut s = 0;
-            for &n in lens.iter().chain(std::iter::once(&(t - used))) {
-                for i in 0..n {
-                    starts.push(s as u32);
-                    pos.push(i as u32);
-                }
-                s += n;
-            }
-        }
-        Ok(Self {
-            positions: Tensor::from_vec(pos, (segments.len(), t), dev)?,
-            starts: std::sync::Arc::new(starts),
-            t,
-        })
-    }
-
-    /// Additive (B, 1, T, n_prefix + T) mask hiding keys of other examples.
-    fn mask(&self, n_prefix: usize, dev: &Device) -> Result<Tensor> {
-        let (t, s) = (self.t, n_prefix + self.t);
-        let b = self.starts.len() / t;
-        let mut m = vec![0f32; b * t * s];
-        for bi in 0..b {
-            for i in 0..t {
-                let lo = self.starts[bi * t + i] as usize;
-                m[(bi * t + i) * s + n_prefix..(bi * t + i) * s + n_prefix + lo].fill(f32::MIN);
-            }
-        }
-        Ok(Tensor::from_vec(m, (b, 1, t, s), dev)?)
-    }
-}
 
 /// Optional inputs of a forward pass beyond the token embeddings.
 #[derive(Default)]

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod hf;
 pub mod layers;
 pub mod loader;
+pub mod packing;
 pub mod params;
 
 pub use config::{Family, ModelConfig};
