@@ -203,19 +203,9 @@ pub fn run(o: Options) -> Result<Summary> {
         let logits = head.forward(&m.body.features(&rows, pad, &dev)?)?;
         switch.set_training(false, 0);
         let loss = crate::losses::cross_entropy(&logits, &Tensor::from_vec(y, idx.len(), &dev)?)?;
-        let lv = loss.to_scalar::<f32>()?;
-        if !lv.is_finite() {
-            bail!("loss became {lv} at step {step}; lower --lr");
-        }
-        let grads = m.store.grads(&loss.backward()?);
         let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
-        opt.step(&m.store, &grads, lr)?;
+        let lv = optimizer_step(&m.store, &mut opt, &loss, lr, step, &mut metrics)?;
         times.push(t0.elapsed().as_secs_f64());
-        writeln!(
-            metrics,
-            "{}",
-            json!({"step": step + 1, "loss": lv, "lr": lr})
-        )?;
         if (step + 1) % per_epoch == 0 || step + 1 == total_steps {
             let epoch = (step + 1).div_ceil(per_epoch);
             if !x_eval.is_empty() {
@@ -313,4 +303,27 @@ impl Forgetting {
         };
         Ok(Some((b, body.lm_score(&ids)?.ppl())))
     }
+}
+
+/// Backward, AdamW update and a metrics line for one step of a head fine-tune; returns the loss.
+pub fn optimizer_step(
+    store: &crate::model::ParamStore,
+    opt: &mut AdamW,
+    loss: &Tensor,
+    lr: f64,
+    step: u64,
+    metrics: &mut std::fs::File,
+) -> Result<f32> {
+    let lv = loss.to_scalar::<f32>()?;
+    if !lv.is_finite() {
+        bail!("loss became {lv} at step {step}; lower --lr");
+    }
+    let grads = store.grads(&loss.backward()?);
+    opt.step(store, &grads, lr)?;
+    writeln!(
+        metrics,
+        "{}",
+        json!({"step": step + 1, "loss": lv, "lr": lr})
+    )?;
+    Ok(lv)
 }

@@ -15,7 +15,7 @@ use crate::model::backbone::{
     add_head, open_metrics, write_head_outputs, Backbone, HeadOutputs, POOLER,
 };
 use crate::tokenizer::Tok;
-use crate::train::classify::{Forgetting, Options, Summary};
+use crate::train::classify::{optimizer_step, Forgetting, Options, Summary};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
 use crate::train::sft::Stream;
 use anyhow::{bail, Context, Result};
@@ -260,19 +260,9 @@ pub fn run(o: Options) -> Result<Summary> {
             .reshape((batch.len() * t, labels.len()))?
             .index_select(&Tensor::from_vec(pos, n, &dev)?, 0)?;
         let loss = crate::losses::cross_entropy(&picked, &Tensor::from_vec(tgt, n, &dev)?)?;
-        let lv = loss.to_scalar::<f32>()?;
-        if !lv.is_finite() {
-            bail!("loss became {lv} at step {step}; lower --lr");
-        }
-        let grads = m.store.grads(&loss.backward()?);
         let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
-        opt.step(&m.store, &grads, lr)?;
+        let lv = optimizer_step(&m.store, &mut opt, &loss, lr, step, &mut metrics)?;
         times.push(t0.elapsed().as_secs_f64());
-        writeln!(
-            metrics,
-            "{}",
-            json!({"step": step + 1, "loss": lv, "lr": lr})
-        )?;
         if ((step + 1) % per_epoch == 0 || step + 1 == total_steps) && !ev.is_empty() {
             let (p, r, f) = evaluate()?;
             f1 = Some(f);

@@ -13,7 +13,7 @@
 use crate::eval::metrics::{exact_match, squad_f1};
 use crate::model::backbone::{add_head, open_metrics, write_head_outputs, Backbone, HeadOutputs};
 use crate::tokenizer::Tok;
-use crate::train::classify::{Options, Summary};
+use crate::train::classify::{optimizer_step, Options, Summary};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
 use crate::train::sft::Stream;
 use anyhow::{bail, Context, Result};
@@ -332,19 +332,9 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
         let loss = ((crate::losses::cross_entropy(&(s + &mask)?, &ts)?
             + crate::losses::cross_entropy(&(e + &mask)?, &te)?)?
             * 0.5)?;
-        let lv = loss.to_scalar::<f32>()?;
-        if !lv.is_finite() {
-            bail!("loss became {lv} at step {step}; lower --lr");
-        }
-        let grads = m.store.grads(&loss.backward()?);
         let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
-        opt.step(&m.store, &grads, lr)?;
+        let lv = optimizer_step(&m.store, &mut opt, &loss, lr, step, &mut metrics)?;
         times.push(t0.elapsed().as_secs_f64());
-        writeln!(
-            metrics,
-            "{}",
-            json!({"step": step + 1, "loss": lv, "lr": lr})
-        )?;
         if ((step + 1) % per_epoch == 0 || step + 1 == total_steps) && !eval.is_empty() {
             let (em, f1) = evaluate()?;
             scores = Some((em, f1));
