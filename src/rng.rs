@@ -58,6 +58,32 @@ pub fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     perm
 }
 
+/// Item p of an endless stream of epochs, each a fresh permutation (cached per epoch).
+pub struct Stream {
+    seed: u64,
+    n: usize,
+    epoch: Option<(u64, Vec<usize>)>,
+}
+
+impl Stream {
+    /// Items 0..n (n > 0), epochs keyed by `seed`.
+    pub fn new(seed: u64, n: usize) -> Self {
+        Self {
+            seed,
+            n,
+            epoch: None,
+        }
+    }
+
+    pub fn get(&mut self, p: usize) -> usize {
+        let e = (p / self.n) as u64;
+        if self.epoch.as_ref().is_none_or(|(k, _)| *k != e) {
+            self.epoch = Some((e, permutation(self.seed, e, self.n)));
+        }
+        self.epoch.as_ref().map_or(0, |(_, perm)| perm[p % self.n])
+    }
+}
+
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

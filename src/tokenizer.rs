@@ -211,14 +211,27 @@ where
 /// The `tokenizer_config.json` transformers needs to know the special tokens of our tokenizers.
 pub fn hf_tokenizer_config(tok: &Tok, model_max_length: usize) -> serde_json::Value {
     let name = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
         "eos_token": name(tok.eos_id),
         "bos_token": name(tok.bos_id.or(tok.eos_id)),
         "unk_token": name(tok.eos_id),
         "clean_up_tokenization_spaces": false,
-    })
+    });
+    // BERT-style vocabularies name their special tokens; transformers needs them all.
+    for (k, t) in [
+        ("pad_token", "[PAD]"),
+        ("unk_token", "[UNK]"),
+        ("cls_token", "[CLS]"),
+        ("sep_token", "[SEP]"),
+        ("mask_token", "[MASK]"),
+    ] {
+        if tok.inner.token_to_id(t).is_some() {
+            v[k] = json!(t);
+        }
+    }
+    v
 }
 
 /// GPT-2's byte-level pre-tokenizer (regex split unless `use_regex` is false), no prefix space.

@@ -21,6 +21,13 @@ impl Score {
     }
 }
 
+/// Perplexity as lmforge reports it for a whole text (forgetting reports): windows of the
+/// model's context, at most 512 tokens, advancing by half a window.
+pub fn score_text_ids(model: &DecoderModel, ids: &[u32]) -> Result<Score> {
+    let w = model.cfg.max_position_embeddings.min(512);
+    score_ids(model, ids, w, (w / 2).max(1))
+}
+
 /// Scores `ids` with windows of at most `window` tokens advancing by `stride`.
 pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize) -> Result<Score> {
     if ids.len() < 2 {

@@ -98,6 +98,39 @@ fn f32s(s: &CpuStorage) -> Result<&[f32]> {
     }
 }
 
+/// The three inputs of either attention op, checked against each other and the spec.
+struct Inputs<'a> {
+    qv: View,
+    kv: View,
+    vv: View,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl<'a> Inputs<'a> {
+    fn of(
+        sq: &'a CpuStorage,
+        lq: &Layout,
+        sk: &'a CpuStorage,
+        lk: &Layout,
+        sv: &'a CpuStorage,
+        lv: &Layout,
+        spec: &Spec,
+    ) -> Result<Self> {
+        let (qv, kv, vv) = (View::of(lq, "q")?, View::of(lk, "k")?, View::of(lv, "v")?);
+        check(&qv, &kv, &vv, spec)?;
+        Ok(Self {
+            qv,
+            kv,
+            vv,
+            q: f32s(sq)?,
+            k: f32s(sk)?,
+            v: f32s(sv)?,
+        })
+    }
+}
+
 /// Raw pointer that may cross into rayon tasks; every task writes a disjoint region.
 #[derive(Clone, Copy)]
 struct Ptr(*mut f32);
@@ -201,9 +234,14 @@ impl CustomOp3 for Fwd {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (qv, kv, vv) = (View::of(lq, "q")?, View::of(lk, "k")?, View::of(lv, "v")?);
-        check(&qv, &kv, &vv, &self.spec)?;
-        let (q, k, v) = (f32s(sq)?, f32s(sk)?, f32s(sv)?);
+        let Inputs {
+            qv,
+            kv,
+            vv,
+            q,
+            k,
+            v,
+        } = Inputs::of(sq, lq, sk, lk, sv, lv, &self.spec)?;
         let (b, t, h, d) = qv.dims;
         let (_, s, hkv, _) = kv.dims;
         let rep = h / hkv;
@@ -334,9 +372,14 @@ impl CustomOp3 for Bwd {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (qv, kv, vv) = (View::of(lq, "q")?, View::of(lk, "k")?, View::of(lv, "v")?);
-        check(&qv, &kv, &vv, &self.spec)?;
-        let (q, k, v) = (f32s(sq)?, f32s(sk)?, f32s(sv)?);
+        let Inputs {
+            qv,
+            kv,
+            vv,
+            q,
+            k,
+            v,
+        } = Inputs::of(sq, lq, sk, lk, sv, lv, &self.spec)?;
         let (b, t, h, d) = qv.dims;
         let (_, s, hkv, _) = kv.dims;
         let rep = h / hkv;

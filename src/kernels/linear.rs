@@ -61,19 +61,8 @@ fn block_generic(x: &[f32], w: &[f32], k: usize, m: usize, j0: usize, out: &mut 
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(x: &[f32], w: &[f32], k: usize, m: usize, j0: usize, out: &mut [f32]) {
-    block_generic(x, w, k, m, j0, out)
-}
-
-fn block(x: &[f32], w: &[f32], k: usize, m: usize, j0: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function was compiled for.
-        return unsafe { block_avx2(x, w, k, m, j0, out) };
-    }
-    block_generic(x, w, k, m, j0, out)
+super::vmath::dispatch! {
+    fn block(x: &[f32], w: &[f32], k: usize, m: usize, j0: usize, out: &mut [f32]) -> () = block_generic;
 }
 
 /// y (m, n) = x (m, k) · wᵀ for w (n, k), parallel over blocks of weight rows.

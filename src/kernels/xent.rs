@@ -8,7 +8,7 @@
 //! five (N, V) tensors on the way forward and as many again backward: with the llama bench's
 //! 4096-token vocabulary that is 32 MiB each per step.
 
-use super::{vmath, CHUNK};
+use super::{slice, vmath, CHUNK};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -16,14 +16,6 @@ use std::sync::{Arc, Mutex};
 struct Fwd {
     /// lse per row, written by the forward, read by the backward.
     lse: Mutex<Option<Arc<Vec<f32>>>>,
-}
-
-fn rows_of(l: &Layout, what: &str) -> Result<(usize, usize, usize)> {
-    let (n, v) = l.shape().dims2()?;
-    let Some((a, _)) = l.contiguous_offsets() else {
-        bail!("fused cross-entropy: {what} must be contiguous");
-    };
-    Ok((a, n, v))
 }
 
 fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, n: usize, v: usize) -> Result<&'a [u32]> {
@@ -43,13 +35,6 @@ fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, n: usize, v: usize) -> Result<&
     Ok(t)
 }
 
-fn f32s<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(x) => Ok(x),
-        _ => bail!("fused cross-entropy: {what} must be f32"),
-    }
-}
-
 /// Rows per rayon task: about `CHUNK` elements.
 fn rows_per_task(v: usize) -> usize {
     (CHUNK / v.max(1)).max(1)
@@ -67,8 +52,8 @@ impl CustomOp2 for Fwd {
         st: &CpuStorage,
         lt: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (off, n, v) = rows_of(lx, "logits")?;
-        let x = &f32s(sx, "logits")?[off..off + n * v];
+        let (n, v) = lx.shape().dims2()?;
+        let x = slice(sx, lx)?;
         let t = targets_of(st, lt, n, v)?;
         let mut lp = vec![0f32; n];
         let mut lse = vec![0f32; n];
@@ -128,13 +113,10 @@ impl CustomOp3 for Bwd {
         sg: &CpuStorage,
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (off, n, v) = rows_of(lx, "logits")?;
-        let x = &f32s(sx, "logits")?[off..off + n * v];
+        let (n, v) = lx.shape().dims2()?;
+        let x = slice(sx, lx)?;
         let t = targets_of(st, lt, n, v)?;
-        let Some((ga, gb)) = lg.contiguous_offsets() else {
-            bail!("fused cross-entropy: gradient must be contiguous");
-        };
-        let g = &f32s(sg, "gradient")?[ga..gb];
+        let g = slice(sg, lg)?;
         if g.len() != n || self.lse.len() != n {
             bail!(
                 "fused cross-entropy: backward got {} gradients for {n} rows",

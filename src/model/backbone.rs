@@ -7,7 +7,6 @@
 use super::encoder::{Encoder, Heads};
 use super::hf;
 use super::layers::Linear;
-use super::params::{save_tensors, ParamKind};
 use super::{DecoderModel, Family, ForwardOpts, ParamStore};
 use crate::fsutil::{write_dir, write_json};
 use crate::peft::lora::Lora;
@@ -28,13 +27,18 @@ pub struct LoadedBackbone {
     pub tok: Tok,
 }
 
-/// True when `path` is an HF directory of an encoder (model_type bert).
-fn is_encoder(path: &Path) -> bool {
-    std::fs::read_to_string(path.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("model_type")?.as_str().map(|s| s == "bert"))
-        .unwrap_or(false)
+/// True when `path` is an HF directory of an encoder (model_type bert); a directory whose
+/// config.json cannot be read is an error naming it, not a guess.
+fn is_encoder(path: &Path) -> Result<bool> {
+    if !path.is_dir() {
+        return Ok(false);
+    }
+    let p = path.join("config.json");
+    let text =
+        std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", p.display()))?;
+    Ok(v.get("model_type").and_then(Value::as_str) == Some("bert"))
 }
 
 impl Backbone {
@@ -45,7 +49,7 @@ impl Backbone {
         pooler: bool,
         frozen: &dyn Fn(&str) -> bool,
     ) -> Result<LoadedBackbone> {
-        if path.is_dir() && is_encoder(path) {
+        if is_encoder(path)? {
             let m = hf::load_encoder(path, dev, Heads { mlm: false, pooler }, frozen)?;
             Ok(LoadedBackbone {
                 body: Backbone::Encoder(m.model),
@@ -144,10 +148,7 @@ impl Backbone {
     /// fine-tune made a decoder forget. Encoders have no causal LM to score with.
     pub fn lm_score(&self, ids: &[u32]) -> Result<crate::eval::score::Score> {
         match self {
-            Backbone::Decoder(d) => {
-                let w = d.cfg.max_position_embeddings.min(512);
-                crate::eval::score::score_ids(d, ids, w, w / 2)
-            }
+            Backbone::Decoder(d) => crate::eval::score::score_text_ids(d, ids),
             Backbone::Encoder(_) => anyhow::bail!(
                 "--forgetting-eval measures causal-LM perplexity, which a BERT encoder does not have"
             ),
@@ -301,37 +302,16 @@ pub fn write_head_outputs(h: &mut HeadOutputs) -> Result<u64> {
     let dir = h.out.join("adapter");
     let head = h.head_name;
     let m = &*h.m;
+    let mut modules = vec![head];
+    if m.store.get("bert.pooler.dense.weight").is_some() {
+        modules.push("pooler");
+    }
+    let extra = crate::peft::lora::Head {
+        task_type: h.peft_task,
+        modules,
+    };
     write_dir(&dir, |tmp| {
-        a.write_files(tmp, &m.store, &h.base.display().to_string())?;
-        let mut cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(tmp.join("adapter_config.json"))?)?;
-        cfg["task_type"] = json!(h.peft_task);
-        let mut keep = vec![head];
-        if m.store.get("bert.pooler.dense.weight").is_some() {
-            keep.push("pooler");
-        }
-        cfg["modules_to_save"] = json!(keep);
-        write_json(&tmp.join("adapter_config.json"), &cfg)?;
-        let mut tensors: Vec<(String, Tensor)> = m
-            .store
-            .params()
-            .iter()
-            .filter(|p| {
-                p.kind == ParamKind::Adapter
-                    || p.name.starts_with(&format!("{head}."))
-                    || p.name.starts_with(POOLER)
-            })
-            .map(|p| {
-                let name = if p.kind == ParamKind::Adapter {
-                    p.name.clone()
-                } else {
-                    format!("base_model.model.{}", p.name)
-                };
-                (name, p.var.as_detached_tensor())
-            })
-            .collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        save_tensors(&tensors, &tmp.join("adapter_model.safetensors"))
+        a.write_files(tmp, &m.store, &h.base.display().to_string(), &extra)
     })?;
     if h.merge {
         a.merge_into(h.m.body.linears_mut(), &h.m.store)?;

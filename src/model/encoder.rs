@@ -29,8 +29,6 @@ pub struct EncoderConfig {
     pub type_vocab_size: usize,
     pub layer_norm_eps: f64,
     pub pad_token_id: u32,
-    /// `id2label` of a classification head, if any (index = class id).
-    pub labels: Vec<String>,
 }
 
 impl EncoderConfig {
@@ -47,7 +45,6 @@ impl EncoderConfig {
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
             pad_token_id: 0,
-            labels: Vec::new(),
         }
     }
 
@@ -79,23 +76,6 @@ impl EncoderConfig {
             .get("hidden_act")
             .and_then(Value::as_str)
             .unwrap_or("gelu");
-        let labels = match v.get("id2label").and_then(Value::as_object) {
-            Some(m) => {
-                let mut l = vec![String::new(); m.len()];
-                for (k, name) in m {
-                    let i: usize = k
-                        .parse()
-                        .ok()
-                        .filter(|&i: &usize| i < m.len())
-                        .with_context(|| {
-                            format!("{what}: id2label key {k:?} is not 0..{}", m.len())
-                        })?;
-                    l[i] = name.as_str().unwrap_or_default().to_string();
-                }
-                l
-            }
-            None => Vec::new(),
-        };
         let cfg = Self {
             vocab_size: int("vocab_size")?,
             hidden_size: int("hidden_size")?,
@@ -113,7 +93,6 @@ impl EncoderConfig {
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-12),
             pad_token_id: v.get("pad_token_id").and_then(Value::as_u64).unwrap_or(0) as u32,
-            labels,
         };
         if cfg.num_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
             bail!(
@@ -132,7 +111,7 @@ impl EncoderConfig {
             Activation::Relu => "relu",
             Activation::Silu => "silu",
         };
-        let mut v = json!({
+        json!({
             "architectures": [architecture],
             "model_type": "bert",
             "vocab_size": self.vocab_size,
@@ -150,24 +129,7 @@ impl EncoderConfig {
             "attention_probs_dropout_prob": 0.1,
             "initializer_range": 0.02,
             "torch_dtype": "float32",
-        });
-        if !self.labels.is_empty() {
-            let id2: serde_json::Map<String, Value> = self
-                .labels
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (i.to_string(), json!(l)))
-                .collect();
-            let l2i: serde_json::Map<String, Value> = self
-                .labels
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (l.clone(), json!(i)))
-                .collect();
-            v["id2label"] = Value::Object(id2);
-            v["label2id"] = Value::Object(l2i);
-        }
-        v
+        })
     }
 }
 

@@ -211,18 +211,7 @@ pub fn save_encoder(
         )?;
         store.save_safetensors(&tmp.join("model.safetensors"))?;
         tok.save(&tmp.join("tokenizer.json"))?;
-        let mut tc = hf_tokenizer_config(tok, model.cfg.max_position_embeddings);
-        for (k, t) in [
-            ("pad_token", "[PAD]"),
-            ("unk_token", "[UNK]"),
-            ("cls_token", "[CLS]"),
-            ("sep_token", "[SEP]"),
-            ("mask_token", "[MASK]"),
-        ] {
-            if tok.inner.token_to_id(t).is_some() {
-                tc[k] = json!(t);
-            }
-        }
+        let tc = hf_tokenizer_config(tok, model.cfg.max_position_embeddings);
         write_json(&tmp.join("tokenizer_config.json"), &tc)
     })
 }

@@ -114,16 +114,26 @@ struct Layer {
     switch: AdapterSwitch,
 }
 
+impl Layer {
+    /// (p, key) of this forward's input dropout: train mode and p > 0 only.
+    fn dropout_spec(&self) -> Option<(f32, u64)> {
+        match self.switch.training() {
+            Some(k) if self.dropout > 0.0 => {
+                Some((self.dropout, Rng::keyed(&[k, self.key]).next_u64()))
+            }
+            _ => None,
+        }
+    }
+}
+
 impl LinearAdapter for Layer {
     fn delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if !self.switch.enabled() {
             return Ok(None);
         }
-        let x = match self.switch.training() {
-            Some(k) if self.dropout > 0.0 => {
-                dropout(x, self.dropout, Rng::keyed(&[k, self.key]).next_u64())?
-            }
-            _ => x.clone(),
+        let x = match self.dropout_spec() {
+            Some((p, key)) => dropout(x, p, key)?,
+            None => x.clone(),
         };
         // (N, in)·Aᵀ -> (N, r); scaling the rank-r activations is cheaper than the (N, out) output.
         let h = (xwt(&x, &self.a)? * self.scale)?;
@@ -139,18 +149,12 @@ impl LinearAdapter for Layer {
         if !self.switch.enabled() || !frozen || !crate::kernels::fusable(&ts) {
             return Ok(None);
         }
-        let dropout = match self.switch.training() {
-            Some(k) if self.dropout > 0.0 => {
-                Some((self.dropout, Rng::keyed(&[k, self.key]).next_u64()))
-            }
-            _ => None,
-        };
         let op = crate::kernels::lora::LoraLinear {
             w: lin.weight.contiguous()?,
             bias: lin.bias.clone(),
             layout: lin.layout,
             scale: self.scale,
-            dropout,
+            dropout: self.dropout_spec(),
         };
         Ok(Some(x.contiguous()?.apply_op3(&self.a, &self.b, op)?))
     }
@@ -167,6 +171,23 @@ fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
         .map(|_| if rng.next_f64() < p as f64 { 0.0 } else { keep })
         .collect();
     x * Tensor::from_vec(mask, x.shape(), x.device())?
+}
+
+/// What an adapter file holds besides the adapters: PEFT's `task_type` and the modules trained
+/// in full (`modules_to_save`: module names such as `classifier` or `pooler`, matched as PEFT
+/// does, by path suffix).
+pub struct Head<'a> {
+    pub task_type: &'a str,
+    pub modules: Vec<&'a str>,
+}
+
+impl Head<'_> {
+    pub fn causal_lm() -> Self {
+        Head {
+            task_type: "CAUSAL_LM",
+            modules: Vec::new(),
+        }
+    }
 }
 
 /// The adapters attached to a model.
@@ -294,7 +315,7 @@ impl Lora {
             .sum()
     }
 
-    fn config_json(&self, base: &str) -> Value {
+    fn config_json(&self, base: &str, head: &Head) -> Value {
         // "all-linear" is written out as the adapted modules' full paths: suffixes such as
         // BERT's `dense` would also match layers lmforge did not adapt (the pooler).
         let targets = match &self.cfg.targets {
@@ -303,7 +324,7 @@ impl Lora {
         };
         json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": head.task_type,
             "base_model_name_or_path": base,
             "r": self.cfg.r,
             "lora_alpha": self.cfg.alpha,
@@ -315,27 +336,54 @@ impl Lora {
             "bias": "none",
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": if head.modules.is_empty() { Value::Null } else { json!(head.modules) },
             "use_dora": false,
             "revision": null,
         })
     }
 
-    /// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (must exist).
-    pub fn write_files(&self, dir: &Path, store: &ParamStore, base: &str) -> Result<()> {
-        write_json(&dir.join("adapter_config.json"), &self.config_json(base))?;
+    /// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (must exist):
+    /// the adapters, and the parameters of `head.modules` (trained in full, PEFT's
+    /// `modules_to_save`) under `base_model.model.<name>`.
+    pub fn write_files(
+        &self,
+        dir: &Path,
+        store: &ParamStore,
+        base: &str,
+        head: &Head,
+    ) -> Result<()> {
+        write_json(
+            &dir.join("adapter_config.json"),
+            &self.config_json(base, head),
+        )?;
+        // PEFT's matching: a module whose path is, or ends with, a listed name.
+        let saved = |name: &str| {
+            head.modules
+                .iter()
+                .any(|m| name.starts_with(&format!("{m}.")) || name.contains(&format!(".{m}.")))
+        };
         let tensors: Vec<(String, Tensor)> = store
             .params()
             .iter()
-            .filter(|p| p.kind == ParamKind::Adapter)
-            .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
+            .filter_map(|p| {
+                let name = if p.kind == ParamKind::Adapter {
+                    p.name.clone()
+                } else if saved(&p.name) {
+                    format!("base_model.model.{}", p.name)
+                } else {
+                    return None;
+                };
+                Some((name, p.var.as_detached_tensor()))
+            })
             .collect();
         save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
     }
 
-    /// A complete PEFT adapter directory, written atomically.
+    /// A complete causal-LM PEFT adapter directory, written atomically.
     pub fn save(&self, dir: &Path, store: &ParamStore, base: &str) -> Result<()> {
-        write_dir(dir, |tmp| self.write_files(tmp, store, base))
+        write_dir(dir, |tmp| {
+            self.write_files(tmp, store, base, &Head::causal_lm())
+        })
     }
 
     /// Folds every adapter into its base weight (W₀ += s·B·A) and detaches the adapters:
@@ -454,7 +502,8 @@ pub fn read_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
     Ok((cfg, base))
 }
 
-/// Loads a PEFT LoRA directory onto `model` (adapters enabled, weights frozen unless `train`).
+/// Loads a PEFT LoRA directory onto `model` (adapters enabled; A and B are trainable
+/// parameters of the store, so loading one and training on continues it).
 pub fn load(
     dir: &Path,
     model: &mut DecoderModel,

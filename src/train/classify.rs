@@ -17,8 +17,8 @@ use crate::model::backbone::{
     add_head, argmax_rows, open_metrics, write_head_outputs, Backbone, HeadOutputs, POOLER,
 };
 use crate::peft::lora::LoraConfig;
+use crate::rng::Stream;
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
-use crate::train::sft::Stream;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -134,6 +134,9 @@ pub fn run(o: Options) -> Result<Summary> {
         peft && !n.starts_with(POOLER)
     })?;
     let max_len = o.max_len.min(m.body.max_len());
+    if o.batch_size == 0 || max_len < 2 {
+        bail!("--batch-size must be positive and --max-len at least 2");
+    }
     let x_train = encode(&m.tok, &train, max_len)?;
     let x_eval = encode(&m.tok, &eval, max_len)?;
     let (head_name, head_bias) = m.body.head_name();
@@ -167,9 +170,6 @@ pub fn run(o: Options) -> Result<Summary> {
             weight_decay: o.weight_decay,
         },
     )?;
-    if o.batch_size == 0 || max_len < 2 {
-        bail!("--batch-size must be positive and --max-len at least 2");
-    }
     let per_epoch = train.len().div_ceil(o.batch_size) as u64;
     let total_steps = per_epoch * o.epochs as u64;
     if total_steps == 0 {
@@ -184,11 +184,7 @@ pub fn run(o: Options) -> Result<Summary> {
         Ok(out)
     };
     let mut metrics = open_metrics(&o.out)?;
-    let mut stream = Stream {
-        seed: o.seed,
-        n: train.len(),
-        epoch: None,
-    };
+    let mut stream = Stream::new(o.seed, train.len());
     let started = Instant::now();
     let mut times = Vec::new();
     let (mut acc, mut f1) = (None, None);

@@ -212,6 +212,13 @@ pub fn run(opts: Options) -> Result<Summary> {
         .iter()
         .filter_map(|s| tok.inner.token_to_id(s))
         .collect();
+    // Random replacements need at least one non-special id.
+    if (0..model.cfg.vocab_size as u32).all(|i| special.contains(&i)) {
+        bail!(
+            "the vocabulary ({} ids) holds no token besides the special ones; nothing to draw random replacements from",
+            model.cfg.vocab_size
+        );
+    }
     let spec = MaskSpec {
         prob: 0.15,
         mask_id,
@@ -258,31 +265,29 @@ pub fn run(opts: Options) -> Result<Summary> {
     for step in 0..t.max_steps {
         let lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
         // Each micro-batch's loss is a mean over its selected tokens; the step averages the
-        // micro-batches that selected any (a window can, rarely, select nothing).
-        let mut parts = Vec::new();
+        // micro-batches that selected any (a window can, rarely, select nothing). Backward runs
+        // per micro-batch so only one graph is alive; the sum is scaled by 1/n afterwards.
+        let mut grads: Option<Grads> = None;
+        let (mut loss_sum, mut n) = (0f32, 0usize);
         for micro in 0..t.grad_accum as u64 {
             let b = data.train_batch(t.seed, step, micro, t.batch_size);
             let rows = wrap(&b.x, b.batch, cls, sep);
             let seed = t.seed ^ (step << 16) ^ micro;
-            if let Some(loss) = mlm_loss(&model, &rows, b.batch, &spec, seed, &device)? {
-                parts.push(loss);
-            }
-        }
-        if parts.is_empty() {
-            continue;
-        }
-        let n = parts.len();
-        let mut grads: Option<Grads> = None;
-        let mut loss_sum = 0f32;
-        for loss in parts {
+            let Some(loss) = mlm_loss(&model, &rows, b.batch, &spec, seed, &device)? else {
+                continue;
+            };
             loss_sum += loss.to_scalar::<f32>()?;
-            let g = store.grads(&(loss / n as f64)?.backward()?);
+            n += 1;
+            let g = store.grads(&loss.backward()?);
             match grads.as_mut() {
                 Some(acc) => acc.accumulate(g)?,
                 None => grads = Some(g),
             }
         }
-        let mut grads = grads.context("no micro-batch")?;
+        let Some(mut grads) = grads else { continue };
+        if n > 1 {
+            grads.scale(1.0 / n as f64)?;
+        }
         let loss = loss_sum / n as f32;
         if !loss.is_finite() {
             bail!("loss became {loss} at step {step}; lower train.lr");

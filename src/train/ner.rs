@@ -14,10 +14,10 @@ use crate::eval::metrics::entity_prf;
 use crate::model::backbone::{
     add_head, open_metrics, write_head_outputs, Backbone, HeadOutputs, POOLER,
 };
+use crate::rng::Stream;
 use crate::tokenizer::Tok;
 use crate::train::classify::{optimizer_step, Forgetting, Options, Summary};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
-use crate::train::sft::Stream;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -226,11 +226,7 @@ pub fn run(o: Options) -> Result<Summary> {
         Ok((p.precision, p.recall, p.f1))
     };
     let mut metrics = open_metrics(&o.out)?;
-    let mut stream = Stream {
-        seed: o.seed,
-        n: tr.len(),
-        epoch: None,
-    };
+    let mut stream = Stream::new(o.seed, tr.len());
     let started = Instant::now();
     let mut times = Vec::new();
     let mut f1 = None;

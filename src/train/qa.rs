@@ -12,10 +12,10 @@
 
 use crate::eval::metrics::{exact_match, squad_f1};
 use crate::model::backbone::{add_head, open_metrics, write_head_outputs, Backbone, HeadOutputs};
+use crate::rng::Stream;
 use crate::tokenizer::Tok;
 use crate::train::classify::{optimizer_step, Options, Summary};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
-use crate::train::sft::Stream;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde_json::{json, Value};
@@ -200,6 +200,9 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
             eprintln!("{s}");
         }
     };
+    if o.forgetting_eval.is_some() {
+        bail!("--forgetting-eval measures causal-LM perplexity; extractive QA runs on encoders, which have none");
+    }
     let train = read_squad(&o.data)?;
     let eval = match &o.eval_data {
         Some(p) => read_squad(p)?,
@@ -207,9 +210,6 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
     };
     let peft = o.lora.is_some();
     let mut m = Backbone::load(&o.model, &o.device, false, &|_| peft)?;
-    if o.forgetting_eval.is_some() {
-        bail!("--forgetting-eval measures causal-LM perplexity; extractive QA runs on encoders, which have none");
-    }
     if !matches!(m.body, Backbone::Encoder(_)) {
         bail!(
             "{}: extractive QA needs a bidirectional encoder (BERT); decoders are not supported",
@@ -296,11 +296,7 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
         bail!("nothing to do: 0 steps");
     }
     let mut metrics = open_metrics(&o.out)?;
-    let mut stream = Stream {
-        seed: o.seed,
-        n: tw.len(),
-        epoch: None,
-    };
+    let mut stream = Stream::new(o.seed, tw.len());
     let (started, mut times) = (Instant::now(), Vec::new());
     let mut scores = None;
     for step in 0..total_steps {

@@ -14,12 +14,12 @@
 
 use crate::chat::ChatTemplate;
 use crate::data::sft::{read_jsonl, tokenize_all, Counts, Formatter, Tokenized, DEFAULT_TEMPLATE};
-use crate::eval::score::{score_ids, Score};
+use crate::eval::score::{score_text_ids, Score};
 use crate::fsutil::write_dir;
 use crate::model::{hf, DecoderModel, ForwardOpts, Grads, Packing, ParamStore};
 use crate::peft::lora::{self, LoraConfig};
 use crate::peft::AdapterSwitch;
-use crate::rng::permutation;
+use crate::rng::{permutation, Stream};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -126,9 +126,8 @@ pub fn run(o: Options) -> Result<Summary> {
         Some(p) => Some(read_text_ids(p, &m.tok)?),
         None => None,
     };
-    let window = ctx.min(512);
     let before = match &forget_ids {
-        Some(ids) => Some(score_ids(&m.model, ids, window, window / 2)?),
+        Some(ids) => Some(score_text_ids(&m.model, ids)?),
         None => None,
     };
 
@@ -188,11 +187,7 @@ pub fn run(o: Options) -> Result<Summary> {
         .with_context(|| format!("creating {}", o.out.join("metrics.jsonl").display()))?;
     let started = Instant::now();
     let mut losses = Vec::new();
-    let mut stream = Stream {
-        seed: o.seed,
-        n: rows.len(),
-        epoch: None,
-    };
+    let mut stream = Stream::new(o.seed, rows.len());
     for step in 0..total_steps {
         let t0 = Instant::now();
         let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
@@ -236,18 +231,18 @@ pub fn run(o: Options) -> Result<Summary> {
         opt.step(&m.store, &grads, lr)?;
         losses.push(loss);
         let dt = t0.elapsed().as_secs_f64();
+        let rss = crate::bench::peak_rss_mib();
         writeln!(
             metrics,
             "{}",
             json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
                    "trained_tokens": n_targets, "step_s": dt,
-                   "peak_rss_mib": crate::bench::peak_rss_mib()})
+                   "peak_rss_mib": rss})
         )?;
         if !o.quiet && ((step + 1) % (total_steps / 20).max(1) == 0 || step + 1 == total_steps) {
             eprintln!(
-                "step {:>5}/{total_steps}  loss {loss:.4}  lr {lr:.2e}  {dt:.2}s  peak RSS {:.0} MiB",
-                step + 1,
-                crate::bench::peak_rss_mib()
+                "step {:>5}/{total_steps}  loss {loss:.4}  lr {lr:.2e}  {dt:.2}s  peak RSS {rss:.0} MiB",
+                step + 1
             );
         }
     }
@@ -259,7 +254,7 @@ pub fn run(o: Options) -> Result<Summary> {
         Some(a) => {
             let dir = o.out.join("adapter");
             write_dir(&dir, |tmp| {
-                a.write_files(tmp, &m.store, &base)?;
+                a.write_files(tmp, &m.store, &base, &lora::Head::causal_lm())?;
                 m.tok.save(&tmp.join("tokenizer.json"))?;
                 std::fs::write(tmp.join("chat_template.jinja"), &template)?;
                 Ok(())
@@ -285,7 +280,7 @@ pub fn run(o: Options) -> Result<Summary> {
     // 7. Forgetting: the same text under the fine-tuned model.
     let forgetting = match (&forget_ids, before) {
         (Some(ids), Some(b)) => {
-            let after = score_ids(&m.model, ids, window, window / 2)?;
+            let after = score_text_ids(&m.model, ids)?;
             writeln!(
                 metrics,
                 "{}",
@@ -313,23 +308,6 @@ pub fn run(o: Options) -> Result<Summary> {
         seconds,
         output,
     })
-}
-
-/// Item p of an endless stream of epochs, each a fresh permutation (cached per epoch).
-pub struct Stream {
-    pub seed: u64,
-    pub n: usize,
-    pub epoch: Option<(u64, Vec<usize>)>,
-}
-
-impl Stream {
-    pub fn get(&mut self, p: usize) -> usize {
-        let e = (p / self.n) as u64;
-        if self.epoch.as_ref().is_none_or(|(k, _)| *k != e) {
-            self.epoch = Some((e, permutation(self.seed, e, self.n)));
-        }
-        self.epoch.as_ref().map_or(0, |(_, perm)| perm[p % self.n])
-    }
 }
 
 /// Groups examples into rows: one example per row, or with `packing` as many consecutive
