@@ -177,10 +177,10 @@ impl Attention {
             ),
         };
         if let Some(rope) = ctx.rope {
-            match ctx.packing {
-                Some(p) => {
-                    q = rope.apply_at(&q, &p.positions)?;
-                    k = rope.apply_at(&k, &p.positions)?;
+            match ctx.rope_at {
+                Some((cos, sin)) => {
+                    q = rope.rotate(&q, cos, sin)?;
+                    k = rope.rotate(&k, cos, sin)?;
                 }
                 None => {
                     q = rope.apply(&q, ctx.past)?;
@@ -257,7 +257,13 @@ impl Attention {
             mask = padding_mask(&mask, pad, n_prefix)?; // (B, 1, T, S)
         }
         if let Some(p) = ctx.packing {
-            mask = mask.broadcast_add(&p.mask(n_prefix, q.device())?)?; // (B, 1, T, S)
+            let mut cached = ctx.packing_mask.borrow_mut();
+            if cached.is_none() {
+                *cached = Some(p.mask(n_prefix, q.device())?);
+            }
+            if let Some(m) = cached.as_ref() {
+                mask = mask.broadcast_add(m)?; // (B, 1, T, S)
+            }
         }
         let att = softmax_last(&att.broadcast_add(&mask)?)?;
         Ok(att.matmul(&v)?.transpose(1, 2)?) // (B, T, H, hd)
@@ -404,6 +410,10 @@ pub struct Block {
 
 struct LayerCtx<'a> {
     rope: Option<&'a Rope>,
+    /// Packed rows: rotary tables at the rows' positions, built once per forward.
+    rope_at: Option<&'a (Tensor, Tensor)>,
+    /// Packed rows on the composite path: the cross-example mask, built by the first layer.
+    packing_mask: &'a std::cell::RefCell<Option<Tensor>>,
     past: usize,
     cache: Option<&'a mut Option<(Tensor, Tensor)>>,
     prefix: Option<&'a (Tensor, Tensor)>,
@@ -646,9 +656,16 @@ impl DecoderModel {
                 *c = KvCache::new(self.blocks.len());
             }
         }
+        let rope_at = match (packing, &self.rope) {
+            (Some(p), Some(r)) => Some(r.tables_at(&p.positions, embeds.dtype())?),
+            _ => None,
+        };
+        let packing_mask = std::cell::RefCell::new(None);
         for (i, block) in self.blocks.iter().enumerate() {
             let mut ctx = LayerCtx {
                 rope: self.rope.as_ref(),
+                rope_at: rope_at.as_ref(),
+                packing_mask: &packing_mask,
                 past,
                 cache: cache.as_deref_mut().map(|c| &mut c.layers[i]),
                 prefix: prefix.map(|p| &p[i]),

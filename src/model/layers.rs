@@ -340,19 +340,22 @@ impl Rope {
         self.rotate(x, &table(&self.cos)?, &table(&self.sin)?)
     }
 
-    /// x (B, T, H, hd) at the given positions (B, T) u32 (packed sequences restart at 0).
-    pub fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let (b, t, _, hd) = x.dims4()?;
+    /// cos/sin tables (B, T, 1, hd) for positions (B, T) u32 (packed sequences restart at 0);
+    /// built once per forward and shared by every layer's `rotate`.
+    pub fn tables_at(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let hd = self.cos.dim(1)?;
         let flat = positions.flatten_all()?;
         let table = |m: &Tensor| -> Result<Tensor> {
             Ok(m.index_select(&flat, 0)?
-                .to_dtype(x.dtype())?
+                .to_dtype(dtype)?
                 .reshape((b, t, 1, hd))?)
         };
-        self.rotate(x, &table(&self.cos)?, &table(&self.sin)?)
+        Ok((table(&self.cos)?, table(&self.sin)?))
     }
 
-    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// x (B, T, H, hd) rotated by tables broadcastable to it.
+    pub fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let hd = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
         let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
