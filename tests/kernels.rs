@@ -170,35 +170,52 @@ fn fused_attention_matches_composite() {
 }
 
 #[test]
-fn fused_attention_takes_strided_views() {
-    // The decoder passes column slices of the fused qkv projection: unit last stride only.
-    let (b, t, h, d) = (2, 9, 3, 4);
-    let qkv = randn(&[b, t, 3 * h * d], 7, 1.0);
-    let part = |i: usize| {
-        qkv.narrow(2, i * h * d, h * d)
-            .unwrap()
-            .reshape((b, t, h, d))
-    };
-    // narrow + reshape of a non-contiguous view copies in candle; build the strided view directly.
-    let view = |i: usize| {
-        qkv.reshape((b, t, 3, h, d))
-            .unwrap()
-            .narrow(2, i, 1)
-            .unwrap()
-            .squeeze(2)
-            .unwrap()
-    };
-    let spec = attention::Spec {
-        scale: 0.5,
-        prefix: 0,
-        past: 0,
-        window: None,
-    };
-    let strided = attention::attention(&view(0), &view(1), &view(2), spec).unwrap();
-    assert!(!view(0).is_contiguous());
-    let (q, k, v) = (part(0).unwrap(), part(1).unwrap(), part(2).unwrap());
-    let dense = attention::attention(&q, &k, &v, spec).unwrap();
-    assert_eq!(max_diff(&strided, &dense), 0.0);
+fn fused_qkv_attention_matches_split_projection() {
+    // GPT-2's c_attn: one (B, T, 3, H, D) projection. The qkv op reads the three parts in
+    // place and writes its gradient in that layout; the reference splits the projection with
+    // narrow (strided views) into the separate op, whose backward candle routes back.
+    let (b, t, h, d) = (2, 70, 3, 5);
+    for (window, packed) in [(None, false), (Some(6), false), (None, true)] {
+        let qkv = Var::from_tensor(&randn(&[b, t, 3, h, d], 7, 1.0)).unwrap();
+        let w = randn(&[b, t, h, d], 8, 1.0);
+        let spec = attention::Spec {
+            scale: 0.4,
+            prefix: 0,
+            past: 0,
+            window,
+        };
+        // two packed examples per row, the second starting at 23 (row 0) and 41 (row 1)
+        let starts = packed.then(|| {
+            std::sync::Arc::new(
+                (0..b * t)
+                    .map(|i| {
+                        let (row, pos) = (i / t, i % t);
+                        let cut = [23, 41][row];
+                        if pos < cut {
+                            0
+                        } else {
+                            cut as u32
+                        }
+                    })
+                    .collect::<Vec<u32>>(),
+            )
+        });
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let o = f(qkv.as_tensor());
+            let g = (&o * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (o, g.get(qkv.as_tensor()).expect("gradient").clone())
+        };
+        let fused = run(&|x| attention::attention_qkv(x, spec, starts.clone()).unwrap());
+        let split = run(&|x| {
+            let part = |i: usize| x.narrow(2, i, 1).unwrap().squeeze(2).unwrap();
+            assert!(!part(0).is_contiguous());
+            attention::attention_packed(&part(0), &part(1), &part(2), spec, starts.clone()).unwrap()
+        });
+        let what = format!("window {window:?} packed {packed}");
+        assert!(fused.1.is_contiguous() && fused.1.dims() == [b, t, 3, h, d]);
+        assert!(max_diff(&fused.0, &split.0) < 1e-6, "{what}: out");
+        assert!(max_diff(&fused.1, &split.1) < 1e-5, "{what}: dqkv");
+    }
 }
 
 /// Central differences in f32 of Σ w ⊙ f(x) for a sample of elements of x.
@@ -353,9 +370,9 @@ fn fused_adamw_matches_the_formula() {
 
 #[test]
 fn fused_linear_matches_matmul_with_gradients() {
-    use lmforge::kernels::linear::{linear, WeightLayout};
+    use lmforge::kernels::linear::{linear_bias, WeightLayout};
     // m ≤ 16 takes the GEMV, larger m the blocked GEMM; odd sizes leave partial 6×16 tiles and
-    // k > 256 spans two packed panels.
+    // k > 256 spans two packed panels; 3001 rows give the bias gradient several row blocks.
     let shapes = [
         (1, 576, 1536),
         (3, 37, 301),
@@ -363,61 +380,86 @@ fn fused_linear_matches_matmul_with_gradients() {
         (2, 7, 5),
         (17, 300, 33),
         (200, 513, 70),
+        (3001, 9, 13),
     ];
     for (m, k, n) in shapes {
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
-            let wshape = match layout {
-                WeightLayout::OutIn => [n, k],
-                WeightLayout::InOut => [k, n],
-            };
-            let x = Var::from_tensor(&randn(&[m, k], 1, 1.0)).unwrap();
-            let w = Var::from_tensor(&randn(&wshape, 2, 1.0)).unwrap();
-            let dy = randn(&[m, n], 3, 1.0);
-            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
-                let y = f(x.as_tensor(), w.as_tensor());
-                let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
-                (y, get(&x), get(&w))
-            };
-            let fused = run(&|x, w| linear(x, w, layout).unwrap());
-            let comp = run(&|x, w| match layout {
-                WeightLayout::OutIn => x.matmul(&w.t().unwrap()).unwrap(),
-                WeightLayout::InOut => x.matmul(w).unwrap(),
-            });
-            let tol = 2e-6 * (k.max(m) as f32);
-            for (name, a, b) in [
-                ("y", &fused.0, &comp.0),
-                ("dx", &fused.1, &comp.1),
-                ("dw", &fused.2, &comp.2),
-            ] {
-                let e = max_diff(a, b);
-                assert!(
-                    e < tol,
-                    "linear {layout:?} m{m} k{k} n{n}: {name} differs by {e}"
-                );
+            for with_bias in [false, true] {
+                let wshape = match layout {
+                    WeightLayout::OutIn => [n, k],
+                    WeightLayout::InOut => [k, n],
+                };
+                let x = Var::from_tensor(&randn(&[m, k], 1, 1.0)).unwrap();
+                let w = Var::from_tensor(&randn(&wshape, 2, 1.0)).unwrap();
+                let b = Var::from_tensor(&randn(&[n], 4, 1.0)).unwrap();
+                let dy = randn(&[m, n], 3, 1.0);
+                let bias = with_bias.then_some(b.as_tensor());
+                let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+                    let y = f(x.as_tensor(), w.as_tensor());
+                    let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                    let db = with_bias.then(|| get(&b));
+                    (y, get(&x), get(&w), db)
+                };
+                let fused = run(&|x, w| linear_bias(x, w, bias, layout).unwrap());
+                let comp = run(&|x, w| {
+                    let y = match layout {
+                        WeightLayout::OutIn => x.matmul(&w.t().unwrap()).unwrap(),
+                        WeightLayout::InOut => x.matmul(w).unwrap(),
+                    };
+                    match bias {
+                        Some(b) => y.broadcast_add(b).unwrap(),
+                        None => y,
+                    }
+                });
+                let tol = 2e-6 * (k.max(m) as f32);
+                let what = format!("linear {layout:?} m{m} k{k} n{n} bias {with_bias}");
+                for (name, a, b) in [
+                    ("y", &fused.0, &comp.0),
+                    ("dx", &fused.1, &comp.1),
+                    ("dw", &fused.2, &comp.2),
+                ] {
+                    let e = max_diff(a, b);
+                    assert!(e < tol, "{what}: {name} differs by {e}");
+                }
+                if let (Some(a), Some(b)) = (&fused.3, &comp.3) {
+                    let e = max_diff(a, b);
+                    assert!(e < tol, "{what}: db differs by {e}");
+                }
             }
         }
     }
 }
 
 #[test]
-fn frozen_linear_weight_gets_no_gradient() {
-    use lmforge::kernels::linear::{linear, WeightLayout};
+fn frozen_linear_parts_get_no_gradient() {
+    use lmforge::kernels::linear::{linear_bias, WeightLayout};
     let x = Var::from_tensor(&randn(&[40, 24], 1, 1.0)).unwrap();
-    let w = randn(&[12, 24], 2, 1.0); // a constant: frozen
-    let g = linear(x.as_tensor(), &w, WeightLayout::OutIn)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    assert!(g.get(&w).is_none());
-    let dx = g.get(x.as_tensor()).unwrap();
-    let want = Tensor::ones((40, 12), DType::F32, &Device::Cpu)
-        .unwrap()
-        .matmul(&w)
-        .unwrap();
-    assert!(max_diff(dx, &want) < 1e-5);
+    let (wv, bv) = (
+        Var::from_tensor(&randn(&[12, 24], 2, 1.0)).unwrap(),
+        Var::from_tensor(&randn(&[12], 3, 1.0)).unwrap(),
+    );
+    let (wc, bc) = (wv.as_tensor().detach(), bv.as_tensor().detach()); // constants: frozen
+    let ones = Tensor::ones((40, 12), DType::F32, &Device::Cpu).unwrap();
+    for (w, b) in [(&wc, &bc), (&wc, bv.as_tensor()), (wv.as_tensor(), &bc)] {
+        let g = linear_bias(x.as_tensor(), w, Some(b), WeightLayout::OutIn)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(g.get(w).is_some(), w.is_variable());
+        assert_eq!(g.get(b).is_some(), b.is_variable());
+        let dx = g.get(x.as_tensor()).unwrap();
+        assert!(max_diff(dx, &ones.matmul(&wc).unwrap()) < 1e-5);
+        if let Some(db) = g.get(b) {
+            assert!(max_diff(db, &Tensor::full(40f32, 12, &Device::Cpu).unwrap()) < 1e-4);
+        }
+        if let Some(dw) = g.get(w) {
+            let want = ones.t().unwrap().matmul(x.as_tensor()).unwrap();
+            assert!(max_diff(dw, &want) < 1e-4);
+        }
+    }
 }
 
 #[test]
@@ -501,37 +543,6 @@ fn fused_norms_match_composite_and_finite_differences() {
 }
 
 #[test]
-fn fused_bias_add_matches_broadcast_add() {
-    use lmforge::kernels::linear::bias_add;
-    let y = Var::from_tensor(&randn(&[3001, 13], 1, 1.0)).unwrap();
-    let b = Var::from_tensor(&randn(&[13], 2, 1.0)).unwrap();
-    let dy = randn(&[3001, 13], 3, 1.0);
-    let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
-        let o = f(y.as_tensor(), b.as_tensor());
-        let g = (&o * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-        (
-            o,
-            g.get(y.as_tensor()).unwrap().clone(),
-            g.get(b.as_tensor()).unwrap().clone(),
-        )
-    };
-    let fused = run(&|y, b| bias_add(y, b).unwrap());
-    let comp = run(&|y, b| y.broadcast_add(b).unwrap());
-    assert_eq!(max_diff(&fused.0, &comp.0), 0.0);
-    assert_eq!(max_diff(&fused.1, &comp.1), 0.0);
-    assert!(max_diff(&fused.2, &comp.2) < 1e-3);
-    // a frozen bias gets no gradient
-    let frozen = randn(&[13], 2, 1.0);
-    let g = bias_add(y.as_tensor(), &frozen)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    assert!(g.get(&frozen).is_none());
-}
-
-#[test]
 fn fused_cross_entropy_matches_composite_and_finite_differences() {
     use lmforge::kernels::xent;
     use lmforge::losses::gather_logprobs_composite;
@@ -598,4 +609,34 @@ fn fused_dropout_regenerates_its_mask_in_the_backward() {
         0.0
     );
     assert!(max_diff(&dropout(x.as_tensor(), 0.25, 98).unwrap(), &y) > 0.0);
+}
+
+#[test]
+fn fused_rope_matches_composite_and_finite_differences() {
+    use lmforge::kernels::rope::rope;
+    use lmforge::model::layers::Rope;
+    // tables shared by the batch (one sequence's positions) and per row (packed positions);
+    // tables with distinct halves, so a swapped half would show.
+    let (b, t, h, d) = (3, 11, 2, 6);
+    for rows in [1, b] {
+        let cos = randn(&[rows, t, 1, d], 5, 1.0);
+        let sin = randn(&[rows, t, 1, d], 6, 1.0);
+        let x = Var::from_tensor(&randn(&[b, t, h, d], 7, 1.0)).unwrap();
+        let w = randn(&[b, t, h, d], 8, 1.0);
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let y = f(x.as_tensor());
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(x.as_tensor()).unwrap().clone())
+        };
+        let fused = run(&|x| rope(x, &cos, &sin).unwrap());
+        let comp = run(&|x| Rope::rotate_composite(x, &cos, &sin).unwrap());
+        assert!(max_diff(&fused.0, &comp.0) < 1e-6, "rows {rows}: y");
+        assert!(max_diff(&fused.1, &comp.1) < 1e-6, "rows {rows}: dx");
+        finite_difference(
+            "rope dx",
+            x.as_tensor(),
+            &|x| rope(x, &cos, &sin).unwrap(),
+            12,
+        );
+    }
 }

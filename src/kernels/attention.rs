@@ -15,7 +15,7 @@
 //! `model::decoder`'s attention (masked softmax of explicit scores).
 
 use super::vmath;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -99,6 +99,7 @@ fn f32s(s: &CpuStorage) -> Result<&[f32]> {
 }
 
 /// The three inputs of either attention op, checked against each other and the spec.
+#[derive(Clone, Copy)]
 struct Inputs<'a> {
     qv: View,
     kv: View,
@@ -220,6 +221,273 @@ fn check(q: &View, k: &View, v: &View, spec: &Spec) -> Result<()> {
     Ok(())
 }
 
+/// The forward over checked views: the output (B, T, H, D), contiguous, and the log-sum-exp
+/// per (b, h, t).
+fn forward(inp: &Inputs, spec: Spec, starts: &Starts) -> (Vec<f32>, Vec<f32>) {
+    let Inputs {
+        qv,
+        kv,
+        vv,
+        q,
+        k,
+        v,
+    } = *inp;
+    let (b, t, h, d) = qv.dims;
+    let (_, s, hkv, _) = kv.dims;
+    let rep = h / hkv;
+    let mut out = vec![0f32; b * t * h * d];
+    let mut lse = vec![0f32; b * h * t];
+    let (po, pl) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
+    let nblk = t.div_ceil(BQ);
+    (0..b * h * nblk).into_par_iter().for_each(|task| {
+        let (bh, blk) = (task / nblk, task % nblk);
+        let (bi, hi) = (bh / h, bh % h);
+        let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
+        let rows = i1 - i0;
+        let kend = (spec.prefix + spec.past + i1).min(s);
+        let mut sc = vec![0f32; rows * kend];
+        let qp = q[qv.at(bi, i0, hi)..].as_ptr();
+        let kp = k[kv.at(bi, 0, hi / rep)..].as_ptr();
+        let vp = v[vv.at(bi, 0, hi / rep)..].as_ptr();
+        // SAFETY: the views were checked against the shapes; each task writes its own rows
+        // of `out` and `lse`.
+        unsafe {
+            // S = scale · Q_blk · K[..kend]ᵀ
+            mm(
+                (rows, kend, d),
+                sc.as_mut_ptr(),
+                (kend, 1),
+                false,
+                qp,
+                (qv.sn, 1),
+                kp,
+                (1, kv.sn),
+                spec.scale,
+            );
+            for r in 0..rows {
+                let qpos = spec.past + i0 + r;
+                let row = &mut sc[r * kend..(r + 1) * kend];
+                let lo = seg_lo(starts, bi, t, i0 + r);
+                spec.mask_row(row, qpos, lo, f32::NEG_INFINITY);
+                let m = vmath::max(row);
+                let sum = vmath::exp_shift_sum(row, m);
+                let inv = 1.0 / sum;
+                for x in row.iter_mut() {
+                    *x *= inv;
+                }
+                *pl.get().add((bi * h + hi) * t + i0 + r) = m + sum.ln();
+            }
+            // O_blk = P · V[..kend], written as rows of the (B, T, H, D) output.
+            let op = po.get().add(((bi * t + i0) * h + hi) * d);
+            mm(
+                (rows, d, kend),
+                op,
+                (h * d, 1),
+                false,
+                sc.as_ptr(),
+                (kend, 1),
+                vp,
+                (vv.sn, 1),
+                1.0,
+            );
+        }
+    });
+    (out, lse)
+}
+
+/// Where the backward writes dQ, dK and dV: views into one zero-initialised buffer, shaped
+/// like q, k and v.
+struct GradViews {
+    dq: View,
+    dk: View,
+    dv: View,
+    len: usize,
+}
+
+impl GradViews {
+    /// dq, dk, dv one after the other, each contiguous.
+    fn separate(q: &View, k: &View) -> Self {
+        let dense = |off: usize, (b, n, h, d): (usize, usize, usize, usize)| View {
+            off,
+            sb: n * h * d,
+            sn: h * d,
+            sh: d,
+            dims: (b, n, h, d),
+        };
+        let (nq, nk) = (elems(q.dims), elems(k.dims));
+        Self {
+            dq: dense(0, q.dims),
+            dk: dense(nq, k.dims),
+            dv: dense(nq + nk, k.dims),
+            len: nq + 2 * nk,
+        }
+    }
+
+    /// One contiguous (B, T, 3, H, D) gradient, the layout of a fused qkv projection.
+    fn fused((b, t, h, d): (usize, usize, usize, usize)) -> Self {
+        let at = |part: usize| View {
+            off: part * h * d,
+            sb: t * 3 * h * d,
+            sn: 3 * h * d,
+            sh: d,
+            dims: (b, t, h, d),
+        };
+        Self {
+            dq: at(0),
+            dk: at(1),
+            dv: at(2),
+            len: b * t * 3 * h * d,
+        }
+    }
+}
+
+fn elems((b, n, h, d): (usize, usize, usize, usize)) -> usize {
+    b * n * h * d
+}
+
+/// The backward over checked views: `o` and `go` are the output and its gradient, contiguous
+/// (B, T, H, D); returns the buffer `gv` describes.
+fn backward(
+    inp: &Inputs,
+    spec: Spec,
+    starts: &Starts,
+    lse: &[f32],
+    o: &[f32],
+    go: &[f32],
+    gv: &GradViews,
+) -> Result<Vec<f32>> {
+    let Inputs {
+        qv,
+        kv,
+        vv,
+        q,
+        k,
+        v,
+    } = *inp;
+    let (b, t, h, d) = qv.dims;
+    let (_, s, hkv, _) = kv.dims;
+    let rep = h / hkv;
+    if o.len() < b * t * h * d || go.len() < b * t * h * d || lse.len() != b * h * t {
+        bail!("fused attention: saved tensors do not match the inputs");
+    }
+    let mut flat = vec![0f32; gv.len];
+    let base = Ptr(flat.as_mut_ptr());
+    let nblk = t.div_ceil(BQ);
+    // One task per (batch, kv head): dK and dV of that head are accumulated by its query
+    // heads only, so tasks never write the same memory.
+    (0..b * hkv).into_par_iter().for_each(|task| {
+        let (bi, kh) = (task / hkv, task % hkv);
+        let kp = k[kv.at(bi, 0, kh)..].as_ptr();
+        let vp = v[vv.at(bi, 0, kh)..].as_ptr();
+        let mut p = vec![0f32; BQ * s];
+        let mut ds = vec![0f32; BQ * s];
+        // SAFETY: offsets follow the checked shapes; the regions written (dq rows of this
+        // task's heads, dk/dv rows of its kv head) belong to this task alone.
+        unsafe {
+            let dk = base.get().add(gv.dk.at(bi, 0, kh));
+            let dv = base.get().add(gv.dv.at(bi, 0, kh));
+            for hi in kh * rep..(kh + 1) * rep {
+                for blk in 0..nblk {
+                    let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
+                    let rows = i1 - i0;
+                    let kend = (spec.prefix + spec.past + i1).min(s);
+                    let qp = q[qv.at(bi, i0, hi)..].as_ptr();
+                    let row0 = (bi * t + i0) * h + hi; // first (b, t, h) row of this block
+                    let gp = go[row0 * d..].as_ptr();
+                    // P = exp(scale·QKᵀ − lse), zero where masked.
+                    mm(
+                        (rows, kend, d),
+                        p.as_mut_ptr(),
+                        (kend, 1),
+                        false,
+                        qp,
+                        (qv.sn, 1),
+                        kp,
+                        (1, kv.sn),
+                        spec.scale,
+                    );
+                    // dP = dO · Vᵀ
+                    mm(
+                        (rows, kend, d),
+                        ds.as_mut_ptr(),
+                        (kend, 1),
+                        false,
+                        gp,
+                        (h * d, 1),
+                        vp,
+                        (1, vv.sn),
+                        1.0,
+                    );
+                    for r in 0..rows {
+                        let qpos = spec.past + i0 + r;
+                        let l = lse[(bi * h + hi) * t + i0 + r];
+                        let orow = &o[(row0 + r * h) * d..(row0 + r * h) * d + d];
+                        let grow = &go[(row0 + r * h) * d..(row0 + r * h) * d + d];
+                        let di: f32 = orow.iter().zip(grow).map(|(a, b)| a * b).sum();
+                        let pr = &mut p[r * kend..(r + 1) * kend];
+                        let dr = &mut ds[r * kend..(r + 1) * kend];
+                        // Masked scores become −∞, so e^(p − lse) = 0 and their dS is 0.
+                        let lo = seg_lo(starts, bi, t, i0 + r);
+                        spec.mask_row(pr, qpos, lo, f32::NEG_INFINITY);
+                        vmath::softmax_grad(pr, dr, l, di);
+                    }
+                    // dQ_blk = scale · dS · K
+                    mm(
+                        (rows, d, kend),
+                        base.get().add(gv.dq.at(bi, i0, hi)),
+                        (gv.dq.sn, 1),
+                        false,
+                        ds.as_ptr(),
+                        (kend, 1),
+                        kp,
+                        (kv.sn, 1),
+                        spec.scale,
+                    );
+                    // dK += scale · dSᵀ · Q_blk,  dV += Pᵀ · dO_blk
+                    mm(
+                        (kend, d, rows),
+                        dk,
+                        (gv.dk.sn, 1),
+                        true,
+                        ds.as_ptr(),
+                        (1, kend),
+                        qp,
+                        (qv.sn, 1),
+                        spec.scale,
+                    );
+                    mm(
+                        (kend, d, rows),
+                        dv,
+                        (gv.dv.sn, 1),
+                        true,
+                        p.as_ptr(),
+                        (1, kend),
+                        gp,
+                        (h * d, 1),
+                        1.0,
+                    );
+                }
+            }
+        }
+    });
+    Ok(flat)
+}
+
+fn take_lse(lse: &Mutex<Option<Arc<Vec<f32>>>>) -> Result<Arc<Vec<f32>>> {
+    let lse = lse
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?
+        .clone();
+    lse.ok_or_else(|| candle_core::Error::Msg("fused attention: backward before forward".into()))
+}
+
+fn keep_lse(slot: &Mutex<Option<Arc<Vec<f32>>>>, lse: Vec<f32>) -> Result<()> {
+    *slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? = Some(Arc::new(lse));
+    Ok(())
+}
+
 impl CustomOp3 for Fwd {
     fn name(&self) -> &'static str {
         "lmforge-attention"
@@ -234,80 +502,10 @@ impl CustomOp3 for Fwd {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Inputs {
-            qv,
-            kv,
-            vv,
-            q,
-            k,
-            v,
-        } = Inputs::of(sq, lq, sk, lk, sv, lv, &self.spec)?;
-        let (b, t, h, d) = qv.dims;
-        let (_, s, hkv, _) = kv.dims;
-        let rep = h / hkv;
-        let spec = self.spec;
-        let mut out = vec![0f32; b * t * h * d];
-        let mut lse = vec![0f32; b * h * t];
-        let (po, pl) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
-        let nblk = t.div_ceil(BQ);
-        (0..b * h * nblk).into_par_iter().for_each(|task| {
-            let (bh, blk) = (task / nblk, task % nblk);
-            let (bi, hi) = (bh / h, bh % h);
-            let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
-            let rows = i1 - i0;
-            let kend = (spec.prefix + spec.past + i1).min(s);
-            let mut sc = vec![0f32; rows * kend];
-            let qp = q[qv.at(bi, i0, hi)..].as_ptr();
-            let kp = k[kv.at(bi, 0, hi / rep)..].as_ptr();
-            let vp = v[vv.at(bi, 0, hi / rep)..].as_ptr();
-            // SAFETY: the views were checked against the shapes; each task writes its own rows
-            // of `out` and `lse`.
-            unsafe {
-                // S = scale · Q_blk · K[..kend]ᵀ
-                mm(
-                    (rows, kend, d),
-                    sc.as_mut_ptr(),
-                    (kend, 1),
-                    false,
-                    qp,
-                    (qv.sn, 1),
-                    kp,
-                    (1, kv.sn),
-                    spec.scale,
-                );
-                for r in 0..rows {
-                    let qpos = spec.past + i0 + r;
-                    let row = &mut sc[r * kend..(r + 1) * kend];
-                    let lo = seg_lo(&self.starts, bi, t, i0 + r);
-                    spec.mask_row(row, qpos, lo, f32::NEG_INFINITY);
-                    let m = vmath::max(row);
-                    let sum = vmath::exp_shift_sum(row, m);
-                    let inv = 1.0 / sum;
-                    for x in row.iter_mut() {
-                        *x *= inv;
-                    }
-                    *pl.get().add((bi * h + hi) * t + i0 + r) = m + sum.ln();
-                }
-                // O_blk = P · V[..kend], written as rows of the (B, T, H, D) output.
-                let op = po.get().add(((bi * t + i0) * h + hi) * d);
-                mm(
-                    (rows, d, kend),
-                    op,
-                    (h * d, 1),
-                    false,
-                    sc.as_ptr(),
-                    (kend, 1),
-                    vp,
-                    (vv.sn, 1),
-                    1.0,
-                );
-            }
-        });
-        *self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? = Some(Arc::new(lse));
-        Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
+        let inp = Inputs::of(sq, lq, sk, lk, sv, lv, &self.spec)?;
+        let (out, lse) = forward(&inp, self.spec, &self.starts);
+        keep_lse(&self.lse, lse)?;
+        Ok((CpuStorage::F32(out), Shape::from(inp.qv.dims)))
     }
 
     fn bwd(
@@ -318,18 +516,10 @@ impl CustomOp3 for Fwd {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?
-            .clone();
-        let Some(lse) = lse else {
-            bail!("fused attention: backward before forward");
-        };
-        let op = Bwd {
+        let op = Saved {
             spec: self.spec,
             starts: self.starts.clone(),
-            lse,
+            lse: take_lse(&self.lse)?,
             out: out.contiguous()?,
             grad: grad.contiguous()?,
         };
@@ -342,7 +532,8 @@ impl CustomOp3 for Fwd {
     }
 }
 
-struct Bwd {
+/// The saved output and its gradient, contiguous, for the backward ops.
+struct Saved {
     spec: Spec,
     starts: Starts,
     lse: Arc<Vec<f32>>,
@@ -350,15 +541,17 @@ struct Bwd {
     grad: Tensor,
 }
 
-fn cpu_contiguous(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize)> {
-    let (s, l) = t.storage_and_layout();
-    let Some((a, _)) = l.contiguous_offsets() else {
-        bail!("fused attention: expected a contiguous tensor");
-    };
-    Ok((s, a))
+impl Saved {
+    fn run(&self, inp: &Inputs, gv: &GradViews) -> Result<Vec<f32>> {
+        super::with_slice(&self.out, |o| {
+            super::with_slice(&self.grad, |go| {
+                backward(inp, self.spec, &self.starts, &self.lse, o, go, gv)
+            })
+        })
+    }
 }
 
-impl CustomOp3 for Bwd {
+impl CustomOp3 for Saved {
     fn name(&self) -> &'static str {
         "lmforge-attention-bwd"
     }
@@ -372,132 +565,102 @@ impl CustomOp3 for Bwd {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Inputs {
-            qv,
-            kv,
-            vv,
-            q,
-            k,
-            v,
-        } = Inputs::of(sq, lq, sk, lk, sv, lv, &self.spec)?;
-        let (b, t, h, d) = qv.dims;
-        let (_, s, hkv, _) = kv.dims;
-        let rep = h / hkv;
-        let spec = self.spec;
-        let (og, ooff) = cpu_contiguous(&self.out)?;
-        let (gg, goff) = cpu_contiguous(&self.grad)?;
-        let (Storage::Cpu(os), Storage::Cpu(gs)) = (&*og, &*gg) else {
-            bail!("fused attention: expected CPU tensors");
-        };
-        let (o, go) = (&f32s(os)?[ooff..], &f32s(gs)?[goff..]);
-        if o.len() < b * t * h * d || go.len() < b * t * h * d || self.lse.len() != b * h * t {
-            bail!("fused attention: saved tensors do not match the inputs");
-        }
-        let (nq, nk) = (b * t * h * d, b * s * hkv * d);
-        let mut flat = vec![0f32; nq + 2 * nk];
-        let base = Ptr(flat.as_mut_ptr());
-        let lse = &self.lse;
-        let nblk = t.div_ceil(BQ);
-        // One task per (batch, kv head): dK and dV of that head are accumulated by its query
-        // heads only, so tasks never write the same memory.
-        (0..b * hkv).into_par_iter().for_each(|task| {
-            let (bi, kh) = (task / hkv, task % hkv);
-            let kp = k[kv.at(bi, 0, kh)..].as_ptr();
-            let vp = v[vv.at(bi, 0, kh)..].as_ptr();
-            let mut p = vec![0f32; BQ * s];
-            let mut ds = vec![0f32; BQ * s];
-            // SAFETY: offsets follow the checked shapes; the regions written (dq rows of this
-            // task's heads, dk/dv rows of its kv head) belong to this task alone.
-            unsafe {
-                let dq = base.get();
-                let dk = base.get().add(nq + bi * s * hkv * d + kh * d);
-                let dv = base.get().add(nq + nk + bi * s * hkv * d + kh * d);
-                for hi in kh * rep..(kh + 1) * rep {
-                    for blk in 0..nblk {
-                        let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
-                        let rows = i1 - i0;
-                        let kend = (spec.prefix + spec.past + i1).min(s);
-                        let qp = q[qv.at(bi, i0, hi)..].as_ptr();
-                        let row0 = (bi * t + i0) * h + hi; // first (b, t, h) row of this block
-                        let gp = go[row0 * d..].as_ptr();
-                        // P = exp(scale·QKᵀ − lse), zero where masked.
-                        mm(
-                            (rows, kend, d),
-                            p.as_mut_ptr(),
-                            (kend, 1),
-                            false,
-                            qp,
-                            (qv.sn, 1),
-                            kp,
-                            (1, kv.sn),
-                            spec.scale,
-                        );
-                        // dP = dO · Vᵀ
-                        mm(
-                            (rows, kend, d),
-                            ds.as_mut_ptr(),
-                            (kend, 1),
-                            false,
-                            gp,
-                            (h * d, 1),
-                            vp,
-                            (1, vv.sn),
-                            1.0,
-                        );
-                        for r in 0..rows {
-                            let qpos = spec.past + i0 + r;
-                            let l = lse[(bi * h + hi) * t + i0 + r];
-                            let orow = &o[(row0 + r * h) * d..(row0 + r * h) * d + d];
-                            let grow = &go[(row0 + r * h) * d..(row0 + r * h) * d + d];
-                            let di: f32 = orow.iter().zip(grow).map(|(a, b)| a * b).sum();
-                            let pr = &mut p[r * kend..(r + 1) * kend];
-                            let dr = &mut ds[r * kend..(r + 1) * kend];
-                            // Masked scores become −∞, so e^(p − lse) = 0 and their dS is 0.
-                            let lo = seg_lo(&self.starts, bi, t, i0 + r);
-                            spec.mask_row(pr, qpos, lo, f32::NEG_INFINITY);
-                            vmath::softmax_grad(pr, dr, l, di);
-                        }
-                        // dQ_blk = scale · dS · K
-                        mm(
-                            (rows, d, kend),
-                            dq.add(row0 * d),
-                            (h * d, 1),
-                            false,
-                            ds.as_ptr(),
-                            (kend, 1),
-                            kp,
-                            (kv.sn, 1),
-                            spec.scale,
-                        );
-                        // dK += scale · dSᵀ · Q_blk,  dV += Pᵀ · dO_blk
-                        mm(
-                            (kend, d, rows),
-                            dk,
-                            (hkv * d, 1),
-                            true,
-                            ds.as_ptr(),
-                            (1, kend),
-                            qp,
-                            (qv.sn, 1),
-                            spec.scale,
-                        );
-                        mm(
-                            (kend, d, rows),
-                            dv,
-                            (hkv * d, 1),
-                            true,
-                            p.as_ptr(),
-                            (1, kend),
-                            gp,
-                            (h * d, 1),
-                            1.0,
-                        );
-                    }
-                }
-            }
-        });
-        Ok((CpuStorage::F32(flat), Shape::from(nq + 2 * nk)))
+        let inp = Inputs::of(sq, lq, sk, lk, sv, lv, &self.spec)?;
+        let gv = GradViews::separate(&inp.qv, &inp.kv);
+        let flat = self.run(&inp, &gv)?;
+        Ok((CpuStorage::F32(flat), Shape::from(gv.len)))
     }
+}
+
+// ---------------------------------------------------------------- fused qkv
+
+// `Fwd` as a CustomOp1 reads q, k and v straight out of one (B, T, 3, H, D) projection (GPT-2's
+// `c_attn`) and `Saved` writes the gradient back in that layout: splitting the projection with
+// three `narrow`s would cost, per layer, three zero-padded copies of the whole projection and
+// two adds in candle's backward.
+
+/// The q, k and v views of a (B, T, 3, H, D) tensor with unit last stride.
+fn qkv_inputs<'a>(s: &'a CpuStorage, l: &Layout, spec: &Spec) -> Result<Inputs<'a>> {
+    let dims = l.shape().dims();
+    let st = l.stride();
+    if dims.len() != 5 || dims[2] != 3 || (st[4] != 1 && dims[4] > 1) {
+        bail!("fused attention: qkv must be (B, T, 3, H, D) with unit last stride, got {dims:?}");
+    }
+    let part = |i: usize| View {
+        off: l.start_offset() + i * st[2],
+        sb: st[0],
+        sn: st[1],
+        sh: st[3],
+        dims: (dims[0], dims[1], dims[3], dims[4]),
+    };
+    let (qv, kv, vv) = (part(0), part(1), part(2));
+    check(&qv, &kv, &vv, spec)?;
+    let x = f32s(s)?;
+    Ok(Inputs {
+        qv,
+        kv,
+        vv,
+        q: x,
+        k: x,
+        v: x,
+    })
+}
+
+impl CustomOp1 for Fwd {
+    fn name(&self) -> &'static str {
+        "lmforge-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let inp = qkv_inputs(s, l, &self.spec)?;
+        let (out, lse) = forward(&inp, self.spec, &self.starts);
+        keep_lse(&self.lse, lse)?;
+        Ok((CpuStorage::F32(out), Shape::from(inp.qv.dims)))
+    }
+
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = Saved {
+            spec: self.spec,
+            starts: self.starts.clone(),
+            lse: take_lse(&self.lse)?,
+            out: out.contiguous()?,
+            grad: grad.contiguous()?,
+        };
+        Ok(Some(qkv.apply_op1_no_bwd(&op)?))
+    }
+}
+
+impl CustomOp1 for Saved {
+    fn name(&self) -> &'static str {
+        "lmforge-attention-qkv-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let inp = qkv_inputs(s, l, &self.spec)?;
+        let gv = GradViews::fused(inp.qv.dims);
+        let flat = self.run(&inp, &gv)?;
+        Ok((CpuStorage::F32(flat), l.shape().clone()))
+    }
+}
+
+/// Fused attention on a (B, T, 3, H, D) projection (query, key and value heads alike; no KV
+/// cache or prefix, whose keys are not part of the projection): returns (B, T, H, D).
+pub fn attention_qkv(qkv: &Tensor, spec: Spec, starts: Option<Arc<Vec<u32>>>) -> Result<Tensor> {
+    if spec.past != 0 || spec.prefix != 0 {
+        bail!("fused attention: a fused qkv projection takes no cache or prefix keys");
+    }
+    if let Some(st) = &starts {
+        if st.len() != qkv.dim(0)? * qkv.dim(1)? {
+            bail!("fused attention: packed segments need one start per query");
+        }
+    }
+    let unit = qkv.rank() == 5 && (qkv.dim(4)? <= 1 || qkv.stride()[4] == 1);
+    let qkv = if unit { qkv.clone() } else { qkv.contiguous()? };
+    qkv.apply_op1(Fwd {
+        spec,
+        starts,
+        lse: Mutex::new(None),
+    })
 }
 
 /// Fused attention: q (B, T, H, D), k and v (B, S, H_kv, D), f32 on the CPU, any strides with

@@ -52,6 +52,11 @@ impl CustomOp1 for Op {
     }
 }
 
+/// The dropped-out copy of a slice: the values `dropout(x, p, key)` returns.
+pub(crate) fn masked(x: &[f32], p: f32, key: u64) -> Vec<f32> {
+    Op { p, key }.run(x)
+}
+
 /// Dropout with probability `p` of a contiguous f32 CPU tensor (callers check `fusable`).
 pub fn dropout(x: &Tensor, p: f32, key: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Op { p, key })

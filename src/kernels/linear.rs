@@ -14,8 +14,7 @@
 //! straight from where it lies, and dots it with all m input rows while it is in L1.
 
 use super::{slice, sum_partials, CHUNK};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Largest number of input rows routed here; above it a blocked GEMM wins.
@@ -86,6 +85,161 @@ fn gemv(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     y
 }
 
+/// A GEMM operand: element (r, c) at `off + r·rs + c·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// Wᵀ as a (k, n) operand, from the stored weight.
+fn wt(w: &[f32], layout: WeightLayout, k: usize, n: usize) -> Mat<'_> {
+    match layout {
+        WeightLayout::OutIn => Mat {
+            data: w,
+            rs: 1,
+            cs: k,
+        }, // stored (n, k)
+        WeightLayout::InOut => Mat {
+            data: w,
+            rs: n,
+            cs: 1,
+        }, // stored (k, n)
+    }
+}
+
+/// W as an (n, k) operand.
+fn wn(w: &[f32], layout: WeightLayout, k: usize, n: usize) -> Mat<'_> {
+    match layout {
+        WeightLayout::OutIn => Mat {
+            data: w,
+            rs: k,
+            cs: 1,
+        },
+        WeightLayout::InOut => Mat {
+            data: w,
+            rs: 1,
+            cs: n,
+        },
+    }
+}
+
+/// dst (m, n, row-major, `dst.len() == m·n`) = lhs (m, k) · rhs (k, n), plus what dst holds
+/// when `acc`. candle's matmul zero-fills its output first; the GEMM writes every element, so
+/// that pass is skipped here.
+///
+/// # Safety
+/// `dst` must be valid for m·n writes and the operands' strides must stay inside their slices.
+pub(crate) unsafe fn gemm_into(
+    dst: *mut f32,
+    (m, n, k): (usize, usize, usize),
+    acc: bool,
+    l: Mat,
+    r: Mat,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k >= 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            acc,
+            l.data.as_ptr(),
+            l.cs as isize,
+            l.rs as isize,
+            r.data.as_ptr(),
+            r.cs as isize,
+            r.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// A vector of `n` floats written in full by `fill` before it is read.
+fn filled(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(n);
+    fill(v.as_mut_ptr());
+    // SAFETY: `fill` wrote all n elements (each caller's GEMM covers its whole output).
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// y (m, n) = x (m, k) · Wᵀ + b, on slices: shared by the linear and LoRA ops.
+pub(crate) fn forward(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    layout: WeightLayout,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<f32> {
+    if m <= MAX_ROWS && layout == WeightLayout::OutIn {
+        let mut y = gemv(x, w, m, k, n);
+        if let Some(b) = bias {
+            y.chunks_mut(n.max(1))
+                .for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+        }
+        return y;
+    }
+    // The GEMM (the `gemm` crate, as candle's matmul) reads Wᵀ through strides: measured at
+    // 170–186 GFLOP/s on the bench model's shapes on the 2-core dev machine, as PyTorch's.
+    let x = Mat {
+        data: x,
+        rs: k,
+        cs: 1,
+    };
+    match bias {
+        // The bias rows are written first and the product accumulated onto them: one pass
+        // fewer than adding the bias afterwards.
+        Some(b) => {
+            let mut y = vec![0f32; m * n];
+            let rows = (CHUNK / n.max(1)).max(1) * n;
+            y.par_chunks_mut(rows.max(1)).for_each(|o| {
+                o.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
+            });
+            // SAFETY: y is (m, n); x (m, k) and W were checked against (m, k, n).
+            unsafe { gemm_into(y.as_mut_ptr(), (m, n, k), true, x, wt(w, layout, k, n)) };
+            y
+        }
+        // SAFETY: as above, into the m·n floats being filled.
+        None => filled(m * n, |dst| unsafe {
+            gemm_into(dst, (m, n, k), false, x, wt(w, layout, k, n))
+        }),
+    }
+}
+
+fn dims(lx: &Layout, lw: &Layout, layout: WeightLayout) -> Result<(usize, usize, usize)> {
+    let (m, k) = lx.shape().dims2()?;
+    let (n, k2) = match layout {
+        WeightLayout::OutIn => lw.shape().dims2()?,
+        WeightLayout::InOut => {
+            let (i, o) = lw.shape().dims2()?;
+            (o, i)
+        }
+    };
+    if k != k2 {
+        candle_core::bail!("linear: x is (_, {k}) but the weight takes {k2} inputs");
+    }
+    Ok((m, k, n))
+}
+
 impl CustomOp2 for Op {
     fn name(&self) -> &'static str {
         "lmforge-linear"
@@ -93,34 +247,14 @@ impl CustomOp2 for Op {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = match self.0 {
-            WeightLayout::OutIn => l2.shape().dims2()?,
-            WeightLayout::InOut => {
-                let (i, o) = l2.shape().dims2()?;
-                (o, i)
-            }
-        };
-        if k != k2 {
-            candle_core::bail!("linear: x is (_, {k}) but the weight takes {k2} inputs");
-        }
-        if m <= MAX_ROWS && self.0 == WeightLayout::OutIn {
-            return Ok((CpuStorage::F32(gemv(x, w, m, k, n)), Shape::from((m, n))));
-        }
-        // candle's CPU GEMM (the `gemm` crate) on Wᵀ as a strided view: measured at 170–186
-        // GFLOP/s on the bench model's shapes on the 2-core dev machine, as fast as PyTorch's.
-        let wt = match self.0 {
-            WeightLayout::OutIn => l2.transpose(0, 1)?,
-            WeightLayout::InOut => l2.clone(),
-        };
-        s1.matmul(s2, (1, m, n, k), l1, &wt)
-            .map(|y| (y, Shape::from((m, n))))
+        let (m, k, n) = dims(lx, lw, self.0)?;
+        let y = forward(slice(sx, lx)?, slice(sw, lw)?, None, self.0, (m, k, n));
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
     fn bwd(
@@ -130,98 +264,205 @@ impl CustomOp2 for Op {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // (m, n) -> dx (m, k); dW in the weight's own layout, only for a trained weight.
-        let dx = match (x.track_op(), self.0) {
-            (false, _) => None,
-            (true, WeightLayout::OutIn) => Some(g.matmul(w)?),
-            (true, WeightLayout::InOut) => Some(g.matmul(&w.t()?)?),
-        };
-        let dw = match (w.track_op(), self.0) {
-            (false, _) => None,
-            (true, WeightLayout::OutIn) => Some(g.t()?.matmul(x)?),
-            (true, WeightLayout::InOut) => Some(x.t()?.matmul(g)?),
-        };
+        let (dx, dw, _) = self.grads(x, w, None, g)?;
         Ok((dx, dw))
     }
 }
 
-/// `x (m, k)` times the weight (see [`WeightLayout`]); both f32 on the CPU (callers check
-/// `kernels::fusable`), `w` contiguous.
-pub fn linear(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(w, Op(layout))
-}
-
-/// `y + b` for y (m, n) and a bias b (n): the backward's column sum of dy (db) runs in
-/// parallel over row blocks, where candle's broadcast backward reduces over the rows on one
-/// thread with a strided walk.
-struct BiasAdd;
-
-impl CustomOp2 for BiasAdd {
+impl CustomOp3 for Op {
     fn name(&self) -> &'static str {
-        "lmforge-bias-add"
+        "lmforge-linear-bias"
     }
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, b) = (slice(s1, l1)?, slice(s2, l2)?);
-        let n = b.len();
-        let mut out = y.to_vec();
-        let rows = (CHUNK / n.max(1)).max(1) * n;
-        out.par_chunks_mut(rows).for_each(|o| {
-            for r in o.chunks_mut(n) {
-                r.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let (m, k, n) = dims(lx, lw, self.0)?;
+        let b = slice(sb, lb)?;
+        if b.len() != n {
+            candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
+        }
+        let y = forward(slice(sx, lx)?, slice(sw, lw)?, Some(b), self.0, (m, k, n));
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
     fn bwd(
         &self,
-        y: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         b: &Tensor,
-        _out: &Tensor,
+        _y: &Tensor,
         g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = if b.track_op() {
-            Some(
-                g.contiguous()?
-                    .apply_op1_no_bwd(&ColumnSum(b.elem_count()))?,
-            )
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, Some(b), g)
+    }
+}
+
+impl Op {
+    /// dx, dW and db of the tensors that are tracked, from no-backward `Grads` ops.
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let layout = self.0;
+        // dx in a buffer of its own: a view of a shared buffer would keep the activation-sized
+        // dx alive for as long as the weight gradient (until the optimizer step).
+        let dx = if x.track_op() {
+            let want = Grads {
+                layout,
+                dx: true,
+                dw: false,
+                db: false,
+            };
+            Some(x.apply_op3_no_bwd(w, &g, &want)?.reshape(x.shape())?)
         } else {
             None
         };
-        Ok((y.track_op().then(|| g.clone()), db))
+        let (dw, db) = (w.track_op(), b.is_some_and(|b| b.track_op()));
+        if !(dw || db) {
+            return Ok((dx, None, None));
+        }
+        let want = Grads {
+            layout,
+            dx: false,
+            dw,
+            db,
+        };
+        let flat = x.apply_op3_no_bwd(w, &g, &want)?;
+        let nw = if dw { w.elem_count() } else { 0 };
+        let dw = dw
+            .then(|| flat.narrow(0, 0, nw)?.reshape(w.shape()))
+            .transpose()?;
+        let db = match b {
+            Some(b) if db => Some(flat.narrow(0, nw, b.elem_count())?.reshape(b.shape())?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
     }
 }
 
-struct ColumnSum(usize);
+/// The backward of `Op` as a no-backward op on (x, W, dy): the wanted parts of
+/// [dx (m·k) | dW (as stored) | db (n)], one after the other in one buffer.
+struct Grads {
+    layout: WeightLayout,
+    dx: bool,
+    dw: bool,
+    db: bool,
+}
 
-impl candle_core::CustomOp1 for ColumnSum {
+impl CustomOp3 for Grads {
     fn name(&self) -> &'static str {
-        "lmforge-column-sum"
+        "lmforge-linear-bwd"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, n) = (slice(s, l)?, self.0);
-        let rows = (CHUNK / n.max(1)).max(1) * n;
-        let parts = g.par_chunks(rows).map(|g| {
-            let mut acc = vec![0f32; n];
-            for r in g.chunks(n) {
-                acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = dims(lx, lw, self.layout)?;
+        let (x, w, g) = (slice(sx, lx)?, slice(sw, lw)?, slice(sg, lg)?);
+        if lg.shape().dims2()? != (m, n) {
+            candle_core::bail!(
+                "linear backward: dy is {:?}, expected ({m}, {n})",
+                lg.shape()
+            );
+        }
+        let len = self.dx as usize * m * k + self.dw as usize * n * k + self.db as usize * n;
+        let gm = Mat {
+            data: g,
+            rs: n,
+            cs: 1,
+        };
+        // SAFETY: the parts are disjoint ranges of the len floats being filled, each GEMM's
+        // operands checked against (m, k, n) above.
+        let flat = filled(len, |dst| unsafe {
+            let mut at = 0;
+            if self.dx {
+                // dx (m, k) = dy (m, n) · W (n, k)
+                gemm_into(dst, (m, k, n), false, gm, wn(w, self.layout, k, n));
+                at += m * k;
             }
-            acc
+            if self.dw {
+                let d = dst.add(at);
+                // dW in the stored orientation: (n, k) = dyᵀ·x, or (k, n) = xᵀ·dy.
+                let (gt, xt) = (
+                    Mat {
+                        data: g,
+                        rs: 1,
+                        cs: n,
+                    },
+                    Mat {
+                        data: x,
+                        rs: 1,
+                        cs: k,
+                    },
+                );
+                let xm = Mat {
+                    data: x,
+                    rs: k,
+                    cs: 1,
+                };
+                match self.layout {
+                    WeightLayout::OutIn => gemm_into(d, (n, k, m), false, gt, xm),
+                    WeightLayout::InOut => gemm_into(d, (k, n, m), false, xt, gm),
+                }
+                at += n * k;
+            }
+            if self.db {
+                let sums = column_sums(g, n);
+                std::ptr::copy_nonoverlapping(sums.as_ptr(), dst.add(at), n);
+            }
         });
-        let sum = sum_partials(parts, n);
-        Ok((CpuStorage::F32(sum), Shape::from(n)))
+        Ok((CpuStorage::F32(flat), Shape::from(len)))
     }
 }
 
-/// `y (m, n) + b (n)` broadcast over rows, both contiguous f32 on the CPU.
-pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+/// Σ over rows of g (rows × n), parallel over row blocks (candle's broadcast backward reduces
+/// over the rows on one thread with a strided walk).
+fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let rows = (CHUNK / n.max(1)).max(1) * n;
+    let parts = g.par_chunks(rows.max(1)).map(|g| {
+        let mut acc = vec![0f32; n];
+        for r in g.chunks(n) {
+            acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+        }
+        acc
+    });
+    sum_partials(parts, n)
+}
+
+/// `x (m, k)` times the weight (see [`WeightLayout`]) plus an optional bias (n); all f32 on the
+/// CPU (callers check `kernels::fusable`), `w` contiguous.
+pub fn linear_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    layout: WeightLayout,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    match b {
+        Some(b) => x.apply_op3(w, &b.contiguous()?, Op(layout)),
+        None => x.apply_op2(w, Op(layout)),
+    }
+}
+
+/// `x (m, k)` times the weight, no bias.
+pub fn linear(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor> {
+    linear_bias(x, w, None, layout)
 }

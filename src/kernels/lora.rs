@@ -11,8 +11,9 @@
 //!
 //! W₀ and b must be frozen (no gradient is produced for them); callers check.
 
-use super::linear::{linear, WeightLayout};
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use super::linear::{self, linear, Mat, WeightLayout};
+use super::{slice, with_slice};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 pub struct LoraLinear {
     pub w: Tensor,
@@ -31,19 +32,46 @@ impl LoraLinear {
         }
     }
 
-    /// The whole forward on untracked tensors.
-    fn compute(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let mut y = linear(x, &self.w, self.layout)?;
-        if let Some(bias) = &self.bias {
-            y = super::linear::bias_add(&y, bias)?;
-        }
-        let h = (linear(&self.drop(x)?, a, WeightLayout::OutIn)? * self.scale)?; // (N, r)
-        y + linear(&h, b, WeightLayout::OutIn)?
+    /// The whole forward on slices: x (n, k), A (r, k), B (out, r) -> y (n, out).
+    fn compute(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        (n, k, r, out): (usize, usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        with_slice(&self.w, |w| {
+            let base = |bias: Option<&[f32]>| linear::forward(x, w, bias, self.layout, (n, k, out));
+            let mut y = match &self.bias {
+                Some(bias) => with_slice(bias, |bias| Ok(base(Some(bias))))?,
+                None => base(None),
+            };
+            let dropped;
+            let xd = match self.dropout {
+                Some((p, key)) => {
+                    dropped = super::dropout::masked(x, p, key);
+                    &dropped[..]
+                }
+                None => x,
+            };
+            let mut h = linear::forward(xd, a, None, WeightLayout::OutIn, (n, k, r)); // (n, r)
+            h.iter_mut().for_each(|v| *v *= self.scale as f32);
+            // y += h · Bᵀ, accumulated by the GEMM onto the base output.
+            let hm = Mat {
+                data: &h,
+                rs: r,
+                cs: 1,
+            };
+            let bt = Mat {
+                data: b,
+                rs: 1,
+                cs: r,
+            };
+            // SAFETY: y is (n, out), h (n, r) and B (out, r), as checked by the caller.
+            unsafe { linear::gemm_into(y.as_mut_ptr(), (n, out, r), true, hm, bt) };
+            Ok(y)
+        })
     }
-}
-
-fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    Tensor::from_slice(super::slice(s, l)?, l.shape(), &Device::Cpu)
 }
 
 impl CustomOp3 for LoraLinear {
@@ -60,9 +88,24 @@ impl CustomOp3 for LoraLinear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = self.compute(&tensor(sx, lx)?, &tensor(sa, la)?, &tensor(sb, lb)?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
+        let (n, k) = lx.shape().dims2()?;
+        let (r, ka) = la.shape().dims2()?;
+        let (out, rb) = lb.shape().dims2()?;
+        let wout = match self.layout {
+            WeightLayout::OutIn => self.w.dim(0)?,
+            WeightLayout::InOut => self.w.dim(1)?,
+        };
+        if ka != k || rb != r || out != wout || self.w.elem_count() != k * out {
+            candle_core::bail!(
+                "lora: x (_, {k}), A {:?}, B {:?} and W {:?} do not fit together",
+                la.shape(),
+                lb.shape(),
+                self.w.shape()
+            );
+        }
+        let (x, a, b) = (slice(sx, lx)?, slice(sa, la)?, slice(sb, lb)?);
+        let y = self.compute(x, a, b, (n, k, r, out))?;
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
     fn bwd(
@@ -84,10 +127,12 @@ impl CustomOp3 for LoraLinear {
             None
         };
         let dx = if x.track_op() {
-            let base = match self.layout {
-                WeightLayout::OutIn => g.matmul(&self.w)?,
-                WeightLayout::InOut => g.matmul(&self.w.t()?)?,
+            // G·W₀ through the linear kernel: W₀ read in the other orientation.
+            let flipped = match self.layout {
+                WeightLayout::OutIn => WeightLayout::InOut,
+                WeightLayout::InOut => WeightLayout::OutIn,
             };
+            let base = linear(&g, &self.w, flipped)?;
             Some((base + self.drop(&gb.matmul(&av)?)?)?)
         } else {
             None

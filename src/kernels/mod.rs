@@ -17,6 +17,7 @@ pub mod dropout;
 pub mod linear;
 pub mod lora;
 pub mod norm;
+pub mod rope;
 pub mod vmath;
 pub mod xent;
 
@@ -46,6 +47,15 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
         candle_core::bail!("fused kernel: expected a contiguous tensor");
     };
     Ok(&v[a..b])
+}
+
+/// Runs `f` on the f32 slice of a contiguous CPU tensor (a tensor an op holds, not an argument).
+pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cs) = &*s else {
+        candle_core::bail!("fused kernel: expected a CPU tensor");
+    };
+    f(slice(cs, l)?)
 }
 
 /// Element-wise sum of per-task partial vectors of length `n` (column sums, dw/db).

@@ -163,10 +163,26 @@ impl Attention {
     fn forward(&self, x: &Tensor, ctx: &mut LayerCtx) -> Result<Tensor> {
         let (bsz, t, _) = x.dims3()?; // (B, T, C)
         let (nh, nkv, hd) = (self.n_head, self.n_kv, self.hd);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let plain = ctx.rope.is_none()
+            && ctx.cache.is_none()
+            && ctx.prefix.is_none()
+            && ctx.key_padding.is_none();
         // (B, T, n, hd) views of the projections: no transposes, no copies.
         let (mut q, mut k, mut v) = match &self.qkv {
             Qkv::Fused(l) => {
                 let y = l.forward(x)?.reshape((bsz, t, 3, nh, hd))?;
+                if plain && crate::kernels::fusable(&[&y]) {
+                    let spec = crate::kernels::attention::Spec {
+                        scale: scale as f32,
+                        prefix: 0,
+                        past: 0,
+                        window: self.window,
+                    };
+                    let starts = ctx.packing.map(|p| p.starts.clone());
+                    let y = crate::kernels::attention::attention_qkv(&y, spec, starts)?; // (B, T, H, hd)
+                    return self.o.forward(&y.reshape((bsz, t, nh * hd))?);
+                }
                 let part = |i: usize| -> Result<Tensor> { Ok(y.narrow(2, i, 1)?.squeeze(2)?) };
                 (part(0)?, part(1)?, part(2)?)
             }
@@ -208,7 +224,6 @@ impl Attention {
             }
             None => 0,
         };
-        let scale = 1.0 / (hd as f64).sqrt();
         let y = if ctx.key_padding.is_none() && crate::kernels::fusable(&[&q, &k, &v]) {
             let spec = crate::kernels::attention::Spec {
                 scale: scale as f32,

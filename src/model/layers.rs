@@ -137,17 +137,16 @@ impl Linear {
         {
             return Ok(y.reshape(out)?);
         }
-        let y = if self.weight.is_contiguous() && crate::kernels::fusable(&[&x2, &self.weight]) {
-            crate::kernels::linear::linear(&x2, &self.weight, self.layout)?
+        let mut ts = vec![&x2, &self.weight];
+        ts.extend(self.bias.as_ref());
+        let y = if self.weight.is_contiguous() && crate::kernels::fusable(&ts) {
+            crate::kernels::linear::linear_bias(&x2, &self.weight, self.bias.as_ref(), self.layout)?
         } else {
-            x2.matmul(&self.weight_in_out()?)?
-        };
-        let y = match &self.bias {
-            Some(b) if crate::kernels::fusable(&[&y, b]) => {
-                crate::kernels::linear::bias_add(&y, b)?
+            let y = x2.matmul(&self.weight_in_out()?)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
             }
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
         };
         let y = match self.adapter.as_ref().map(|a| a.delta(&x2)).transpose()? {
             Some(Some(d)) => (y + d)?,
@@ -356,6 +355,14 @@ impl Rope {
 
     /// x (B, T, H, hd) rotated by tables broadcastable to it.
     pub fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if crate::kernels::fusable(&[x, cos, sin]) {
+            return Ok(crate::kernels::rope::rope(x, cos, sin)?);
+        }
+        Self::rotate_composite(x, cos, sin)
+    }
+
+    /// The reference for `kernels::rope`.
+    pub fn rotate_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let hd = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
         let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
