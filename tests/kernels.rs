@@ -327,6 +327,47 @@ fn fused_activations_match_composite_and_finite_differences() {
 }
 
 #[test]
+fn fused_gated_activation_matches_composite_and_finite_differences() {
+    for (a, act) in [
+        (Act::GeluTanh, Activation::GeluTanh),
+        (Act::Silu, Activation::Silu),
+    ] {
+        let x = Var::from_tensor(&randn(&[7, 10_001], 15, 3.0)).unwrap();
+        let u = Var::from_tensor(&randn(&[7, 10_001], 16, 1.0)).unwrap();
+        let w = randn(&[7, 10_001], 17, 1.0);
+        let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+            let y = f(x.as_tensor(), u.as_tensor());
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            (y, get(&x), get(&u))
+        };
+        let fused = run(&|x, u| act::gated(x, u, a).unwrap());
+        let comp = run(&|x, u| (activate_composite(x, act).unwrap() * u).unwrap());
+        for (name, f, c) in [
+            ("y", &fused.0, &comp.0),
+            ("dx", &fused.1, &comp.1),
+            ("du", &fused.2, &comp.2),
+        ] {
+            let e = max_diff(f, c);
+            assert!(e < 2e-5, "gated {a:?}: {name} differs by {e}");
+        }
+        let (xs, us) = (randn(&[3, 11], 18, 2.0), randn(&[3, 11], 19, 1.0));
+        finite_difference(
+            &format!("gated {a:?} dx"),
+            &xs,
+            &|x| act::gated(x, &us, a).unwrap(),
+            33,
+        );
+        finite_difference(
+            &format!("gated {a:?} du"),
+            &us,
+            &|u| act::gated(&xs, u, a).unwrap(),
+            33,
+        );
+    }
+}
+
+#[test]
 fn fused_adamw_matches_the_formula() {
     let n = 40_003;
     let (b1, b2, eps, lr, wd) = (0.9, 0.95, 1e-8, 3e-3, 0.1);

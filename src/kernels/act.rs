@@ -1,9 +1,14 @@
-//! Activations as one pass over memory each way: GELU (tanh form, GPT-2) and SiLU.
+//! Activations as one pass over memory each way: GELU (tanh form, GPT-2) and SiLU, and the
+//! gated form of the Llama MLP (SwiGLU, Shazeer 2020) as one op.
 //!
 //!   gelu(x) = ½x(1 + tanh u),  u = √(2/π)(x + 0.044715x³)
 //!   gelu'(x) = ½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)
 //!   silu(x) = x·σ(x),  silu'(x) = σ(x)(1 + x(1 − σ(x)))
+//!   gated:  y = act(a) ⊙ b,  da = g ⊙ b ⊙ act'(a),  db = g ⊙ act(a)
 //!
+//! The gated op replaces an activation and a product (two activation-sized outputs, and in
+//! the backward two products and the activation's derivative: three passes) by one pass each
+//! way.
 //! candle's own `gelu` computes x³ with `powf` and calls `tanhf`; here tanh u = 1 − 2/(e^{2u}+1)
 //! (exact in f32 to a few ulps, saturating correctly for large |u|).
 
@@ -70,8 +75,40 @@ fn bwd_chunk_generic(a: Act, x: &[f32], g: &[f32], d: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn gated_fwd_generic(a: Act, x: &[f32], u: &[f32], y: &mut [f32]) {
+    let it = y.iter_mut().zip(x).zip(u);
+    match a {
+        Act::GeluTanh => it.for_each(|((y, &x), &u)| *y = fwd(Act::GeluTanh, x) * u),
+        Act::Silu => it.for_each(|((y, &x), &u)| *y = fwd(Act::Silu, x) * u),
+    }
+}
+
+#[inline(always)]
+fn gated_bwd_generic(a: Act, x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+    let it = dx.iter_mut().zip(du.iter_mut()).zip(x.iter().zip(u).zip(g));
+    match a {
+        Act::GeluTanh => it.for_each(|((dx, du), ((&x, &u), &g))| {
+            *dx = g * u * deriv(Act::GeluTanh, x);
+            *du = g * fwd(Act::GeluTanh, x);
+        }),
+        Act::Silu => it.for_each(|((dx, du), ((&x, &u), &g))| {
+            // σ once for both: silu = xσ, silu' = σ(1 + x(1 − σ)).
+            let s = 1.0 / (1.0 + vmath::exp(-x));
+            *dx = g * u * s * (1.0 + x * (1.0 - s));
+            *du = g * x * s;
+        }),
+    }
+}
+
 vmath::dispatch! {
     fn fwd_chunk(a: Act, x: &[f32], y: &mut [f32]) -> () = fwd_chunk_generic;
+}
+vmath::dispatch! {
+    fn gated_fwd(a: Act, x: &[f32], u: &[f32], y: &mut [f32]) -> () = gated_fwd_generic;
+}
+vmath::dispatch! {
+    fn gated_bwd(a: Act, x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) -> () = gated_bwd_generic;
 }
 vmath::dispatch! {
     fn bwd_chunk(a: Act, x: &[f32], g: &[f32], d: &mut [f32]) -> () = bwd_chunk_generic;
@@ -122,4 +159,91 @@ impl CustomOp2 for Bwd {
 /// The fused activation of a contiguous f32 CPU tensor (callers check `kernels::fusable`).
 pub fn apply(x: &Tensor, a: Act) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Fwd(a))
+}
+
+struct Gated(Act);
+struct GatedBwd(Act);
+
+fn same_len(a: &[f32], b: &[f32]) -> Result<()> {
+    if a.len() != b.len() {
+        candle_core::bail!("gated activation: {} vs {} elements", a.len(), b.len());
+    }
+    Ok(())
+}
+
+impl CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "lmforge-gated-act"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, u) = (slice(s1, l1)?, slice(s2, l2)?);
+        same_len(x, u)?;
+        let mut y = vec![0f32; x.len()];
+        let a = self.0;
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(y, (x, u))| gated_fwd(a, x, u, y));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let flat = x.apply_op3_no_bwd(u, &g.contiguous()?, &GatedBwd(self.0))?;
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let du = flat.narrow(0, n, n)?.reshape(u.shape())?;
+        Ok((Some(dx), Some(du)))
+    }
+}
+
+impl candle_core::CustomOp3 for GatedBwd {
+    fn name(&self) -> &'static str {
+        "lmforge-gated-act-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, u, g) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        same_len(x, u)?;
+        same_len(x, g)?;
+        let n = x.len();
+        // [dx | du]: both go to their projections' backward right away, so sharing one
+        // buffer keeps nothing alive longer.
+        let mut flat = vec![0f32; 2 * n];
+        let (dx, du) = flat.split_at_mut(n);
+        let a = self.0;
+        dx.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(
+                x.par_chunks(CHUNK)
+                    .zip(u.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK)),
+            )
+            .for_each(|((dx, du), ((x, u), g))| gated_bwd(a, x, u, g, dx, du));
+        Ok((CpuStorage::F32(flat), Shape::from(2 * n)))
+    }
+}
+
+/// `act(x) ⊙ u` for contiguous f32 CPU tensors of one shape (callers check `kernels::fusable`).
+pub fn gated(x: &Tensor, u: &Tensor, a: Act) -> Result<Tensor> {
+    if x.shape() != u.shape() {
+        candle_core::bail!("gated activation: {:?} vs {:?}", x.shape(), u.shape());
+    }
+    x.contiguous()?.apply_op2(&u.contiguous()?, Gated(a))
 }

@@ -10,7 +10,7 @@
 
 use super::config::{Family, ModelConfig};
 use super::layers::{
-    activate, causal_mask, softmax_last, Builder, Embedding, Layout, Linear, Norm, Rope,
+    activate, causal_mask, gated, softmax_last, Builder, Embedding, Layout, Linear, Norm, Rope,
 };
 use super::loader::WeightSource;
 pub use super::packing::Packing;
@@ -406,10 +406,7 @@ impl Mlp {
                 up,
                 down,
                 act,
-            } => {
-                let g = activate(&gate.forward(x)?, *act)?;
-                down.forward(&(g * up.forward(x)?)?)
-            }
+            } => down.forward(&gated(&gate.forward(x)?, &up.forward(x)?, *act)?),
         }
     }
 }

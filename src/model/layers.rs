@@ -265,16 +265,28 @@ impl Norm {
 }
 
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    use crate::kernels::act::{self, Act};
-    let fused = match act {
-        Activation::GeluTanh => Some(Act::GeluTanh),
-        Activation::Silu => Some(Act::Silu),
-        _ => None,
-    };
-    if let Some(a) = fused.filter(|_| crate::kernels::fusable(&[x])) {
-        return Ok(act::apply(x, a)?);
+    if let Some(a) = fused_act(act).filter(|_| crate::kernels::fusable(&[x])) {
+        return Ok(crate::kernels::act::apply(x, a)?);
     }
     activate_composite(x, act)
+}
+
+/// `act(x) ⊙ u`, the gated MLP's product: one fused op where it applies.
+pub fn gated(x: &Tensor, u: &Tensor, act: Activation) -> Result<Tensor> {
+    if let Some(a) = fused_act(act).filter(|_| crate::kernels::fusable(&[x, u])) {
+        return Ok(crate::kernels::act::gated(x, u, a)?);
+    }
+    Ok((activate_composite(x, act)? * u)?)
+}
+
+/// The activations with a fused kernel.
+fn fused_act(act: Activation) -> Option<crate::kernels::act::Act> {
+    use crate::kernels::act::Act;
+    match act {
+        Activation::GeluTanh => Some(Act::GeluTanh),
+        Activation::Silu => Some(Act::Silu),
+        Activation::GeluErf | Activation::Relu => None,
+    }
 }
 
 /// The composite reference of `activate` (candle's element-wise ops).
