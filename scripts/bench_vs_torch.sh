@@ -48,7 +48,7 @@ for cfg in "${configs[@]}"; do
                 # shellcheck disable=SC2086
                 out=$("$py" "$ref" $flags --steps 6 --threads 2)
             fi
-            echo "$cfg $side $out" | tee -a "$log"
+            echo "$cfg $side $r $out" | tee -a "$log"
         done
     done
 done
@@ -57,13 +57,14 @@ python3 - "$log" <<'EOF'
 import json, statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
-    cfg, side, js = line.split(" ", 2)
-    runs.setdefault(cfg, {}).setdefault(side, []).append(json.loads(js))
+    cfg, side, rnd, js = line.split(" ", 3)
+    runs.setdefault(cfg, {}).setdefault(side, []).append((int(rnd), json.loads(js)))
 print()
 print(f"{'config':8} {'side':8} {'runs':>4} {'tok/s median':>13} {'step ms':>9} {'peak RSS MiB':>13}")
 for cfg, sides in runs.items():
     med = {}
     for side, rs in sides.items():
+        rs = [r for _, r in rs]
         tps = statistics.median(r["tokens_per_s"] for r in rs)
         ms = statistics.median(r["step_ms_median"] for r in rs)
         rss = statistics.median(r["peak_rss_mib"] for r in rs)
@@ -72,4 +73,9 @@ for cfg, sides in runs.items():
     if len(med) == 2:
         (lt, lr), (tt, tr) = med["lmforge"], med["torch"]
         print(f"{cfg:8} ratio    lmforge/torch tokens/s {lt / tt:.2f}x, peak RSS {lr / tr:.2f}x")
+        # The two runs of a round are back to back, so their ratio sees the same machine load.
+        by = {side: {k: r["tokens_per_s"] for k, r in rs} for side, rs in sides.items()}
+        paired = sorted(by["lmforge"][k] / by["torch"][k] for k in by["lmforge"] if k in by["torch"])
+        print(f"{cfg:8} paired   per-round ratios {' '.join(f'{x:.2f}' for x in paired)}; "
+              f"median {statistics.median(paired):.2f}x")
 EOF
