@@ -1,5 +1,6 @@
 //! The decoder model: configuration, parameters, layers, weights I/O, and HF directories.
 
+pub mod attention;
 pub mod backbone;
 pub mod config;
 pub mod decoder;
