@@ -393,6 +393,7 @@ struct BenchCli {
 
 fn main() -> ExitCode {
     lmforge::kernels::tune_allocator();
+    lmforge::kernels::quiet_candle_pool();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -92,3 +92,15 @@ pub fn tune_allocator() {
         }
     }
 }
+
+/// Runs candle's remaining element-wise CPU ops (residual adds, the second contribution to a
+/// gradient) on the calling thread unless `CANDLE_NUM_THREADS` says otherwise. candle 0.11
+/// parallelises them on a pool of its own whose workers spin after every op, beside rayon's
+/// threads that run GEMM and the fused kernels; on the 2-core machine that spinning cost more
+/// than the ops it parallelised (gpt2 bench: median +2% tokens/s over 8 paired runs).
+/// Call before any candle op, while the process has one thread.
+pub fn quiet_candle_pool() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
