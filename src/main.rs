@@ -325,6 +325,10 @@ struct GenerateArgs {
     /// A LoRA adapter (PEFT directory) to apply on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Decode a GGUF model from its f32 dequantized weights instead of its Q4_0/Q4_1/Q8_0
+    /// blocks (the same weights; slower, the reference path).
+    #[arg(long)]
+    dequantize: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -568,6 +572,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
     let t0 = std::time::Instant::now();
     let mut m = hf::load(&a.model, &dev, &|_| true)?;
+    if !a.dequantize && a.model.extension().is_some_and(|e| e == "gguf") {
+        let g = lmforge::model::gguf::GgufFile::open(&a.model)?;
+        lmforge::model::gguf::llama::attach_quantized(&mut m.model, &g)?;
+    }
     if let Some(dir) = &a.adapter {
         let switch = lmforge::peft::AdapterSwitch::default();
         lmforge::peft::lora::load(dir, &mut m.model, &mut m.store, &switch)

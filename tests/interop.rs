@@ -479,3 +479,68 @@ fn broken_safetensors_and_gguf_versions_are_clear_errors() {
     let m = format!("{:#}", GgufFile::open(&p).err().unwrap());
     assert!(m.contains("v2.gguf") && m.contains("version 1"), "{m}");
 }
+
+#[test]
+fn gguf_blocks_decode_like_their_dequantized_weights() {
+    use lmforge::kernels::qgemv::QWeight;
+    let g = GgufFile::open(&fixture("gguf").join("quants.gguf")).unwrap();
+    let r = candle_core::safetensors::load(
+        fixture("gguf").join("quants_reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut kinds = 0;
+    for t in &g.tensors {
+        let Some(q) = QWeight::from_gguf(t.dtype, g.bytes(t), &t.shape) else {
+            continue;
+        };
+        kinds += 1;
+        let want = &r[&t.name]; // (rows, cols) from the gguf package
+        let w = Tensor::from_vec(q.dequantize(), t.shape.as_slice(), &Device::Cpu).unwrap();
+        assert!(
+            max_abs_diff(&w, want) <= 1e-6 * max_abs(want),
+            "{}: blocks",
+            t.name
+        );
+        for m in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (m, q.cols()), &Device::Cpu).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = Tensor::from_vec(q.gemv(&xs, m), (m, q.rows()), &Device::Cpu).unwrap();
+            let yref = x.matmul(&want.t().unwrap()).unwrap();
+            let d = max_abs_diff(&y, &yref);
+            assert!(d <= 1e-5 * max_abs(&yref).max(1.0), "{} m={m}: {d}", t.name);
+        }
+    }
+    assert_eq!(kinds, 3, "Q4_0, Q4_1 and Q8_0 are read");
+    // Row permutation (llama.cpp's Q/K order) moves whole rows of blocks, like the f32 one.
+    let t = g.tensors.iter().find(|t| t.name == "Q4_1").unwrap();
+    let q = QWeight::from_gguf(t.dtype, g.bytes(t), &t.shape).unwrap();
+    let f = Tensor::from_vec(q.dequantize(), t.shape.as_slice(), &Device::Cpu).unwrap();
+    let u = q.unpermute_rows(1).unwrap().dequantize();
+    let want = llama::unpermute_rows(&f, 1).unwrap();
+    let got = Tensor::from_vec(u, t.shape.as_slice(), &Device::Cpu).unwrap();
+    assert_eq!(max_abs_diff(&got, &want), 0.0);
+}
+
+#[test]
+fn gguf_decoding_from_blocks_matches_the_f32_model() {
+    let path = fixture("gguf").join("llama_q8_0.gguf");
+    let ids = gguf_ref()["input_ids"].to_dtype(DType::U32).unwrap();
+    let ids = ids.narrow(1, 0, ids.dim(1).unwrap().min(8)).unwrap(); // ≤ 16 rows: the GEMV path
+    let mut m = hf::load(&path, &Device::Cpu, &|_| true).unwrap();
+    let f32_logits = m.model.forward(&ids).unwrap();
+    let g = GgufFile::open(&path).unwrap();
+    let n = llama::attach_quantized(&mut m.model, &g).unwrap();
+    assert!(n >= 7, "only {n} layers got blocks");
+    let q_logits = m.model.forward(&ids).unwrap();
+    let d = max_abs_diff(&q_logits, &f32_logits);
+    // Not bit-identical (another summation order): the blocks were used, and agree.
+    assert!(d > 0.0 && d < 1e-4, "logits from blocks differ by {d}");
+    // Trained weights never read the (then stale) blocks: the f32 path, bit for bit.
+    let mut t = hf::load(&path, &Device::Cpu, &|_| false).unwrap();
+    llama::attach_quantized(&mut t.model, &g).unwrap();
+    assert_eq!(
+        max_abs_diff(&t.model.forward(&ids).unwrap(), &f32_logits),
+        0.0
+    );
+}

@@ -17,6 +17,7 @@ pub mod dropout;
 pub mod linear;
 pub mod lora;
 pub mod norm;
+pub mod qgemv;
 pub mod rope;
 pub mod vmath;
 pub mod xent;

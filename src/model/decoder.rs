@@ -389,7 +389,10 @@ impl DecoderModel {
                 let c = self.cfg.hidden_size;
                 let n = h.elem_count() / c;
                 let (h2, w) = (h.reshape((n, c))?, &self.wte.weight);
-                let y = if w.is_contiguous() && crate::kernels::fusable(&[&h2, w]) {
+                let q = self.wte.quant.as_deref();
+                let y = if let Some(y) = super::layers::quantized_xwt(q, w, &h2, None)? {
+                    y
+                } else if w.is_contiguous() && crate::kernels::fusable(&[&h2, w]) {
                     use crate::kernels::linear::{linear, WeightLayout};
                     linear(&h2, w, WeightLayout::OutIn)?
                 } else {

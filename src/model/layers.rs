@@ -23,6 +23,8 @@ pub struct Linear {
     pub out_dim: usize,
     /// A PEFT method's addition to the output (LoRA's (α/r)·B·A·x), see `peft`.
     pub adapter: Option<std::sync::Arc<dyn LinearAdapter>>,
+    /// The weight as GGUF blocks, for decoding with a frozen weight (`kernels::qgemv`).
+    pub quant: Option<std::sync::Arc<crate::kernels::qgemv::QWeight>>,
 }
 
 impl std::fmt::Debug for Linear {
@@ -110,6 +112,7 @@ impl Linear {
             in_dim,
             out_dim,
             adapter: None,
+            quant: None,
         })
     }
 
@@ -137,6 +140,13 @@ impl Linear {
         {
             return Ok(y.reshape(out)?);
         }
+        if self.adapter.is_none() {
+            if let Some(y) =
+                quantized_xwt(self.quant.as_deref(), &self.weight, &x2, self.bias.as_ref())?
+            {
+                return Ok(y.reshape(out)?);
+            }
+        }
         let mut ts = vec![&x2, &self.weight];
         ts.extend(self.bias.as_ref());
         let y = if self.weight.is_contiguous() && crate::kernels::fusable(&ts) {
@@ -156,6 +166,34 @@ impl Linear {
     }
 }
 
+/// Decoding from `q`, the quantized copy of a frozen weight w (out, in): x (m, in) · wᵀ (+ b)
+/// for a few rows of x on the CPU; `None` where that does not apply.
+pub fn quantized_xwt(
+    q: Option<&crate::kernels::qgemv::QWeight>,
+    w: &Tensor,
+    x: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let Some(q) = q else {
+        return Ok(None);
+    };
+    let m = x.dim(0)?;
+    let mut ts = vec![x];
+    ts.extend(bias);
+    if w.track_op() || m > crate::kernels::linear::MAX_ROWS || !crate::kernels::fusable(&ts) {
+        return Ok(None);
+    }
+    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = q.gemv(&xs, m);
+    let n = q.rows();
+    if let Some(b) = bias {
+        let b = b.to_vec1::<f32>()?;
+        y.chunks_mut(n)
+            .for_each(|r| r.iter_mut().zip(&b).for_each(|(o, b)| *o += b));
+    }
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+}
+
 /// x (N, in) · wᵀ for w (out, in): the fused linear kernel where it applies, else a matmul.
 pub fn xwt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if w.is_contiguous() && x.is_contiguous() && crate::kernels::fusable(&[x, w]) {
@@ -169,12 +207,18 @@ pub fn xwt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 pub struct Embedding {
     pub weight: Tensor,
     pub dim: usize,
+    /// The table as GGUF blocks, for decoding through a head tied to it.
+    pub quant: Option<std::sync::Arc<crate::kernels::qgemv::QWeight>>,
 }
 
 impl Embedding {
     pub fn new(b: &mut Builder, name: &str, rows: usize, dim: usize, std: f64) -> Result<Self> {
         let weight = b.param(name, &[rows, dim], ParamKind::Embedding, Init::Normal(std))?;
-        Ok(Self { weight, dim })
+        Ok(Self {
+            weight,
+            dim,
+            quant: None,
+        })
     }
 
     /// ids (B, T) u32 -> (B, T, C)

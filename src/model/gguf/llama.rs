@@ -9,13 +9,17 @@
 
 use super::tokenizer::tokenizer_from_gguf;
 use super::GgufFile;
+use crate::kernels::qgemv::QWeight;
 use crate::model::config::ModelConfig;
+use crate::model::decoder::DecoderModel;
+use crate::model::layers::Layout;
 use crate::model::loader::WeightSource;
 use crate::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::{json, Map};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Everything an HF directory would hold, read from one GGUF file.
 pub struct GgufModel {
@@ -164,4 +168,57 @@ pub fn load(g: &GgufFile) -> Result<GgufModel> {
         eos_ids,
         chat_template,
     })
+}
+
+/// Gives each linear layer of `model` (loaded from `g`) its GGUF blocks for decoding
+/// (`kernels::qgemv`) where the file stores them as Q4_0, Q4_1 or Q8_0, and a tied head its
+/// embedding table's; the f32 weights stay for prompts and training. Returns how many layers
+/// got blocks.
+pub fn attach_quantized(model: &mut DecoderModel, g: &GgufFile) -> Result<usize> {
+    let (nh, nkv) = (model.cfg.num_heads, model.cfg.num_kv_heads);
+    let by_name: HashMap<String, &super::TensorInfo> = g
+        .tensors
+        .iter()
+        .filter_map(|t| hf_name(&t.name).map(|n| (n, t)))
+        .collect();
+    let mut n = 0;
+    for lin in model.linears_mut() {
+        let Some(t) = by_name.get(&format!("{}.weight", lin.name)) else {
+            continue;
+        };
+        let Some(mut q) = QWeight::from_gguf(t.dtype, g.bytes(t), &t.shape) else {
+            continue;
+        };
+        let heads = if lin.name.ends_with("q_proj") {
+            Some(nh)
+        } else if lin.name.ends_with("k_proj") {
+            Some(nkv)
+        } else {
+            None
+        };
+        if let Some(h) = heads {
+            let Some(u) = q.unpermute_rows(h) else {
+                continue;
+            };
+            q = u;
+        }
+        if lin.layout != Layout::OutIn || (q.rows(), q.cols()) != (lin.out_dim, lin.in_dim) {
+            continue;
+        }
+        lin.quant = Some(Arc::new(q));
+        n += 1;
+    }
+    // A head tied to the token embeddings decodes from the embedding table's blocks.
+    if model.lm_head.is_none() {
+        let wte = &mut model.wte;
+        if let Some(t) = by_name.get("model.embed_tokens.weight") {
+            if let Some(q) = QWeight::from_gguf(t.dtype, g.bytes(t), &t.shape) {
+                if q.cols() == wte.dim && Some(q.rows()) == wte.weight.dims().first().copied() {
+                    wte.quant = Some(Arc::new(q));
+                    n += 1;
+                }
+            }
+        }
+    }
+    Ok(n)
 }
