@@ -70,7 +70,9 @@ fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, kind: Kind, eps: f32) -> Vec
 fn backward(x: &[f32], w: &[f32], dy: &[f32], kind: Kind, eps: f32) -> Vec<f32> {
     let c = w.len();
     let with_b = matches!(kind, Kind::Layer);
-    let mut dx = vec![0f32; x.len()];
+    // Room for dw and db after dx, so appending them does not move dx.
+    let mut dx = Vec::with_capacity(x.len() + 2 * c);
+    dx.resize(x.len(), 0f32);
     let rows = rows_per_task(c) * c;
     let parts = dx
         .par_chunks_mut(rows)
@@ -117,9 +119,11 @@ fn grads(
     let flat = x.apply_op3_no_bwd(w, &g.contiguous()?, &Bwd(kind, eps))?;
     let (n, c) = (x.elem_count(), w.elem_count());
     let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
-    let dw = flat.narrow(0, n, c)?;
+    // dw and db are copied out: as views they would keep the activation-sized dx buffer alive
+    // until the optimizer step.
+    let dw = flat.narrow(0, n, c)?.copy()?;
     let db = match kind {
-        Kind::Layer => Some(flat.narrow(0, n + c, c)?),
+        Kind::Layer => Some(flat.narrow(0, n + c, c)?.copy()?),
         Kind::Rms => None,
     };
     Ok((dx, dw, db))
