@@ -73,6 +73,11 @@ fn gemv(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     t.par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(c, out)| block(x, w, k, m, c * rows_per_task, out));
+    from_j_major(t, m, n)
+}
+
+/// (m, n) row-major from the j-major t[j·m + i] the GEMVs write.
+pub(crate) fn from_j_major(t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return t;
     }

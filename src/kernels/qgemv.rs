@@ -162,16 +162,7 @@ impl QWeight {
                     }
                 }
             });
-        if m == 1 {
-            return t;
-        }
-        let mut y = vec![0f32; m * n];
-        for j in 0..n {
-            for i in 0..m {
-                y[i * n + j] = t[j * m + i];
-            }
-        }
-        y
+        super::linear::from_j_major(t, m, n)
     }
 }
 
