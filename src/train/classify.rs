@@ -161,20 +161,7 @@ pub fn run(o: Options) -> Result<Summary> {
     // 3. Loop.
     let pad = m.body.pad_id(&m.tok);
     let dev = o.device.clone();
-    let mut opt = AdamW::new(
-        &m.store,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: o.weight_decay,
-        },
-    )?;
-    let per_epoch = train.len().div_ceil(o.batch_size) as u64;
-    let total_steps = per_epoch * o.epochs as u64;
-    if total_steps == 0 {
-        bail!("nothing to do: 0 steps");
-    }
+    let (mut opt, per_epoch, total_steps) = plan(&o, &m.store, train.len())?;
     let predict = |rows: &[Vec<u32>]| -> Result<Vec<usize>> {
         let mut out = Vec::new();
         for c in rows.chunks(o.batch_size.max(1)) {
@@ -299,6 +286,26 @@ impl Forgetting {
         };
         Ok(Some((b, body.lm_score(&ids)?.ppl())))
     }
+}
+
+/// A head fine-tune's optimizer (AdamW with the run's weight decay) and its steps per epoch and
+/// in all for `n` training examples.
+pub fn plan(o: &Options, store: &crate::model::ParamStore, n: usize) -> Result<(AdamW, u64, u64)> {
+    let opt = AdamW::new(
+        store,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: o.weight_decay,
+        },
+    )?;
+    let per_epoch = n.div_ceil(o.batch_size) as u64;
+    let total_steps = per_epoch * o.epochs as u64;
+    if total_steps == 0 {
+        bail!("nothing to do: 0 steps");
+    }
+    Ok((opt, per_epoch, total_steps))
 }
 
 /// Backward, AdamW update and a metrics line for one step of a head fine-tune; returns the loss.

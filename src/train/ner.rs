@@ -16,8 +16,8 @@ use crate::model::backbone::{
 };
 use crate::rng::Stream;
 use crate::tokenizer::Tok;
-use crate::train::classify::{optimizer_step, Forgetting, Options, Summary};
-use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::train::classify::{optimizer_step, plan, Forgetting, Options, Summary};
+use crate::train::optim::lr_at;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -183,20 +183,7 @@ pub fn run(o: Options) -> Result<Summary> {
 
     let pad = m.body.pad_id(&m.tok);
     let dev: Device = o.device.clone();
-    let mut opt = AdamW::new(
-        &m.store,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: o.weight_decay,
-        },
-    )?;
-    let per_epoch = tr.len().div_ceil(o.batch_size) as u64;
-    let total_steps = per_epoch * o.epochs as u64;
-    if total_steps == 0 {
-        bail!("nothing to do: 0 steps");
-    }
+    let (mut opt, per_epoch, total_steps) = plan(&o, &m.store, tr.len())?;
     // Per-token logits (B, T, L) for a batch of aligned sentences.
     let logits = |batch: &[&(Aligned, Vec<usize>)]| -> Result<(Tensor, usize)> {
         let rows: Vec<Vec<u32>> = batch.iter().map(|(a, _)| a.ids.clone()).collect();

@@ -14,8 +14,8 @@ use crate::eval::metrics::{exact_match, squad_f1};
 use crate::model::backbone::{add_head, open_metrics, write_head_outputs, Backbone, HeadOutputs};
 use crate::rng::Stream;
 use crate::tokenizer::Tok;
-use crate::train::classify::{optimizer_step, Options, Summary};
-use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::train::classify::{optimizer_step, plan, Options, Summary};
+use crate::train::optim::lr_at;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde_json::{json, Value};
@@ -281,20 +281,7 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
             100.0 * f1 / eval.len() as f64,
         ))
     };
-    let mut opt = AdamW::new(
-        &m.store,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: o.weight_decay,
-        },
-    )?;
-    let per_epoch = tw.len().div_ceil(o.batch_size) as u64;
-    let total_steps = per_epoch * o.epochs as u64;
-    if total_steps == 0 {
-        bail!("nothing to do: 0 steps");
-    }
+    let (mut opt, per_epoch, total_steps) = plan(&o, &m.store, tw.len())?;
     let mut metrics = open_metrics(&o.out)?;
     let mut stream = Stream::new(o.seed, tw.len());
     let (started, mut times) = (Instant::now(), Vec::new());
