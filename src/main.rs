@@ -572,7 +572,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
     let t0 = std::time::Instant::now();
     let mut m = hf::load(&a.model, &dev, &|_| true)?;
-    if !a.dequantize && a.model.extension().is_some_and(|e| e == "gguf") {
+    let gguf = a.model.extension().is_some_and(|e| e == "gguf");
+    if !a.dequantize && gguf && matches!(dev, candle_core::Device::Cpu) {
         let g = lmforge::model::gguf::GgufFile::open(&a.model)?;
         lmforge::model::gguf::llama::attach_quantized(&mut m.model, &g)?;
     }

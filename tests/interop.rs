@@ -544,3 +544,39 @@ fn gguf_decoding_from_blocks_matches_the_f32_model() {
         0.0
     );
 }
+
+#[test]
+fn blocks_are_not_used_where_a_gradient_is_needed() {
+    use lmforge::kernels::qgemv::QWeight;
+    use lmforge::model::layers::{Layout, Linear};
+    let g = GgufFile::open(&fixture("gguf").join("quants.gguf")).unwrap();
+    let t = g.tensors.iter().find(|t| t.name == "Q8_0").unwrap();
+    let q = QWeight::from_gguf(t.dtype, g.bytes(t), &t.shape).unwrap();
+    let w = Tensor::from_vec(q.dequantize(), t.shape.as_slice(), &Device::Cpu).unwrap();
+    let lin = Linear {
+        name: "probe".into(),
+        weight: w.clone(), // a constant: frozen
+        bias: None,
+        layout: Layout::OutIn,
+        in_dim: q.cols(),
+        out_dim: q.rows(),
+        adapter: None,
+        quant: Some(std::sync::Arc::new(q)),
+    };
+    let x0 = Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
+    // Frozen weight, constant input: decoded from the blocks (close, not bit-identical).
+    let y = lin.forward(&x0).unwrap();
+    let f32_y = x0.matmul(&w.t().unwrap()).unwrap();
+    let d = max_abs_diff(&y, &f32_y);
+    assert!(d > 0.0 && d < 1e-4, "{d}");
+    // A trained input (e.g. below LoRA layers): the f32 op, with its gradient.
+    let x = candle_core::Var::from_tensor(&x0).unwrap();
+    let y = lin.forward(x.as_tensor()).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let dx = grads.get(x.as_tensor()).expect("x gets a gradient");
+    let want = Tensor::ones((3, 2), DType::F32, &Device::Cpu)
+        .unwrap()
+        .matmul(&w)
+        .unwrap();
+    assert!(max_abs_diff(dx, &want) < 1e-4);
+}

@@ -1,8 +1,8 @@
 //! The linear map `y = x·Wᵀ` (weight stored (out, in), HF `nn.Linear`) or `y = x·W` (stored
 //! (in, out), GPT-2's `Conv1D`) as one op whose backward knows which weights are frozen.
 //!
-//!   forward:  y = x·Wᵀ                 (a streaming GEMV when x has ≤ 16 rows, else GEMM)
-//!   backward: dx = dy·W,  dW = dyᵀ·x   (dW only when W is trained)
+//!   forward:  y = x·Wᵀ + b             (a streaming GEMV when x has ≤ 16 rows, else GEMM)
+//!   backward: dx = dy·W,  dW = dyᵀ·x,  db = Σ_rows dy   (each only when its input is trained)
 //!
 //! candle's own matmul backward always computes both products, so a frozen base weight under
 //! LoRA or a reference model would still pay a weight-gradient GEMM per layer (a third of the
@@ -90,7 +90,7 @@ pub(crate) fn from_j_major(t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     y
 }
 
-/// A GEMM operand: element (r, c) at `off + r·rs + c·cs`.
+/// A GEMM operand: element (r, c) at `data[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
     pub data: &'a [f32],
@@ -178,13 +178,24 @@ pub(crate) unsafe fn gemm_into(
     }
 }
 
-/// A vector of `n` floats written in full by `fill` before it is read.
+/// A vector of `n` floats written in full by `fill` before it is read. On x86-64 the memory is
+/// not zeroed first: the `gemm` crate's x86 kernels never read the destination when told not
+/// to. Elsewhere (its AArch64 AMX kernel copies the destination first) it is zeroed.
 fn filled(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
-    let mut v = Vec::<f32>::with_capacity(n);
-    fill(v.as_mut_ptr());
-    // SAFETY: `fill` wrote all n elements (each caller's GEMM covers its whole output).
-    unsafe { v.set_len(n) };
-    v
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut v = vec![0f32; n];
+        fill(v.as_mut_ptr());
+        v
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut v = Vec::<f32>::with_capacity(n);
+        fill(v.as_mut_ptr());
+        // SAFETY: `fill` wrote all n elements (each caller's GEMM covers its whole output).
+        unsafe { v.set_len(n) };
+        v
+    }
 }
 
 /// y (m, n) = x (m, k) · Wᵀ + b, on slices: shared by the linear and LoRA ops.
@@ -194,14 +205,24 @@ pub(crate) fn forward(
     bias: Option<&[f32]>,
     layout: WeightLayout,
     (m, k, n): (usize, usize, usize),
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
+    if x.len() != m * k || w.len() != k * n || bias.is_some_and(|b| b.len() != n) {
+        candle_core::bail!(
+            "linear: {} inputs, {} weights and a bias of {:?} for ({m}, {k}) · ({k}, {n})",
+            x.len(),
+            w.len(),
+            bias.map(<[f32]>::len)
+        );
+    }
+    if m == 0 || n == 0 {
+        return Ok(vec![0f32; m * n]);
+    }
     if m <= MAX_ROWS && layout == WeightLayout::OutIn {
         let mut y = gemv(x, w, m, k, n);
         if let Some(b) = bias {
-            y.chunks_mut(n.max(1))
-                .for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+            add_bias_rows(&mut y, b);
         }
-        return y;
+        return Ok(y);
     }
     // The GEMM (the `gemm` crate, as candle's matmul) reads Wᵀ through strides: measured at
     // 170–186 GFLOP/s on the bench model's shapes on the 2-core dev machine, as PyTorch's.
@@ -210,16 +231,16 @@ pub(crate) fn forward(
         rs: k,
         cs: 1,
     };
-    match bias {
-        // The bias rows are written first and the product accumulated onto them: one pass
-        // fewer than adding the bias afterwards.
+    Ok(match bias {
+        // The bias rows are written first and the product accumulated onto them: no separate
+        // bias pass over the output.
         Some(b) => {
             let mut y = vec![0f32; m * n];
             let rows = (CHUNK / n.max(1)).max(1) * n;
             y.par_chunks_mut(rows.max(1)).for_each(|o| {
                 o.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
             });
-            // SAFETY: y is (m, n); x (m, k) and W were checked against (m, k, n).
+            // SAFETY: y is (m, n); the lengths of x and W were checked against (m, k, n).
             unsafe { gemm_into(y.as_mut_ptr(), (m, n, k), true, x, wt(w, layout, k, n)) };
             y
         }
@@ -227,7 +248,13 @@ pub(crate) fn forward(
         None => filled(m * n, |dst| unsafe {
             gemm_into(dst, (m, n, k), false, x, wt(w, layout, k, n))
         }),
-    }
+    })
+}
+
+/// y (rows × n) += b (n) on every row.
+pub(crate) fn add_bias_rows(y: &mut [f32], b: &[f32]) {
+    y.chunks_mut(b.len().max(1))
+        .for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| *o += b));
 }
 
 fn dims(lx: &Layout, lw: &Layout, layout: WeightLayout) -> Result<(usize, usize, usize)> {
@@ -258,7 +285,7 @@ impl CustomOp2 for Op {
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k, n) = dims(lx, lw, self.0)?;
-        let y = forward(slice(sx, lx)?, slice(sw, lw)?, None, self.0, (m, k, n));
+        let y = forward(slice(sx, lx)?, slice(sw, lw)?, None, self.0, (m, k, n))?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -293,7 +320,7 @@ impl CustomOp3 for Op {
         if b.len() != n {
             candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
         }
-        let y = forward(slice(sx, lx)?, slice(sw, lw)?, Some(b), self.0, (m, k, n));
+        let y = forward(slice(sx, lx)?, slice(sw, lw)?, Some(b), self.0, (m, k, n))?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 

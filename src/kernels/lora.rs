@@ -43,8 +43,8 @@ impl LoraLinear {
         with_slice(&self.w, |w| {
             let base = |bias: Option<&[f32]>| linear::forward(x, w, bias, self.layout, (n, k, out));
             let mut y = match &self.bias {
-                Some(bias) => with_slice(bias, |bias| Ok(base(Some(bias))))?,
-                None => base(None),
+                Some(bias) => with_slice(bias, |bias| base(Some(bias)))?,
+                None => base(None)?,
             };
             let dropped;
             let xd = match self.dropout {
@@ -54,7 +54,7 @@ impl LoraLinear {
                 }
                 None => x,
             };
-            let mut h = linear::forward(xd, a, None, WeightLayout::OutIn, (n, k, r)); // (n, r)
+            let mut h = linear::forward(xd, a, None, WeightLayout::OutIn, (n, k, r))?; // (n, r)
             h.iter_mut().for_each(|v| *v *= self.scale as f32);
             // y += h · Bᵀ, accumulated by the GEMM onto the base output.
             let hm = Mat {

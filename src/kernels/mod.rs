@@ -1,4 +1,5 @@
-//! Fused CPU kernels written as candle custom ops with a backward.
+//! Fused CPU kernels written as candle custom ops with a backward (and `qgemv`, decoding from
+//! GGUF blocks: forward only, tested against the dequantized weights in `tests/interop.rs`).
 //!
 //! Each op here has a composite reference in `model::layers` / `losses` built from candle ops;
 //! `tests/kernels.rs` compares forward and gradients of the two on random shapes and

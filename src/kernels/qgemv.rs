@@ -142,6 +142,10 @@ impl QWeight {
     /// y (m, rows) = x (m, cols) · Wᵀ, parallel over blocks of output rows.
     pub fn gemv(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
+        assert_eq!(x.len(), m * k, "qgemv: x is not (m, cols)"); // callers check shapes
+        if m == 0 || n == 0 {
+            return vec![0f32; m * n];
+        }
         let bpr = k / QK;
         // Σ x over each block of each input row: the offset terms of every output row.
         let sums: Vec<f32> = x.chunks(QK).map(|b| b.iter().sum()).collect();

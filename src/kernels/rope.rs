@@ -17,7 +17,8 @@ struct Op {
     /// (1 or B, T, 1, D) contiguous tables.
     cos: Tensor,
     sin: Tensor,
-    /// The backward: rotate by −θ.
+    /// The backward: the transpose of the forward map (rotation by −θ when the two halves of
+    /// the tables are equal, as in HF's).
     inverse: bool,
 }
 

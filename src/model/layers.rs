@@ -1,4 +1,5 @@
-//! Building blocks of the decoder, composed from candle ops that all have a backward.
+//! Building blocks of the decoder, composed from candle ops that all have a backward (the
+//! decode-only `quantized_xwt` aside, which never runs where a gradient is needed).
 //!
 //! candle-nn's fused `layer_norm`, `rms_norm`, `softmax_last_dim` and `rope*` have no backward
 //! (gradients stop there silently), so none of them is used: these composites are the
@@ -167,7 +168,8 @@ impl Linear {
 }
 
 /// Decoding from `q`, the quantized copy of a frozen weight w (out, in): x (m, in) · wᵀ (+ b)
-/// for a few rows of x on the CPU; `None` where that does not apply.
+/// for a few rows of x on the CPU; `None` where that does not apply, which includes anything
+/// that needs a gradient (the result has no backward).
 pub fn quantized_xwt(
     q: Option<&crate::kernels::qgemv::QWeight>,
     w: &Tensor,
@@ -177,19 +179,25 @@ pub fn quantized_xwt(
     let Some(q) = q else {
         return Ok(None);
     };
-    let m = x.dim(0)?;
+    let (m, k) = x.dims2()?;
     let mut ts = vec![x];
     ts.extend(bias);
-    if w.track_op() || m > crate::kernels::linear::MAX_ROWS || !crate::kernels::fusable(&ts) {
+    let tracked = w.track_op() || x.track_op() || bias.is_some_and(|b| b.track_op());
+    if tracked || m == 0 || m > crate::kernels::linear::MAX_ROWS || !crate::kernels::fusable(&ts) {
         return Ok(None);
+    }
+    let n = q.rows();
+    if k != q.cols() || bias.is_some_and(|b| b.elem_count() != n) {
+        anyhow::bail!(
+            "quantized linear: x (_, {k}) and a bias of {:?} for blocks of ({n}, {})",
+            bias.map(|b| b.elem_count()),
+            q.cols()
+        );
     }
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let mut y = q.gemv(&xs, m);
-    let n = q.rows();
     if let Some(b) = bias {
-        let b = b.to_vec1::<f32>()?;
-        y.chunks_mut(n)
-            .for_each(|r| r.iter_mut().zip(&b).for_each(|(o, b)| *o += b));
+        crate::kernels::linear::add_bias_rows(&mut y, &b.to_vec1::<f32>()?);
     }
     Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
 }
@@ -409,7 +417,7 @@ impl Rope {
         Ok((table(&self.cos)?, table(&self.sin)?))
     }
 
-    /// x (B, T, H, hd) rotated by tables broadcastable to it.
+    /// x (B, T, H, hd) rotated by tables (1 or B, T, 1, hd).
     pub fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         if crate::kernels::fusable(&[x, cos, sin]) {
             return Ok(crate::kernels::rope::rope(x, cos, sin)?);

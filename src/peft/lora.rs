@@ -414,6 +414,8 @@ impl Lora {
             };
             let w = var(&format!("{}.weight", lin.name))?;
             w.set(&(w.as_detached_tensor() + delta)?)?;
+            // GGUF blocks of the old weight would now decode a different model.
+            lin.quant = None;
         }
         Ok(())
     }

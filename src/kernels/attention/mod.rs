@@ -12,7 +12,7 @@
 //! strides with a unit last stride, so the projections' outputs are used without transposes
 //! or copies. Keys are `prefix` always-visible slots (prefix tuning) followed by positions
 //! 0..past+T; grouped-query heads share their key/value head. The composite reference is
-//! `model::decoder`'s attention (masked softmax of explicit scores).
+//! `model::attention`'s `composite` (masked softmax of explicit scores).
 
 mod tiles;
 

@@ -189,6 +189,9 @@ pub fn attach_quantized(model: &mut DecoderModel, g: &GgufFile) -> Result<usize>
         let Some(mut q) = QWeight::from_gguf(t.dtype, g.bytes(t), &t.shape) else {
             continue;
         };
+        if lin.layout != Layout::OutIn || (q.rows(), q.cols()) != (lin.out_dim, lin.in_dim) {
+            continue;
+        }
         let heads = if lin.name.ends_with("q_proj") {
             Some(nh)
         } else if lin.name.ends_with("k_proj") {
@@ -201,9 +204,6 @@ pub fn attach_quantized(model: &mut DecoderModel, g: &GgufFile) -> Result<usize>
                 continue;
             };
             q = u;
-        }
-        if lin.layout != Layout::OutIn || (q.rows(), q.cols()) != (lin.out_dim, lin.in_dim) {
-            continue;
         }
         lin.quant = Some(Arc::new(q));
         n += 1;

@@ -745,7 +745,26 @@ impl GradStore {
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?.detach());
+                // zeros_like + add used to reject a gradient of the wrong shape or dtype.
+                if grad.shape() != tensor.shape() {
+                    Err(Error::ShapeMismatchBinaryOp {
+                        lhs: tensor.shape().clone(),
+                        rhs: grad.shape().clone(),
+                        op: "backward accumulate",
+                    }
+                    .bt())?
+                }
+                if grad.dtype() != tensor.dtype() {
+                    Err(Error::DTypeMismatchBinaryOp {
+                        lhs: tensor.dtype(),
+                        rhs: grad.dtype(),
+                        op: "backward accumulate",
+                    }
+                    .bt())?
+                }
+                let grad = grad.contiguous()?;
+                let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
+                entry.insert(if do_not_detach { grad } else { grad.detach() });
             }
         }
         Ok(())
