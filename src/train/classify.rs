@@ -66,6 +66,49 @@ pub struct Summary {
     pub checkpoint_bytes: u64,
 }
 
+impl Summary {
+    /// Timing and sizes of a finished head fine-tune (`seconds` of training, `times`: each
+    /// step's seconds); the caller fills in its scores and the forgetting report.
+    pub fn new(
+        steps: u64,
+        seconds: f64,
+        mut times: Vec<f64>,
+        (trainable, total): (usize, usize),
+        checkpoint_bytes: u64,
+    ) -> Self {
+        times.sort_by(f64::total_cmp);
+        Self {
+            steps,
+            seconds,
+            step_s_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
+            peak_rss_mib: crate::bench::peak_rss_mib(),
+            trainable,
+            total,
+            accuracy: None,
+            macro_f1: None,
+            entity_f1: None,
+            squad: None,
+            forgetting: None,
+            checkpoint_bytes,
+        }
+    }
+
+    /// The summary line of metrics.jsonl, with `extra` keys of the task.
+    pub fn write_line(&self, metrics: &mut std::fs::File, extra: serde_json::Value) -> Result<()> {
+        let mut v = json!({"summary": true, "steps": self.steps, "seconds": self.seconds,
+            "step_s_median": self.step_s_median, "peak_rss_mib": self.peak_rss_mib,
+            "trainable_params": self.trainable, "total_params": self.total,
+            "checkpoint_bytes": self.checkpoint_bytes, "forgetting_ppl": self.forgetting,
+            "accuracy": self.accuracy, "macro_f1": self.macro_f1, "entity_f1": self.entity_f1,
+            "exact_match": self.squad.map(|s| s.0), "f1": self.squad.map(|s| s.1)});
+        if let (Some(v), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+            v.extend(e);
+        }
+        writeln!(metrics, "{v}")?;
+        Ok(())
+    }
+}
+
 fn encode(tok: &crate::tokenizer::Tok, rows: &[Labeled], max_len: usize) -> Result<Vec<Vec<u32>>> {
     rows.iter()
         .map(|r| {
@@ -210,10 +253,8 @@ pub fn run(o: Options) -> Result<Summary> {
             eprintln!("step {:>5}/{total_steps}  loss {lv:.4}", step + 1);
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
-    times.sort_by(f64::total_cmp);
-
     // 4. Output: the full model, or the adapter with the head (plus the merged model).
+    let seconds = started.elapsed().as_secs_f64();
     let checkpoint_bytes = write_head_outputs(&mut HeadOutputs {
         m: &mut m,
         kind: "SequenceClassification",
@@ -228,27 +269,18 @@ pub fn run(o: Options) -> Result<Summary> {
         merge: o.merge,
     })?;
     let summary = Summary {
-        steps: total_steps,
-        seconds,
-        step_s_median: times[times.len() / 2],
-        peak_rss_mib: crate::bench::peak_rss_mib(),
-        trainable,
-        total,
         accuracy: acc,
         macro_f1: f1,
-        entity_f1: None,
-        squad: None,
         forgetting: forgetting.finish(&m.body)?,
-        checkpoint_bytes,
+        ..Summary::new(
+            total_steps,
+            seconds,
+            times,
+            (trainable, total),
+            checkpoint_bytes,
+        )
     };
-    writeln!(
-        metrics,
-        "{}",
-        json!({"summary": true, "steps": total_steps, "seconds": seconds, "step_s_median": summary.step_s_median,
-               "peak_rss_mib": summary.peak_rss_mib, "trainable_params": trainable, "total_params": total,
-               "accuracy": acc, "macro_f1": f1, "checkpoint_bytes": checkpoint_bytes,
-               "forgetting_ppl": summary.forgetting})
-    )?;
+    summary.write_line(&mut metrics, json!({}))?;
     Ok(summary)
 }
 

@@ -261,7 +261,6 @@ pub fn run(o: Options) -> Result<Summary> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    times.sort_by(f64::total_cmp);
     let checkpoint_bytes = write_head_outputs(&mut HeadOutputs {
         m: &mut m,
         kind: "TokenClassification",
@@ -276,25 +275,16 @@ pub fn run(o: Options) -> Result<Summary> {
         merge: o.merge,
     })?;
     let summary = Summary {
-        steps: total_steps,
-        seconds,
-        step_s_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
-        peak_rss_mib: crate::bench::peak_rss_mib(),
-        trainable,
-        total,
-        accuracy: None,
-        macro_f1: None,
         entity_f1: f1,
-        squad: None,
         forgetting: forgetting.finish(&m.body)?,
-        checkpoint_bytes,
+        ..Summary::new(
+            total_steps,
+            seconds,
+            times,
+            (trainable, total),
+            checkpoint_bytes,
+        )
     };
-    writeln!(
-        metrics,
-        "{}",
-        json!({"summary": true, "steps": total_steps, "seconds": seconds, "entity_f1": f1,
-               "truncated_sentences": cut, "trainable_params": trainable, "total_params": total,
-               "checkpoint_bytes": checkpoint_bytes, "forgetting_ppl": summary.forgetting})
-    )?;
+    summary.write_line(&mut metrics, json!({"truncated_sentences": cut}))?;
     Ok(summary)
 }

@@ -333,7 +333,6 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    times.sort_by(f64::total_cmp);
     let checkpoint_bytes = write_head_outputs(&mut HeadOutputs {
         m: &mut m,
         kind: "QuestionAnswering",
@@ -348,25 +347,16 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
         base: &o.model,
         merge: o.merge,
     })?;
-    writeln!(
-        metrics,
-        "{}",
-        json!({"summary": true, "steps": total_steps, "seconds": seconds, "exact_match": scores.map(|s| s.0),
-               "f1": scores.map(|s| s.1), "trainable_params": trainable, "total_params": total,
-               "checkpoint_bytes": checkpoint_bytes})
-    )?;
-    Ok(Summary {
-        steps: total_steps,
-        seconds,
-        step_s_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
-        peak_rss_mib: crate::bench::peak_rss_mib(),
-        trainable,
-        total,
-        accuracy: None,
-        macro_f1: None,
-        entity_f1: None,
+    let summary = Summary {
         squad: scores,
-        forgetting: None,
-        checkpoint_bytes,
-    })
+        ..Summary::new(
+            total_steps,
+            seconds,
+            times,
+            (trainable, total),
+            checkpoint_bytes,
+        )
+    };
+    summary.write_line(&mut metrics, json!({}))?;
+    Ok(summary)
 }
