@@ -51,6 +51,26 @@ enum Cmd {
     Bench(BenchCli),
 }
 
+/// What `sft` and `finetune` share: PEFT, merging, the forgetting report, device, output.
+#[derive(Args)]
+struct TuneArgs {
+    /// Parameter-efficient method.
+    #[arg(long, value_enum)]
+    peft: Option<PeftKind>,
+    #[command(flatten)]
+    lora: LoraArgs,
+    /// With --peft: also write the merged model to OUT/model.
+    #[arg(long)]
+    merge: bool,
+    /// Decoders: a text file whose perplexity is reported before and after fine-tuning.
+    #[arg(long)]
+    forgetting_eval: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    quiet: bool,
+}
+
 #[derive(Args)]
 struct SftArgs {
     /// Base model: an HF directory or a .gguf file.
@@ -94,21 +114,8 @@ struct SftArgs {
     /// A Jinja chat template file, instead of the model's own.
     #[arg(long)]
     chat_template: Option<PathBuf>,
-    /// Parameter-efficient method.
-    #[arg(long, value_enum)]
-    peft: Option<PeftKind>,
     #[command(flatten)]
-    lora: LoraArgs,
-    /// With --peft: also write the merged model to OUT/model.
-    #[arg(long)]
-    merge: bool,
-    /// Text file whose perplexity is reported before and after fine-tuning.
-    #[arg(long)]
-    forgetting_eval: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long)]
-    quiet: bool,
+    tune: TuneArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -199,21 +206,8 @@ struct FinetuneArgs {
     weight_decay: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Parameter-efficient method.
-    #[arg(long, value_enum)]
-    peft: Option<PeftKind>,
     #[command(flatten)]
-    lora: LoraArgs,
-    /// With --peft: also write the merged model to OUT/model.
-    #[arg(long)]
-    merge: bool,
-    /// Decoders: a text file whose perplexity is reported before and after fine-tuning.
-    #[arg(long)]
-    forgetting_eval: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long)]
-    quiet: bool,
+    tune: TuneArgs,
 }
 
 #[derive(Args)]
@@ -671,7 +665,7 @@ fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
 
 fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
     use lmforge::train::sft;
-    let lora = lora_config(a.peft, &a.lora, a.merge)?;
+    let lora = lora_config(a.tune.peft, &a.tune.lora, a.tune.merge)?;
     let lr = a.lr.unwrap_or(if lora.is_some() { 2e-4 } else { 2e-5 });
     let s = sft::run(sft::Options {
         model: a.model,
@@ -691,10 +685,10 @@ fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
         packing: a.packing,
         chat_template: a.chat_template,
         lora,
-        merge: a.merge,
-        forgetting_eval: a.forgetting_eval,
-        device: lmforge::device(&a.device)?,
-        quiet: a.quiet,
+        merge: a.tune.merge,
+        forgetting_eval: a.tune.forgetting_eval,
+        device: lmforge::device(&a.tune.device)?,
+        quiet: a.tune.quiet,
     })?;
     let first = s.losses.first().copied().unwrap_or(f32::NAN);
     let last = s.losses.last().copied().unwrap_or(f32::NAN);
@@ -722,7 +716,7 @@ fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
 
 fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
     use lmforge::train::classify;
-    let lora = lora_config(a.peft, &a.lora, a.merge)?;
+    let lora = lora_config(a.tune.peft, &a.tune.lora, a.tune.merge)?;
     let lr = a.lr.unwrap_or(if lora.is_some() { 5e-4 } else { 5e-5 });
     let opts = classify::Options {
         model: a.model,
@@ -737,10 +731,10 @@ fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
         weight_decay: a.weight_decay,
         seed: a.seed,
         lora,
-        merge: a.merge,
-        forgetting_eval: a.forgetting_eval,
-        device: lmforge::device(&a.device)?,
-        quiet: a.quiet,
+        merge: a.tune.merge,
+        forgetting_eval: a.tune.forgetting_eval,
+        device: lmforge::device(&a.tune.device)?,
+        quiet: a.tune.quiet,
     };
     let s = match a.task {
         Task::Classify => classify::run(opts)?,
