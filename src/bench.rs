@@ -69,15 +69,7 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
         let sw = crate::peft::AdapterSwitch::default();
         crate::peft::lora::attach(&mut model, &mut store, &c, None, 0, &sw)?;
     }
-    let mut opt = AdamW::new(
-        &store,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        },
-    )?;
+    let mut opt = AdamW::new(&store, AdamWConfig::with_weight_decay(0.01))?;
     let mut times = Vec::new();
     let mut loss = 0f32;
     for step in 0..a.steps {

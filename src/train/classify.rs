@@ -323,15 +323,7 @@ impl Forgetting {
 /// A head fine-tune's optimizer (AdamW with the run's weight decay) and its steps per epoch and
 /// in all for `n` training examples.
 pub fn plan(o: &Options, store: &crate::model::ParamStore, n: usize) -> Result<(AdamW, u64, u64)> {
-    let opt = AdamW::new(
-        store,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: o.weight_decay,
-        },
-    )?;
+    let opt = AdamW::new(store, AdamWConfig::with_weight_decay(o.weight_decay))?;
     let per_epoch = n.div_ceil(o.batch_size) as u64;
     let total_steps = per_epoch * o.epochs as u64;
     if total_steps == 0 {

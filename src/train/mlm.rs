@@ -21,7 +21,7 @@ use crate::model::{hf, Grads, ParamStore};
 use crate::recipe::Recipe;
 use crate::rng::Rng;
 use crate::tokenizer::{train_wordpiece, Tok};
-use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::train::optim::{lr_at, AdamW};
 use crate::train::pretrain::{Options, Summary};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -234,15 +234,7 @@ pub fn run(opts: Options) -> Result<Summary> {
     ));
 
     // 4. Loop.
-    let mut opt = AdamW::new(
-        &store,
-        AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    )?;
+    let mut opt = AdamW::new(&store, t.adamw())?;
     let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
     let val = data.val_batches(t.batch_size, t.eval_batches);
     let evaluate = |model: &Encoder| -> Result<f64> {

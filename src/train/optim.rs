@@ -18,6 +18,30 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// transformers' defaults (β₁ 0.9, β₂ 0.999, ε 1e-8) with the given weight decay.
+    pub fn with_weight_decay(weight_decay: f64) -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+}
+
+impl crate::recipe::TrainSection {
+    /// The recipe's optimizer settings.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
 pub struct AdamW {
     pub cfg: AdamWConfig,
     /// Number of updates applied so far (bias correction uses it).

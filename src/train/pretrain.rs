@@ -14,7 +14,7 @@ use crate::model::{hf, DecoderModel, Grads, ModelConfig, ParamStore};
 use crate::recipe::{Arch, Recipe};
 use crate::tokenizer::{train_bpe, Tok};
 use crate::train::checkpoint::{self, Checkpoint, TrainerState};
-use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::train::optim::{lr_at, AdamW};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -138,15 +138,7 @@ pub fn run(opts: Options) -> Result<Summary> {
         );
     }
     let t = &r.train;
-    let mut opt = AdamW::new(
-        &store,
-        AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    )?;
+    let mut opt = AdamW::new(&store, t.adamw())?;
     let mut state = TrainerState {
         step: 0,
         tokens_seen: 0,

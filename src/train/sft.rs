@@ -155,15 +155,7 @@ pub fn run(o: Options) -> Result<Summary> {
     ));
 
     // 5. Loop.
-    let mut opt = AdamW::new(
-        &m.store,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: o.weight_decay,
-        },
-    )?;
+    let mut opt = AdamW::new(&m.store, AdamWConfig::with_weight_decay(o.weight_decay))?;
     let per_step = o.batch_size * o.grad_accum;
     if per_step == 0 {
         bail!("--batch-size and --grad-accum must be positive");
