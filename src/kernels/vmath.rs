@@ -31,12 +31,7 @@ pub fn exp(x: f32) -> f32 {
         + 0.5;
     let e = p * r * r + r + 1.0;
     // bits(t) = bits(MAGIC) + n, so the biased exponent n + 127 is an integer subtraction away.
-    let scale = f32::from_bits(
-        t.to_bits()
-            .wrapping_sub(MAGIC.to_bits())
-            .wrapping_add(127)
-            << 23,
-    );
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     let y = e * scale;
     if x < -87.3 {
         0.0
