@@ -10,7 +10,7 @@
 //! single-threaded reductions, above all the column sums for dw and db in the backward. The
 //! backward recomputes μ and r from x (one read of x) instead of keeping them.
 
-use super::{slice, sum_partials, CHUNK};
+use super::{slice, sum_partials, vmath, CHUNK};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -20,31 +20,17 @@ enum Kind {
     Rms,
 }
 
-/// Σ x and Σ x² with eight partial sums each: f32 addition is not associative, so a single
-/// running sum stays scalar (one element per add).
-#[inline(always)]
-fn sum8(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut it = x.chunks_exact(8);
-    for c in &mut it {
-        for i in 0..8 {
-            acc[i] += f(c[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + it.remainder().iter().map(|&v| f(v)).sum::<f32>()
-}
-
 #[inline(always)]
 fn stats(x: &[f32], kind: Kind, eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     match kind {
         Kind::Layer => {
-            let mu = sum8(x, |v| v) / n;
-            let var = sum8(x, |v| (v - mu) * (v - mu)) / n;
+            let mu = vmath::sum_map(x, |v| v) / n;
+            let var = vmath::sum_map(x, |v| (v - mu) * (v - mu)) / n;
             (mu, 1.0 / (var + eps).sqrt())
         }
         Kind::Rms => {
-            let ms = sum8(x, |v| v * v) / n;
+            let ms = vmath::sum_map(x, |v| v * v) / n;
             (0.0, 1.0 / (ms + eps).sqrt())
         }
     }
@@ -82,7 +68,7 @@ fn forward_rows_generic(
     }
 }
 
-super::vmath::dispatch! {
+vmath::dispatch! {
     fn forward_rows(x: &[f32], y: &mut [f32], w: &[f32], b: Option<&[f32]>, kind: Kind, eps: f32) -> () = forward_rows_generic;
 }
 
@@ -117,7 +103,7 @@ fn backward_rows_generic(
             xh[i] = (x[i] - mu) * r;
             acc[i] += dy[i] * xh[i];
         }
-        // Σ g and Σ g·x̂ (g = dy·w) in eight lanes each, as `sum8`.
+        // Σ g and Σ g·x̂ (g = dy·w) in eight lanes each, as `vmath::sum_map`.
         let (mut sg, mut sgx) = ([0f32; 8], [0f32; 8]);
         let n8 = c / 8 * 8;
         for ((dy, w), xh) in dy[..n8]
@@ -150,7 +136,7 @@ fn backward_rows_generic(
     }
 }
 
-super::vmath::dispatch! {
+vmath::dispatch! {
     #[allow(clippy::too_many_arguments)]
     fn backward_rows(x: &[f32], dy: &[f32], dx: &mut [f32], w: &[f32], xh: &mut [f32], acc: &mut [f32], kind: Kind, eps: f32) -> () = backward_rows_generic;
 }

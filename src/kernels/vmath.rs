@@ -75,21 +75,24 @@ fn exp_shift_sum_generic(x: &mut [f32], m: f32) -> f32 {
     s
 }
 
-/// Σ e^(x − m) without writing.
+/// Σ f(x) over a slice with eight partial sums: f32 addition is not associative, so the
+/// compiler keeps a single running sum scalar (one element per add).
 #[inline(always)]
-fn sum_exp_shift_generic(x: &[f32], m: f32) -> f32 {
+pub(crate) fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let mut it = x.chunks_exact(8);
     for c in &mut it {
         for i in 0..8 {
-            acc[i] += exp(c[i] - m);
+            acc[i] += f(c[i]);
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for &v in it.remainder() {
-        s += exp(v - m);
-    }
-    s
+    acc.iter().sum::<f32>() + it.remainder().iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// Σ e^(x − m) without writing.
+#[inline(always)]
+fn sum_exp_shift_generic(x: &[f32], m: f32) -> f32 {
+    sum_map(x, |v| exp(v - m))
 }
 
 /// Softmax backward of one attention row from raw scores: p ← e^(p − lse), d ← p·(d − di).
