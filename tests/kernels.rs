@@ -681,3 +681,115 @@ fn fused_rope_matches_composite_and_finite_differences() {
         );
     }
 }
+
+/// x·Wᵀ (or x·W), dx and dW of the fused linear against plain f64 loops, on rayon pools of 2
+/// and 3 threads and products large enough to be split between them: the GEMM's threads claim
+/// grains of work from a shared counter (the vendored `gemm-common` patch), so every tile must
+/// still be computed exactly once whatever thread takes it.
+#[test]
+fn threaded_gemm_matches_naive_products() {
+    use lmforge::kernels::linear::{linear, WeightLayout};
+    let naive = |a: &[Vec<f32>], b: &[Vec<f32>], bt: bool| -> Vec<Vec<f64>> {
+        // a (m, k) · b (k, n), or · bᵀ for b (n, k)
+        let (m, k) = (a.len(), a[0].len());
+        let n = if bt { b.len() } else { b[0].len() };
+        (0..m)
+            .map(|i| {
+                (0..n)
+                    .map(|j| {
+                        (0..k)
+                            .map(|l| {
+                                let bv = if bt { b[j][l] } else { b[l][j] };
+                                a[i][l] as f64 * bv as f64
+                            })
+                            .sum()
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let t = |v: &[Vec<f32>]| -> Vec<Vec<f32>> {
+        (0..v[0].len())
+            .map(|j| v.iter().map(|r| r[j]).collect())
+            .collect()
+    };
+    let worst = |got: &Tensor, want: &[Vec<f64>]| -> f64 {
+        let got = got.to_vec2::<f32>().unwrap();
+        assert_eq!((got.len(), got[0].len()), (want.len(), want[0].len()));
+        got.iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max)
+    };
+    for threads in [2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for (m, k, n) in [(517, 300, 263), (96, 1030, 389)] {
+                for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+                    let wshape = match layout {
+                        WeightLayout::OutIn => [n, k],
+                        WeightLayout::InOut => [k, n],
+                    };
+                    let x = Var::from_tensor(&randn(&[m, k], 11, 1.0)).unwrap();
+                    let w = Var::from_tensor(&randn(&wshape, 12, 1.0)).unwrap();
+                    let dy = randn(&[m, n], 13, 1.0);
+                    let y = linear(x.as_tensor(), w.as_tensor(), layout).unwrap();
+                    let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    let (xs, ws, dys) = (
+                        x.as_tensor().to_vec2::<f32>().unwrap(),
+                        w.as_tensor().to_vec2::<f32>().unwrap(),
+                        dy.to_vec2::<f32>().unwrap(),
+                    );
+                    let out_in = layout == WeightLayout::OutIn;
+                    let want_y = naive(&xs, &ws, out_in);
+                    let want_dx = naive(&dys, &ws, !out_in);
+                    let want_dw = if out_in {
+                        naive(&t(&dys), &xs, false) // (n, k) = dyᵀ·x
+                    } else {
+                        naive(&t(&xs), &dys, false) // (k, n) = xᵀ·dy
+                    };
+                    let tol = 1e-5 * (k.max(m) as f64);
+                    let what = format!("{threads} threads, {layout:?} m{m} k{k} n{n}");
+                    let e = worst(&y, &want_y);
+                    assert!(e < tol, "{what}: y differs by {e}");
+                    let e = worst(g.get(x.as_tensor()).unwrap(), &want_dx);
+                    assert!(e < tol, "{what}: dx differs by {e}");
+                    let e = worst(g.get(w.as_tensor()).unwrap(), &want_dw);
+                    assert!(e < tol, "{what}: dw differs by {e}");
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn fused_residual_add_matches_composite() {
+    use lmforge::kernels::residual;
+    // 70 001 elements: several rayon chunks and a ragged last one.
+    let shape = [7, 73, 137];
+    let a = Var::from_tensor(&randn(&shape, 21, 1.0)).unwrap();
+    let b = Var::from_tensor(&randn(&shape, 22, 1.0)).unwrap();
+    let dy = randn(&shape, 23, 1.0);
+    let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+        // a feeds the sum twice (as the residual stream does), so its gradient accumulates.
+        let y = (f(a.as_tensor(), b.as_tensor()) * a.as_tensor()).unwrap();
+        let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+        (y, get(&a), get(&b))
+    };
+    let fused = run(&|a, b| residual::add(a, b).unwrap());
+    let comp = run(&|a, b| (a + b).unwrap());
+    for (name, x, y) in [
+        ("y", &fused.0, &comp.0),
+        ("da", &fused.1, &comp.1),
+        ("db", &fused.2, &comp.2),
+    ] {
+        let e = max_diff(x, y);
+        assert!(e < 1e-6, "residual add: {name} differs by {e}");
+    }
+    assert!(residual::add(a.as_tensor(), &randn(&[7, 73, 136], 1, 1.0)).is_err());
+}

@@ -12,7 +12,7 @@
 //! candle's own `gelu` computes x³ with `powf` and calls `tanhf`; here tanh u = 1 − 2/(e^{2u}+1)
 //! (exact in f32 to a few ulps, saturating correctly for large |u|).
 
-use super::{slice, vmath, CHUNK};
+use super::{slice, uninit, vmath, CHUNK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -123,7 +123,8 @@ impl CustomOp1 for Fwd {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: written in full below before anything reads it.
+        let mut y = unsafe { uninit(x.len()) };
         let a = self.0;
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -147,7 +148,8 @@ impl CustomOp2 for Bwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        let mut dx = vec![0f32; x.len()];
+        // SAFETY: written in full below before anything reads it.
+        let mut dx = unsafe { uninit(x.len()) };
         let a = self.0;
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
@@ -184,7 +186,8 @@ impl CustomOp2 for Gated {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, u) = (slice(s1, l1)?, slice(s2, l2)?);
         same_len(x, u)?;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: written in full below before anything reads it.
+        let mut y = unsafe { uninit(x.len()) };
         let a = self.0;
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
@@ -225,7 +228,8 @@ impl candle_core::CustomOp3 for GatedBwd {
         let n = x.len();
         // [dx | du]: both go to their projections' backward right away, so sharing one
         // buffer keeps nothing alive longer.
-        let mut flat = vec![0f32; 2 * n];
+        // SAFETY: written in full below before anything reads it.
+        let mut flat = unsafe { uninit(2 * n) };
         let (dx, du) = flat.split_at_mut(n);
         let a = self.0;
         dx.par_chunks_mut(CHUNK)

@@ -4,7 +4,7 @@
 //!
 //!   y = x ⊙ m / (1 − p),   m_i ~ Bernoulli(1 − p) from SplitMix64 keyed by (key, i)
 
-use super::{slice, CHUNK};
+use super::{slice, uninit, CHUNK};
 use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -30,7 +30,8 @@ impl Op {
     }
 
     fn run(&self, x: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: written in full below before anything reads it.
+        let mut y = unsafe { uninit(x.len()) };
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .enumerate()

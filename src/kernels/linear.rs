@@ -13,7 +13,7 @@
 //! at 20 tok/s through candle's matmul, 32 tok/s here). The GEMV reads every weight row once,
 //! straight from where it lies, and dots it with all m input rows while it is in L1.
 
-use super::{slice, sum_partials, CHUNK};
+use super::{slice, sum_partials, uninit, CHUNK};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -235,7 +235,8 @@ pub(crate) fn forward(
         // The bias rows are written first and the product accumulated onto them: no separate
         // bias pass over the output.
         Some(b) => {
-            let mut y = vec![0f32; m * n];
+            // SAFETY: written in full below before anything reads it.
+            let mut y = unsafe { uninit(m * n) };
             let rows = (CHUNK / n.max(1)).max(1) * n;
             y.par_chunks_mut(rows.max(1)).for_each(|o| {
                 o.chunks_mut(n).for_each(|r| r.copy_from_slice(b));

@@ -10,7 +10,7 @@
 //! single-threaded reductions, above all the column sums for dw and db in the backward. The
 //! backward recomputes μ and r from x (one read of x) instead of keeping them.
 
-use super::{slice, sum_partials, vmath, CHUNK};
+use super::{slice, sum_partials, uninit, vmath, CHUNK};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -74,7 +74,8 @@ vmath::dispatch! {
 
 fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, kind: Kind, eps: f32) -> Vec<f32> {
     let c = w.len();
-    let mut y = vec![0f32; x.len()];
+    // SAFETY: written in full below before anything reads it.
+    let mut y = unsafe { uninit(x.len()) };
     let rows = rows_per_task(c) * c;
     y.par_chunks_mut(rows)
         .zip(x.par_chunks(rows))
@@ -145,22 +146,22 @@ vmath::dispatch! {
 fn backward(x: &[f32], w: &[f32], dy: &[f32], kind: Kind, eps: f32) -> Vec<f32> {
     let c = w.len();
     let with_b = matches!(kind, Kind::Layer);
-    // Room for dw and db after dx, so appending them does not move dx.
-    let mut dx = Vec::with_capacity(x.len() + 2 * c);
-    dx.resize(x.len(), 0f32);
+    let np = if with_b { 2 * c } else { c };
+    // SAFETY: written in full below before anything reads it.
+    let mut flat = unsafe { uninit(x.len() + np) };
+    let (dx, tail) = flat.split_at_mut(x.len());
     let rows = rows_per_task(c) * c;
     let parts = dx
         .par_chunks_mut(rows)
         .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
         .map(|(dx, (x, dy))| {
-            let mut acc = vec![0f32; if with_b { 2 * c } else { c }];
+            let mut acc = vec![0f32; np];
             let mut xh = vec![0f32; c];
             backward_rows(x, dy, dx, w, &mut xh, &mut acc, kind, eps);
             acc
         });
-    let partial = sum_partials(parts, if with_b { 2 * c } else { c });
-    dx.extend_from_slice(&partial);
-    dx
+    tail.copy_from_slice(&sum_partials(parts, np));
+    flat
 }
 
 /// Runs the backward kernel and splits its flat [dx | dw | db] output.
@@ -175,10 +176,18 @@ fn grads(
     let (n, c) = (x.elem_count(), w.elem_count());
     let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
     // dw and db are copied out: as views they would keep the activation-sized dx buffer alive
-    // until the optimizer step.
-    let dw = flat.narrow(0, n, c)?.copy()?;
+    // until the optimizer step. (`Tensor::copy` would not do: it clones the whole storage
+    // under the view, two activation-sized copies per norm.)
+    let own = |at: usize| -> Result<Tensor> {
+        Tensor::from_vec(
+            flat.narrow(0, at, c)?.to_vec1::<f32>()?,
+            w.shape(),
+            w.device(),
+        )
+    };
+    let dw = own(n)?;
     let db = match kind {
-        Kind::Layer => Some(flat.narrow(0, n + c, c)?.copy()?),
+        Kind::Layer => Some(own(n + c)?),
         Kind::Rms => None,
     };
     Ok((dx, dw, db))

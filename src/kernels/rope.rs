@@ -9,7 +9,7 @@
 //! products and an add) makes six activation-sized tensors per call and as many again in the
 //! backward, for q and k in every layer. The tables are constants: they get no gradient.
 
-use super::{slice, with_slice, CHUNK};
+use super::{slice, uninit, with_slice, CHUNK};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -38,7 +38,8 @@ impl Op {
         let half = d / 2;
         let row = h * d; // one (b, t) position
         let per_task = (CHUNK / row.max(1)).max(1) * row;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: written in full below before anything reads it.
+        let mut y = unsafe { uninit(x.len()) };
         with_slice(&self.cos, |cos| {
             with_slice(&self.sin, |sin| {
                 y.par_chunks_mut(per_task.max(1))

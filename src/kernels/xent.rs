@@ -8,7 +8,7 @@
 //! five (N, V) tensors on the way forward and as many again backward: with the llama bench's
 //! 4096-token vocabulary that is 32 MiB each per step.
 
-use super::{slice, vmath, CHUNK};
+use super::{slice, uninit, vmath, CHUNK};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -123,7 +123,8 @@ impl CustomOp3 for Bwd {
                 g.len()
             );
         }
-        let mut dx = vec![0f32; n * v];
+        // SAFETY: written in full below before anything reads it.
+        let mut dx = unsafe { uninit(n * v) };
         let r = rows_per_task(v);
         dx.par_chunks_mut(r * v)
             .zip(x.par_chunks(r * v))

@@ -2,7 +2,7 @@
 //! keys the block can see, over strided views of q, k and v (see `super` for the formulas).
 
 use super::Spec;
-use crate::kernels::vmath;
+use crate::kernels::{uninit, vmath};
 use candle_core::{bail, CpuStorage, Layout, Result};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -179,8 +179,10 @@ pub(super) fn forward(inp: &Inputs, spec: Spec, starts: &Starts) -> (Vec<f32>, V
     let (b, t, h, d) = qv.dims;
     let (_, s, hkv, _) = kv.dims;
     let rep = h / hkv;
-    let mut out = vec![0f32; b * t * h * d];
-    let mut lse = vec![0f32; b * h * t];
+    // SAFETY: every row of both is written by exactly one task below.
+    let mut out = unsafe { uninit(b * t * h * d) };
+    // SAFETY: as `out`.
+    let mut lse = unsafe { uninit(b * h * t) };
     let (po, pl) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
     let nblk = t.div_ceil(BQ);
     (0..b * h * nblk).into_par_iter().for_each(|task| {
@@ -189,7 +191,8 @@ pub(super) fn forward(inp: &Inputs, spec: Spec, starts: &Starts) -> (Vec<f32>, V
         let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
         let rows = i1 - i0;
         let kend = (spec.prefix + spec.past + i1).min(s);
-        let mut sc = vec![0f32; rows * kend];
+        // SAFETY: written whole by the first product before the softmax reads it.
+        let mut sc = unsafe { uninit(rows * kend) };
         let qp = q[qv.at(bi, i0, hi)..].as_ptr();
         let kp = k[kv.at(bi, 0, hi / rep)..].as_ptr();
         let vp = v[vv.at(bi, 0, hi / rep)..].as_ptr();
@@ -314,7 +317,11 @@ pub(super) fn backward(
     if o.len() < b * t * h * d || go.len() < b * t * h * d || lse.len() != b * h * t {
         bail!("fused attention: saved tensors do not match the inputs");
     }
-    let mut flat = vec![0f32; gv.len];
+    // dQ is written whole by its blocks; the rows of dK and dV, accumulated over the query
+    // blocks and heads, are zeroed by the task that owns them (in parallel, not by a serial
+    // calloc over the whole buffer).
+    // SAFETY: dQ rows written by their blocks, dK/dV rows zeroed first, as said above.
+    let mut flat = unsafe { uninit(gv.len) };
     let base = Ptr(flat.as_mut_ptr());
     let nblk = t.div_ceil(BQ);
     // One task per (batch, kv head): dK and dV of that head are accumulated by its query
@@ -323,13 +330,20 @@ pub(super) fn backward(
         let (bi, kh) = (task / hkv, task % hkv);
         let kp = k[kv.at(bi, 0, kh)..].as_ptr();
         let vp = v[vv.at(bi, 0, kh)..].as_ptr();
-        let mut p = vec![0f32; BQ * s];
-        let mut ds = vec![0f32; BQ * s];
+        // SAFETY: scratch; the rows × kend of each block are written by its products
+        // (accumulate = false) before being read.
+        let mut p = unsafe { uninit(BQ * s) };
+        // SAFETY: as `p`.
+        let mut ds = unsafe { uninit(BQ * s) };
         // SAFETY: offsets follow the checked shapes; the regions written (dq rows of this
         // task's heads, dk/dv rows of its kv head) belong to this task alone.
         unsafe {
             let dk = base.get().add(gv.dk.at(bi, 0, kh));
             let dv = base.get().add(gv.dv.at(bi, 0, kh));
+            for n in 0..s {
+                std::ptr::write_bytes(dk.add(n * gv.dk.sn), 0, d);
+                std::ptr::write_bytes(dv.add(n * gv.dv.sn), 0, d);
+            }
             for hi in kh * rep..(kh + 1) * rep {
                 for blk in 0..nblk {
                     let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
