@@ -429,7 +429,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Generate(a) => cmd_generate(a),
+        // Decoding is hundreds of sub-millisecond parallel ops per token (a GEMV per linear
+        // layer). Called from a thread of the pool, each op starts on that thread at once; called
+        // from the main thread, each one woke a worker and then slept until the pool was done.
+        // Measured on SmolLM2-135M, 120 greedy tokens, alternating: f32 32.2 → 35.8 tokens/s,
+        // from GGUF blocks 49.7 → 58.0 (medians). (Training steps, whose ops take milliseconds,
+        // showed no difference.)
+        Cmd::Generate(a) => rayon::ThreadPoolBuilder::new()
+            .build()
+            .context("starting the thread pool")?
+            .install(|| cmd_generate(a)),
         Cmd::Score(a) => cmd_score(a),
         Cmd::Sft(a) => cmd_sft(a),
         Cmd::Finetune(a) => cmd_finetune(a),
