@@ -114,11 +114,13 @@ pub fn tune_allocator() {
     }
 }
 
-/// Runs candle's remaining element-wise CPU ops (residual adds, the second contribution to a
-/// gradient) on the calling thread unless `CANDLE_NUM_THREADS` says otherwise. candle 0.11
-/// parallelises them on a pool of its own whose workers spin after every op, beside rayon's
-/// threads that run GEMM and the fused kernels; on the 2-core machine that spinning cost more
-/// than the ops it parallelised (gpt2 bench: median +2% tokens/s over 8 paired runs).
+/// Runs candle's remaining element-wise CPU ops on the calling thread unless
+/// `CANDLE_NUM_THREADS` says otherwise. candle 0.11 parallelises them on a pool of its own whose
+/// workers spin after every op, beside rayon's threads that run GEMM and the fused kernels; on
+/// the 2-core machine that spinning cost more than the ops it parallelised (gpt2 bench: median
+/// +2% tokens/s over 8 paired runs). The large ones of a training step run on rayon instead:
+/// the residual adds (`residual`) and the sum of two contributions to a gradient (the vendored
+/// candle's `par_add`).
 /// Call before any candle op, while the process has one thread.
 pub fn quiet_candle_pool() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
