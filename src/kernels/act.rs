@@ -12,7 +12,7 @@
 //! candle's own `gelu` computes x³ with `powf` and calls `tanhf`; here tanh u = 1 − 2/(e^{2u}+1)
 //! (exact in f32 to a few ulps, saturating correctly for large |u|).
 
-use super::{slice, uninit, vmath, CHUNK};
+use super::{map1, map2, slice, uninit, vmath, CHUNK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -122,13 +122,9 @@ impl CustomOp1 for Fwd {
         "lmforge-act"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        // SAFETY: written in full below before anything reads it.
-        let mut y = unsafe { uninit(x.len()) };
         let a = self.0;
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| fwd_chunk(a, x, y));
+        // SAFETY: fwd_chunk writes every element of its y.
+        let y = unsafe { map1(slice(s, l)?, |_, x, y| fwd_chunk(a, x, y)) };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -147,13 +143,13 @@ impl CustomOp2 for Bwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        // SAFETY: written in full below before anything reads it.
-        let mut dx = unsafe { uninit(x.len()) };
         let a = self.0;
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(d, (x, g))| bwd_chunk(a, x, g, d));
+        // SAFETY: bwd_chunk writes every element of its d.
+        let dx = unsafe {
+            map2(slice(s1, l1)?, slice(s2, l2)?, |x, g, d| {
+                bwd_chunk(a, x, g, d)
+            })?
+        };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -184,14 +180,13 @@ impl CustomOp2 for Gated {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, u) = (slice(s1, l1)?, slice(s2, l2)?);
-        same_len(x, u)?;
-        // SAFETY: written in full below before anything reads it.
-        let mut y = unsafe { uninit(x.len()) };
         let a = self.0;
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (x, u))| gated_fwd(a, x, u, y));
+        // SAFETY: gated_fwd writes every element of its y.
+        let y = unsafe {
+            map2(slice(s1, l1)?, slice(s2, l2)?, |x, u, y| {
+                gated_fwd(a, x, u, y)
+            })?
+        };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(

@@ -4,10 +4,9 @@
 //!
 //!   y = x ⊙ m / (1 − p),   m_i ~ Bernoulli(1 − p) from SplitMix64 keyed by (key, i)
 
-use super::{slice, uninit, CHUNK};
+use super::{map1, slice, CHUNK};
 use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 #[derive(Clone, Copy)]
 struct Op {
@@ -30,13 +29,8 @@ impl Op {
     }
 
     fn run(&self, x: &[f32]) -> Vec<f32> {
-        // SAFETY: written in full below before anything reads it.
-        let mut y = unsafe { uninit(x.len()) };
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (y, x))| self.apply(c * CHUNK, x, y));
-        y
+        // SAFETY: apply writes every element of its y.
+        unsafe { map1(x, |start, x, y| self.apply(start, x, y)) }
     }
 }
 

@@ -95,6 +95,46 @@ pub(crate) unsafe fn uninit(n: usize) -> Vec<f32> {
     v
 }
 
+/// `y = f(x)` element-wise in parallel, `CHUNK` elements per task: `f(start, x, y)` gets the
+/// offset of its chunk, its piece of x and the matching piece of y.
+///
+/// # Safety
+/// `f` must write every element of its `y` (the output is `uninit`).
+pub(crate) unsafe fn map1(
+    x: &[f32],
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    // SAFETY: the caller's contract; the chunks of y cover it.
+    let mut y = unsafe { uninit(x.len()) };
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (y, x))| f(c * CHUNK, x, y));
+    y
+}
+
+/// `y = f(a, b)` element-wise in parallel over two inputs of one length, `CHUNK` per task.
+///
+/// # Safety
+/// `f` must write every element of its `y` (the output is `uninit`).
+pub(crate) unsafe fn map2(
+    a: &[f32],
+    b: &[f32],
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync + Send,
+) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    if a.len() != b.len() {
+        candle_core::bail!("element-wise op: {} vs {} elements", a.len(), b.len());
+    }
+    // SAFETY: the caller's contract; the chunks of y cover it (a and b are as long as y).
+    let mut y = unsafe { uninit(a.len()) };
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| f(a, b, y));
+    Ok(y)
+}
+
 /// Makes glibc's malloc keep freed memory instead of returning it to the kernel after every
 /// large tensor: without this each op's output is fresh `mmap`ed pages that the kernel must
 /// zero (measured: ~15% of a training step in page faults and `clear_page`).

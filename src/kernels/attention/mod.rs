@@ -107,19 +107,27 @@ impl CustomOp3 for Fwd {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = Saved {
-            spec: self.spec,
-            starts: self.starts.clone(),
-            lse: take_lse(&self.lse)?,
-            out: out.contiguous()?,
-            grad: grad.contiguous()?,
-        };
+        let op = self.saved(out, grad)?;
         let flat = q.apply_op3_no_bwd(k, v, &op)?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let dq = flat.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = flat.narrow(0, nq, nk)?.reshape(k.shape())?;
         let dv = flat.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl Fwd {
+    /// What the backward op needs: the forward's log-sum-exp, its output and the output's
+    /// gradient.
+    fn saved(&self, out: &Tensor, grad: &Tensor) -> Result<Saved> {
+        Ok(Saved {
+            spec: self.spec,
+            starts: self.starts.clone(),
+            lse: take_lse(&self.lse)?,
+            out: out.contiguous()?,
+            grad: grad.contiguous()?,
+        })
     }
 }
 
@@ -210,13 +218,7 @@ impl CustomOp1 for Fwd {
     }
 
     fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = Saved {
-            spec: self.spec,
-            starts: self.starts.clone(),
-            lse: take_lse(&self.lse)?,
-            out: out.contiguous()?,
-            grad: grad.contiguous()?,
-        };
+        let op = self.saved(out, grad)?;
         Ok(Some(qkv.apply_op1_no_bwd(&op)?))
     }
 }
