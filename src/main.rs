@@ -574,12 +574,7 @@ fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
 fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
     let t0 = std::time::Instant::now();
-    let mut m = hf::load(&a.model, &dev, &|_| true)?;
-    let gguf = a.model.extension().is_some_and(|e| e == "gguf");
-    if !a.dequantize && gguf && matches!(dev, candle_core::Device::Cpu) {
-        let g = lmforge::model::gguf::GgufFile::open(&a.model)?;
-        lmforge::model::gguf::llama::attach_quantized(&mut m.model, &g)?;
-    }
+    let mut m = hf::load_with_blocks(&a.model, &dev, &|_| true, !a.dequantize)?;
     if let Some(dir) = &a.adapter {
         let switch = lmforge::peft::AdapterSwitch::default();
         lmforge::peft::lora::load(dir, &mut m.model, &mut m.store, &switch)

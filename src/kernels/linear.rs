@@ -13,7 +13,7 @@
 //! at 20 tok/s through candle's matmul, 32 tok/s here). The GEMV reads every weight row once,
 //! straight from where it lies, and dots it with all m input rows while it is in L1.
 
-use super::{slice, sum_partials, uninit, CHUNK};
+use super::{rows_per_task, slice, sum_partials, uninit, CHUNK};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -178,26 +178,6 @@ pub(crate) unsafe fn gemm_into(
     }
 }
 
-/// A vector of `n` floats written in full by `fill` before it is read. On x86-64 the memory is
-/// not zeroed first: the `gemm` crate's x86 kernels never read the destination when told not
-/// to. Elsewhere (its AArch64 AMX kernel copies the destination first) it is zeroed.
-fn filled(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let mut v = vec![0f32; n];
-        fill(v.as_mut_ptr());
-        v
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut v = Vec::<f32>::with_capacity(n);
-        fill(v.as_mut_ptr());
-        // SAFETY: `fill` wrote all n elements (each caller's GEMM covers its whole output).
-        unsafe { v.set_len(n) };
-        v
-    }
-}
-
 /// y (m, n) = x (m, k) · Wᵀ + b, on slices: shared by the linear and LoRA ops.
 pub(crate) fn forward(
     x: &[f32],
@@ -237,18 +217,20 @@ pub(crate) fn forward(
         Some(b) => {
             // SAFETY: written in full below before anything reads it.
             let mut y = unsafe { uninit(m * n) };
-            let rows = (CHUNK / n.max(1)).max(1) * n;
-            y.par_chunks_mut(rows.max(1)).for_each(|o| {
+            y.par_chunks_mut(rows_per_task(n) * n).for_each(|o| {
                 o.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
             });
             // SAFETY: y is (m, n); the lengths of x and W were checked against (m, k, n).
             unsafe { gemm_into(y.as_mut_ptr(), (m, n, k), true, x, wt(w, layout, k, n)) };
             y
         }
-        // SAFETY: as above, into the m·n floats being filled.
-        None => filled(m * n, |dst| unsafe {
-            gemm_into(dst, (m, n, k), false, x, wt(w, layout, k, n))
-        }),
+        None => {
+            // SAFETY: the GEMM writes all m·n floats without reading them (accumulate =
+            // false); operands as above.
+            let mut y = unsafe { uninit(m * n) };
+            unsafe { gemm_into(y.as_mut_ptr(), (m, n, k), false, x, wt(w, layout, k, n)) };
+            y
+        }
     })
 }
 
@@ -422,9 +404,13 @@ impl CustomOp3 for Grads {
             rs: n,
             cs: 1,
         };
-        // SAFETY: the parts are disjoint ranges of the len floats being filled, each GEMM's
-        // operands checked against (m, k, n) above.
-        let flat = filled(len, |dst| unsafe {
+        // SAFETY: the wanted parts below cover all len floats (GEMMs with accumulate = false
+        // and the column sums write their whole ranges).
+        let mut flat = unsafe { uninit(len) };
+        let dst = flat.as_mut_ptr();
+        // SAFETY: the parts are disjoint ranges of `flat`, each GEMM's operands checked
+        // against (m, k, n) above.
+        unsafe {
             let mut at = 0;
             if self.dx {
                 // dx (m, k) = dy (m, n) · W (n, k)
@@ -461,7 +447,7 @@ impl CustomOp3 for Grads {
                 let sums = column_sums(g, n);
                 std::ptr::copy_nonoverlapping(sums.as_ptr(), dst.add(at), n);
             }
-        });
+        }
         Ok((CpuStorage::F32(flat), Shape::from(len)))
     }
 }
@@ -469,7 +455,7 @@ impl CustomOp3 for Grads {
 /// Σ over rows of g (rows × n), parallel over row blocks (candle's broadcast backward reduces
 /// over the rows on one thread with a strided walk).
 fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
-    let rows = (CHUNK / n.max(1)).max(1) * n;
+    let rows = rows_per_task(n) * n;
     let parts = g.par_chunks(rows.max(1)).map(|g| {
         let mut acc = vec![0f32; n];
         for r in g.chunks(n) {

@@ -77,6 +77,11 @@ pub(crate) fn sum_partials(
 /// Elements per rayon task for element-wise work: large enough to amortise scheduling.
 pub(crate) const CHUNK: usize = 1 << 14;
 
+/// Rows of `row_len` elements per rayon task: about `CHUNK` elements, at least one row.
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    (CHUNK / row_len.max(1)).max(1)
+}
+
 /// `n` floats for an output that the caller writes in full before anything reads it.
 ///
 /// `vec![0f32; n]` is `calloc`, and since `tune_allocator` keeps freed memory, that is a

@@ -10,7 +10,7 @@
 //! single-threaded reductions, above all the column sums for dw and db in the backward. The
 //! backward recomputes μ and r from x (one read of x) instead of keeping them.
 
-use super::{slice, sum_partials, uninit, vmath, CHUNK};
+use super::{rows_per_task, slice, sum_partials, uninit, vmath};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -34,10 +34,6 @@ fn stats(x: &[f32], kind: Kind, eps: f32) -> (f32, f32) {
             (0.0, 1.0 / (ms + eps).sqrt())
         }
     }
-}
-
-fn rows_per_task(c: usize) -> usize {
-    (CHUNK / c.max(1)).max(1)
 }
 
 /// Normalises the rows of x (each `w.len()` long) into y.

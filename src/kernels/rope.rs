@@ -9,7 +9,7 @@
 //! products and an add) makes six activation-sized tensors per call and as many again in the
 //! backward, for q and k in every layer. The tables are constants: they get no gradient.
 
-use super::{slice, uninit, with_slice, CHUNK};
+use super::{rows_per_task, slice, uninit, with_slice};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -37,7 +37,7 @@ impl Op {
         }
         let half = d / 2;
         let row = h * d; // one (b, t) position
-        let per_task = (CHUNK / row.max(1)).max(1) * row;
+        let per_task = rows_per_task(row) * row;
         // SAFETY: written in full below before anything reads it.
         let mut y = unsafe { uninit(x.len()) };
         with_slice(&self.cos, |cos| {

@@ -8,7 +8,7 @@
 //! five (N, V) tensors on the way forward and as many again backward: with the llama bench's
 //! 4096-token vocabulary that is 32 MiB each per step.
 
-use super::{slice, uninit, vmath, CHUNK};
+use super::{rows_per_task, slice, uninit, vmath};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -33,11 +33,6 @@ fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, n: usize, v: usize) -> Result<&
         bail!("fused cross-entropy: target id {bad} is outside the vocabulary of {v}");
     }
     Ok(t)
-}
-
-/// Rows per rayon task: about `CHUNK` elements.
-fn rows_per_task(v: usize) -> usize {
-    (CHUNK / v.max(1)).max(1)
 }
 
 impl CustomOp2 for Fwd {

@@ -175,19 +175,19 @@ impl Attention {
             && ctx.cache.is_none()
             && ctx.prefix.is_none()
             && ctx.key_padding.is_none();
+        let spec = |prefix: usize, past: usize| crate::kernels::attention::Spec {
+            scale: scale as f32,
+            prefix,
+            past,
+            window: self.window,
+        };
+        let starts = || ctx.packing.map(|p| p.starts.clone());
         // (B, T, n, hd) views of the projections: no transposes, no copies.
         let (mut q, mut k, mut v) = match &self.qkv {
             Qkv::Fused(l) => {
                 let y = l.forward(x)?.reshape((bsz, t, 3, nh, hd))?;
                 if plain && crate::kernels::fusable(&[&y]) {
-                    let spec = crate::kernels::attention::Spec {
-                        scale: scale as f32,
-                        prefix: 0,
-                        past: 0,
-                        window: self.window,
-                    };
-                    let starts = ctx.packing.map(|p| p.starts.clone());
-                    let y = crate::kernels::attention::attention_qkv(&y, spec, starts)?; // (B, T, H, hd)
+                    let y = crate::kernels::attention::attention_qkv(&y, spec(0, 0), starts())?; // (B, T, H, hd)
                     return self.o.forward(&y.reshape((bsz, t, nh * hd))?);
                 }
                 let part = |i: usize| -> Result<Tensor> { Ok(y.narrow(2, i, 1)?.squeeze(2)?) };
@@ -232,14 +232,8 @@ impl Attention {
             None => 0,
         };
         let y = if ctx.key_padding.is_none() && crate::kernels::fusable(&[&q, &k, &v]) {
-            let spec = crate::kernels::attention::Spec {
-                scale: scale as f32,
-                prefix: n_prefix,
-                past: ctx.past,
-                window: self.window,
-            };
-            let starts = ctx.packing.map(|p| p.starts.clone());
-            crate::kernels::attention::attention_packed(&q, &k, &v, spec, starts)?
+            let spec = spec(n_prefix, ctx.past);
+            crate::kernels::attention::attention_packed(&q, &k, &v, spec, starts())?
         // (B, T, H, hd)
         } else {
             self.composite(&q, &k, &v, n_prefix, ctx)?

@@ -390,13 +390,9 @@ impl DecoderModel {
                 let n = h.elem_count() / c;
                 let (h2, w) = (h.reshape((n, c))?, &self.wte.weight);
                 let q = self.wte.quant.as_deref();
-                let y = if let Some(y) = super::layers::quantized_xwt(q, w, &h2, None)? {
-                    y
-                } else if w.is_contiguous() && crate::kernels::fusable(&[&h2, w]) {
-                    use crate::kernels::linear::{linear, WeightLayout};
-                    linear(&h2, w, WeightLayout::OutIn)?
-                } else {
-                    h2.matmul(&w.t()?)?
+                let y = match super::layers::quantized_xwt(q, w, &h2, None)? {
+                    Some(y) => y,
+                    None => super::layers::xwt(&h2, w)?,
                 };
                 let mut out = dims;
                 *out.last_mut().expect("h has a hidden dimension") = self.cfg.vocab_size;

@@ -44,11 +44,25 @@ impl LoadedModel {
 
 /// Loads a model from an HF directory or a `.gguf` file.
 pub fn load(path: &Path, dev: &Device, frozen: &dyn Fn(&str) -> bool) -> Result<LoadedModel> {
+    load_with_blocks(path, dev, frozen, false)
+}
+
+/// `load`, and with `blocks` a `.gguf` model on the CPU also keeps its Q4_0/Q4_1/Q8_0 blocks
+/// for decoding (`gguf::llama::attach_quantized`), read from the file already opened.
+pub fn load_with_blocks(
+    path: &Path,
+    dev: &Device,
+    frozen: &dyn Fn(&str) -> bool,
+    blocks: bool,
+) -> Result<LoadedModel> {
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         let g = GgufFile::open(path)?;
         let m = gguf::llama::load(&g)?;
         let mut store = ParamStore::new(dev.clone());
-        let model = DecoderModel::load(&m.cfg, &mut store, &m.weights, frozen)?;
+        let mut model = DecoderModel::load(&m.cfg, &mut store, &m.weights, frozen)?;
+        if blocks && matches!(dev, Device::Cpu) {
+            gguf::llama::attach_quantized(&mut model, &g)?;
+        }
         Ok(LoadedModel {
             model,
             store,

@@ -325,7 +325,7 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// The residual connection `x + f(x)`: one parallel fused op where it applies.
 pub fn residual(x: &Tensor, fx: &Tensor) -> Result<Tensor> {
-    if x.shape() == fx.shape() && crate::kernels::fusable(&[x, fx]) {
+    if crate::kernels::fusable(&[x, fx]) {
         return Ok(crate::kernels::residual::add(x, fx)?);
     }
     Ok((x + fx)?)

@@ -137,6 +137,18 @@ pub fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
 }
 
 /// Reads a llama-architecture GGUF file: config, dequantized weights under HF names, tokenizer.
+/// The head count whose rows llama.cpp permuted in this (HF-named) weight: q and k projections.
+/// One rule for the f32 weights and for the blocks kept for decoding, which must match.
+fn permuted_heads(hf_name: &str, n_heads: usize, n_kv_heads: usize) -> Option<usize> {
+    if hf_name.contains("self_attn.q_proj") {
+        Some(n_heads)
+    } else if hf_name.contains("self_attn.k_proj") {
+        Some(n_kv_heads)
+    } else {
+        None
+    }
+}
+
 pub fn load(g: &GgufFile) -> Result<GgufModel> {
     let cfg = config(g)?;
     let file = g.path.display().to_string();
@@ -149,11 +161,8 @@ pub fn load(g: &GgufFile) -> Result<GgufModel> {
             );
         };
         let mut w = g.dequantize(t)?;
-        if name.contains("self_attn.q_proj") {
-            w = unpermute_rows(&w, cfg.num_heads).with_context(|| format!("{file}: {}", t.name))?;
-        } else if name.contains("self_attn.k_proj") {
-            w = unpermute_rows(&w, cfg.num_kv_heads)
-                .with_context(|| format!("{file}: {}", t.name))?;
+        if let Some(h) = permuted_heads(&name, cfg.num_heads, cfg.num_kv_heads) {
+            w = unpermute_rows(&w, h).with_context(|| format!("{file}: {}", t.name))?;
         }
         tensors.insert(name, w);
     }
@@ -192,14 +201,7 @@ pub fn attach_quantized(model: &mut DecoderModel, g: &GgufFile) -> Result<usize>
         if lin.layout != Layout::OutIn || (q.rows(), q.cols()) != (lin.out_dim, lin.in_dim) {
             continue;
         }
-        let heads = if lin.name.ends_with("q_proj") {
-            Some(nh)
-        } else if lin.name.ends_with("k_proj") {
-            Some(nkv)
-        } else {
-            None
-        };
-        if let Some(h) = heads {
+        if let Some(h) = permuted_heads(&lin.name, nh, nkv) {
             let Some(u) = q.unpermute_rows(h) else {
                 continue;
             };
