@@ -19,7 +19,6 @@ pub mod linear;
 pub mod lora;
 pub mod norm;
 pub mod qgemv;
-pub mod residual;
 pub mod rope;
 pub mod vmath;
 pub mod xent;
@@ -159,13 +158,12 @@ pub fn tune_allocator() {
     }
 }
 
-/// Runs candle's remaining element-wise CPU ops on the calling thread unless
-/// `CANDLE_NUM_THREADS` says otherwise. candle 0.11 parallelises them on a pool of its own whose
-/// workers spin after every op, beside rayon's threads that run GEMM and the fused kernels; on
-/// the 2-core machine that spinning cost more than the ops it parallelised (gpt2 bench: median
-/// +2% tokens/s over 8 paired runs). The large ones of a training step run on rayon instead:
-/// the residual adds (`residual`) and the sum of two contributions to a gradient (the vendored
-/// candle's `par_add`).
+/// Gives candle's own CPU thread pool no threads unless `CANDLE_NUM_THREADS` says otherwise.
+/// candle 0.11 runs its element-wise ops on a pool whose workers spin after every op, beside
+/// rayon's threads that run GEMM and the fused kernels; on the 2-core machine that spinning
+/// cost more than the ops it parallelised (gpt2 bench: median +2% tokens/s over 8 paired runs).
+/// The vendored candle runs those ops on rayon's pool instead (`vendor/README.md`); its own
+/// pool is left to callers of `BarrierPool::execute` (AArch64 quantized kernels).
 /// Call before any candle op, while the process has one thread.
 pub fn quiet_candle_pool() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {

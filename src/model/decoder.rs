@@ -10,7 +10,7 @@
 pub use super::attention::KvCache;
 use super::attention::{Attention, LayerCtx};
 use super::config::{Family, ModelConfig};
-use super::layers::{activate, gated, residual, Builder, Embedding, Layout, Linear, Norm, Rope};
+use super::layers::{activate, gated, Builder, Embedding, Layout, Linear, Norm, Rope};
 use super::loader::WeightSource;
 pub use super::packing::Packing;
 use super::params::{ParamStore, Source};
@@ -150,8 +150,8 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, ctx: &mut LayerCtx) -> Result<Tensor> {
-        let h = residual(x, &self.attn.forward(&self.norm1.forward(x)?, ctx)?)?;
-        residual(&h, &self.mlp.forward(&self.norm2.forward(&h)?)?)
+        let h = (x + self.attn.forward(&self.norm1.forward(x)?, ctx)?)?;
+        Ok((&h + self.mlp.forward(&self.norm2.forward(&h)?)?)?)
     }
 }
 

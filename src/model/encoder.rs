@@ -9,7 +9,7 @@
 //! Attention is the composite (explicit scores + padding mask): the fused kernel is causal-only.
 
 use super::config::Activation;
-use super::layers::{activate, residual, softmax_last, Builder, Embedding, Layout, Linear, Norm};
+use super::layers::{activate, softmax_last, Builder, Embedding, Layout, Linear, Norm};
 use super::loader::WeightSource;
 use super::params::{Init, ParamKind, ParamStore, Source};
 use anyhow::{bail, Context, Result};
@@ -192,11 +192,11 @@ impl EncoderLayer {
         }
         let y = softmax_last(&att)?.matmul(&v)?; // (B, H, T, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?;
-        let x = self.ln1.forward(&residual(x, &self.o.forward(&y)?)?)?;
+        let x = self.ln1.forward(&(x + self.o.forward(&y)?)?)?;
         let f = self
             .out
             .forward(&activate(&self.fc.forward(&x)?, self.act)?)?;
-        self.ln2.forward(&residual(&x, &f)?)
+        self.ln2.forward(&(x + f)?)
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {

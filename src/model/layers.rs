@@ -323,14 +323,6 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     activate_composite(x, act)
 }
 
-/// The residual connection `x + f(x)`: one parallel fused op where it applies.
-pub fn residual(x: &Tensor, fx: &Tensor) -> Result<Tensor> {
-    if crate::kernels::fusable(&[x, fx]) {
-        return Ok(crate::kernels::residual::add(x, fx)?);
-    }
-    Ok((x + fx)?)
-}
-
 /// `act(x) ⊙ u`, the gated MLP's product: one fused op where it applies.
 pub fn gated(x: &Tensor, u: &Tensor, act: Activation) -> Result<Tensor> {
     if let Some(a) = fused_act(act).filter(|_| crate::kernels::fusable(&[x, u])) {

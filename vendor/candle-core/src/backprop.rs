@@ -16,44 +16,6 @@ fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result
     }
 }
 
-/// `a + b` for a gradient that is stored detached: contiguous f32 CPU tensors of 64k elements
-/// or more are summed on rayon's pool, everything else by `Tensor::add`. (lmforge patch, see
-/// vendor/README.md: lmforge runs candle's own element-wise pool with one thread, so `add`
-/// would sum activation-sized gradients on one core while the other waits.)
-fn par_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    use crate::{CpuStorage, DType, Storage};
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 14;
-    let n = a.elem_count();
-    if a.shape() == b.shape() && a.dtype() == DType::F32 && b.dtype() == DType::F32 && n >= 1 << 16
-    {
-        let (sa, la) = a.storage_and_layout();
-        let (sb, lb) = b.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb)
-        {
-            if let (Some((a0, a1)), Some((b0, b1))) =
-                (la.contiguous_offsets(), lb.contiguous_offsets())
-            {
-                let (x, y) = (&va[a0..a1], &vb[b0..b1]);
-                let mut out: Vec<f32> = Vec::with_capacity(n);
-                // SAFETY: f32 has no invalid bit patterns and the loop below writes all n
-                // elements (the chunks of `out`, `x` and `y` line up, each of length n).
-                unsafe { out.set_len(n) };
-                out.par_chunks_mut(CHUNK)
-                    .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                    .for_each(|(o, (x, y))| {
-                        for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
-                            *o = x + y;
-                        }
-                    });
-                drop((sa, sb));
-                return Tensor::from_vec(out, a.shape(), a.device());
-            }
-        }
-    }
-    a.add(b)
-}
-
 thread_local! {
     static CANDLE_GRAD_DO_NOT_DETACH: bool = {
         match std::env::var("CANDLE_GRAD_DO_NOT_DETACH") {
@@ -779,11 +741,7 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
-                    entry.get().add(grad)?
-                } else {
-                    par_add(entry.get(), grad)?
-                };
+                let sum = entry.get().add(grad)?;
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {

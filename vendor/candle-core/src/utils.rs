@@ -291,52 +291,41 @@ impl BarrierPool {
         // _guard drops here, waiting for root workers.
     }
 
-    // Uniform, short work units can avoid shared-cursor contention by assigning
-    // one contiguous range per thread.
+    // lmforge patch (see vendor/README.md): the chunked entry points run on rayon's current
+    // pool, the one lmforge's GEMMs and fused kernels use, instead of candle's own pool, whose
+    // workers spun after every op beside rayon's. Each range writes its own outputs, so
+    // results do not depend on how the ranges fall.
     pub(crate) fn execute_static<F: Fn(std::ops::Range<usize>) + Sync>(
         &self,
         n_items: usize,
         f: F,
     ) {
-        if n_items == 0 {
-            return;
-        }
-        if IN_BARRIER_POOL.with(|f| f.get()) {
-            f(0..n_items);
-            return;
-        }
-        let chunk = n_items.div_ceil(self.threads.len() + 1);
-        self.execute(|tid| {
-            let start = tid * chunk;
-            if start < n_items {
-                f(start..n_items.min(start + chunk));
-            }
-        });
+        on_rayon(n_items, n_items.div_ceil(rayon::current_num_threads()), f)
     }
 
-    // Static per-tid slices make every op wait for the slowest thread; a shared cursor
-    // lets fast threads absorb a straggler's work instead of spinning at the barrier.
     pub fn execute_chunked<F: Fn(std::ops::Range<usize>) + Sync>(&self, n_items: usize, f: F) {
-        if n_items == 0 {
-            return;
-        }
-        // nested use from a worker would deadlock on the call lock; run inline instead
-        if IN_BARRIER_POOL.with(|f| f.get()) {
-            f(0..n_items);
-            return;
-        }
-        let n_threads = self.threads.len() + 1;
-        // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
-        let chunk = n_items.div_ceil(n_threads * 8).max(1);
-        let cursor = AtomicUsize::new(0);
-        self.execute(|_| loop {
-            let start = cursor.fetch_add(chunk, Ordering::Relaxed);
-            if start >= n_items {
-                break;
-            }
-            f(start..n_items.min(start + chunk));
-        });
+        // ~8 grabs per thread balance a straggler against the cost of scheduling
+        on_rayon(
+            n_items,
+            n_items.div_ceil(rayon::current_num_threads() * 8),
+            f,
+        )
     }
+}
+
+/// `f` over `0..n_items` in ranges of `chunk`, as rayon tasks (inline when one range).
+fn on_rayon<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, chunk: usize, f: F) {
+    use rayon::prelude::*;
+    if n_items == 0 {
+        return;
+    }
+    let chunk = chunk.max(1);
+    if chunk >= n_items {
+        return f(0..n_items);
+    }
+    (0..n_items.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
 }
 
 impl Drop for BarrierPool {
