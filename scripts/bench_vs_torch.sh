@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One training step (forward, backward, AdamW) of the same small decoder in lmforge and in PyTorch,
-# run alternately on this machine so both sides see the same load; prints each run and the medians.
+# One training step (forward, backward, AdamW) of the same small decoder in lmforge (`lmforge bench`)
+# and in PyTorch (scripts/torch_reference.py), run alternately on this machine so both sides see the
+# same load; prints each run, the medians and the per-round paired ratios. Results: docs/benchmarks.md.
 #
 #   scripts/bench_vs_torch.sh [ROUNDS] [CONFIG...]      CONFIG: gpt2 | llama  (default: both)
 #
@@ -21,8 +22,9 @@ done
 [ -n "$py" ] || { echo "error: no Python with torch (set TORCH_PY or create .venv-torchref)" >&2; exit 2; }
 bin=target/release/lmforge
 [ -x "$bin" ] || { echo "error: $bin missing: run cargo build --release" >&2; exit 2; }
-ref=../shared/bench/torch_reference.py
-[ -f "$ref" ] || ref=${TORCH_REFERENCE:?set TORCH_REFERENCE to torch_reference.py}
+# The PyTorch side: scripts/torch_reference.py (TORCH_REFERENCE=FILE runs another script instead).
+ref=${TORCH_REFERENCE:-scripts/torch_reference.py}
+[ -f "$ref" ] || { echo "error: $ref missing" >&2; exit 2; }
 
 flags_for() {
     case $1 in

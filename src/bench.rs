@@ -1,6 +1,8 @@
 //! `lmforge bench`: times full training steps (forward, backward, AdamW) of a randomly
 //! initialised decoder on random tokens, with the same flags and meaning as
-//! `shared/bench/torch_reference.py` (untied output head, AdamW lr 1e-3, wd 0.01, β₂ 0.999).
+//! `scripts/torch_reference.py` (untied output head, AdamW lr 1e-3, wd 0.01, β₂ 0.999).
+//! The step timed is the training engine's own (`Trainer::step`, as every method runs it), with
+//! the causal-LM loss of `pretrain`; clipping is off, as in the PyTorch reference.
 //!
 //! tokens_per_s = batch·seq / median step time, first step excluded. `--lora R` trains LoRA
 //! adapters of rank R on every linear layer but the head, with the base frozen (the same FLOP
@@ -8,14 +10,15 @@
 //! gflops_per_s counts 6·(matmul parameters)·tokens plus 12·L·T²·d·B for attention scores and
 //! values as computed (the full T×T, masked half included).
 
+use crate::data::Batch;
 use crate::model::config::ModelConfig;
 use crate::model::params::Source;
 use crate::model::{DecoderModel, ParamStore};
 use crate::rng::Rng;
-use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::pretrain::lm_step;
+use crate::train::engine::{peak_rss_mib, Local, Method, Schedule, TrainConfig, Trainer};
+use crate::train::pretrain::causal::window_loss;
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -69,29 +72,36 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
         let sw = crate::peft::AdapterSwitch::default();
         crate::peft::lora::attach(&mut model, &mut store, &c, None, 0, &sw)?;
     }
-    let mut opt = AdamW::new(&store, AdamWConfig::with_weight_decay(0.01))?;
+    let tc = TrainConfig {
+        max_steps: a.steps as u64,
+        batch_size: a.batch,
+        lr: 1e-3,
+        min_lr: 1e-3,
+        schedule: Schedule::Constant,
+        weight_decay: 0.01,
+        grad_clip: 0.0,
+        ..TrainConfig::base()
+    };
+    let mut m = RandomTokens {
+        model,
+        store,
+        vocab: a.vocab,
+        seq: a.seq,
+    };
+    let mut trainer = Trainer::new(&m, tc)?;
     let mut times = Vec::new();
     let mut loss = 0f32;
     for step in 0..a.steps {
-        let mut rng = Rng::keyed(&[step as u64, 0xBE4C]);
-        let n = a.batch * a.seq;
-        let x: Vec<u32> = (0..n).map(|_| rng.below(a.vocab as u64) as u32).collect();
-        let y: Vec<u32> = (0..n).map(|_| rng.below(a.vocab as u64) as u32).collect();
-        let b = crate::data::Batch {
-            x,
-            y,
-            batch: a.batch,
-        };
         let t0 = Instant::now();
-        let (l, grads) = lm_step(&model, &store, &b, 1)?;
-        opt.step(&store, &grads, 1e-3)?;
+        let s = trainer.step(&mut m, &mut Local)?;
         // Make sure queued device work is finished before the clock stops.
         dev.synchronize()?;
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
-        loss = l;
+        loss = s.loss;
     }
+    let (model, store) = (m.model, m.store);
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     let matmul_params: usize = model.linears().iter().map(|l| l.in_dim * l.out_dim).sum();
@@ -113,16 +123,47 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
     }))
 }
 
-/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
-pub fn peak_rss_mib() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return 0.0;
-    };
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
-        .unwrap_or(0.0)
+/// Random tokens as a training method: each draw is one sequence of random inputs and targets.
+struct RandomTokens {
+    model: DecoderModel,
+    store: ParamStore,
+    vocab: usize,
+    seq: usize,
+}
+
+impl Method for RandomTokens {
+    type Batch = Batch;
+
+    fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    fn epoch_len(&self) -> Option<usize> {
+        None
+    }
+
+    fn batch(&mut self, draws: &[usize]) -> Result<Batch> {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for &d in draws {
+            let mut rng = Rng::keyed(&[d as u64, 0xBE4C]);
+            let v = self.vocab as u64;
+            x.extend((0..self.seq).map(|_| rng.below(v) as u32));
+            y.extend((0..self.seq).map(|_| rng.below(v) as u32));
+        }
+        Ok(Batch {
+            x,
+            y,
+            batch: draws.len(),
+        })
+    }
+
+    fn units(&self, b: &Batch) -> usize {
+        b.x.len()
+    }
+
+    fn loss(&mut self, b: &Batch) -> Result<Tensor> {
+        window_loss(&self.model, b)
+    }
 }
 
 /// GEMM throughput on the training step's shapes for this configuration: candle's matmul (the

@@ -55,3 +55,21 @@ pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     s.push('\n');
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
+
+/// A test-only crash point: with `LMFORGE_TEST_ABORT=NAME:K` in the environment, the K-th time
+/// the process passes the point NAME it aborts (as `kill -9` would, mid-write). Nothing happens
+/// without the variable.
+pub fn abort_point(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PASSES: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("LMFORGE_TEST_ABORT") else {
+        return;
+    };
+    let Some((n, k)) = spec.split_once(':') else {
+        return;
+    };
+    if n == name && k.parse::<u64>().ok() == Some(PASSES.fetch_add(1, Ordering::SeqCst) + 1) {
+        eprintln!("LMFORGE_TEST_ABORT: aborting at {name} pass {k}");
+        std::process::abort();
+    }
+}

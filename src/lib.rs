@@ -5,12 +5,15 @@
 //! - `model`: the decoder (GPT-2 and Llama families), its parameters and HF directories;
 //! - `losses`: losses as pure functions;
 //! - `peft`: one module per parameter-efficient method (`lora`), attached to `Linear` layers;
-//! - `train`: one module per training method (`pretrain`, `sft`, …) plus optimizer and checkpoints;
+//! - `train`: the training engine (loop, checkpoints, options) and one module per method
+//!   (`pretrain`, `sft`, `finetune`);
+//! - `config`: options from flags, TOML configs and `--set`, one schema;
 //! - `generate`: sampling with a KV cache; `eval`: scoring;
 //! - `bench`: the training-step benchmark.
 
 pub mod bench;
 pub mod chat;
+pub mod config;
 pub mod data;
 pub mod eval;
 pub mod fsutil;
@@ -19,7 +22,6 @@ pub mod kernels;
 pub mod losses;
 pub mod model;
 pub mod peft;
-pub mod recipe;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

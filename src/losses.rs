@@ -1,6 +1,6 @@
 //! Losses as pure functions of tensors, shared by every training method.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
 /// log softmax over the last dimension; the max shift is detached (its gradient is zero).
@@ -32,15 +32,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(gather_logprobs(logits, targets)?.neg()?.mean_all()?)
 }
 
-/// Cross-entropy averaged over positions whose `weights` (N, f32) are non-zero, e.g. only the
-/// completion tokens of SFT. Errors when every weight is zero: an all-masked batch would
-/// otherwise train on nothing while reporting a loss.
-pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let w = weights.to_dtype(DType::F32)?;
-    let total = w.sum_all()?.to_scalar::<f32>()?;
-    if total <= 0.0 {
-        bail!("every target of this batch is masked out; nothing to learn from");
-    }
-    let nll = gather_logprobs(logits, targets)?.neg()?;
-    Ok(((nll * w)?.sum_all()? / total as f64)?)
+/// Summed negative log-likelihood of the targets: logits (N, V), targets (N) u32. Methods
+/// return sums; the engine divides by the step's total count.
+pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(gather_logprobs(logits, targets)?.neg()?.sum_all()?)
 }

@@ -1,15 +1,21 @@
 //! The `lmforge` command line: one subcommand per pipeline stage.
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use lmforge::bench::{self, BenchArgs};
 use lmforge::chat::Message;
+use lmforge::config::{self, Base};
 use lmforge::data::{collect_sources, Pieces};
 use lmforge::eval::score::score_ids;
 use lmforge::generate::{generate, Sampling, Stop};
 use lmforge::model::hf;
-use lmforge::recipe::Recipe;
-use lmforge::train::{checkpoint, pretrain};
+use lmforge::train::engine::{self, checkpoint, Control, Outcome, RunArgs};
+use lmforge::train::finetune::FinetuneOptions;
+use lmforge::train::pretrain::{self, PretrainOptions};
+use lmforge::train::sft::SftOptions;
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,8 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Causal-LM pre-training (with no flags: the default recipe on the bundled corpus).
-    Pretrain(PretrainArgs),
+    /// Pre-training, causal or masked LM (with no flags: the default recipe on the bundled corpus).
+    Pretrain(Train<PretrainOptions>),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
@@ -42,172 +48,22 @@ enum Cmd {
     Convert(ConvertArgs),
     /// Supervised fine-tuning on prompt/completion pairs, chat conversations or text (JSONL),
     /// in full or with LoRA.
-    Sft(SftArgs),
+    Sft(Train<SftOptions>),
     /// Fine-tune a task head on an encoder (BERT) or a decoder, in full or with LoRA.
-    Finetune(FinetuneArgs),
+    Finetune(Train<FinetuneOptions>),
     /// Fold a LoRA adapter (PEFT directory) into its base model and write a plain HF directory.
     Merge(MergeArgs),
-    /// Time full training steps on random tokens (compare with shared/bench/torch_reference.py).
+    /// Time full training steps on random tokens (compare with scripts/torch_reference.py).
     Bench(BenchCli),
 }
 
-/// What `sft` and `finetune` share: PEFT, merging, the forgetting report, device, output.
+/// A training subcommand: the method's options (its flags and config keys) and the run flags.
 #[derive(Args)]
-struct TuneArgs {
-    /// Parameter-efficient method.
-    #[arg(long, value_enum)]
-    peft: Option<PeftKind>,
+struct Train<T: Args> {
     #[command(flatten)]
-    lora: LoraArgs,
-    /// With --peft: also write the merged model to OUT/model.
-    #[arg(long)]
-    merge: bool,
-    /// Decoders: a text file whose perplexity is reported before and after fine-tuning.
-    #[arg(long)]
-    forgetting_eval: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long)]
-    quiet: bool,
-}
-
-#[derive(Args)]
-struct SftArgs {
-    /// Base model: an HF directory or a .gguf file.
-    #[arg(long)]
-    model: PathBuf,
-    /// JSONL: {"prompt","completion"}, {"messages":[{"role","content"}...]} or {"text"} per line.
-    #[arg(long)]
-    data: PathBuf,
-    /// Output directory: metrics.jsonl and model/ (full fine-tune) or adapter/ (LoRA).
-    #[arg(long, default_value = "runs/sft")]
-    out: PathBuf,
-    #[arg(long, default_value_t = 1)]
-    epochs: usize,
-    /// Optimizer steps (overrides --epochs).
-    #[arg(long)]
-    max_steps: Option<u64>,
-    /// Peak learning rate (default 2e-5 full, 2e-4 LoRA).
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Examples are truncated to this many tokens (capped at the model's context).
-    #[arg(long, default_value_t = 1024)]
-    max_len: usize,
-    #[arg(long, default_value_t = 0)]
-    warmup_steps: u64,
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
-    grad_clip: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Put prompt / user / system tokens in the loss too.
-    #[arg(long)]
-    train_on_prompt: bool,
-    /// Pack several examples into each sequence (no attention across examples).
-    #[arg(long)]
-    packing: bool,
-    /// A Jinja chat template file, instead of the model's own.
-    #[arg(long)]
-    chat_template: Option<PathBuf>,
+    opts: T,
     #[command(flatten)]
-    tune: TuneArgs,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PeftKind {
-    Lora,
-}
-
-/// LoRA's flags, shared by every fine-tuning command.
-#[derive(Args)]
-struct LoraArgs {
-    #[arg(long, default_value_t = 8)]
-    lora_r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
-    #[arg(long, default_value_t = 0.05)]
-    lora_dropout: f32,
-    /// Comma-separated module names (q_proj,v_proj) or all-linear.
-    #[arg(long, default_value = "all-linear")]
-    target_modules: String,
-    /// LoRA scaling α/√r instead of α/r.
-    #[arg(long)]
-    use_rslora: bool,
-}
-
-fn lora_config(
-    peft: Option<PeftKind>,
-    a: &LoraArgs,
-    merge: bool,
-) -> Result<Option<lmforge::peft::lora::LoraConfig>> {
-    use lmforge::peft::lora::{LoraConfig, Targets};
-    let cfg = match peft {
-        Some(PeftKind::Lora) => Some(LoraConfig {
-            r: a.lora_r,
-            alpha: a.lora_alpha,
-            dropout: a.lora_dropout,
-            targets: Targets::parse(&a.target_modules)?,
-            use_rslora: a.use_rslora,
-        }),
-        None => None,
-    };
-    if merge && cfg.is_none() {
-        anyhow::bail!("--merge needs --peft lora");
-    }
-    Ok(cfg)
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Task {
-    /// Sequence classification (text, label): accuracy and macro-F1.
-    Classify,
-    /// Token classification / NER (CoNLL BIO files): entity-level F1.
-    Ner,
-    /// Extractive question answering (SQuAD v1.1 JSON), encoders: exact match and F1.
-    Qa,
-}
-
-#[derive(Args)]
-struct FinetuneArgs {
-    #[arg(long, value_enum)]
-    task: Task,
-    /// Base model: an HF directory (BERT or decoder) or a .gguf file.
-    #[arg(long)]
-    model: PathBuf,
-    /// Training data: classify: JSONL {"text","label"} or CSV with text,label columns;
-    /// ner: CoNLL lines "word ... TAG" (BIO), blank lines between sentences; qa: SQuAD v1.1 JSON.
-    #[arg(long)]
-    data: PathBuf,
-    /// Held-out data in the same format, evaluated after every epoch.
-    #[arg(long)]
-    eval_data: Option<PathBuf>,
-    #[arg(long, default_value = "runs/finetune")]
-    out: PathBuf,
-    #[arg(long, default_value_t = 3)]
-    epochs: usize,
-    /// Peak learning rate (default 5e-5 full, 5e-4 LoRA).
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 256)]
-    max_len: usize,
-    /// qa: tokens shared by consecutive windows of a long context.
-    #[arg(long, default_value_t = 64)]
-    stride: usize,
-    #[arg(long, default_value_t = 0)]
-    warmup_steps: u64,
-    #[arg(long, default_value_t = 0.01)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[command(flatten)]
-    tune: TuneArgs,
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -221,48 +77,6 @@ struct MergeArgs {
     /// The HF directory to write (replaced atomically).
     #[arg(long)]
     out: PathBuf,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Objective {
-    /// Causal LM (next token), GPT-2 / Llama decoders.
-    Clm,
-    /// Masked LM, a BERT encoder (15% of tokens, 80/10/10 mask/random/keep).
-    Mlm,
-}
-
-#[derive(Args)]
-struct PretrainArgs {
-    /// Training objective; mlm trains a BERT encoder with the recipe's sizes.
-    #[arg(long, value_enum, default_value = "clm")]
-    objective: Objective,
-    /// Recipe file (TOML); defaults to the embedded configs/shakespeare-gpt.toml.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// Run directory (checkpoints, metrics.jsonl, final model).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    #[arg(long)]
-    max_steps: Option<u64>,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Corpus: text files, directories, or JSONL with a "text" field (repeatable).
-    #[arg(long)]
-    data: Vec<PathBuf>,
-    /// Continue from a checkpoint directory or a run directory (its latest checkpoint).
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Write a checkpoint and stop after this step, as if interrupted.
-    #[arg(long)]
-    stop_at_step: Option<u64>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// No progress bar or log lines.
-    #[arg(long)]
-    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -392,8 +206,12 @@ struct BenchCli {
 fn main() -> ExitCode {
     lmforge::kernels::tune_allocator();
     lmforge::kernels::quiet_candle_pool();
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli, &matches) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -402,9 +220,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
+    let given = given_flags(matches);
     match cli.cmd {
-        Cmd::Pretrain(a) => cmd_pretrain(a),
+        Cmd::Pretrain(a) => cmd_pretrain(a, &given),
         Cmd::Tokenizer(TokenizerCmd::Train {
             input,
             vocab_size,
@@ -440,8 +259,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .context("starting the thread pool")?
             .install(|| cmd_generate(a)),
         Cmd::Score(a) => cmd_score(a),
-        Cmd::Sft(a) => cmd_sft(a),
-        Cmd::Finetune(a) => cmd_finetune(a),
+        Cmd::Sft(a) => cmd_sft(a, &given),
+        Cmd::Finetune(a) => cmd_finetune(a, &given),
         Cmd::Merge(a) => {
             let mut m = hf::load(&a.model, &lmforge::device("cpu")?, &|_| true)?;
             let switch = lmforge::peft::AdapterSwitch::default();
@@ -503,34 +322,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
-    let mut overrides = a.set.clone();
-    if let Some(n) = a.max_steps {
-        overrides.push(format!("train.max_steps={n}"));
-    }
-    if let Some(s) = a.seed {
-        overrides.push(format!("train.seed={s}"));
-    }
-    let resume = a.resume.as_deref().map(checkpoint::resolve).transpose()?;
-    let mut recipe = match &resume {
-        // A resumed run continues the recipe it was started with; flags still override.
-        Some(ck) => {
-            let (_, text) = checkpoint::read_state(ck)?;
-            Recipe::parse(
-                &text,
-                &format!("{}/recipe.toml", ck.display()),
-                &overrides,
-                std::path::Path::new(""),
-            )?
-        }
-        None => Recipe::load(a.config.as_deref(), &overrides)?,
+/// The ids of the flags typed on the command line (for the subcommand that runs), which beat a
+/// config file and `--set`.
+fn given_flags(matches: &ArgMatches) -> HashSet<String> {
+    let Some((name, sub)) = matches.subcommand() else {
+        return HashSet::new();
     };
-    if let Some(o) = a.out {
-        recipe.output.dir = o;
-    }
-    if !a.data.is_empty() {
-        recipe.data.paths = a.data;
-    }
+    let cmd = Cli::command();
+    let Some(sc) = cmd.find_subcommand(name) else {
+        return HashSet::new();
+    };
+    sc.get_arguments()
+        .map(|a| a.get_id().as_str())
+        .filter(|id| sub.value_source(id) == Some(ValueSource::CommandLine))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A training run's options (defaults or the resumed run's, then --config, --set, flags) and
+/// its control: device, resume point, Ctrl-C.
+fn setup<T: Serialize + DeserializeOwned + Args>(
+    a: &Train<T>,
+    given: &HashSet<String>,
+    command: &str,
+) -> Result<(T, Control)> {
+    let resume = a
+        .run
+        .resume
+        .as_deref()
+        .map(|p| engine::open_resume(p, command))
+        .transpose()?;
+    let saved = match &resume {
+        Some((ck, _)) => Some((
+            checkpoint::read_config(ck)?,
+            ck.join("config.toml").display().to_string(),
+        )),
+        None => None,
+    };
+    let base = match &saved {
+        Some((text, origin)) => Base::Saved { text, origin },
+        None => Base::Defaults,
+    };
+    let opts = config::load(base, a.run.config.as_deref(), &a.run.set, &a.opts, given)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
     ctrlc::set_handler(move || {
@@ -543,32 +376,45 @@ fn cmd_pretrain(a: PretrainArgs) -> Result<ExitCode> {
         );
     })
     .context("installing the Ctrl-C handler")?;
-    let opts = pretrain::Options {
-        recipe,
-        device: lmforge::device(&a.device)?,
+    let ctl = Control {
+        device: lmforge::device(&a.run.device)?,
         resume,
-        stop_at: a.stop_at_step,
+        stop_at: a.run.stop_at_step,
         interrupt,
-        quiet: a.quiet,
+        quiet: a.run.quiet,
     };
-    let (summary, what) = match a.objective {
-        Objective::Clm => (pretrain::run(opts)?, "validation loss"),
-        Objective::Mlm => (lmforge::train::mlm::run(opts)?, "validation MLM loss"),
-    };
-    if let Some(v) = summary.val_loss {
-        eprintln!(
-            "done: {} steps in {:.0}s, {what} {v:.4}, perplexity {:.2}; run directory {}",
-            summary.steps,
-            summary.seconds,
-            v.exp(),
-            summary.run_dir.display()
-        );
-    }
-    Ok(if summary.interrupted {
+    Ok((opts, ctl))
+}
+
+/// The exit code of a run: 130 when it stopped early (Ctrl-C, --stop-at-step).
+fn exit_code(o: &Outcome) -> ExitCode {
+    if o.interrupted {
         ExitCode::from(130)
     } else {
         ExitCode::SUCCESS
-    })
+    }
+}
+
+fn cmd_pretrain(a: Train<PretrainOptions>, given: &HashSet<String>) -> Result<ExitCode> {
+    let (opts, ctl) = setup(&a, given, "pretrain")?;
+    let what = match opts.objective {
+        pretrain::Objective::Clm => "validation loss",
+        pretrain::Objective::Mlm => "validation MLM loss",
+    };
+    let s = pretrain::run(opts, ctl)?;
+    let o = &s.outcome;
+    if let (Some(v), true) = (s.val_loss, o.finished()) {
+        eprintln!(
+            "done: {} steps in {:.0}s ({} skipped), {what} {v:.4}, perplexity {:.2}, peak RSS {:.0} MiB; run directory {}",
+            o.steps,
+            o.seconds,
+            o.skipped,
+            v.exp(),
+            o.peak_rss_mib,
+            s.run_dir.display()
+        );
+    }
+    Ok(exit_code(o))
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
@@ -667,44 +513,25 @@ fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
-    use lmforge::train::sft;
-    let lora = lora_config(a.tune.peft, &a.tune.lora, a.tune.merge)?;
-    let lr = a.lr.unwrap_or(if lora.is_some() { 2e-4 } else { 2e-5 });
-    let s = sft::run(sft::Options {
-        model: a.model,
-        data: a.data,
-        out: a.out,
-        epochs: a.epochs,
-        max_steps: a.max_steps,
-        lr,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        max_len: a.max_len,
-        warmup_steps: a.warmup_steps,
-        weight_decay: a.weight_decay,
-        grad_clip: a.grad_clip,
-        seed: a.seed,
-        train_on_prompt: a.train_on_prompt,
-        packing: a.packing,
-        chat_template: a.chat_template,
-        lora,
-        merge: a.tune.merge,
-        forgetting_eval: a.tune.forgetting_eval,
-        device: lmforge::device(&a.tune.device)?,
-        quiet: a.tune.quiet,
-    })?;
-    let first = s.losses.first().copied().unwrap_or(f32::NAN);
-    let last = s.losses.last().copied().unwrap_or(f32::NAN);
+fn cmd_sft(a: Train<SftOptions>, given: &HashSet<String>) -> Result<ExitCode> {
+    let (opts, ctl) = setup(&a, given, "sft")?;
+    let s = lmforge::train::sft::run(opts, ctl)?;
+    let o = &s.outcome;
+    let Some(output) = &s.output else {
+        return Ok(exit_code(o));
+    };
+    let first = o.losses.first().map_or(f32::NAN, |l| l.1);
+    let last = o.losses.last().map_or(f32::NAN, |l| l.1);
     eprintln!(
-        "done: {} steps in {:.1}s, loss {first:.4} -> {last:.4}; {} examples used ({} truncated), {} skipped; {} of {} parameters trained",
-        s.steps,
-        s.seconds,
+        "done: {} steps in {:.1}s, loss {first:.4} -> {last:.4}; {} examples used ({} truncated), {} skipped; {} of {} parameters trained; peak RSS {:.0} MiB",
+        o.steps,
+        o.seconds,
         s.counts.kept + s.counts.truncated,
         s.counts.truncated,
         s.counts.dropped,
         s.trainable,
-        s.total
+        s.total,
+        o.peak_rss_mib
     );
     if let Some((b, after)) = s.forgetting {
         eprintln!(
@@ -714,48 +541,28 @@ fn cmd_sft(a: SftArgs) -> Result<ExitCode> {
             100.0 * (after.ppl() / b.ppl() - 1.0)
         );
     }
-    eprintln!("output: {}", s.output.display());
-    Ok(ExitCode::SUCCESS)
+    eprintln!("output: {}", output.display());
+    Ok(exit_code(o))
 }
 
-fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
-    use lmforge::train::classify;
-    let lora = lora_config(a.tune.peft, &a.tune.lora, a.tune.merge)?;
-    let lr = a.lr.unwrap_or(if lora.is_some() { 5e-4 } else { 5e-5 });
-    let opts = classify::Options {
-        model: a.model,
-        data: a.data,
-        eval_data: a.eval_data,
-        out: a.out.clone(),
-        epochs: a.epochs,
-        lr,
-        batch_size: a.batch_size,
-        max_len: a.max_len,
-        warmup_steps: a.warmup_steps,
-        weight_decay: a.weight_decay,
-        seed: a.seed,
-        lora,
-        merge: a.tune.merge,
-        forgetting_eval: a.tune.forgetting_eval,
-        device: lmforge::device(&a.tune.device)?,
-        quiet: a.tune.quiet,
-    };
-    let s = match a.task {
-        Task::Classify => classify::run(opts)?,
-        Task::Ner => lmforge::train::ner::run(opts)?,
-        Task::Qa => lmforge::train::qa::run(opts, a.stride)?,
-    };
+fn cmd_finetune(a: Train<FinetuneOptions>, given: &HashSet<String>) -> Result<ExitCode> {
+    let (opts, ctl) = setup(&a, given, "finetune")?;
+    let s = lmforge::train::finetune::run(opts, ctl)?;
+    let o = &s.outcome;
+    if !o.finished() {
+        return Ok(exit_code(o));
+    }
     eprintln!(
         "done: {} steps in {:.1}s (median step {:.3}s), peak RSS {:.0} MiB; {} of {} parameters trained; weights written: {:.2} MB",
-        s.steps, s.seconds, s.step_s_median, s.peak_rss_mib, s.trainable, s.total, s.checkpoint_bytes as f64 / 1e6
+        o.steps, o.seconds, o.step_s_median, o.peak_rss_mib, s.trainable, s.total, s.checkpoint_bytes as f64 / 1e6
     );
-    if let (Some(acc), Some(f1)) = (s.accuracy, s.macro_f1) {
+    if let (Some(acc), Some(f1)) = (s.metric("accuracy"), s.metric("macro_f1")) {
         eprintln!("eval: accuracy {acc:.4}, macro-F1 {f1:.4}");
     }
-    if let Some(f1) = s.entity_f1 {
+    if let Some(f1) = s.metric("entity_f1") {
         eprintln!("eval: entity F1 {f1:.4}");
     }
-    if let Some((em, f1)) = s.squad {
+    if let (Some(em), Some(f1)) = (s.metric("exact_match"), s.metric("f1")) {
         eprintln!("eval: exact match {em:.2}, F1 {f1:.2}");
     }
     if let Some((b, after)) = s.forgetting {
@@ -764,6 +571,6 @@ fn cmd_finetune(a: FinetuneArgs) -> Result<ExitCode> {
             100.0 * (after / b - 1.0)
         );
     }
-    eprintln!("output: {}", a.out.display());
-    Ok(ExitCode::SUCCESS)
+    eprintln!("output: {}", s.run_dir.display());
+    Ok(exit_code(o))
 }

@@ -161,6 +161,7 @@ where
     use tokenizers::normalizers::bert::BertNormalizer;
     use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
     use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::Model as _;
     const SPECIAL: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
     if vocab_size < 64 {
         bail!("vocab size must be at least 64 for a WordPiece tokenizer, got {vocab_size}");
@@ -192,6 +193,30 @@ where
         .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))?;
     tk.train(&mut trainer, texts)
         .map_err(|e| anyhow::anyhow!("training tokenizer: {e}"))?;
+    // The trainer numbers the `##` continuation tokens in hash-map order, so two trainings on
+    // the same text gave different ids. WordPiece only asks whether a piece is in the
+    // vocabulary, so any order serves: the specials keep 0–4, the rest is sorted by
+    // (length, text), and the same corpus always gives the same tokenizer.
+    let mut rest: Vec<String> = tk
+        .get_model()
+        .get_vocab()
+        .into_keys()
+        .filter(|t| !SPECIAL.contains(&t.as_str()))
+        .collect();
+    rest.sort_by(|a, b| (a.chars().count(), a).cmp(&(b.chars().count(), b)));
+    let vocab: serde_json::Map<String, serde_json::Value> = SPECIAL
+        .iter()
+        .map(|s| s.to_string())
+        .chain(rest)
+        .enumerate()
+        .map(|(i, t)| (t, serde_json::json!(i)))
+        .collect();
+    let spec = serde_json::json!({"type": "WordPiece", "unk_token": "[UNK]",
+        "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": vocab});
+    // From text: the model's deserializer borrows strings, which a `Value` cannot lend.
+    let model: WordPiece = serde_json::from_str(&spec.to_string())
+        .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))?;
+    tk.with_model(model);
     let id = |t: &str| {
         tk.token_to_id(t)
             .with_context(|| format!("internal error: trained tokenizer lacks {t}"))

@@ -7,39 +7,6 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-fn data(dir: &Path) -> (String, String) {
-    let (pos, neg) = (
-        ["good", "great", "lovely", "fine"],
-        ["bad", "vile", "foul", "cruel"],
-    );
-    let filler = ["the", "lord", "king", "is", "a", "day"];
-    let mut r = lmforge::rng::Rng::new(3);
-    let mut mk = |n: usize| {
-        (0..n)
-            .map(|_| {
-                let p = r.below(2) == 0;
-                let mut w: Vec<&str> = (0..3)
-                    .map(|_| {
-                        if p {
-                            pos[r.below(4) as usize]
-                        } else {
-                            neg[r.below(4) as usize]
-                        }
-                    })
-                    .collect();
-                w.extend((0..3).map(|_| filler[r.below(6) as usize]));
-                serde_json::json!({"text": w.join(" "), "label": if p { "pos" } else { "neg" }})
-                    .to_string()
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let (tr, te) = (dir.join("train.jsonl"), dir.join("test.jsonl"));
-    std::fs::write(&tr, mk(160)).unwrap();
-    std::fs::write(&te, mk(40)).unwrap();
-    (tr.display().to_string(), te.display().to_string())
-}
-
 fn run(args: &[&str]) -> (bool, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_lmforge"))
         .args(args)
@@ -63,7 +30,7 @@ fn summary(out: &Path) -> serde_json::Value {
 #[test]
 fn classify_full_and_lora_on_encoder_and_decoder() {
     let d = tmpdir("classify");
-    let (tr, te) = data(&d);
+    let (tr, te) = classify_data(&d);
     for (base, lora, lr) in [
         ("bert_tiny", false, "3e-3"),
         ("bert_tiny", true, "3e-3"),
@@ -158,7 +125,7 @@ fn classify_full_and_lora_on_encoder_and_decoder() {
 #[test]
 fn unknown_eval_label_and_bad_csv_are_named() {
     let d = tmpdir("classify_bad");
-    let (tr, _) = data(&d);
+    let (tr, _) = classify_data(&d);
     let bad = d.join("bad.jsonl");
     std::fs::write(
         &bad,
@@ -202,7 +169,7 @@ fn unknown_eval_label_and_bad_csv_are_named() {
 #[test]
 fn forgetting_report_on_decoders_and_refused_on_encoders() {
     let d = tmpdir("classify_forget");
-    let (tr, _) = data(&d);
+    let (tr, _) = classify_data(&d);
     let text = small_corpus(&d, 2000);
     let out = d.join("o");
     let l = fixture("llama_tiny");

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use lmforge::model::encoder::Heads;
 use lmforge::model::hf;
-use lmforge::train::mlm::{mask_tokens, MaskSpec};
+use lmforge::train::pretrain::masked::{mask_tokens, MaskSpec};
 
 const MLM: Heads = Heads {
     mlm: true,
@@ -189,7 +189,7 @@ fn pretrain_objective_mlm_trains_a_bert_that_reloads() {
         ])
         .args([
             "--set",
-            "train.seq_len=32",
+            "data.seq_len=32",
             "--set",
             "train.batch_size=8",
             "--set",

@@ -5,38 +5,8 @@
 mod common;
 use common::*;
 use lmforge::model::hf;
-use lmforge::train::ner::{align, read_conll};
-use std::path::Path;
+use lmforge::train::finetune::ner::{align, read_conll};
 use std::process::Command;
-
-fn conll(dir: &Path, name: &str, n: usize, seed: u64) -> String {
-    let (people, places) = (
-        ["Hamlet", "Horatio", "Ophelia", "Laertes"],
-        ["Denmark", "Elsinore", "Norway"],
-    );
-    let fill = ["the", "lord", "went", "to", "saw", "and", "spoke", "with"];
-    let mut r = lmforge::rng::Rng::new(seed);
-    let mut s = String::from("-DOCSTART- -X- O\n\n");
-    for _ in 0..n {
-        for _ in 0..3 + r.below(4) {
-            let x = r.below(100);
-            if x < 25 {
-                s += &format!("{} NNP B-PER\n", people[r.below(4) as usize]);
-                if r.below(3) == 0 {
-                    s += "Prince NNP I-PER\n";
-                }
-            } else if x < 45 {
-                s += &format!("{} NNP B-LOC\n", places[r.below(3) as usize]);
-            } else {
-                s += &format!("{} XX O\n", fill[r.below(8) as usize]);
-            }
-        }
-        s += "\n";
-    }
-    let p = dir.join(name);
-    std::fs::write(&p, s).unwrap();
-    p.display().to_string()
-}
 
 #[test]
 fn conll_reading_and_bad_lines() {

@@ -7,16 +7,15 @@ use common::*;
 use lmforge::data::{collect_sources, tokenize_cached, Pieces};
 use lmforge::generate::{generate, Sampling};
 use lmforge::model::hf;
-use lmforge::recipe::Recipe;
 use lmforge::tokenizer::{train_bpe, Tok};
-use lmforge::train::{checkpoint, pretrain};
+use lmforge::train::engine::{self, Control};
+use lmforge::train::pretrain::{self, PretrainOptions};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
-fn tiny_recipe(corpus: &Path, out: &Path, steps: u64, extra: &[&str]) -> Recipe {
+fn tiny_recipe(corpus: &Path, out: &Path, steps: u64) -> PretrainOptions {
     let text = format!(
         r#"
+out = {out:?}
 [model]
 arch = "gpt2"
 n_layer = 2
@@ -29,11 +28,12 @@ min_frequency = 2
 [data]
 paths = [{corpus:?}]
 val_fraction = 0.05
+seq_len = 64
+eval_batches = 4
 [train]
 seed = 7
 max_steps = {steps}
 batch_size = 8
-seq_len = 64
 grad_accum = 2
 lr = 3e-3
 min_lr = 3e-4
@@ -41,29 +41,21 @@ warmup_steps = 10
 weight_decay = 0.1
 grad_clip = 1.0
 eval_every = 0
-eval_batches = 4
 checkpoint_every = 0
+[sample]
 sample_every = 0
 sample_prompt = "HAMLET."
 sample_tokens = 8
-[output]
-dir = {out:?}
 "#
     );
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    Recipe::parse(&text, "test recipe", &extra, Path::new("")).unwrap()
+    toml::from_str(&text).unwrap()
 }
 
-fn train(recipe: Recipe, resume: Option<&Path>, stop_at: Option<u64>) -> pretrain::Summary {
-    pretrain::run(pretrain::Options {
-        recipe,
-        device: Device::Cpu,
-        resume: resume.map(|p| checkpoint::resolve(p).unwrap()),
-        stop_at,
-        interrupt: Arc::new(AtomicBool::new(false)),
-        quiet: true,
-    })
-    .unwrap()
+fn train(o: PretrainOptions, resume: Option<&Path>, stop_at: Option<u64>) -> pretrain::Summary {
+    let mut ctl = Control::new(Device::Cpu, true);
+    ctl.resume = resume.map(|p| engine::open_resume(p, "pretrain").unwrap());
+    ctl.stop_at = stop_at;
+    pretrain::run(o, ctl).unwrap()
 }
 
 #[test]
@@ -172,24 +164,26 @@ fn training_beats_the_unigram_entropy_and_resume_is_exact() {
     let d = tmpdir("train");
     let corpus = small_corpus(&d, 120_000);
     // Uninterrupted run.
-    let full = train(tiny_recipe(&corpus, &d.join("full"), 60, &[]), None, None);
-    assert_eq!(full.steps, 60);
+    let full = train(tiny_recipe(&corpus, &d.join("full"), 60), None, None);
+    assert_eq!(full.outcome.steps, 60);
     // Interrupted at step 25, then resumed from the run directory.
-    let first = train(
-        tiny_recipe(&corpus, &d.join("split"), 60, &[]),
-        None,
-        Some(25),
-    );
-    assert_eq!(first.steps, 25);
-    assert!(first.interrupted || first.losses.len() == 25);
+    let first = train(tiny_recipe(&corpus, &d.join("split"), 60), None, Some(25));
+    assert_eq!(first.outcome.steps, 25);
+    assert!(first.outcome.interrupted && first.outcome.losses.len() == 25);
     let second = train(
-        tiny_recipe(&corpus, &d.join("ignored"), 60, &[]),
+        tiny_recipe(&corpus, &d.join("split"), 60),
         Some(&d.join("split")),
         None,
     );
-    let resumed: Vec<(u64, f32)> = first.losses.iter().chain(&second.losses).copied().collect();
+    let resumed: Vec<(u64, f32)> = first
+        .outcome
+        .losses
+        .iter()
+        .chain(&second.outcome.losses)
+        .copied()
+        .collect();
     assert_eq!(
-        resumed, full.losses,
+        resumed, full.outcome.losses,
         "losses of the resumed run must equal the uninterrupted run's"
     );
 
@@ -214,7 +208,7 @@ fn training_beats_the_unigram_entropy_and_resume_is_exact() {
         .map(|&c| -(c / n) * (c / n).ln())
         .sum();
     let val = full.val_loss.unwrap();
-    let first_loss = full.losses[0].1 as f64;
+    let first_loss = full.outcome.losses[0].1 as f64;
     println!("unigram entropy {entropy:.3} nats, first loss {first_loss:.3}, final validation loss {val:.3}");
     assert!(
         val < entropy,

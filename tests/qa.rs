@@ -5,48 +5,9 @@
 mod common;
 use common::*;
 use lmforge::model::hf;
-use lmforge::train::qa::{read_squad, windows};
+use lmforge::train::finetune::qa::{read_squad, windows};
 use std::path::Path;
 use std::process::Command;
-
-fn squad(dir: &Path, name: &str, n: usize, seed: u64) -> String {
-    let names = ["hamlet", "horatio", "ophelia", "laertes"];
-    let places = ["denmark", "norway", "france", "elsinore"];
-    let filler = [
-        "the", "king", "is", "dead", "and", "lord", "speaks", "at", "night",
-    ];
-    let mut r = lmforge::rng::Rng::new(seed);
-    let mut words = |k: u64| {
-        (0..k)
-            .map(|_| filler[r.below(9) as usize])
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut paras = Vec::new();
-    let mut r2 = lmforge::rng::Rng::new(seed + 1);
-    for i in 0..n {
-        let (who, place) = (names[r2.below(4) as usize], places[r2.below(4) as usize]);
-        // A non-ASCII prefix makes character and byte offsets differ.
-        let ctx = format!(
-            "é {}. {who} was born in {place}. {}.",
-            words(3 + (i as u64 % 20)),
-            words(5)
-        );
-        let start = ctx.chars().count()
-            - ctx[ctx.find(" was born in ").unwrap() + 13..]
-                .chars()
-                .count();
-        paras.push(serde_json::json!({"context": ctx, "qas": [{"id": format!("q{i}"), "question": format!("where was {who} born?"),
-            "answers": [{"text": place, "answer_start": start}]}]}));
-    }
-    let p = dir.join(name);
-    std::fs::write(
-        &p,
-        serde_json::json!({"data": [{"title": "t", "paragraphs": paras}]}).to_string(),
-    )
-    .unwrap();
-    p.display().to_string()
-}
 
 #[test]
 fn squad_reading_checks_answer_offsets() {

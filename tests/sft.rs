@@ -11,7 +11,7 @@ use lmforge::data::sft::{
 };
 use lmforge::model::hf;
 use lmforge::tokenizer::Tok;
-use lmforge::train::sft::masked_step;
+use lmforge::train::sft::{build_batch, masked_loss};
 use std::process::Command;
 
 fn tok() -> Tok {
@@ -225,15 +225,29 @@ fn examples(m: &hf::LoadedModel) -> Vec<Tokenized> {
     .collect()
 }
 
+/// Summed NLL of `rows` and the gradients of it divided by `total`.
+fn masked_step(
+    m: &hf::LoadedModel,
+    rows: &[Vec<&Tokenized>],
+    total: usize,
+) -> (f64, lmforge::model::Grads) {
+    let nll = masked_loss(&m.model, &build_batch(rows, 0)).unwrap();
+    let sum = nll.to_scalar::<f32>().unwrap() as f64;
+    let g = m
+        .store
+        .grads(&(nll / total as f64).unwrap().backward().unwrap());
+    (sum, g)
+}
+
 /// Summed NLL and gradients of `rows`, compared with each example alone.
 fn same_as_one_by_one(m: &hf::LoadedModel, rows: &[Vec<&Tokenized>]) {
     let all: Vec<&Tokenized> = rows.iter().flatten().copied().collect();
     let total: usize = all.iter().map(|t| t.n_targets()).sum();
-    let (batch_sum, g) = masked_step(&m.model, &m.store, rows, 0, total).unwrap();
+    let (batch_sum, g) = masked_step(m, rows, total);
     let mut one_by_one = 0f64;
     let mut acc: Option<lmforge::model::Grads> = None;
     for e in &all {
-        let (s, g1) = masked_step(&m.model, &m.store, &[vec![*e]], 0, total).unwrap();
+        let (s, g1) = masked_step(m, &[vec![*e]], total);
         one_by_one += s;
         match acc.as_mut() {
             Some(a) => a.accumulate(g1).unwrap(),

@@ -416,21 +416,25 @@ impl Dataset {
         self.tokens.len() - self.train_len
     }
 
-    /// The batch of optimizer step `step`, micro-step `micro`: random windows of the training
-    /// split from a stream keyed by (seed, step, micro), so resuming needs no saved RNG.
-    pub fn train_batch(&self, seed: u64, step: u64, micro: u64, batch: usize) -> Batch {
-        let mut rng = Rng::keyed(&[seed, 0xDA7A, step, micro]);
+    /// Random windows of the training split, one per draw: window k starts where a stream
+    /// keyed by (seed, draw k) puts it, so a window depends on its draw alone — not on the step,
+    /// micro-batch or rank that asks for it — and resuming needs no saved RNG.
+    pub fn windows(&self, seed: u64, draws: &[usize]) -> Batch {
         let t = self.seq_len;
         let span = (self.train_len - t - 1) as u64 + 1;
-        let mut x = Vec::with_capacity(batch * t);
-        let mut y = Vec::with_capacity(batch * t);
-        for _ in 0..batch {
-            let s = rng.below(span) as usize;
+        let mut x = Vec::with_capacity(draws.len() * t);
+        let mut y = Vec::with_capacity(draws.len() * t);
+        for &d in draws {
+            let s = Rng::keyed(&[seed, 0xDA7A, d as u64]).below(span) as usize;
             let w = self.tokens.slice(s, t + 1);
             x.extend_from_slice(&w[..t]);
             y.extend_from_slice(&w[1..]);
         }
-        Batch { x, y, batch }
+        Batch {
+            x,
+            y,
+            batch: draws.len(),
+        }
     }
 
     /// Consecutive non-overlapping validation windows, at most `max_batches` batches.

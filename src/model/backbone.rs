@@ -8,8 +8,6 @@ use super::encoder::{Encoder, Heads};
 use super::hf;
 use super::layers::Linear;
 use super::{DecoderModel, Family, ForwardOpts, ParamStore};
-use crate::fsutil::{write_dir, write_json};
-use crate::peft::lora::Lora;
 use crate::tokenizer::Tok;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -207,117 +205,6 @@ impl Backbone {
 /// The parameter names a head model writes: the body without a decoder's LM head.
 pub fn saved_with_head(name: &str) -> bool {
     name != "lm_head.weight"
-}
-
-/// BERT's pooler belongs to a classification head: it trains under LoRA too and is saved with
-/// the adapter.
-pub const POOLER: &str = "bert.pooler.";
-
-/// Adds a fresh task head `name` (hidden size → `n`, normal(0.02) init seeded by `seed`) to the
-/// store and, with `lora`, adapters on the body's linear layers.
-pub fn add_head(
-    m: &mut LoadedBackbone,
-    name: &str,
-    bias: bool,
-    n: usize,
-    lora: Option<&crate::peft::lora::LoraConfig>,
-    seed: u64,
-) -> Result<(Linear, crate::peft::AdapterSwitch, Option<Lora>)> {
-    let hidden = m.body.hidden_size();
-    let head = {
-        let mut b = super::layers::Builder {
-            store: &mut m.store,
-            source: &super::params::Source::Random { seed },
-            frozen: &|_| false,
-        };
-        Linear::new(
-            &mut b,
-            name,
-            hidden,
-            n,
-            bias,
-            super::layers::Layout::OutIn,
-            0.02,
-        )?
-    };
-    let switch = crate::peft::AdapterSwitch::default();
-    let adapters = match lora {
-        Some(c) => Some(crate::peft::lora::attach_to(
-            m.body.linears_mut(),
-            &mut m.store,
-            c,
-            None,
-            seed,
-            &switch,
-        )?),
-        None => None,
-    };
-    Ok((head, switch, adapters))
-}
-
-/// `out/metrics.jsonl`, created with its directory.
-pub fn open_metrics(out: &Path) -> Result<std::fs::File> {
-    std::fs::create_dir_all(out)?;
-    Ok(std::fs::File::create(out.join("metrics.jsonl"))?)
-}
-
-/// What a head fine-tune writes at the end.
-pub struct HeadOutputs<'a> {
-    pub m: &'a mut LoadedBackbone,
-    /// transformers' class suffix: "SequenceClassification", "TokenClassification", …
-    pub kind: &'a str,
-    /// PEFT's task_type: "SEQ_CLS", "TOKEN_CLS", …
-    pub peft_task: &'a str,
-    pub head_name: &'a str,
-    pub labels: &'a [String],
-    pub pad: u32,
-    pub max_len: usize,
-    pub adapters: Option<&'a Lora>,
-    pub out: &'a Path,
-    pub base: &'a Path,
-    pub merge: bool,
-}
-
-/// Writes `out/model` (full fine-tune) or `out/adapter` (LoRA + head as PEFT `modules_to_save`,
-/// plus `out/model` merged with `merge`). Returns the bytes of the weights file written.
-pub fn write_head_outputs(h: &mut HeadOutputs) -> Result<u64> {
-    let config = h.m.body.head_config(h.kind, h.labels, h.pad);
-    let write_model = |m: &LoadedBackbone, dir: &Path| -> Result<()> {
-        write_dir(dir, |tmp| {
-            write_json(&tmp.join("config.json"), &config)?;
-            m.store
-                .save_safetensors_where(&tmp.join("model.safetensors"), saved_with_head)?;
-            m.tok.save(&tmp.join("tokenizer.json"))?;
-            let mut tc = crate::tokenizer::hf_tokenizer_config(&m.tok, h.max_len);
-            if let Some(p) = m.tok.inner.id_to_token(h.pad) {
-                tc["pad_token"] = json!(p);
-            }
-            write_json(&tmp.join("tokenizer_config.json"), &tc)
-        })
-    };
-    let Some(a) = h.adapters else {
-        write_model(h.m, &h.out.join("model"))?;
-        return Ok(std::fs::metadata(h.out.join("model/model.safetensors"))?.len());
-    };
-    let dir = h.out.join("adapter");
-    let head = h.head_name;
-    let m = &*h.m;
-    let mut modules = vec![head];
-    if m.store.get("bert.pooler.dense.weight").is_some() {
-        modules.push("pooler");
-    }
-    let extra = crate::peft::lora::Head {
-        task_type: h.peft_task,
-        modules,
-    };
-    write_dir(&dir, |tmp| {
-        a.write_files(tmp, &m.store, &h.base.display().to_string(), &extra)
-    })?;
-    if h.merge {
-        a.merge_into(h.m.body.linears_mut(), &h.m.store)?;
-        write_model(h.m, &h.out.join("model"))?;
-    }
-    Ok(std::fs::metadata(dir.join("adapter_model.safetensors"))?.len())
 }
 
 /// f32 helper for logits → argmax per row.

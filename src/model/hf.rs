@@ -219,13 +219,24 @@ pub fn save_encoder(
     architecture: &str,
 ) -> Result<()> {
     write_dir(dir, |tmp| {
-        write_json(
-            &tmp.join("config.json"),
-            &model.cfg.to_hf_json(architecture),
-        )?;
-        store.save_safetensors(&tmp.join("model.safetensors"))?;
-        tok.save(&tmp.join("tokenizer.json"))?;
-        let tc = hf_tokenizer_config(tok, model.cfg.max_position_embeddings);
-        write_json(&tmp.join("tokenizer_config.json"), &tc)
+        write_encoder_files(tmp, model, store, tok, architecture)
     })
+}
+
+/// The files of `save_encoder` into an existing `dir`; not atomic on its own.
+pub fn write_encoder_files(
+    dir: &Path,
+    model: &Encoder,
+    store: &ParamStore,
+    tok: &Tok,
+    architecture: &str,
+) -> Result<()> {
+    write_json(
+        &dir.join("config.json"),
+        &model.cfg.to_hf_json(architecture),
+    )?;
+    store.save_safetensors(&dir.join("model.safetensors"))?;
+    tok.save(&dir.join("tokenizer.json"))?;
+    let tc = hf_tokenizer_config(tok, model.cfg.max_position_embeddings);
+    write_json(&dir.join("tokenizer_config.json"), &tc)
 }

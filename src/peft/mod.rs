@@ -8,6 +8,8 @@
 
 pub mod lora;
 
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -40,5 +42,61 @@ impl AdapterSwitch {
             .training
             .load(Ordering::SeqCst)
             .then(|| self.0.dropout_key.load(Ordering::SeqCst))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PeftKind {
+    Lora,
+}
+
+/// The PEFT options of every fine-tuning method: flags and the `[peft]` config section.
+#[derive(clap::Args, Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeftArgs {
+    /// Parameter-efficient method (default: every weight trains).
+    #[arg(long = "peft", value_enum)]
+    pub method: Option<PeftKind>,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f32,
+    /// Comma-separated module names (q_proj,v_proj) or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    pub target_modules: String,
+    /// LoRA scaling α/√r instead of α/r.
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// With --peft: also write the merged model to OUT/model.
+    #[arg(long)]
+    pub merge: bool,
+}
+
+impl Default for PeftArgs {
+    fn default() -> Self {
+        crate::config::clap_defaults()
+    }
+}
+
+impl PeftArgs {
+    /// The LoRA configuration, or None for a full fine-tune.
+    pub fn lora(&self) -> Result<Option<lora::LoraConfig>> {
+        let cfg = match self.method {
+            Some(PeftKind::Lora) => Some(lora::LoraConfig {
+                r: self.lora_r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                targets: lora::Targets::parse(&self.target_modules)?,
+                use_rslora: self.use_rslora,
+            }),
+            None => None,
+        };
+        if self.merge && cfg.is_none() {
+            bail!("peft.merge (--merge) needs peft.method = \"lora\" (--peft lora)");
+        }
+        Ok(cfg)
     }
 }

@@ -1,10 +1,14 @@
-//! Training methods, one module each, plus what they share (optimizer, checkpoints).
+//! Training: the engine every method runs on (`engine`: the loop, checkpoints, options), the
+//! optimizer, and one module per training method.
+//!
+//! - `pretrain`: causal LM (`pretrain::causal`) and masked LM (`pretrain::masked`) on raw text;
+//! - `sft`: supervised fine-tuning on prompt/completion pairs and chats;
+//! - `finetune`: task heads — `classify`, `ner`, `qa`.
+//!
+//! A new method is one file: its batches, its loss, its outputs (docs/training-engine.md).
 
-pub mod checkpoint;
-pub mod classify;
-pub mod mlm;
-pub mod ner;
+pub mod engine;
+pub mod finetune;
 pub mod optim;
 pub mod pretrain;
-pub mod qa;
 pub mod sft;

@@ -1,4 +1,4 @@
-//! AdamW (Loshchilov & Hutter 2019) with decoupled weight decay, and the learning-rate schedule.
+//! AdamW (Loshchilov & Hutter 2019) with decoupled weight decay. (The schedule is the engine's.)
 //!
 //!   m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ(1 − η·λ) − η · m̂ / (√v̂ + ε)
 //!
@@ -16,30 +16,6 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-}
-
-impl AdamWConfig {
-    /// transformers' defaults (β₁ 0.9, β₂ 0.999, ε 1e-8) with the given weight decay.
-    pub fn with_weight_decay(weight_decay: f64) -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-        }
-    }
-}
-
-impl crate::recipe::TrainSection {
-    /// The recipe's optimizer settings.
-    pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig {
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-        }
-    }
 }
 
 pub struct AdamW {
@@ -150,33 +126,5 @@ impl AdamW {
         }
         self.t = t;
         Ok(())
-    }
-}
-
-/// Linear warm-up from 0 to `lr` over `warmup` steps, then cosine decay to `min_lr` at `total`.
-/// `step` is the 0-based index of the update about to be applied.
-pub fn lr_at(step: u64, lr: f64, min_lr: f64, warmup: u64, total: u64) -> f64 {
-    if step < warmup {
-        return lr * (step + 1) as f64 / warmup as f64;
-    }
-    if step >= total {
-        return min_lr;
-    }
-    let span = (total - warmup).max(1) as f64;
-    let progress = (step - warmup) as f64 / span;
-    min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (lr - min_lr)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedule_shape() {
-        assert!((lr_at(0, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
-        assert!((lr_at(9, 1.0, 0.1, 10, 100) - 1.0).abs() < 1e-12);
-        assert!((lr_at(10, 1.0, 0.1, 10, 100) - 1.0).abs() < 1e-12);
-        assert!((lr_at(55, 1.0, 0.1, 10, 100) - 0.55).abs() < 1e-9);
-        assert!((lr_at(100, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
     }
 }

@@ -3,84 +3,161 @@
 //!   L = −(1/|M|) Σ_{t∈M} log p(x_t | x_<t)
 //!
 //! where M holds the completion / assistant tokens of every example in the optimizer step
-//! (all tokens with `train_on_prompt`). `run(opts)` reads top to bottom: base model → data →
-//! optional LoRA → forgetting baseline → loop (accumulated micro-batches, clip, AdamW, log) →
-//! output (an HF model directory, or a PEFT adapter directory, optionally merged too) →
-//! forgetting after.
+//! (all tokens with `train_on_prompt`). `run` reads top to bottom: base model → data → forgetting
+//! baseline → optional LoRA → the engine → output (an HF model directory, or a PEFT adapter
+//! directory, optionally merged too) → forgetting after.
 //!
 //! Batches are right-padded: with causal attention, padding after a sequence cannot change the
 //! tokens before it, so no attention mask is needed and padded positions just carry no loss.
-//! Examples are visited in a fresh keyed permutation per epoch, so runs are reproducible.
 
 use crate::chat::ChatTemplate;
+use crate::config::clap_defaults;
 use crate::data::sft::{read_jsonl, tokenize_all, Counts, Formatter, Tokenized, DEFAULT_TEMPLATE};
 use crate::eval::score::{score_text_ids, Score};
 use crate::fsutil::write_dir;
-use crate::model::{hf, DecoderModel, ForwardOpts, Grads, Packing, ParamStore};
-use crate::peft::lora::{self, LoraConfig};
-use crate::peft::AdapterSwitch;
-use crate::rng::{permutation, Stream};
-use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::model::{hf, DecoderModel, ForwardOpts, Packing, ParamStore};
+use crate::peft::lora::{self, Lora};
+use crate::peft::{AdapterSwitch, PeftArgs};
+use crate::rng::permutation;
+use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
+use crate::train::engine::{TrainArgs, TrainConfig, Trainer};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use clap::Args;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-pub struct Options {
-    /// Base model: HF directory or .gguf file.
-    pub model: PathBuf,
-    pub data: PathBuf,
+/// `lmforge sft`'s options: its flags and its TOML config (`[peft]`, `[train]` sections).
+#[derive(Args, Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftOptions {
+    /// Base model: an HF directory or a .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// JSONL: {"prompt","completion"}, {"messages":[{"role","content"}...]} or {"text"} per line.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run directory: metrics.jsonl, checkpoints/, and model/ (full) or adapter/ (LoRA).
+    #[arg(long, default_value = "runs/sft")]
     pub out: PathBuf,
-    pub epochs: usize,
-    pub max_steps: Option<u64>,
-    pub lr: f64,
-    pub batch_size: usize,
-    pub grad_accum: usize,
     /// Examples are truncated to this many tokens (capped at the model's context).
+    #[arg(long, default_value_t = 1024)]
     pub max_len: usize,
-    pub warmup_steps: u64,
-    pub weight_decay: f64,
-    pub grad_clip: f64,
-    pub seed: u64,
+    /// Put prompt / user / system tokens in the loss too.
+    #[arg(long)]
     pub train_on_prompt: bool,
-    /// Several examples per sequence (attention and positions kept per example).
+    /// Pack several examples into each sequence (no attention across examples).
+    #[arg(long)]
     pub packing: bool,
+    /// A Jinja chat template file, instead of the model's own.
+    #[arg(long)]
     pub chat_template: Option<PathBuf>,
-    /// LoRA instead of a full fine-tune.
-    pub lora: Option<LoraConfig>,
-    /// With LoRA: also write the merged model to `out/model`.
-    pub merge: bool,
-    /// Text whose perplexity is measured before and after (how much the model forgot).
+    /// A text file whose perplexity is reported before and after fine-tuning.
+    #[arg(long)]
     pub forgetting_eval: Option<PathBuf>,
-    pub device: Device,
-    pub quiet: bool,
+    #[command(flatten)]
+    pub peft: PeftArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+impl Default for SftOptions {
+    fn default() -> Self {
+        clap_defaults()
+    }
+}
+
+impl SftOptions {
+    /// SFT's engine defaults: lr 2e-5 for a full fine-tune, 2e-4 for LoRA (TRL's habits).
+    pub fn train_defaults(&self) -> TrainConfig {
+        TrainConfig {
+            lr: if self.peft.method.is_some() {
+                2e-4
+            } else {
+                2e-5
+            },
+            schedule: Schedule::Cosine,
+            ..TrainConfig::base()
+        }
+    }
 }
 
 pub struct Summary {
-    pub steps: u64,
-    pub losses: Vec<f32>,
+    pub run_dir: PathBuf,
+    pub outcome: Outcome,
     pub counts: Counts,
     pub trainable: usize,
     pub total: usize,
     pub forgetting: Option<(Score, Score)>,
-    pub seconds: f64,
-    /// Where the result went: `out/model` or `out/adapter`.
-    pub output: PathBuf,
+    /// Where the result went: `out/model` or `out/adapter` (None when stopped early).
+    pub output: Option<PathBuf>,
 }
 
-pub fn run(o: Options) -> Result<Summary> {
-    let say = |s: &str| {
-        if !o.quiet {
-            eprintln!("{s}");
-        }
-    };
-    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+/// The method: rows of tokenized examples, the loss on their trained tokens.
+struct Sft {
+    model: DecoderModel,
+    store: ParamStore,
+    data: Vec<Tokenized>,
+    rows: Vec<Vec<usize>>,
+    pad: u32,
+    switch: AdapterSwitch,
+}
+
+impl Method for Sft {
+    type Batch = RowBatch;
+
+    fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    fn epoch_len(&self) -> Option<usize> {
+        Some(self.rows.len())
+    }
+
+    fn batch(&mut self, draws: &[usize]) -> Result<RowBatch> {
+        let rows: Vec<Vec<&Tokenized>> = draws
+            .iter()
+            .map(|&r| self.rows[r].iter().map(|&e| &self.data[e]).collect())
+            .collect();
+        Ok(build_batch(&rows, self.pad))
+    }
+
+    fn units(&self, b: &RowBatch) -> usize {
+        b.w.iter().filter(|&&w| w > 0.0).count()
+    }
+
+    fn tokens(&self, b: &RowBatch) -> usize {
+        b.segments.iter().flatten().sum()
+    }
+
+    fn loss(&mut self, b: &RowBatch) -> Result<Tensor> {
+        masked_loss(&self.model, b)
+    }
+
+    fn train_mode(&self, key: Option<u64>) {
+        self.switch.set_training(key.is_some(), key.unwrap_or(0));
+    }
+}
+
+pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
+    let cfg = o.train.resolve(&o.train_defaults())?;
+    let lora_cfg = o.peft.lora()?;
+    let model_path = o
+        .model
+        .clone()
+        .context("sft needs a base model: --model DIR (or `model` in the config)")?;
+    let data_path = o
+        .data
+        .clone()
+        .context("sft needs training data: --data FILE.jsonl (or `data` in the config)")?;
+    let run_dir = ctl.run_dir(&o.out)?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let toml = crate::config::to_toml(&o)?;
 
     // 1. Base model: every weight frozen for LoRA (no gradient, no weight-gradient GEMM).
-    let peft = o.lora.is_some();
-    let mut m = hf::load(&o.model, &o.device, &|_| peft)?;
+    let peft = lora_cfg.is_some();
+    let mut m = hf::load(&model_path, &ctl.device, &|_| peft)?;
     let template = match &o.chat_template {
         Some(p) => {
             Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
@@ -93,11 +170,10 @@ pub fn run(o: Options) -> Result<Summary> {
     let tpl: ChatTemplate = m.chat("sft")?;
 
     // 2. Data.
-    let examples = read_jsonl(&o.data)?;
-    let ctx = m.model.cfg.max_position_embeddings;
-    let max_len = o.max_len.min(ctx);
+    let examples = read_jsonl(&data_path)?;
+    let max_len = o.max_len.min(m.model.cfg.max_position_embeddings);
     if max_len < 2 {
-        bail!("--max-len must be at least 2");
+        bail!("max_len must be at least 2");
     }
     let fmt = Formatter {
         tok: &m.tok,
@@ -110,16 +186,19 @@ pub fn run(o: Options) -> Result<Summary> {
             .iter()
             .any(|e| matches!(e.example, crate::data::sft::Example::Chat(_)))
     {
-        say("note: the model has no chat template; conversations use the default ChatML template");
+        ctl.say(
+            "note: the model has no chat template; conversations use the default ChatML template",
+        );
     }
-    let (data, counts) = tokenize_all(&fmt, &examples, max_len, |w| say(w))?;
+    let (data, counts) = tokenize_all(&fmt, &examples, max_len, |w| ctl.say(w))?;
     let targets: usize = data.iter().map(Tokenized::n_targets).sum();
-    say(&format!(
+    ctl.say(&format!(
         "data: {} examples ({} truncated, {} skipped), {targets} trained tokens",
         data.len(),
         counts.truncated,
         counts.dropped
     ));
+    let pad = fmt.eos.unwrap_or(0);
 
     // 3. Forgetting baseline, measured on the base model.
     let forget_ids = match &o.forgetting_eval {
@@ -133,19 +212,19 @@ pub fn run(o: Options) -> Result<Summary> {
 
     // 4. Adapters.
     let switch = AdapterSwitch::default();
-    let adapters = match &o.lora {
-        Some(cfg) => Some(lora::attach(
+    let adapters: Option<Lora> = match &lora_cfg {
+        Some(c) => Some(lora::attach(
             &mut m.model,
             &mut m.store,
-            cfg,
+            c,
             None,
-            o.seed,
+            cfg.seed,
             &switch,
         )?),
         None => None,
     };
     let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
-    say(&format!(
+    ctl.say(&format!(
         "trainable parameters: {trainable} of {total} ({:.3}%){}",
         100.0 * trainable as f64 / total as f64,
         match &adapters {
@@ -153,153 +232,108 @@ pub fn run(o: Options) -> Result<Summary> {
             None => String::new(),
         }
     ));
-
-    // 5. Loop.
-    let mut opt = AdamW::new(&m.store, AdamWConfig::with_weight_decay(o.weight_decay))?;
-    let per_step = o.batch_size * o.grad_accum;
-    if per_step == 0 {
-        bail!("--batch-size and --grad-accum must be positive");
-    }
-    let rows = rows_of(&data, o.packing, max_len, o.seed);
+    let rows = rows_of(&data, o.packing, max_len, cfg.seed);
     if o.packing {
-        say(&format!(
+        ctl.say(&format!(
             "packing: {} examples into {} rows of up to {max_len} tokens",
             data.len(),
             rows.len()
         ));
     }
-    let total_steps = o
-        .max_steps
-        .unwrap_or((o.epochs * rows.len()).div_ceil(per_step) as u64);
-    if total_steps == 0 {
-        bail!("nothing to do: 0 steps (check --epochs / --max-steps)");
+
+    // 5. The engine.
+    let hf::LoadedModel {
+        model,
+        store,
+        tok,
+        eos_ids,
+        chat_template,
+    } = m;
+    let mut method = Sft {
+        model,
+        store,
+        data,
+        rows,
+        pad,
+        switch,
+    };
+    let mut t = Trainer::new(&method, cfg)?;
+    let files = RunFiles {
+        run_dir: &run_dir,
+        config_toml: &toml,
+        command: "sft",
+    };
+    let outcome = engine::run(&mut method, &mut t, &ctl, &files)?;
+    let Sft { model, store, .. } = method;
+    let mut m = hf::LoadedModel {
+        model,
+        store,
+        tok,
+        eos_ids,
+        chat_template,
+    };
+    let mut summary = Summary {
+        run_dir: run_dir.clone(),
+        outcome,
+        counts,
+        trainable,
+        total,
+        forgetting: None,
+        output: None,
+    };
+    if !summary.outcome.finished() {
+        return Ok(summary);
     }
-    let pad = fmt.eos.unwrap_or(0);
-    let mut metrics = std::fs::File::create(o.out.join("metrics.jsonl"))
-        .with_context(|| format!("creating {}", o.out.join("metrics.jsonl").display()))?;
-    let started = Instant::now();
-    let mut losses = Vec::new();
-    let mut stream = Stream::new(o.seed, rows.len());
-    for step in 0..total_steps {
-        let t0 = Instant::now();
-        let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
-        let micro: Vec<Vec<Vec<&Tokenized>>> = (0..o.grad_accum)
-            .map(|mi| {
-                (0..o.batch_size)
-                    .map(|i| {
-                        let p = (step as usize * o.grad_accum + mi) * o.batch_size + i;
-                        rows[stream.get(p)].iter().map(|&e| &data[e]).collect()
-                    })
-                    .collect()
-            })
-            .collect();
-        let n_targets: usize = micro
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|t| t.n_targets())
-            .sum();
-        let mut grads: Option<Grads> = None;
-        let mut nll = 0f64;
-        for (mi, exs) in micro.iter().enumerate() {
-            switch.set_training(true, (step << 8) ^ mi as u64 ^ o.seed.rotate_left(32));
-            let (sum, g) = masked_step(&m.model, &m.store, exs, pad, n_targets)?;
-            nll += sum;
-            match grads.as_mut() {
-                Some(acc) => acc.accumulate(g)?,
-                None => grads = Some(g),
-            }
-        }
-        switch.set_training(false, 0);
-        let mut grads = grads.context("no micro-batch")?;
-        let loss = (nll / n_targets as f64) as f32;
-        if !loss.is_finite() {
-            bail!("loss became {loss} at step {step}; lower --lr");
-        }
-        let norm = grads.global_norm()?;
-        if o.grad_clip > 0.0 && norm > o.grad_clip {
-            grads.scale(o.grad_clip / norm)?;
-        }
-        opt.step(&m.store, &grads, lr)?;
-        losses.push(loss);
-        let dt = t0.elapsed().as_secs_f64();
-        let rss = crate::bench::peak_rss_mib();
-        writeln!(
-            metrics,
-            "{}",
-            json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                   "trained_tokens": n_targets, "step_s": dt,
-                   "peak_rss_mib": rss})
-        )?;
-        if !o.quiet && ((step + 1) % (total_steps / 20).max(1) == 0 || step + 1 == total_steps) {
-            eprintln!(
-                "step {:>5}/{total_steps}  loss {loss:.4}  lr {lr:.2e}  {dt:.2}s  peak RSS {rss:.0} MiB",
-                step + 1
-            );
-        }
-    }
-    let seconds = started.elapsed().as_secs_f64();
 
     // 6. Output.
-    let base = o.model.display().to_string();
+    let base = model_path.display().to_string();
     let output = match &adapters {
         Some(a) => {
-            let dir = o.out.join("adapter");
+            let dir = run_dir.join("adapter");
             write_dir(&dir, |tmp| {
                 a.write_files(tmp, &m.store, &base, &lora::Head::causal_lm())?;
                 m.tok.save(&tmp.join("tokenizer.json"))?;
                 std::fs::write(tmp.join("chat_template.jinja"), &template)?;
                 Ok(())
             })?;
-            if o.merge {
+            if o.peft.merge {
                 a.merge(&mut m.model, &m.store)?;
-                hf::save_loaded(&o.out.join("model"), &m)?;
-                say(&format!(
+                hf::save_loaded(&run_dir.join("model"), &m)?;
+                ctl.say(&format!(
                     "merged model written to {}",
-                    o.out.join("model").display()
+                    run_dir.join("model").display()
                 ));
             }
             dir
         }
         None => {
-            let dir = o.out.join("model");
+            let dir = run_dir.join("model");
             hf::save_loaded(&dir, &m)?;
             dir
         }
     };
-    say(&format!("wrote {}", output.display()));
+    ctl.say(&format!("wrote {}", output.display()));
+    summary.output = Some(output);
 
     // 7. Forgetting: the same text under the fine-tuned model.
-    let forgetting = match (&forget_ids, before) {
-        (Some(ids), Some(b)) => {
-            let after = score_text_ids(&m.model, ids)?;
-            writeln!(
-                metrics,
-                "{}",
-                json!({"forgetting_eval": o.forgetting_eval.as_ref().map(|p| p.display().to_string()),
-                       "ppl_before": b.ppl(), "ppl_after": after.ppl(), "tokens": b.tokens})
-            )?;
-            Some((b, after))
-        }
-        _ => None,
-    };
-    writeln!(
-        metrics,
-        "{}",
-        json!({"summary": true, "steps": total_steps, "final_loss": losses.last(),
-               "examples": data.len(), "truncated": counts.truncated, "skipped": counts.dropped,
-               "trainable_params": trainable, "total_params": total, "seconds": seconds})
+    let mut metrics = Metrics::open(&run_dir)?;
+    if let (Some(ids), Some(b)) = (&forget_ids, before) {
+        let after = score_text_ids(&m.model, ids)?;
+        metrics.line(
+            &json!({"forgetting_eval": o.forgetting_eval.as_ref().map(|p| p.display().to_string()),
+               "ppl_before": b.ppl(), "ppl_after": after.ppl(), "tokens": b.tokens}),
+        )?;
+        summary.forgetting = Some((b, after));
+    }
+    let (oc, counts) = (&summary.outcome, &summary.counts);
+    metrics.line(
+        &json!({"summary": true, "steps": oc.steps, "final_loss": oc.losses.last().map(|l| l.1),
+           "examples": counts.kept + counts.truncated, "truncated": counts.truncated,
+           "skipped": counts.dropped, "skipped_steps": oc.skipped,
+           "trainable_params": trainable, "total_params": total, "seconds": oc.seconds,
+           "step_s_median": oc.step_s_median, "peak_rss_mib": oc.peak_rss_mib}),
     )?;
-    Ok(Summary {
-        steps: total_steps,
-        losses,
-        counts,
-        trainable,
-        total,
-        forgetting,
-        seconds,
-        output,
-    })
+    Ok(summary)
 }
 
 /// Groups examples into rows: one example per row, or with `packing` as many consecutive
@@ -359,30 +393,16 @@ pub fn build_batch(rows: &[Vec<&Tokenized>], pad: u32) -> RowBatch {
     }
 }
 
-/// Forward + backward of one micro-batch whose loss is its summed NLL over trained tokens
-/// divided by the step's trained-token count. Returns the summed NLL and the gradients.
-/// Rows holding several examples run with `Packing` (positions and attention per example).
-pub fn masked_step(
-    model: &DecoderModel,
-    store: &ParamStore,
-    rows: &[Vec<&Tokenized>],
-    pad: u32,
-    step_targets: usize,
-) -> Result<(f64, Grads)> {
+/// Summed NLL over the trained tokens of a right-padded batch of rows. Rows holding several
+/// examples run with `Packing` (positions and attention per example).
+pub fn masked_loss(model: &DecoderModel, rb: &RowBatch) -> Result<Tensor> {
     let dev = model.device();
-    let RowBatch {
-        x,
-        y,
-        w,
-        t,
-        segments: segs,
-    } = build_batch(rows, pad);
-    let b = rows.len();
-    let x = Tensor::from_vec(x, (b, t), dev)?;
-    let y = Tensor::from_vec(y, b * t, dev)?;
-    let w = Tensor::from_vec(w, b * t, dev)?;
-    let packing = if segs.iter().any(|s| s.len() > 1) {
-        Some(Packing::new(&segs, t, dev)?)
+    let (b, t) = (rb.segments.len(), rb.t);
+    let x = Tensor::from_slice(&rb.x, (b, t), dev)?;
+    let y = Tensor::from_slice(&rb.y, b * t, dev)?;
+    let w = Tensor::from_slice(&rb.w, b * t, dev)?;
+    let packing = if rb.segments.iter().any(|s| s.len() > 1) {
+        Some(Packing::new(&rb.segments, t, dev)?)
     } else {
         None
     };
@@ -392,10 +412,7 @@ pub fn masked_step(
     };
     let h = model.hidden_states(&model.embed(&x)?, opts)?;
     let logits = model.logits(&h)?.reshape((b * t, model.cfg.vocab_size))?;
-    let nll = (crate::losses::gather_logprobs(&logits, &y)?.neg()? * w)?.sum_all()?;
-    let sum = nll.to_scalar::<f32>()? as f64;
-    let grads = (nll / step_targets.max(1) as f64)?.backward()?;
-    Ok((sum, store.grads(&grads)))
+    Ok((crate::losses::gather_logprobs(&logits, &y)?.neg()? * w)?.sum_all()?)
 }
 
 fn read_text_ids(p: &Path, tok: &crate::tokenizer::Tok) -> Result<Vec<u32>> {

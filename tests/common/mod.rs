@@ -62,3 +62,107 @@ pub fn small_corpus(dir: &Path, bytes: usize) -> PathBuf {
     std::fs::write(&p, &text[..cut]).unwrap();
     p
 }
+
+/// A separable sentiment task (train 160, test 40 lines of JSONL {text, label}).
+pub fn classify_data(dir: &Path) -> (String, String) {
+    let (pos, neg) = (
+        ["good", "great", "lovely", "fine"],
+        ["bad", "vile", "foul", "cruel"],
+    );
+    let filler = ["the", "lord", "king", "is", "a", "day"];
+    let mut r = lmforge::rng::Rng::new(3);
+    let mut mk = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let p = r.below(2) == 0;
+                let mut w: Vec<&str> = (0..3)
+                    .map(|_| {
+                        if p {
+                            pos[r.below(4) as usize]
+                        } else {
+                            neg[r.below(4) as usize]
+                        }
+                    })
+                    .collect();
+                w.extend((0..3).map(|_| filler[r.below(6) as usize]));
+                serde_json::json!({"text": w.join(" "), "label": if p { "pos" } else { "neg" }})
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (tr, te) = (dir.join("train.jsonl"), dir.join("test.jsonl"));
+    std::fs::write(&tr, mk(160)).unwrap();
+    std::fs::write(&te, mk(40)).unwrap();
+    (tr.display().to_string(), te.display().to_string())
+}
+
+/// SQuAD v1.1 JSON of `n` "where was X born?" questions (non-ASCII contexts).
+pub fn squad(dir: &Path, name: &str, n: usize, seed: u64) -> String {
+    let names = ["hamlet", "horatio", "ophelia", "laertes"];
+    let places = ["denmark", "norway", "france", "elsinore"];
+    let filler = [
+        "the", "king", "is", "dead", "and", "lord", "speaks", "at", "night",
+    ];
+    let mut r = lmforge::rng::Rng::new(seed);
+    let mut words = |k: u64| {
+        (0..k)
+            .map(|_| filler[r.below(9) as usize])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut paras = Vec::new();
+    let mut r2 = lmforge::rng::Rng::new(seed + 1);
+    for i in 0..n {
+        let (who, place) = (names[r2.below(4) as usize], places[r2.below(4) as usize]);
+        // A non-ASCII prefix makes character and byte offsets differ.
+        let ctx = format!(
+            "é {}. {who} was born in {place}. {}.",
+            words(3 + (i as u64 % 20)),
+            words(5)
+        );
+        let start = ctx.chars().count()
+            - ctx[ctx.find(" was born in ").unwrap() + 13..]
+                .chars()
+                .count();
+        paras.push(serde_json::json!({"context": ctx, "qas": [{"id": format!("q{i}"), "question": format!("where was {who} born?"),
+            "answers": [{"text": place, "answer_start": start}]}]}));
+    }
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        serde_json::json!({"data": [{"title": "t", "paragraphs": paras}]}).to_string(),
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+/// CoNLL BIO sentences with PER and LOC entities.
+pub fn conll(dir: &Path, name: &str, n: usize, seed: u64) -> String {
+    let (people, places) = (
+        ["Hamlet", "Horatio", "Ophelia", "Laertes"],
+        ["Denmark", "Elsinore", "Norway"],
+    );
+    let fill = ["the", "lord", "went", "to", "saw", "and", "spoke", "with"];
+    let mut r = lmforge::rng::Rng::new(seed);
+    let mut s = String::from("-DOCSTART- -X- O\n\n");
+    for _ in 0..n {
+        for _ in 0..3 + r.below(4) {
+            let x = r.below(100);
+            if x < 25 {
+                s += &format!("{} NNP B-PER\n", people[r.below(4) as usize]);
+                if r.below(3) == 0 {
+                    s += "Prince NNP I-PER\n";
+                }
+            } else if x < 45 {
+                s += &format!("{} NNP B-LOC\n", places[r.below(3) as usize]);
+            } else {
+                s += &format!("{} XX O\n", fill[r.below(8) as usize]);
+            }
+        }
+        s += "\n";
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, s).unwrap();
+    p.display().to_string()
+}

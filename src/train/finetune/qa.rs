@@ -10,18 +10,16 @@
 //! normalisation (`eval::metrics`). Encoders only: a causal decoder cannot see the context after
 //! a start position.
 
+use super::{load_body, train, FinetuneOptions, HeadSpec, Summary, TaskMethod, Tuned};
 use crate::eval::metrics::{exact_match, squad_f1};
-use crate::model::backbone::{add_head, open_metrics, write_head_outputs, Backbone, HeadOutputs};
-use crate::rng::Stream;
+use crate::model::backbone::Backbone;
+use crate::model::ParamStore;
 use crate::tokenizer::Tok;
-use crate::train::classify::{optimizer_step, plan, Options, Summary};
-use crate::train::optim::lr_at;
+use crate::train::engine::{Control, Method};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct Question {
@@ -194,63 +192,85 @@ pub fn windows(tok: &Tok, qs: &[Question], max_len: usize, stride: usize) -> Res
     Ok(out)
 }
 
-pub fn run(o: Options, stride: usize) -> Result<Summary> {
-    let say = |s: &str| {
-        if !o.quiet {
-            eprintln!("{s}");
-        }
-    };
-    if o.forgetting_eval.is_some() {
-        bail!("--forgetting-eval measures causal-LM perplexity; extractive QA runs on encoders, which have none");
-    }
-    let train = read_squad(&o.data)?;
-    let eval = match &o.eval_data {
-        Some(p) => read_squad(p)?,
-        None => Vec::new(),
-    };
-    let peft = o.lora.is_some();
-    let mut m = Backbone::load(&o.model, &o.device, false, &|_| peft)?;
-    if !matches!(m.body, Backbone::Encoder(_)) {
-        bail!(
-            "{}: extractive QA needs a bidirectional encoder (BERT); decoders are not supported",
-            o.model.display()
-        );
-    }
-    let max_len = o.max_len.min(m.body.max_len());
-    if o.batch_size == 0 || stride >= max_len / 2 {
-        bail!("--batch-size must be positive and --stride less than half of --max-len ({max_len})");
-    }
-    let (tw, ew) = (
-        windows(&m.tok, &train, max_len, stride)?,
-        windows(&m.tok, &eval, max_len, stride)?,
-    );
-    let (head, switch, adapters) =
-        add_head(&mut m, "qa_outputs", true, 2, o.lora.as_ref(), o.seed)?;
-    let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
-    say(&format!(
-        "{} train questions ({} windows), {} eval ({} windows); trainable parameters {trainable} of {total}",
-        train.len(),
-        tw.len(),
-        eval.len(),
-        ew.len()
-    ));
-    let pad = m.body.pad_id(&m.tok);
-    let dev = o.device.clone();
-    // (B, T) start and end logits of a batch of windows.
-    let logits = |ws: &[&Window]| -> Result<(Tensor, Tensor)> {
+struct Qa {
+    t: Tuned,
+    train: Vec<Window>,
+    eval_windows: Vec<Window>,
+    eval: Vec<Question>,
+    eval_batch: usize,
+}
+
+impl Qa {
+    /// (B, T) start and end logits of a batch of windows.
+    fn logits(&self, ws: &[&Window]) -> Result<(Tensor, Tensor)> {
+        let t = &self.t;
         let rows: Vec<Vec<u32>> = ws.iter().map(|w| w.ids.clone()).collect();
-        let se = head.forward(&m.body.token_states(&rows, pad, &dev)?)?; // (B, T, 2)
+        let se = t
+            .head
+            .forward(&t.m.body.token_states(&rows, t.pad, t.device())?)?; // (B, T, 2)
         Ok((
             se.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?,
             se.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?,
         ))
-    };
-    let evaluate = || -> Result<(f64, f64)> {
+    }
+}
+
+impl Method for Qa {
+    /// Indices of training windows.
+    type Batch = Vec<usize>;
+
+    fn store(&self) -> &ParamStore {
+        &self.t.m.store
+    }
+
+    fn epoch_len(&self) -> Option<usize> {
+        Some(self.train.len())
+    }
+
+    fn batch(&mut self, draws: &[usize]) -> Result<Vec<usize>> {
+        Ok(draws.to_vec())
+    }
+
+    fn units(&self, b: &Vec<usize>) -> usize {
+        b.len()
+    }
+
+    fn tokens(&self, b: &Vec<usize>) -> usize {
+        b.iter().map(|&i| self.train[i].ids.len()).sum()
+    }
+
+    fn loss(&mut self, b: &Vec<usize>) -> Result<Tensor> {
+        let batch: Vec<&Window> = b.iter().map(|&i| &self.train[i]).collect();
+        let (s, e) = self.logits(&batch)?;
+        let dev = self.t.device();
+        let n = batch.len();
+        let ts: Vec<u32> = batch.iter().map(|w| w.target.0).collect();
+        let te: Vec<u32> = batch.iter().map(|w| w.target.1).collect();
+        // Padding positions must not win: they are real logits of pad tokens, so mask them.
+        let t = s.dim(1)?;
+        let mask: Vec<f32> = batch
+            .iter()
+            .flat_map(|w| (0..t).map(move |i| if i < w.ids.len() { 0.0 } else { -1e9 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, t), dev)?;
+        let ls = crate::losses::nll_sum(&(s + &mask)?, &Tensor::from_vec(ts, n, dev)?)?;
+        let le = crate::losses::nll_sum(&(e + &mask)?, &Tensor::from_vec(te, n, dev)?)?;
+        Ok(((ls + le)? * 0.5)?)
+    }
+
+    fn train_mode(&self, key: Option<u64>) {
+        self.t.train_mode(key);
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        if self.eval.is_empty() {
+            return Ok(Vec::new());
+        }
         // Best (score, start byte, end byte) per question over its windows.
-        let mut best: Vec<Option<(f32, usize, usize)>> = vec![None; eval.len()];
-        for chunk in ew.chunks(o.batch_size) {
+        let mut best: Vec<Option<(f32, usize, usize)>> = vec![None; self.eval.len()];
+        for chunk in self.eval_windows.chunks(self.eval_batch) {
             let refs: Vec<&Window> = chunk.iter().collect();
-            let (s, e) = logits(&refs)?;
+            let (s, e) = self.logits(&refs)?;
             let (s, e): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
                 s.to_dtype(DType::F32)?.to_vec2()?,
                 e.to_dtype(DType::F32)?.to_vec2()?,
@@ -270,93 +290,75 @@ pub fn run(o: Options, stride: usize) -> Result<Summary> {
             }
         }
         let (mut em, mut f1) = (0f64, 0f64);
-        for (q, b) in eval.iter().zip(&best) {
+        for (q, b) in self.eval.iter().zip(&best) {
             let pred = b.map_or("", |(_, s, e)| q.context.get(s..e).unwrap_or(""));
             let golds: Vec<String> = q.answers.iter().map(|a| a.0.clone()).collect();
             em += exact_match(pred, &golds);
             f1 += squad_f1(pred, &golds);
         }
-        Ok((
-            100.0 * em / eval.len() as f64,
-            100.0 * f1 / eval.len() as f64,
-        ))
-    };
-    let (mut opt, per_epoch, total_steps) = plan(&o, &m.store, tw.len())?;
-    let mut metrics = open_metrics(&o.out)?;
-    let mut stream = Stream::new(o.seed, tw.len());
-    let (started, mut times) = (Instant::now(), Vec::new());
-    let mut scores = None;
-    for step in 0..total_steps {
-        let t0 = Instant::now();
-        let batch: Vec<&Window> = (0..o.batch_size)
-            .map(|i| &tw[stream.get(step as usize * o.batch_size + i)])
-            .collect();
-        switch.set_training(true, step ^ o.seed.rotate_left(29));
-        let (s, e) = logits(&batch)?;
-        switch.set_training(false, 0);
-        let n = batch.len();
-        let ts = Tensor::from_vec(
-            batch.iter().map(|w| w.target.0).collect::<Vec<_>>(),
-            n,
-            &dev,
-        )?;
-        let te = Tensor::from_vec(
-            batch.iter().map(|w| w.target.1).collect::<Vec<_>>(),
-            n,
-            &dev,
-        )?;
-        // Padding positions must not win: they are real logits of pad tokens, so mask them.
-        let t = s.dim(1)?;
-        let mask: Vec<f32> = batch
-            .iter()
-            .flat_map(|w| (0..t).map(move |i| if i < w.ids.len() { 0.0 } else { -1e9 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (n, t), &dev)?;
-        let loss = ((crate::losses::cross_entropy(&(s + &mask)?, &ts)?
-            + crate::losses::cross_entropy(&(e + &mask)?, &te)?)?
-            * 0.5)?;
-        let lr = lr_at(step, o.lr, 0.0, o.warmup_steps, total_steps);
-        let lv = optimizer_step(&m.store, &mut opt, &loss, lr, step, &mut metrics)?;
-        times.push(t0.elapsed().as_secs_f64());
-        if ((step + 1) % per_epoch == 0 || step + 1 == total_steps) && !eval.is_empty() {
-            let (em, f1) = evaluate()?;
-            scores = Some((em, f1));
-            let epoch = (step + 1).div_ceil(per_epoch);
-            writeln!(
-                metrics,
-                "{}",
-                json!({"epoch": epoch, "exact_match": em, "f1": f1})
-            )?;
-            say(&format!(
-                "epoch {epoch}: loss {lv:.4}  exact match {em:.2}  F1 {f1:.2}"
-            ));
-        }
+        let n = self.eval.len() as f64;
+        Ok(vec![
+            ("exact_match", 100.0 * em / n),
+            ("f1", 100.0 * f1 / n),
+        ])
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let checkpoint_bytes = write_head_outputs(&mut HeadOutputs {
-        m: &mut m,
+}
+
+impl TaskMethod for Qa {
+    fn tuned(&mut self) -> &mut Tuned {
+        &mut self.t
+    }
+}
+
+pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
+    let cfg = o.train.resolve(&o.train_defaults())?;
+    if o.forgetting_eval.is_some() {
+        bail!("--forgetting-eval measures causal-LM perplexity; extractive QA runs on encoders, which have none");
+    }
+    let train_q = read_squad(o.data()?)?;
+    let eval = match &o.eval_data {
+        Some(p) => read_squad(p)?,
+        None => Vec::new(),
+    };
+    let m = load_body(&o, &ctl, false)?;
+    if !matches!(m.body, Backbone::Encoder(_)) {
+        bail!(
+            "{}: extractive QA needs a bidirectional encoder (BERT); decoders are not supported",
+            o.model()?.display()
+        );
+    }
+    let t = Tuned::new(m, &o, ("qa_outputs", true), 2, cfg.seed)?;
+    if o.stride >= t.max_len / 2 {
+        bail!(
+            "--stride must be less than half of --max-len ({})",
+            t.max_len
+        );
+    }
+    let (tw, ew) = (
+        windows(&t.m.tok, &train_q, t.max_len, o.stride)?,
+        windows(&t.m.tok, &eval, t.max_len, o.stride)?,
+    );
+    let (trainable, total) = (t.m.store.num_trainable(), t.m.store.num_params());
+    ctl.say(&format!(
+        "{} train questions ({} windows), {} eval ({} windows); trainable parameters {trainable} of {total}",
+        train_q.len(),
+        tw.len(),
+        eval.len(),
+        ew.len()
+    ));
+    let method = Qa {
+        t,
+        train: tw,
+        eval_windows: ew,
+        eval,
+        eval_batch: cfg.batch_size,
+    };
+    // transformers sizes `qa_outputs` by num_labels: 2 (start, end).
+    let labels = ["LABEL_0".to_string(), "LABEL_1".to_string()];
+    let spec = HeadSpec {
         kind: "QuestionAnswering",
         peft_task: "QUESTION_ANS",
-        head_name: "qa_outputs",
-        // transformers sizes `qa_outputs` by num_labels: 2 (start, end).
-        labels: &["LABEL_0".to_string(), "LABEL_1".to_string()],
-        pad,
-        max_len,
-        adapters: adapters.as_ref(),
-        out: &o.out,
-        base: &o.model,
-        merge: o.merge,
-    })?;
-    let summary = Summary {
-        squad: scores,
-        ..Summary::new(
-            total_steps,
-            seconds,
-            times,
-            (trainable, total),
-            checkpoint_bytes,
-        )
+        labels: &labels,
     };
-    summary.write_line(&mut metrics, json!({}))?;
-    Ok(summary)
+    train(method, &o, ctl, spec, json!({}))
 }

@@ -1,0 +1,359 @@
+//! Task fine-tuning: a pre-trained body (BERT encoder or decoder, `model::backbone`) under a
+//! fresh task head, in full or with LoRA — one module per task: `classify` (sequences), `ner`
+//! (tokens), `qa` (extractive spans). What they share lives here: the options, loading the body
+//! and adding the head, the forgetting report, and the outputs (`out/model` as the transformers
+//! class with that head, or `out/adapter` with the head as PEFT's `modules_to_save`).
+
+pub mod classify;
+pub mod ner;
+pub mod qa;
+
+use crate::config::clap_defaults;
+use crate::fsutil::{write_dir, write_json};
+use crate::model::backbone::{saved_with_head, Backbone, LoadedBackbone};
+use crate::model::layers::{Builder, Layout, Linear};
+use crate::model::params::Source;
+use crate::peft::lora::{self, Lora, LoraConfig};
+use crate::peft::{AdapterSwitch, PeftArgs};
+use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
+use crate::train::engine::{TrainArgs, TrainConfig, Trainer};
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Sequence classification (text, label): accuracy and macro-F1.
+    Classify,
+    /// Token classification / NER (CoNLL BIO files): entity-level F1.
+    Ner,
+    /// Extractive question answering (SQuAD v1.1 JSON), encoders: exact match and F1.
+    Qa,
+}
+
+/// `lmforge finetune`'s options: its flags and its TOML config (`[peft]`, `[train]` sections).
+#[derive(Args, Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneOptions {
+    #[arg(long, value_enum)]
+    pub task: Option<TaskKind>,
+    /// Base model: an HF directory (BERT or decoder) or a .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data: classify: JSONL {"text","label"} or CSV with text,label columns;
+    /// ner: CoNLL lines "word ... TAG" (BIO), blank lines between sentences; qa: SQuAD v1.1 JSON.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out data in the same format, evaluated after every epoch (or --eval-every steps).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Run directory: metrics.jsonl, checkpoints/, model/ or adapter/.
+    #[arg(long, default_value = "runs/finetune")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// qa: tokens shared by consecutive windows of a long context.
+    #[arg(long, default_value_t = 64)]
+    pub stride: usize,
+    /// Decoders: a text file whose perplexity is reported before and after fine-tuning.
+    #[arg(long)]
+    pub forgetting_eval: Option<PathBuf>,
+    #[command(flatten)]
+    pub peft: PeftArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+impl Default for FinetuneOptions {
+    fn default() -> Self {
+        clap_defaults()
+    }
+}
+
+impl FinetuneOptions {
+    /// Task fine-tuning's engine defaults (BERT's recipe: 3 epochs, lr 5e-5; LoRA 5e-4).
+    pub fn train_defaults(&self) -> TrainConfig {
+        TrainConfig {
+            lr: if self.peft.method.is_some() {
+                5e-4
+            } else {
+                5e-5
+            },
+            batch_size: 16,
+            epochs: 3,
+            weight_decay: 0.01,
+            schedule: Schedule::Cosine,
+            ..TrainConfig::base()
+        }
+    }
+
+    fn model(&self) -> Result<&Path> {
+        self.model
+            .as_deref()
+            .context("finetune needs a base model: --model DIR (or `model` in the config)")
+    }
+
+    fn data(&self) -> Result<&Path> {
+        self.data
+            .as_deref()
+            .context("finetune needs training data: --data FILE (or `data` in the config)")
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub outcome: Outcome,
+    pub trainable: usize,
+    pub total: usize,
+    /// The last evaluation (headline first).
+    pub eval: Vec<(&'static str, f64)>,
+    /// Perplexity of the forgetting-evaluation text before and after.
+    pub forgetting: Option<(f64, f64)>,
+    /// Bytes of the written weights (adapter + head, or the whole model).
+    pub checkpoint_bytes: u64,
+}
+
+impl Summary {
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.eval.iter().find(|(k, _)| *k == name).map(|e| e.1)
+    }
+}
+
+pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
+    match o
+        .task
+        .context("finetune needs a task: --task classify|ner|qa (or `task` in the config)")?
+    {
+        TaskKind::Classify => classify::run(o, ctl),
+        TaskKind::Ner => ner::run(o, ctl),
+        TaskKind::Qa => qa::run(o, ctl),
+    }
+}
+
+/// A body under a task head, with what training and output need to know about it.
+pub struct Tuned {
+    pub m: LoadedBackbone,
+    pub head: Linear,
+    pub head_name: &'static str,
+    pub switch: AdapterSwitch,
+    pub adapters: Option<Lora>,
+    pub pad: u32,
+    pub max_len: usize,
+    forgetting: Forgetting,
+}
+
+/// BERT's pooler belongs to a classification head: it trains under LoRA too and is saved with
+/// the adapter (also when the checkpoint has none).
+pub const POOLER: &str = "bert.pooler.";
+
+/// Loads the body of `o.model`, frozen for LoRA except BERT's pooler when `pooler` (sequence
+/// classification reads it; token heads do not build it).
+pub fn load_body(o: &FinetuneOptions, ctl: &Control, pooler: bool) -> Result<LoadedBackbone> {
+    let peft = o.peft.method.is_some();
+    Backbone::load(o.model()?, &ctl.device, pooler, &|n: &str| {
+        peft && !(pooler && n.starts_with(POOLER))
+    })
+}
+
+impl Tuned {
+    /// Adds a fresh head `name` (hidden size → `n`, normal(0.02) init) and, with LoRA, adapters
+    /// on the body's linear layers; measures the forgetting baseline.
+    pub fn new(
+        mut m: LoadedBackbone,
+        o: &FinetuneOptions,
+        (name, bias): (&'static str, bool),
+        n: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let lora_cfg: Option<LoraConfig> = o.peft.lora()?;
+        let hidden = m.body.hidden_size();
+        let head = {
+            let mut b = Builder {
+                store: &mut m.store,
+                source: &Source::Random { seed },
+                frozen: &|_| false,
+            };
+            Linear::new(&mut b, name, hidden, n, bias, Layout::OutIn, 0.02)?
+        };
+        let switch = AdapterSwitch::default();
+        let adapters = match &lora_cfg {
+            Some(c) => Some(lora::attach_to(
+                m.body.linears_mut(),
+                &mut m.store,
+                c,
+                None,
+                seed,
+                &switch,
+            )?),
+            None => None,
+        };
+        let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &m)?;
+        let max_len = o.max_len.min(m.body.max_len());
+        if max_len < 2 {
+            anyhow::bail!("max_len must be at least 2");
+        }
+        Ok(Self {
+            pad: m.body.pad_id(&m.tok),
+            m,
+            head,
+            head_name: name,
+            switch,
+            adapters,
+            max_len,
+            forgetting,
+        })
+    }
+
+    /// Dropout of the adapters on (keyed) or off.
+    pub fn train_mode(&self, key: Option<u64>) {
+        self.switch.set_training(key.is_some(), key.unwrap_or(0));
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        &self.m.store.device
+    }
+}
+
+/// A task's method: the engine's `Method` plus access to its body and head.
+pub trait TaskMethod: Method {
+    fn tuned(&mut self) -> &mut Tuned;
+}
+
+/// How a task's outputs are named: transformers' class suffix, PEFT's task type, the labels.
+pub struct HeadSpec<'a> {
+    /// "SequenceClassification", "TokenClassification", "QuestionAnswering".
+    pub kind: &'a str,
+    /// "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS".
+    pub peft_task: &'a str,
+    pub labels: &'a [String],
+}
+
+/// Trains `method` on the engine, then writes the outputs, the forgetting report and the
+/// summary line (with `extra` keys of the task).
+pub fn train<M: TaskMethod>(
+    mut method: M,
+    o: &FinetuneOptions,
+    ctl: Control,
+    spec: HeadSpec,
+    extra: serde_json::Value,
+) -> Result<Summary> {
+    let cfg = o.train.resolve(&o.train_defaults())?;
+    let run_dir = ctl.run_dir(&o.out)?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let toml = crate::config::to_toml(o)?;
+    let (trainable, total) = {
+        let s = &method.tuned().m.store;
+        (s.num_trainable(), s.num_params())
+    };
+    let mut t = Trainer::new(&method, cfg)?;
+    let files = RunFiles {
+        run_dir: &run_dir,
+        config_toml: &toml,
+        command: "finetune",
+    };
+    let outcome = engine::run(&mut method, &mut t, &ctl, &files)?;
+    let mut s = Summary {
+        run_dir: run_dir.clone(),
+        eval: outcome.eval.clone(),
+        outcome,
+        trainable,
+        total,
+        ..Default::default()
+    };
+    if !s.outcome.finished() {
+        return Ok(s);
+    }
+    let tuned = method.tuned();
+    s.checkpoint_bytes = write_outputs(tuned, &run_dir, o, &spec)?;
+    s.forgetting = tuned.forgetting.finish(&tuned.m.body)?;
+    let oc = &s.outcome;
+    let mut line = json!({"summary": true, "steps": oc.steps, "seconds": oc.seconds,
+        "step_s_median": oc.step_s_median, "peak_rss_mib": oc.peak_rss_mib,
+        "skipped_steps": oc.skipped, "trainable_params": trainable, "total_params": total,
+        "checkpoint_bytes": s.checkpoint_bytes, "forgetting_ppl": s.forgetting});
+    for (k, v) in &s.eval {
+        line[*k] = json!(v);
+    }
+    if let (Some(l), serde_json::Value::Object(e)) = (line.as_object_mut(), extra) {
+        l.extend(e);
+    }
+    Metrics::open(&run_dir)?.line(&line)?;
+    Ok(s)
+}
+
+/// Writes `out/model` (full fine-tune) or `out/adapter` (LoRA + head as PEFT `modules_to_save`,
+/// plus `out/model` merged with `peft.merge`). Returns the bytes of the weights file written.
+fn write_outputs(h: &mut Tuned, out: &Path, o: &FinetuneOptions, spec: &HeadSpec) -> Result<u64> {
+    let config = h.m.body.head_config(spec.kind, spec.labels, h.pad);
+    let (pad, max_len) = (h.pad, h.max_len);
+    let write_model = |m: &LoadedBackbone, dir: &Path| -> Result<()> {
+        write_dir(dir, |tmp| {
+            write_json(&tmp.join("config.json"), &config)?;
+            m.store
+                .save_safetensors_where(&tmp.join("model.safetensors"), saved_with_head)?;
+            m.tok.save(&tmp.join("tokenizer.json"))?;
+            let mut tc = crate::tokenizer::hf_tokenizer_config(&m.tok, max_len);
+            if let Some(p) = m.tok.inner.id_to_token(pad) {
+                tc["pad_token"] = json!(p);
+            }
+            write_json(&tmp.join("tokenizer_config.json"), &tc)
+        })
+    };
+    let Some(a) = &h.adapters else {
+        write_model(&h.m, &out.join("model"))?;
+        return Ok(std::fs::metadata(out.join("model/model.safetensors"))?.len());
+    };
+    let dir = out.join("adapter");
+    let mut modules = vec![h.head_name];
+    if h.m.store.get("bert.pooler.dense.weight").is_some() {
+        modules.push("pooler");
+    }
+    let extra = lora::Head {
+        task_type: spec.peft_task,
+        modules,
+    };
+    let base = o.model()?.display().to_string();
+    write_dir(&dir, |tmp| a.write_files(tmp, &h.m.store, &base, &extra))?;
+    if o.peft.merge {
+        a.merge_into(h.m.body.linears_mut(), &h.m.store)?;
+        write_model(&h.m, &out.join("model"))?;
+    }
+    Ok(std::fs::metadata(dir.join("adapter_model.safetensors"))?.len())
+}
+
+/// `--forgetting-eval`: the text's perplexity before training, then after.
+struct Forgetting {
+    ids: Option<Vec<u32>>,
+    before: Option<f64>,
+}
+
+impl Forgetting {
+    fn start(path: Option<&Path>, m: &LoadedBackbone) -> Result<Self> {
+        let Some(p) = path else {
+            return Ok(Self {
+                ids: None,
+                before: None,
+            });
+        };
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+        let ids = m.tok.encode(&text, true)?;
+        let before = m.body.lm_score(&ids)?.ppl();
+        Ok(Self {
+            ids: Some(ids),
+            before: Some(before),
+        })
+    }
+
+    /// (before, after); None without --forgetting-eval.
+    fn finish(&mut self, body: &Backbone) -> Result<Option<(f64, f64)>> {
+        let (Some(ids), Some(b)) = (self.ids.take(), self.before) else {
+            return Ok(None);
+        };
+        Ok(Some((b, body.lm_score(&ids)?.ppl())))
+    }
+}

@@ -1,0 +1,303 @@
+//! Token classification (named-entity recognition; BERT §4.3):
+//!
+//!   p(tag_w | x) = softmax(W·h_{first sub-token of word w} + b),   L = mean over words
+//!
+//! Data: CoNLL-style files, one word per line with the BIO tag in the last column, blank lines
+//! between sentences, `-DOCSTART-` lines skipped; every line must have the file's column count.
+//! Words are joined with spaces and tokenized once; each token belongs to the word its byte offset
+//! falls in, and only a word's first sub-token carries its label (transformers' usual alignment;
+//! the others are ignored, −100). Deviation: decoders label the last sub-token (see `align`). Evaluation is entity-level precision/recall/F1 with seqeval's
+//! semantics (`eval::metrics::entity_prf`); words cut away by `--max-len` are predicted `O` and
+//! counted.
+
+use super::{load_body, train, FinetuneOptions, HeadSpec, Summary, TaskMethod, Tuned};
+use crate::eval::metrics::entity_prf;
+use crate::model::backbone::{argmax_rows, Backbone};
+use crate::model::ParamStore;
+use crate::tokenizer::Tok;
+use crate::train::engine::{Control, Method};
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde_json::json;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sentence {
+    pub words: Vec<String>,
+    pub tags: Vec<String>,
+    /// `file:line` of the first word.
+    pub at: String,
+}
+
+pub fn read_conll(path: &Path) -> Result<Vec<Sentence>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut cur: Option<Sentence> = None;
+    let mut ncols = None;
+    for (i, line) in text.lines().enumerate() {
+        let at = format!("{}:{}", path.display(), i + 1);
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.is_empty() || cols[0] == "-DOCSTART-" {
+            out.extend(cur.take());
+            continue;
+        }
+        let n = *ncols.get_or_insert(cols.len());
+        if n < 2 {
+            bail!("{at}: expected a word and a tag per line, found 1 column");
+        }
+        if cols.len() != n {
+            bail!("{at}: {} columns, the file's lines have {n}", cols.len());
+        }
+        let tag = cols[n - 1];
+        if !(tag == "O" || tag.starts_with("B-") || tag.starts_with("I-")) {
+            bail!("{at}: tag {tag:?} is not BIO (O, B-TYPE or I-TYPE)");
+        }
+        let s = cur.get_or_insert_with(|| Sentence {
+            words: Vec::new(),
+            tags: Vec::new(),
+            at,
+        });
+        s.words.push(cols[0].to_string());
+        s.tags.push(tag.to_string());
+    }
+    out.extend(cur);
+    if out.is_empty() {
+        bail!("{}: no sentences", path.display());
+    }
+    Ok(out)
+}
+
+/// Token ids and, per word, the index of the token that carries its label (None when
+/// truncated away).
+pub struct Aligned {
+    pub ids: Vec<u32>,
+    pub first: Vec<Option<usize>>,
+}
+
+/// `last`: label a word's last sub-token instead of its first. A causal decoder at a word's first
+/// token has not seen the word (byte-level BPE often starts it with a bare space token), so
+/// decoders use the last one; encoders see both directions and use the first, as transformers.
+pub fn align(tok: &Tok, words: &[String], max_len: usize, last: bool) -> Result<Aligned> {
+    let mut text = String::new();
+    let mut starts = Vec::with_capacity(words.len());
+    for w in words {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        starts.push(text.len());
+        text.push_str(w);
+    }
+    let (ids, offs) = tok.encode_with_offsets(&text, true)?;
+    let mut first = vec![None; words.len()];
+    for (t, o) in offs.iter().enumerate().take(max_len) {
+        let Some((s, _)) = *o else { continue };
+        // The word whose span holds this token's first byte (a trimmed-space token points at
+        // the start of the word after it).
+        let w = match starts.binary_search(&s) {
+            Ok(w) => w,
+            Err(0) => continue,
+            Err(w) => w - 1,
+        };
+        if (last || first[w].is_none()) && s < starts[w] + words[w].len().max(1) {
+            first[w] = Some(t);
+        }
+    }
+    let mut ids = ids;
+    ids.truncate(max_len);
+    Ok(Aligned { ids, first })
+}
+
+/// A sentence's aligned tokens and its tag ids.
+type Example = (Aligned, Vec<usize>);
+
+struct Ner {
+    t: Tuned,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    eval_gold: Vec<Vec<String>>,
+    labels: Vec<String>,
+    eval_batch: usize,
+}
+
+/// The labelled positions of a batch: flat token positions and their tag ids.
+pub struct NerBatch {
+    idx: Vec<usize>,
+    pos: Vec<u32>,
+    tgt: Vec<u32>,
+}
+
+impl Ner {
+    /// Per-token logits (B, T, L) of a batch of sentences, and T.
+    fn logits(&self, batch: &[&Example]) -> Result<(Tensor, usize)> {
+        let t = &self.t;
+        let rows: Vec<Vec<u32>> = batch.iter().map(|(a, _)| a.ids.clone()).collect();
+        let h = t.m.body.token_states(&rows, t.pad, t.device())?;
+        let len = h.dim(1)?;
+        Ok((t.head.forward(&h)?, len))
+    }
+}
+
+impl Method for Ner {
+    type Batch = NerBatch;
+
+    fn store(&self) -> &ParamStore {
+        &self.t.m.store
+    }
+
+    fn epoch_len(&self) -> Option<usize> {
+        Some(self.train.len())
+    }
+
+    fn batch(&mut self, draws: &[usize]) -> Result<NerBatch> {
+        // Targets at each word's labelled sub-token; everything else carries no loss.
+        let tmax = draws
+            .iter()
+            .map(|&i| self.train[i].0.ids.len())
+            .max()
+            .unwrap_or(1);
+        let (mut pos, mut tgt) = (Vec::new(), Vec::new());
+        for (bi, &i) in draws.iter().enumerate() {
+            let (a, tags) = &self.train[i];
+            for (f, &tag) in a.first.iter().zip(tags) {
+                if let Some(ti) = f {
+                    pos.push((bi * tmax + ti) as u32);
+                    tgt.push(tag as u32);
+                }
+            }
+        }
+        Ok(NerBatch {
+            idx: draws.to_vec(),
+            pos,
+            tgt,
+        })
+    }
+
+    fn units(&self, b: &NerBatch) -> usize {
+        b.pos.len()
+    }
+
+    fn tokens(&self, b: &NerBatch) -> usize {
+        b.idx.iter().map(|&i| self.train[i].0.ids.len()).sum()
+    }
+
+    fn loss(&mut self, b: &NerBatch) -> Result<Tensor> {
+        let batch: Vec<&Example> = b.idx.iter().map(|&i| &self.train[i]).collect();
+        let (lg, t) = self.logits(&batch)?;
+        let dev = self.t.device();
+        let n = b.pos.len();
+        let picked = lg
+            .reshape((batch.len() * t, self.labels.len()))?
+            .index_select(&Tensor::from_slice(&b.pos, n, dev)?, 0)?;
+        crate::losses::nll_sum(&picked, &Tensor::from_slice(&b.tgt, n, dev)?)
+    }
+
+    fn train_mode(&self, key: Option<u64>) {
+        self.t.train_mode(key);
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        if self.eval.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pred = Vec::new();
+        for chunk in self.eval.chunks(self.eval_batch) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let (lg, t) = self.logits(&refs)?;
+            let best = argmax_rows(&lg.detach().reshape((refs.len() * t, self.labels.len()))?)?;
+            for (bi, (a, _)) in chunk.iter().enumerate() {
+                pred.push(
+                    a.first
+                        .iter()
+                        .map(|f| f.map_or("O", |ti| self.labels[best[bi * t + ti]].as_str()))
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        let gold: Vec<Vec<&str>> = self
+            .eval_gold
+            .iter()
+            .map(|g| g.iter().map(String::as_str).collect())
+            .collect();
+        let p = entity_prf(&gold, &pred);
+        Ok(vec![
+            ("entity_f1", p.f1),
+            ("entity_precision", p.precision),
+            ("entity_recall", p.recall),
+        ])
+    }
+}
+
+impl TaskMethod for Ner {
+    fn tuned(&mut self) -> &mut Tuned {
+        &mut self.t
+    }
+}
+
+pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
+    let cfg = o.train.resolve(&o.train_defaults())?;
+    let train_s = read_conll(o.data()?)?;
+    let eval_s = match &o.eval_data {
+        Some(p) => read_conll(p)?,
+        None => Vec::new(),
+    };
+    // Labels: O first, then the entity tags sorted.
+    let mut labels: Vec<String> = train_s
+        .iter()
+        .flat_map(|s| s.tags.iter().cloned())
+        .collect();
+    labels.push("O".into());
+    labels.sort_by(|a, b| (a != "O", a).cmp(&(b != "O", b)));
+    labels.dedup();
+    let tag_id = |t: &str, at: &str| -> Result<usize> {
+        labels
+            .iter()
+            .position(|l| l == t)
+            .with_context(|| format!("{at}: tag {t:?} does not occur in the training data"))
+    };
+
+    let m = load_body(&o, &ctl, false)?;
+    let head = m.body.token_head_name();
+    let t = Tuned::new(m, &o, head, labels.len(), cfg.seed)?;
+    let last = matches!(t.m.body, Backbone::Decoder(_));
+    let prep = |ss: &[Sentence]| -> Result<Vec<Example>> {
+        ss.iter()
+            .map(|s| {
+                Ok((
+                    align(&t.m.tok, &s.words, t.max_len, last)?,
+                    s.tags
+                        .iter()
+                        .map(|tag| tag_id(tag, &s.at))
+                        .collect::<Result<_>>()?,
+                ))
+            })
+            .collect()
+    };
+    let (tr, ev) = (prep(&train_s)?, prep(&eval_s)?);
+    let cut = tr
+        .iter()
+        .chain(&ev)
+        .filter(|(a, _)| a.first.iter().any(Option::is_none))
+        .count();
+    let (trainable, total) = (t.m.store.num_trainable(), t.m.store.num_params());
+    ctl.say(&format!(
+        "{} train / {} eval sentences, {} tags, {cut} sentences truncated; trainable parameters {trainable} of {total}",
+        tr.len(),
+        ev.len(),
+        labels.len()
+    ));
+    let method = Ner {
+        t,
+        train: tr,
+        eval: ev,
+        eval_gold: eval_s.into_iter().map(|s| s.tags).collect(),
+        labels: labels.clone(),
+        eval_batch: cfg.batch_size,
+    };
+    let spec = HeadSpec {
+        kind: "TokenClassification",
+        peft_task: "TOKEN_CLS",
+        labels: &labels,
+    };
+    train(method, &o, ctl, spec, json!({"truncated_sentences": cut}))
+}

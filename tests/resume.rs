@@ -1,0 +1,302 @@
+//! The training engine from outside, single-threaded (bit-exact): every method resumes after an
+//! interruption to the same losses and weights as an uninterrupted run; a corrupted checkpoint is
+//! refused by name with the previous good one offered; a run killed with SIGKILL at seeded
+//! moments (one of them inside a checkpoint write) and resumed each time ends with the weights
+//! of a run never killed, and `latest` never names a half-written checkpoint.
+
+mod common;
+use common::*;
+use lmforge::train::engine::checkpoint;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cmd(args: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lmforge"));
+    c.args(args).env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+fn lmforge(args: &[String]) -> Output {
+    cmd(args).output().unwrap()
+}
+
+fn strs(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// (step, loss) of every step line of a run's metrics.
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?))
+        })
+        .collect()
+}
+
+/// SHA-256 of the trainable weights of the run's latest checkpoint.
+fn final_weights(run: &Path) -> String {
+    let ck = checkpoint::resolve(run).unwrap();
+    let s = checkpoint::verify(&ck, "any").unwrap();
+    s.sha256["trainable.safetensors"].clone()
+}
+
+/// Runs `args` to the end in `full`, and in `split` stopped after `stop` steps and resumed;
+/// both must give the same losses and final weights. Returns the split run directory.
+fn same_after_resume(name: &str, command: &str, args: &[String], stop: u64) -> PathBuf {
+    let d = tmpdir(&format!("resume_{name}"));
+    let (full, split) = (d.join("full"), d.join("split"));
+    let run = |out: &Path, extra: &[&str]| {
+        let mut a = vec![command.to_string()];
+        a.extend_from_slice(args);
+        a.extend(strs(&["--quiet", "--out", out.to_str().unwrap()]));
+        a.extend(strs(extra));
+        lmforge(&a)
+    };
+    let o = run(&full, &[]);
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run(&split, &["--stop-at-step", &stop.to_string()]);
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(losses(&split).len() as u64, stop, "{name}");
+    let o = lmforge(&strs(&[
+        command,
+        "--resume",
+        split.to_str().unwrap(),
+        "--quiet",
+    ]));
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (a, b) = (losses(&full), losses(&split));
+    assert!(a.len() as u64 > stop, "{name}: {a:?}");
+    assert_eq!(a, b, "{name}: losses of the resumed run differ");
+    assert_eq!(
+        final_weights(&full),
+        final_weights(&split),
+        "{name}: weights differ"
+    );
+    split
+}
+
+fn tiny_pretrain(corpus: &Path, steps: u64) -> Vec<String> {
+    let mut a = strs(&[
+        "--data",
+        corpus.to_str().unwrap(),
+        "--max-steps",
+        &steps.to_string(),
+    ]);
+    for kv in [
+        "model.d_model=32",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.ctx=32",
+        "data.seq_len=32",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "tokenizer.vocab_size=300",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        "train.eval_every=4",
+        "train.checkpoint_every=3",
+    ] {
+        a.extend(strs(&["--set", kv]));
+    }
+    a
+}
+
+#[test]
+fn every_method_resumes_exactly() {
+    let d = tmpdir("resume_data");
+    let corpus = small_corpus(&d, 40_000);
+    same_after_resume("clm", "pretrain", &tiny_pretrain(&corpus, 10), 4);
+    let mut mlm = tiny_pretrain(&corpus, 10);
+    mlm.extend(strs(&["--objective", "mlm"]));
+    same_after_resume("mlm", "pretrain", &mlm, 5);
+
+    let sft_data = d.join("sft.jsonl");
+    std::fs::write(
+        &sft_data,
+        (0..12)
+            .map(|i| format!("{{\"prompt\": \"Q{i}: who?\", \"completion\": \" Hamlet {i}\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let llama = fixture("llama_tiny");
+    let sft = strs(&[
+        "--model",
+        llama.to_str().unwrap(),
+        "--data",
+        sft_data.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--checkpoint-every",
+        "2",
+    ]);
+    let full_sft = same_after_resume("sft", "sft", &sft, 3);
+    assert!(full_sft.join("model/model.safetensors").is_file());
+    let mut lora = sft.clone();
+    lora.extend(strs(&[
+        "--peft",
+        "lora",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0.1",
+    ]));
+    let lora_run = same_after_resume("sft_lora", "sft", &lora, 3);
+    assert!(lora_run.join("adapter/adapter_model.safetensors").is_file());
+
+    let bert = fixture("bert_tiny");
+    let (tr, te) = classify_data(&d);
+    let task = |t: &str, data: &str, eval: &str, model: &Path| {
+        strs(&[
+            "--task",
+            t,
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data,
+            "--eval-data",
+            eval,
+            "--epochs",
+            "1",
+            "--lr",
+            "3e-3",
+            "--checkpoint-every",
+            "2",
+        ])
+    };
+    same_after_resume(
+        "classify",
+        "finetune",
+        &task("classify", &tr, &te, &bert),
+        4,
+    );
+    let (tr, te) = (conll(&d, "tr.conll", 60, 1), conll(&d, "te.conll", 10, 2));
+    same_after_resume("ner", "finetune", &task("ner", &tr, &te, &llama), 2);
+    let (tr, te) = (squad(&d, "tr.json", 40, 3), squad(&d, "te.json", 8, 4));
+    let mut qa = task("qa", &tr, &te, &bert);
+    qa.extend(strs(&["--max-len", "32", "--stride", "8"]));
+    same_after_resume("qa", "finetune", &qa, 2);
+}
+
+#[test]
+fn a_corrupted_checkpoint_is_refused_and_the_previous_one_offered() {
+    let d = tmpdir("resume_corrupt");
+    let corpus = small_corpus(&d, 40_000);
+    let run = d.join("run");
+    let mut a = strs(&["pretrain", "--quiet", "--out", run.to_str().unwrap()]);
+    a.extend(tiny_pretrain(&corpus, 12));
+    a.extend(strs(&["--stop-at-step", "9"]));
+    assert_eq!(lmforge(&a).status.code(), Some(130));
+    // checkpoint_every 3, keep 2: step 6 and step 9 (the stop) remain.
+    let latest = checkpoint::resolve(&run).unwrap();
+    assert!(latest.ends_with("step-00000009"), "{}", latest.display());
+    let w = latest.join("trainable.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() - 100]).unwrap();
+    let o = lmforge(&strs(&["pretrain", "--resume", run.to_str().unwrap()]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    let prev = run.join("checkpoints/step-00000006");
+    assert!(
+        err.contains("trainable.safetensors")
+            && err.contains("step-00000009")
+            && err.contains(&format!("lmforge pretrain --resume {}", prev.display())),
+        "{err}"
+    );
+    // The offered checkpoint resumes, and the run rewrites step 9 on its way.
+    let o = lmforge(&strs(&[
+        "pretrain",
+        "--quiet",
+        "--resume",
+        prev.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(losses(&run).len(), 12);
+    // A `latest` that points outside its run is refused.
+    std::fs::write(run.join("checkpoints/latest"), "../../elsewhere").unwrap();
+    let o = lmforge(&strs(&["pretrain", "--resume", run.to_str().unwrap()]));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a checkpoint name"));
+}
+
+#[test]
+fn kill_drill_ends_with_the_uninterrupted_weights() {
+    let d = tmpdir("kill_drill");
+    let corpus = small_corpus(&d, 40_000);
+    let steps = 400;
+    let args = |out: &Path| {
+        let mut a = strs(&["pretrain", "--quiet", "--out", out.to_str().unwrap()]);
+        a.extend(tiny_pretrain(&corpus, steps));
+        a.extend(strs(&["--set", "train.checkpoint_every=1"]));
+        a
+    };
+    let full = d.join("full");
+    assert!(lmforge(&args(&full)).status.success());
+
+    let run = d.join("killed");
+    let mut rng = lmforge::rng::Rng::new(2026);
+    let mut kills = 0;
+    for round in 0..30 {
+        let started = run.join("checkpoints/latest").is_file();
+        let mut a = if started {
+            strs(&["pretrain", "--quiet", "--resume", run.to_str().unwrap()])
+        } else {
+            args(&run)
+        };
+        let mut c = cmd(&a);
+        if round == 1 {
+            // Certain to die inside a checkpoint write (after the weights, before the moments).
+            c.env("LMFORGE_TEST_ABORT", "checkpoint:2");
+        }
+        let mut child = c.spawn().unwrap();
+        let wait = std::time::Duration::from_millis(30 + rng.below(400));
+        std::thread::sleep(wait);
+        match child.try_wait().unwrap() {
+            Some(status) if status.success() => break,
+            Some(_) => kills += 1, // the abort hook
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+        // Whatever moment it died at, `latest` names a complete, verified checkpoint.
+        if run.join("checkpoints/latest").is_file() {
+            let ck = checkpoint::resolve(&run).unwrap();
+            checkpoint::verify(&ck, "pretrain").unwrap();
+        }
+        a.clear();
+    }
+    if !run.join("model").is_dir() {
+        let o = lmforge(&strs(&[
+            "pretrain",
+            "--quiet",
+            "--resume",
+            run.to_str().unwrap(),
+        ]));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(kills >= 3, "the drill killed the run only {kills} times");
+    assert_eq!(final_weights(&full), final_weights(&run));
+    assert_eq!(losses(&full), losses(&run));
+}
