@@ -386,7 +386,7 @@ fn setup<T: Serialize + DeserializeOwned + Args>(
     Ok((opts, ctl))
 }
 
-/// The exit code of a run: 130 when it stopped early (Ctrl-C, --stop-at-step).
+/// The exit code of a run: 130 when Ctrl-C stopped it (a --stop-at-step stop is a success).
 fn exit_code(o: &Outcome) -> ExitCode {
     if o.interrupted {
         ExitCode::from(130)
@@ -403,13 +403,16 @@ fn cmd_pretrain(a: Train<PretrainOptions>, given: &HashSet<String>) -> Result<Ex
     };
     let s = pretrain::run(opts, ctl)?;
     let o = &s.outcome;
-    if let (Some(v), true) = (s.val_loss, o.finished()) {
+    if o.finished() {
+        let val = match s.val_loss {
+            Some(v) => format!(", {what} {v:.4}, perplexity {:.2}", v.exp()),
+            None => String::new(),
+        };
         eprintln!(
-            "done: {} steps in {:.0}s ({} skipped), {what} {v:.4}, perplexity {:.2}, peak RSS {:.0} MiB; run directory {}",
+            "done: {} steps in {:.0}s ({} skipped){val}, peak RSS {:.0} MiB; run directory {}",
             o.steps,
             o.seconds,
             o.skipped,
-            v.exp(),
             o.peak_rss_mib,
             s.run_dir.display()
         );

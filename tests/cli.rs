@@ -117,6 +117,29 @@ fn bad_configs() {
     std::fs::write(&cfg, "[model]\narch = \"gpt2\"\nwidth = 3\n").unwrap();
     fails(&["pretrain", "--config", &s(&cfg)], &["c.toml", "width"]);
     fails(&["pretrain", "--resume", &s(&d)], &["not a checkpoint"]);
+    // Every training command reads the same kind of config, and names what it rejects.
+    let sft = d.join("sft.toml");
+    std::fs::write(&sft, "model = \"m\"\n[train]\nlearning_rate = 1e-4\n").unwrap();
+    fails(
+        &["sft", "--config", &s(&sft)],
+        &["sft.toml", "train.learning_rate"],
+    );
+    fails(
+        &["finetune", "--task", "ner", "--set", "peft.lora_rank=4"],
+        &["--set peft.lora_rank=4", "lora_rank"],
+    );
+    fails(
+        &[
+            "sft",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--set",
+            "train.beta1=5",
+        ],
+        &["train.beta1"],
+    );
 }
 
 /// Copies a fixture model directory so that it can be damaged.

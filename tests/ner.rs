@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
+use lmforge::data::conll::{align, read_conll};
 use lmforge::model::hf;
-use lmforge::train::finetune::ner::{align, read_conll};
 use std::process::Command;
 
 #[test]

@@ -169,7 +169,7 @@ fn training_beats_the_unigram_entropy_and_resume_is_exact() {
     // Interrupted at step 25, then resumed from the run directory.
     let first = train(tiny_recipe(&corpus, &d.join("split"), 60), None, Some(25));
     assert_eq!(first.outcome.steps, 25);
-    assert!(first.outcome.interrupted && first.outcome.losses.len() == 25);
+    assert!(first.outcome.stopped && first.outcome.losses.len() == 25);
     let second = train(
         tiny_recipe(&corpus, &d.join("split"), 60),
         Some(&d.join("split")),

@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
+use lmforge::data::squad::{read_squad, windows};
 use lmforge::model::hf;
-use lmforge::train::finetune::qa::{read_squad, windows};
 use std::path::Path;
 use std::process::Command;
 

@@ -6,12 +6,13 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use lmforge::chat::{ChatTemplate, Message};
+use lmforge::data::sft::build_batch;
 use lmforge::data::sft::{
     parse_line, read_jsonl, tokenize_all, Example, Formatter, Outcome, Tokenized, DEFAULT_TEMPLATE,
 };
 use lmforge::model::hf;
 use lmforge::tokenizer::Tok;
-use lmforge::train::sft::{build_batch, masked_loss};
+use lmforge::train::sft::masked_loss;
 use std::process::Command;
 
 fn tok() -> Tok {
@@ -449,7 +450,7 @@ fn sft_lora_merge_and_generate_commands() {
 
 #[test]
 fn packing_rows_hold_every_example_once_within_the_length() {
-    use lmforge::train::sft::rows_of;
+    use lmforge::data::sft::rows_of;
     let m = hf::load_dir(&fixture("llama_tiny"), &Device::Cpu, &|_| true).unwrap();
     let mut exs = examples(&m);
     exs.extend(examples(&m));

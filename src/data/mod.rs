@@ -7,8 +7,10 @@
 //! tokenization, so a merge across such a cut cannot happen (it never spans a newline in
 //! GPT-2-style pre-tokenisation anyway, except for runs of whitespace).
 
+pub mod conll;
 pub mod labeled;
 pub mod sft;
+pub mod squad;
 
 use crate::rng::{fnv1a, Rng};
 use crate::tokenizer::Tok;

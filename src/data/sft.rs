@@ -14,6 +14,7 @@
 //! tokenized without special tokens (no double BOS); plain text gets the tokenizer's usual ones.
 
 use crate::chat::{ChatTemplate, Message};
+use crate::rng::permutation;
 use crate::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -292,4 +293,61 @@ pub fn tokenize_all(
         );
     }
     Ok((out, c))
+}
+
+/// Groups examples into rows: one example per row, or with `packing` as many consecutive
+/// examples (in a seeded shuffled order) as fit into `max_len` tokens.
+pub fn rows_of(data: &[Tokenized], packing: bool, max_len: usize, seed: u64) -> Vec<Vec<usize>> {
+    if !packing {
+        return (0..data.len()).map(|i| vec![i]).collect();
+    }
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut used = 0usize;
+    for i in permutation(seed ^ 0xBAC4, 0, data.len()) {
+        let len = data[i].ids.len() - 1; // inputs: every token but the last
+        if rows.is_empty() || used + len > max_len - 1 {
+            rows.push(Vec::new());
+            used = 0;
+        }
+        rows.last_mut().expect("a row was just pushed").push(i);
+        used += len;
+    }
+    rows
+}
+
+/// A right-padded batch of rows, each the concatenation of its examples.
+pub struct RowBatch {
+    /// Inputs (B, T), targets and loss weights (B·T).
+    pub x: Vec<u32>,
+    pub y: Vec<u32>,
+    pub w: Vec<f32>,
+    pub t: usize,
+    /// The examples' lengths per row.
+    pub segments: Vec<Vec<usize>>,
+}
+
+pub fn build_batch(rows: &[Vec<&Tokenized>], pad: u32) -> RowBatch {
+    let len = |r: &Vec<&Tokenized>| r.iter().map(|e| e.ids.len() - 1).sum::<usize>();
+    let t = rows.iter().map(len).max().unwrap_or(1).max(1);
+    let (mut x, mut y, mut w, mut segs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        for e in r {
+            let n = e.ids.len() - 1;
+            x.extend_from_slice(&e.ids[..n]);
+            y.extend_from_slice(&e.ids[1..]);
+            w.extend(e.train[1..].iter().map(|&b| if b { 1f32 } else { 0.0 }));
+        }
+        let n = len(r);
+        x.extend(std::iter::repeat_n(pad, t - n));
+        y.extend(std::iter::repeat_n(pad, t - n));
+        w.extend(std::iter::repeat_n(0f32, t - n));
+        segs.push(r.iter().map(|e| e.ids.len() - 1).collect());
+    }
+    RowBatch {
+        x,
+        y,
+        w,
+        t,
+        segments: segs,
+    }
 }

@@ -12,15 +12,15 @@
 
 use crate::chat::ChatTemplate;
 use crate::config::clap_defaults;
-use crate::data::sft::{read_jsonl, tokenize_all, Counts, Formatter, Tokenized, DEFAULT_TEMPLATE};
+use crate::data::sft::{build_batch, read_jsonl, rows_of, tokenize_all, Counts, Formatter};
+use crate::data::sft::{RowBatch, Tokenized, DEFAULT_TEMPLATE};
 use crate::eval::score::{score_text_ids, Score};
 use crate::fsutil::write_dir;
 use crate::model::{hf, DecoderModel, ForwardOpts, Packing, ParamStore};
 use crate::peft::lora::{self, Lora};
 use crate::peft::{AdapterSwitch, PeftArgs};
-use crate::rng::permutation;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
-use crate::train::engine::{TrainArgs, TrainConfig, Trainer};
+use crate::train::engine::{TrainArgs, TrainConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
@@ -96,8 +96,7 @@ pub struct Summary {
 
 /// The method: rows of tokenized examples, the loss on their trained tokens.
 struct Sft {
-    model: DecoderModel,
-    store: ParamStore,
+    m: hf::LoadedModel,
     data: Vec<Tokenized>,
     rows: Vec<Vec<usize>>,
     pad: u32,
@@ -108,7 +107,7 @@ impl Method for Sft {
     type Batch = RowBatch;
 
     fn store(&self) -> &ParamStore {
-        &self.store
+        &self.m.store
     }
 
     fn epoch_len(&self) -> Option<usize> {
@@ -132,7 +131,7 @@ impl Method for Sft {
     }
 
     fn loss(&mut self, b: &RowBatch) -> Result<Tensor> {
-        masked_loss(&self.model, b)
+        masked_loss(&self.m.model, b)
     }
 
     fn train_mode(&self, key: Option<u64>) {
@@ -151,9 +150,8 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
         .data
         .clone()
         .context("sft needs training data: --data FILE.jsonl (or `data` in the config)")?;
-    let run_dir = ctl.run_dir(&o.out)?;
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let toml = crate::config::to_toml(&o)?;
+    let files = RunFiles::create(&ctl, &o.out, &o, "sft")?;
+    let run_dir = files.run_dir.clone();
 
     // 1. Base model: every weight frozen for LoRA (no gradient, no weight-gradient GEMM).
     let peft = lora_cfg.is_some();
@@ -242,36 +240,15 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     }
 
     // 5. The engine.
-    let hf::LoadedModel {
-        model,
-        store,
-        tok,
-        eos_ids,
-        chat_template,
-    } = m;
     let mut method = Sft {
-        model,
-        store,
+        m,
         data,
         rows,
         pad,
         switch,
     };
-    let mut t = Trainer::new(&method, cfg)?;
-    let files = RunFiles {
-        run_dir: &run_dir,
-        config_toml: &toml,
-        command: "sft",
-    };
-    let outcome = engine::run(&mut method, &mut t, &ctl, &files)?;
-    let Sft { model, store, .. } = method;
-    let mut m = hf::LoadedModel {
-        model,
-        store,
-        tok,
-        eos_ids,
-        chat_template,
-    };
+    let outcome = engine::run(&mut method, cfg, &ctl, &files)?;
+    let mut m = method.m;
     let mut summary = Summary {
         run_dir: run_dir.clone(),
         outcome,
@@ -334,63 +311,6 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
            "step_s_median": oc.step_s_median, "peak_rss_mib": oc.peak_rss_mib}),
     )?;
     Ok(summary)
-}
-
-/// Groups examples into rows: one example per row, or with `packing` as many consecutive
-/// examples (in a seeded shuffled order) as fit into `max_len` tokens.
-pub fn rows_of(data: &[Tokenized], packing: bool, max_len: usize, seed: u64) -> Vec<Vec<usize>> {
-    if !packing {
-        return (0..data.len()).map(|i| vec![i]).collect();
-    }
-    let mut rows: Vec<Vec<usize>> = Vec::new();
-    let mut used = 0usize;
-    for i in permutation(seed ^ 0xBAC4, 0, data.len()) {
-        let len = data[i].ids.len() - 1; // inputs: every token but the last
-        if rows.is_empty() || used + len > max_len - 1 {
-            rows.push(Vec::new());
-            used = 0;
-        }
-        rows.last_mut().expect("a row was just pushed").push(i);
-        used += len;
-    }
-    rows
-}
-
-/// A right-padded batch of rows, each the concatenation of its examples.
-pub struct RowBatch {
-    /// Inputs (B, T), targets and loss weights (B·T).
-    pub x: Vec<u32>,
-    pub y: Vec<u32>,
-    pub w: Vec<f32>,
-    pub t: usize,
-    /// The examples' lengths per row.
-    pub segments: Vec<Vec<usize>>,
-}
-
-pub fn build_batch(rows: &[Vec<&Tokenized>], pad: u32) -> RowBatch {
-    let len = |r: &Vec<&Tokenized>| r.iter().map(|e| e.ids.len() - 1).sum::<usize>();
-    let t = rows.iter().map(len).max().unwrap_or(1).max(1);
-    let (mut x, mut y, mut w, mut segs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for r in rows {
-        for e in r {
-            let n = e.ids.len() - 1;
-            x.extend_from_slice(&e.ids[..n]);
-            y.extend_from_slice(&e.ids[1..]);
-            w.extend(e.train[1..].iter().map(|&b| if b { 1f32 } else { 0.0 }));
-        }
-        let n = len(r);
-        x.extend(std::iter::repeat_n(pad, t - n));
-        y.extend(std::iter::repeat_n(pad, t - n));
-        w.extend(std::iter::repeat_n(0f32, t - n));
-        segs.push(r.iter().map(|e| e.ids.len() - 1).collect());
-    }
-    RowBatch {
-        x,
-        y,
-        w,
-        t,
-        segments: segs,
-    }
 }
 
 /// Summed NLL over the trained tokens of a right-padded batch of rows. Rows holding several

@@ -27,9 +27,21 @@ pub struct TrainerState {
     pub step: u64,
     /// Tokens (or units) trained on so far.
     pub tokens_seen: u64,
-    /// Steps skipped under `nan_policy = "skip"`.
+    /// Steps skipped under `nan_policy = "skip"` (or with no units).
     #[serde(default)]
     pub skipped_steps: u64,
+    /// Non-finite steps in a row up to here (ten stop a run under `skip`).
+    #[serde(default)]
+    pub bad_in_a_row: u32,
+    /// What the data order depends on besides the seed: examples per epoch (0: endless draws)
+    /// and examples per step. A resume with other values warns that it will not reproduce.
+    #[serde(default)]
+    pub epoch_len: u64,
+    #[serde(default)]
+    pub per_step: u64,
+    /// The method's own state (e.g. an adaptive coefficient), restored on resume.
+    #[serde(default)]
+    pub method_state: serde_json::Value,
     /// Seconds of training before this checkpoint (wall-time reports across resumes).
     pub elapsed_s: f64,
     pub lmforge_version: String,
@@ -52,6 +64,7 @@ pub fn save(
     let root = run_dir.join("checkpoints");
     let name = step_name(state.step);
     let dir = root.join(&name);
+    sweep(&root)?;
     write_dir(&dir, |tmp| {
         fill(tmp)?;
         let mut st = state.clone();
@@ -107,6 +120,41 @@ fn prune(root: &Path, step: u64, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// Removes what a killed writer left in `root`: `.step-N.tmp-PID` directories (never complete),
+/// and `.step-N.old-PID` ones — put back as `step-N` when the kill came between the two renames
+/// that replace a checkpoint, removed otherwise.
+fn sweep(root: &Path) -> Result<()> {
+    let own = std::process::id().to_string();
+    for e in std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix('.') else {
+            continue;
+        };
+        let Some((step, tag)) = rest.split_once('.') else {
+            continue;
+        };
+        let Some((kind, pid)) = tag.split_once('-') else {
+            continue;
+        };
+        if step_of(step).is_none() || pid == own || !matches!(kind, "tmp" | "old") {
+            continue;
+        }
+        let p = e.path();
+        let home = root.join(step);
+        let res = if kind == "old" && !home.exists() {
+            std::fs::rename(&p, &home)
+        } else {
+            std::fs::remove_dir_all(&p)
+        };
+        res.with_context(|| format!("cleaning up {}", p.display()))?;
+    }
+    Ok(())
+}
+
 fn sha256_file(p: &Path) -> Result<String> {
     let mut f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
     let mut h = Sha256::new();
@@ -140,23 +188,29 @@ fn checksums(dir: &Path) -> Result<BTreeMap<String, String>> {
 }
 
 /// Accepts a checkpoint directory or a run directory (then its `latest` checkpoint, which must
-/// name a checkpoint of that run).
-pub fn resolve(path: &Path) -> Result<PathBuf> {
+/// name a checkpoint of that run). A missing or garbled `latest` is an error that offers the
+/// newest checkpoint of the run that verifies.
+pub fn resolve(path: &Path, command: &str) -> Result<PathBuf> {
     if path.join(STATE).is_file() {
         return Ok(path.to_path_buf());
     }
-    let latest = path.join("checkpoints").join("latest");
-    if latest.is_file() {
-        let name = std::fs::read_to_string(&latest)
-            .with_context(|| format!("reading {}", latest.display()))?;
-        let name = name.trim();
-        if step_of(name).is_none() {
-            bail!(
+    let root = path.join("checkpoints");
+    let latest = root.join("latest");
+    let name = std::fs::read_to_string(&latest).unwrap_or_default();
+    let name = name.trim();
+    if step_of(name).is_some() {
+        return Ok(root.join(name));
+    }
+    if root.is_dir() {
+        let why = if latest.is_file() {
+            format!(
                 "{}: {name:?} is not a checkpoint name (step-NNNNNNNN) of this run",
                 latest.display()
-            );
-        }
-        return Ok(path.join("checkpoints").join(name));
+            )
+        } else {
+            format!("{}: missing", latest.display())
+        };
+        return Err(with_offer(anyhow::anyhow!(why), &root, None, command));
     }
     bail!(
         "{}: not a checkpoint (no {STATE}) and not a run directory (no checkpoints/latest)",
@@ -164,28 +218,34 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     )
 }
 
+/// `e`, plus the newest checkpoint in `root` below step `below` that verifies, with the command
+/// that resumes from it.
+fn with_offer(e: anyhow::Error, root: &Path, below: Option<u64>, command: &str) -> anyhow::Error {
+    let offer = checkpoints(root)
+        .into_iter()
+        .rev()
+        .filter(|(s, _)| below.is_none_or(|b| *s < b))
+        .find(|(_, p)| check(p).is_ok());
+    match offer {
+        Some((_, p)) => anyhow::anyhow!(
+            "{e:#}\nthe previous good checkpoint is {}: resume from it with\n  lmforge {command} --resume {}",
+            p.display(),
+            p.display()
+        ),
+        None => anyhow::anyhow!("{e:#}\nno earlier checkpoint of this run verifies"),
+    }
+}
+
 /// Reads a checkpoint's state after checking every file against its recorded SHA-256. On
 /// failure the error names the file and offers the newest earlier checkpoint that verifies,
 /// with the command that resumes from it.
 pub fn verify(ckpt: &Path, command: &str) -> Result<TrainerState> {
-    check(ckpt).map_err(|e| {
-        let offer = run_dir_of(ckpt).ok().and_then(|run| {
-            let root = run.join("checkpoints");
+    check(ckpt).map_err(|e| match run_dir_of(ckpt) {
+        Ok(run) => {
             let own = ckpt.file_name().and_then(|n| step_of(&n.to_string_lossy()));
-            checkpoints(&root)
-                .into_iter()
-                .rev()
-                .filter(|(s, _)| own.is_none_or(|o| *s < o))
-                .find(|(_, p)| check(p).is_ok())
-        });
-        match offer {
-            Some((_, p)) => anyhow::anyhow!(
-                "{e:#}\nthe previous good checkpoint is {}: resume from it with\n  lmforge {command} --resume {}",
-                p.display(),
-                p.display()
-            ),
-            None => anyhow::anyhow!("{e:#}\nno earlier checkpoint of this run verifies"),
+            with_offer(e, &run.join("checkpoints"), own, command)
         }
+        Err(_) => e,
     })
 }
 

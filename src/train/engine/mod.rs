@@ -18,8 +18,10 @@
 
 pub mod checkpoint;
 mod options;
+mod run;
 
 pub use options::{NanPolicy, Schedule, TrainArgs, TrainConfig};
+pub use run::{open_resume, peak_rss_mib, run, Control, Metrics, Outcome, RunArgs, RunFiles};
 
 use crate::model::params::save_tensors;
 use crate::model::{Grads, ParamStore};
@@ -28,13 +30,8 @@ use crate::train::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use checkpoint::TrainerState;
-use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// What a training method supplies.
@@ -70,6 +67,18 @@ pub trait Method {
     fn after_step(&mut self, _step: u64, _last: bool) -> Result<Option<String>> {
         Ok(None)
     }
+    /// Statistics of the step just taken (e.g. DPO's reward margin), for its metrics line.
+    fn step_stats(&mut self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+    /// State of the method's own that a resumed run needs (e.g. an adaptive KL coefficient);
+    /// saved in `trainer_state.json`, handed back by `restore_state`.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Between backward and clipping: where data-parallel ranks will sum their unit counts, losses
@@ -102,7 +111,6 @@ pub struct Trainer {
     pub state: TrainerState,
     pub total_steps: u64,
     order: Option<Stream>,
-    consecutive_bad: u32,
 }
 
 /// What one optimizer step did.
@@ -117,6 +125,8 @@ pub struct StepOut {
     /// The update was not applied (non-finite loss/gradient under `skip`, or no units).
     pub skipped: bool,
     pub seconds: f64,
+    /// The method's statistics of this step.
+    pub stats: Vec<(&'static str, f64)>,
 }
 
 impl Trainer {
@@ -136,14 +146,15 @@ impl Trainer {
         };
         Ok(Self {
             opt: AdamW::new(m.store(), cfg.adamw())?,
-            cfg,
             state: TrainerState {
                 lmforge_version: env!("CARGO_PKG_VERSION").into(),
+                epoch_len: m.epoch_len().unwrap_or(0) as u64,
+                per_step: cfg.per_step() as u64,
                 ..Default::default()
             },
+            cfg,
             total_steps,
             order,
-            consecutive_bad: 0,
         })
     }
 
@@ -212,6 +223,7 @@ impl Trainer {
             tokens,
             skipped: true,
             seconds: 0.0,
+            stats: Vec::new(),
         };
         if let (Some(mut g), true) = (grads, n > 0) {
             reduce.grads(&mut g)?;
@@ -222,7 +234,7 @@ impl Trainer {
                 }
                 self.opt.step(m.store(), &g, lr)?;
                 out.skipped = false;
-                self.consecutive_bad = 0;
+                self.state.bad_in_a_row = 0;
             } else {
                 let what = format!(
                     "step {}: the loss ({loss}) or the gradient norm ({}) is not finite",
@@ -234,8 +246,8 @@ impl Trainer {
                         "{what}; lower train.lr, keep train.grad_clip on, or set train.nan_policy = \"skip\""
                     ),
                     NanPolicy::Skip => {
-                        self.consecutive_bad += 1;
-                        if self.consecutive_bad >= 10 {
+                        self.state.bad_in_a_row += 1;
+                        if self.state.bad_in_a_row >= 10 {
                             bail!("{what}, the tenth step in a row; stopping (lower train.lr)");
                         }
                     }
@@ -245,12 +257,19 @@ impl Trainer {
         self.state.step += 1;
         self.state.tokens_seen += tokens as u64;
         self.state.skipped_steps += u64::from(out.skipped);
+        out.stats = m.step_stats();
         out.seconds = t0.elapsed().as_secs_f64();
         Ok(out)
     }
 
-    /// Restores weights, moments and counters from a verified checkpoint.
-    pub fn restore<M: Method>(&mut self, m: &M, ckpt: &Path, state: TrainerState) -> Result<()> {
+    /// Restores weights, moments, counters and the method's state from a verified checkpoint.
+    /// Returns a warning when the data order cannot be the uninterrupted run's.
+    pub fn restore<M: Method>(
+        &mut self,
+        m: &mut M,
+        ckpt: &Path,
+        state: TrainerState,
+    ) -> Result<Option<String>> {
         let dev = m.store().device.clone();
         let what = ckpt.display().to_string();
         let weights = candle_core::safetensors::load(ckpt.join("trainable.safetensors"), &dev)
@@ -264,6 +283,7 @@ impl Trainer {
             &moments,
             &what,
         )?;
+        m.restore_state(&state.method_state)?;
         if state.step > self.total_steps {
             bail!(
                 "{what} is at step {}, past this run's {} steps (raise train.max_steps to continue)",
@@ -271,14 +291,25 @@ impl Trainer {
                 self.total_steps
             );
         }
+        let (now, then) = (&self.state, &state);
+        let warn = (now.epoch_len != then.epoch_len || now.per_step != then.per_step).then(|| {
+            format!(
+                "warning: the checkpoint drew from {} examples per epoch, {} per step; this run has {}, {}: \
+                 the examples it sees from here differ from an uninterrupted run's",
+                then.epoch_len, then.per_step, now.epoch_len, now.per_step
+            )
+        });
         self.state = state;
-        Ok(())
+        self.state.epoch_len = now_epoch(m);
+        self.state.per_step = self.cfg.per_step() as u64;
+        Ok(warn)
     }
 
     fn save<M: Method>(&self, m: &mut M, run: &RunFiles) -> Result<PathBuf> {
         let mut state = self.state.clone();
         state.command = run.command.to_string();
-        checkpoint::save(run.run_dir, &state, self.cfg.keep_checkpoints, |tmp| {
+        state.method_state = m.state();
+        checkpoint::save(&run.run_dir, &state, self.cfg.keep_checkpoints, |tmp| {
             let trainable: Vec<(String, Tensor)> = m
                 .store()
                 .params()
@@ -292,10 +323,14 @@ impl Trainer {
                 &self.opt.state_tensors(m.store()),
                 &tmp.join("optimizer.safetensors"),
             )?;
-            std::fs::write(tmp.join("config.toml"), run.config_toml)?;
+            std::fs::write(tmp.join("config.toml"), &run.config_toml)?;
             m.export(tmp)
         })
     }
+}
+
+fn now_epoch<M: Method>(m: &M) -> u64 {
+    m.epoch_len().unwrap_or(0) as u64
 }
 
 /// Copies a checkpoint's values into every trainable parameter (frozen ones are the base
@@ -318,305 +353,114 @@ fn assign_trainable(store: &ParamStore, t: &HashMap<String, Tensor>, what: &str)
     Ok(())
 }
 
-/// The flags of every training subcommand that are not options of the run itself: where the
-/// options come from, resuming, stopping, the device.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct RunArgs {
-    /// A TOML config (the same keys as the flags; unknown keys are errors).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Override a config key, e.g. --set train.lr=1e-3 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Continue from a checkpoint directory or a run directory (its latest checkpoint), with
-    /// the options saved in it; flags and --set still override.
-    #[arg(long)]
-    pub resume: Option<PathBuf>,
-    /// Write a checkpoint and stop after this step, as if interrupted.
-    #[arg(long)]
-    pub stop_at_step: Option<u64>,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// No progress bar or log lines.
-    #[arg(long)]
-    pub quiet: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::{Init, ParamKind, Source};
 
-/// How a run is driven from outside: device, resume, when to stop, how much to say.
-pub struct Control {
-    pub device: candle_core::Device,
-    /// The verified checkpoint to continue from (`open_resume`).
-    pub resume: Option<(PathBuf, TrainerState)>,
-    /// Stop (with a checkpoint) after this step, as if interrupted.
-    pub stop_at: Option<u64>,
-    /// Set by Ctrl-C: finish the current step, checkpoint, return.
-    pub interrupt: Arc<AtomicBool>,
-    pub quiet: bool,
-}
+    /// Fits w in y = 3x; example k weighs `k % 3 + 1` units (as if it had that many tokens), and
+    /// the example `poison` gives a NaN loss.
+    struct Toy {
+        store: ParamStore,
+        w: Tensor,
+        poison: Option<usize>,
+    }
 
-impl Control {
-    /// A plain run on `device`: no resume, no stop, no interrupt flag set.
-    pub fn new(device: candle_core::Device, quiet: bool) -> Self {
-        Self {
-            device,
-            resume: None,
-            stop_at: None,
-            interrupt: Arc::new(AtomicBool::new(false)),
-            quiet,
+    impl Toy {
+        fn new() -> Self {
+            let mut store = ParamStore::new(candle_core::Device::Cpu);
+            let src = Source::Random { seed: 0 };
+            let w = store
+                .add(&src, "w", &[1], ParamKind::Weight, Init::Zeros, true)
+                .unwrap();
+            Self {
+                store,
+                w,
+                poison: None,
+            }
         }
     }
 
-    /// The run directory: the resumed checkpoint's run, or `out`.
-    pub fn run_dir(&self, out: &Path) -> Result<PathBuf> {
-        match &self.resume {
-            Some((ck, _)) => checkpoint::run_dir_of(ck),
-            None => Ok(out.to_path_buf()),
+    impl Method for Toy {
+        type Batch = Vec<usize>;
+        fn store(&self) -> &ParamStore {
+            &self.store
+        }
+        fn epoch_len(&self) -> Option<usize> {
+            Some(10)
+        }
+        fn batch(&mut self, draws: &[usize]) -> Result<Vec<usize>> {
+            Ok(draws.to_vec())
+        }
+        fn units(&self, b: &Vec<usize>) -> usize {
+            b.iter().map(|k| k % 3 + 1).sum()
+        }
+        fn loss(&mut self, b: &Vec<usize>) -> Result<Tensor> {
+            let dev = &self.store.device;
+            let x: Vec<f32> = b.iter().map(|&k| (k % 5 + 1) as f32 * 0.1).collect();
+            let u: Vec<f32> = b.iter().map(|&k| (k % 3 + 1) as f32).collect();
+            let n = b.len();
+            let x = Tensor::from_vec(x, n, dev)?;
+            let err = (self.w.broadcast_mul(&x)? - (&x * 3.0)?)?;
+            let l = (err.sqr()? * Tensor::from_vec(u, n, dev)?)?.sum_all()?;
+            if self.poison.is_some_and(|p| b.contains(&p)) {
+                return Ok((l * f64::NAN)?);
+            }
+            Ok(l)
         }
     }
 
-    /// Prints unless quiet.
-    pub fn say(&self, s: &str) {
-        if !self.quiet {
-            eprintln!("{s}");
+    fn cfg(batch_size: usize, grad_accum: usize) -> TrainConfig {
+        TrainConfig {
+            max_steps: 6,
+            batch_size,
+            grad_accum,
+            lr: 0.1,
+            grad_clip: 0.0,
+            ..TrainConfig::base()
         }
     }
-}
 
-/// Where a run writes: its directory, its options (saved in every checkpoint for `--resume`)
-/// and the subcommand (for the `--resume` hints).
-pub struct RunFiles<'a> {
-    pub run_dir: &'a Path,
-    pub config_toml: &'a str,
-    pub command: &'a str,
-}
-
-/// What a finished (or stopped) run did.
-#[derive(Debug, Clone, Default)]
-pub struct Outcome {
-    pub steps: u64,
-    pub total_steps: u64,
-    /// (step, mean loss) of the steps this invocation ran.
-    pub losses: Vec<(u64, f32)>,
-    /// The last evaluation's metrics.
-    pub eval: Vec<(&'static str, f64)>,
-    pub skipped: u64,
-    pub interrupted: bool,
-    /// Seconds of training, across resumes.
-    pub seconds: f64,
-    pub step_s_median: f64,
-    pub peak_rss_mib: f64,
-    /// Where the last checkpoint went.
-    pub checkpoint: Option<PathBuf>,
-}
-
-impl Outcome {
-    /// All steps done: the method writes its final outputs.
-    pub fn finished(&self) -> bool {
-        !self.interrupted && self.steps == self.total_steps
+    fn train(m: &mut Toy, c: TrainConfig) -> Result<(Vec<f32>, f32, u64)> {
+        let mut t = Trainer::new(m, c)?;
+        let mut losses = Vec::new();
+        while t.state.step < t.total_steps {
+            losses.push(t.step(m, &mut Local)?.loss);
+        }
+        let w = m.w.flatten_all()?.to_vec1::<f32>()?[0];
+        Ok((losses, w, t.state.skipped_steps))
     }
-}
 
-/// Reads and checks the checkpoint a run resumes from (its options come from `config.toml`).
-pub fn open_resume(path: &Path, command: &str) -> Result<(PathBuf, TrainerState)> {
-    let ckpt = checkpoint::resolve(path)?;
-    let state = checkpoint::verify(&ckpt, command)?;
-    if !state.command.is_empty() && state.command != command {
-        bail!(
-            "{}: a checkpoint of `lmforge {}`, not of `lmforge {command}`",
-            ckpt.display(),
-            state.command
+    #[test]
+    fn a_step_is_the_same_however_it_is_split() {
+        let (l4, w4, _) = train(&mut Toy::new(), cfg(4, 1)).unwrap();
+        for (b, a) in [(2, 2), (1, 4)] {
+            let (l, w, _) = train(&mut Toy::new(), cfg(b, a)).unwrap();
+            for (x, y) in l.iter().zip(&l4) {
+                assert!((x - y).abs() <= 1e-6 * y.abs(), "{b}×{a}: {l:?} vs {l4:?}");
+            }
+            assert!((w - w4).abs() < 1e-6, "{b}×{a}: w {w} vs {w4}");
+        }
+        // A mean of per-micro-batch means would weigh units differently: not what we do.
+        assert!(w4 > 0.2, "w moved towards 3: {w4}");
+    }
+
+    #[test]
+    fn nan_policy_stops_or_skips() {
+        let mut m = Toy::new();
+        m.poison = Some(7);
+        let e = train(&mut m, cfg(4, 1)).unwrap_err().to_string();
+        assert!(e.contains("not finite") && e.contains("nan_policy"), "{e}");
+        let mut m = Toy::new();
+        m.poison = Some(7);
+        let skip = TrainConfig {
+            nan_policy: NanPolicy::Skip,
+            ..cfg(4, 1)
+        };
+        let (losses, w, skipped) = train(&mut m, skip).unwrap();
+        assert!(skipped >= 1, "{losses:?}");
+        assert!(
+            w.is_finite() && losses.iter().filter(|l| !l.is_finite()).count() as u64 == skipped
         );
     }
-    Ok((ckpt, state))
-}
-
-/// Runs `m` from the trainer's step to its last: the loop of every method.
-pub fn run<M: Method>(
-    m: &mut M,
-    t: &mut Trainer,
-    ctl: &Control,
-    run: &RunFiles,
-) -> Result<Outcome> {
-    std::fs::create_dir_all(run.run_dir)
-        .with_context(|| format!("creating {}", run.run_dir.display()))?;
-    let metrics_path = run.run_dir.join("metrics.jsonl");
-    if let Some((ck, state)) = &ctl.resume {
-        let step = state.step;
-        t.restore(m, ck, state.clone())?;
-        truncate_metrics(&metrics_path, step)?;
-        ctl.say(&format!("resumed from {} at step {step}", ck.display()));
-    } else {
-        crate::fsutil::write_file(&metrics_path, b"")?;
-    }
-    let mut metrics = Metrics::open(run.run_dir)?;
-    let total = t.total_steps;
-    let pb = if ctl.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.set_position(t.state.step);
-    let log = |msg: &str| {
-        if ctl.quiet {
-        } else if pb.is_hidden() {
-            eprintln!("{msg}");
-        } else {
-            pb.println(msg);
-        }
-    };
-    let per_epoch = t.steps_per_epoch(m);
-    let mut out = Outcome {
-        total_steps: total,
-        ..Default::default()
-    };
-    let mut times = Vec::new();
-    let started = Instant::now();
-    let elapsed_before = t.state.elapsed_s;
-    while t.state.step < total {
-        let s = t.step(m, &mut Local)?;
-        let step = t.state.step;
-        t.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
-        times.push(s.seconds);
-        let tps = s.tokens as f64 / s.seconds.max(1e-9);
-        out.losses.push((step, s.loss));
-        metrics.line(
-            &json!({"step": step, "loss": finite(s.loss as f64), "lr": s.lr,
-            "grad_norm": finite(s.grad_norm), "units": s.units, "tokens_per_s": tps,
-            "skipped": s.skipped, "elapsed_s": t.state.elapsed_s}),
-        )?;
-        if s.skipped && s.units > 0 {
-            log(&format!(
-                "step {step}: skipped (loss {}, gradient norm {}); {} skipped so far",
-                s.loss, s.grad_norm, t.state.skipped_steps
-            ));
-        }
-        pb.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", s.loss, s.lr));
-        pb.set_position(step);
-        if pb.is_hidden() && !ctl.quiet && step.is_multiple_of((total / 20).max(1)) {
-            eprintln!(
-                "step {step:>6}/{total}  loss {:.4}  lr {:.2e}  {tps:.0} tok/s",
-                s.loss, s.lr
-            );
-        }
-        let last = step == total;
-        let eval_now = match (t.cfg.eval_every, per_epoch) {
-            (e, _) if e > 0 => step.is_multiple_of(e),
-            (_, Some(p)) => step.is_multiple_of(p),
-            _ => false,
-        };
-        if eval_now || last {
-            let ev = m.evaluate()?;
-            if !ev.is_empty() {
-                let mut line = json!({"step": step});
-                let mut text = format!("step {step:>6}  train loss {:.4}", s.loss);
-                for (k, v) in &ev {
-                    line[*k] = json!(finite(*v));
-                    text.push_str(&format!("  {k} {v:.4}"));
-                }
-                metrics.line(&line)?;
-                log(&text);
-                out.eval = ev;
-            }
-        }
-        if let Some(text) = m.after_step(step, last)? {
-            log(&text);
-        }
-        let stop_now = ctl.stop_at == Some(step);
-        out.interrupted = ctl.interrupt.load(Ordering::SeqCst) || (stop_now && !last);
-        if (t.cfg.checkpoint_every > 0 && step.is_multiple_of(t.cfg.checkpoint_every))
-            || last
-            || stop_now
-            || out.interrupted
-        {
-            let dir = t.save(m, run)?;
-            if out.interrupted {
-                log(&format!(
-                    "stopped at step {step}; checkpoint written to {}; continue with\n  lmforge {} --resume {}",
-                    dir.display(),
-                    run.command,
-                    run.run_dir.display()
-                ));
-            }
-            out.checkpoint = Some(dir);
-            if out.interrupted {
-                break;
-            }
-        }
-    }
-    pb.finish_and_clear();
-    times.sort_by(f64::total_cmp);
-    out.steps = t.state.step;
-    out.skipped = t.state.skipped_steps;
-    out.seconds = t.state.elapsed_s;
-    out.step_s_median = times.get(times.len() / 2).copied().unwrap_or(0.0);
-    out.peak_rss_mib = peak_rss_mib();
-    Ok(out)
-}
-
-fn finite(x: f64) -> Value {
-    if x.is_finite() {
-        json!(x)
-    } else {
-        json!(x.to_string())
-    }
-}
-
-/// `run/metrics.jsonl`: one JSON object per line, appended.
-pub struct Metrics(std::fs::File);
-
-impl Metrics {
-    pub fn open(run_dir: &Path) -> Result<Self> {
-        let p = run_dir.join("metrics.jsonl");
-        Ok(Self(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        ))
-    }
-
-    pub fn line(&mut self, v: &Value) -> Result<()> {
-        writeln!(self.0, "{v}")?;
-        Ok(())
-    }
-}
-
-/// Keeps only the metrics of steps ≤ `step` (a resumed run rewrites what came after).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(Value::as_u64))
-                .is_some_and(|s| s <= step)
-        })
-        .collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    crate::fsutil::write_file(path, out.as_bytes())
-}
-
-/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
-pub fn peak_rss_mib() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return 0.0;
-    };
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
-        .unwrap_or(0.0)
 }

@@ -16,7 +16,7 @@ use crate::model::params::Source;
 use crate::peft::lora::{self, Lora, LoraConfig};
 use crate::peft::{AdapterSwitch, PeftArgs};
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
-use crate::train::engine::{TrainArgs, TrainConfig, Trainer};
+use crate::train::engine::{TrainArgs, TrainConfig};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -242,20 +242,13 @@ pub fn train<M: TaskMethod>(
     extra: serde_json::Value,
 ) -> Result<Summary> {
     let cfg = o.train.resolve(&o.train_defaults())?;
-    let run_dir = ctl.run_dir(&o.out)?;
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let toml = crate::config::to_toml(o)?;
+    let files = RunFiles::create(&ctl, &o.out, o, "finetune")?;
+    let run_dir = files.run_dir.clone();
     let (trainable, total) = {
         let s = &method.tuned().m.store;
         (s.num_trainable(), s.num_params())
     };
-    let mut t = Trainer::new(&method, cfg)?;
-    let files = RunFiles {
-        run_dir: &run_dir,
-        config_toml: &toml,
-        command: "finetune",
-    };
-    let outcome = engine::run(&mut method, &mut t, &ctl, &files)?;
+    let outcome = engine::run(&mut method, cfg, &ctl, &files)?;
     let mut s = Summary {
         run_dir: run_dir.clone(),
         eval: outcome.eval.clone(),

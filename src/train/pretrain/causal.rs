@@ -13,7 +13,7 @@ use crate::generate::{generate, Sampling};
 use crate::model::params::Source;
 use crate::model::{hf, DecoderModel, ModelConfig, ParamStore};
 use crate::tokenizer::Tok;
-use crate::train::engine::{self, Control, Method, RunFiles, Trainer};
+use crate::train::engine::{self, Control, Method};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::path::Path;
@@ -149,9 +149,9 @@ fn model_config(o: &PretrainOptions, vocab: usize) -> ModelConfig {
 
 pub fn run(o: PretrainOptions, ctl: Control) -> Result<Summary> {
     let cfg = o.check()?;
-    let (run_dir, toml, sources) = prepare(&o, &ctl)?;
-    let resumed = ctl.resume.is_some();
-    let tok = tokenizer(&o, &sources, &run_dir, resumed, TokKind::Bpe, &ctl)?;
+    let (files, sources) = prepare(&o, &ctl)?;
+    let run_dir = files.run_dir.clone();
+    let tok = tokenizer(&o, &sources, &run_dir, TokKind::Bpe, &ctl)?;
     let data = corpus(&sources, &tok, &run_dir, &o, o.data.seq_len, &ctl)?;
 
     // The model: the base model's weights, or fresh ones (a checkpoint's arrive in the engine).
@@ -200,18 +200,13 @@ pub fn run(o: PretrainOptions, ctl: Control) -> Result<Summary> {
         seed: cfg.seed,
         sample: o.sample.clone(),
     };
-    let mut t = Trainer::new(&m, cfg)?;
-    let files = RunFiles {
-        run_dir: &run_dir,
-        config_toml: &toml,
-        command: "pretrain",
-    };
-    let outcome = engine::run(&mut m, &mut t, &ctl, &files)?;
+    let seed = cfg.seed;
+    let outcome = engine::run(&mut m, cfg, &ctl, &files)?;
     if outcome.finished() {
         let dir = run_dir.join("model");
         hf::save_dir(&dir, &m.model, &m.store, &m.tok)?;
         if !ctl.quiet {
-            eprintln!("--- sample ---\n{}\n---", m.sample(t.cfg.seed)?);
+            eprintln!("--- sample ---\n{}\n---", m.sample(seed)?);
             eprintln!("final model written to {}", dir.display());
         }
     }

@@ -19,7 +19,7 @@ use crate::model::params::Source;
 use crate::model::{hf, ParamStore};
 use crate::rng::Rng;
 use crate::tokenizer::Tok;
-use crate::train::engine::{self, Control, Method, RunFiles, Trainer};
+use crate::train::engine::{self, Control, Method};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -191,9 +191,9 @@ pub fn run(o: PretrainOptions, ctl: Control) -> Result<Summary> {
     if o.data.seq_len < 3 {
         bail!("data.seq_len must be at least 3 for [CLS] … [SEP] windows");
     }
-    let (run_dir, toml, sources) = prepare(&o, &ctl)?;
-    let resumed = ctl.resume.is_some();
-    let tok = tokenizer(&o, &sources, &run_dir, resumed, TokKind::WordPiece, &ctl)?;
+    let (files, sources) = prepare(&o, &ctl)?;
+    let run_dir = files.run_dir.clone();
+    let tok = tokenizer(&o, &sources, &run_dir, TokKind::WordPiece, &ctl)?;
     let (cls, sep) = (special_id(&tok, "[CLS]")?, special_id(&tok, "[SEP]")?);
     let mask_id = special_id(&tok, "[MASK]")?;
     let data = corpus(&sources, &tok, &run_dir, &o, o.data.seq_len - 2, &ctl)?;
@@ -268,13 +268,7 @@ pub fn run(o: PretrainOptions, ctl: Control) -> Result<Summary> {
         sep,
         seed: cfg.seed,
     };
-    let mut t = Trainer::new(&m, cfg)?;
-    let files = RunFiles {
-        run_dir: &run_dir,
-        config_toml: &toml,
-        command: "pretrain",
-    };
-    let outcome = engine::run(&mut m, &mut t, &ctl, &files)?;
+    let outcome = engine::run(&mut m, cfg, &ctl, &files)?;
     if outcome.finished() {
         let dir = run_dir.join("model");
         hf::save_encoder(&dir, &m.model, &m.store, &m.tok, "BertForMaskedLM")?;

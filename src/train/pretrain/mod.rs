@@ -9,7 +9,7 @@ pub mod masked;
 use crate::config::clap_defaults;
 use crate::data::{collect_sources, tokenize_cached, Dataset, Pieces, SourceFile};
 use crate::tokenizer::Tok;
-use crate::train::engine::{Control, Outcome, Schedule, TrainArgs, TrainConfig};
+use crate::train::engine::{Control, Outcome, RunFiles, Schedule, TrainArgs, TrainConfig};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,9 @@ pub enum Arch {
 
 /// `lmforge pretrain`'s options: its flags and its TOML config (`[model]`, `[tokenizer]`,
 /// `[data]`, `[train]`, `[sample]`). The defaults are the Shakespeare recipe
-/// (`configs/shakespeare-gpt.toml` spells them out).
+/// (`configs/shakespeare-gpt.toml` spells them out): a 4-layer, 192-wide Llama-style model with
+/// a 2048-token BPE, 1100 steps of 16×256 tokens — about 8 minutes on 2 cores, validation
+/// ≈ 1.89 bits per byte (candidates and their measurements: docs/pretraining.md).
 #[derive(Args, Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields, default)]
 pub struct PretrainOptions {
@@ -60,16 +62,16 @@ pub struct PretrainOptions {
 #[derive(Args, Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    #[arg(long, value_enum, default_value = "gpt2")]
+    #[arg(long, value_enum, default_value = "llama")]
     pub arch: Arch,
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 4)]
     pub n_layer: usize,
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 4)]
     pub n_head: usize,
     /// Key/value heads for grouped-query attention (llama; default n_head).
     #[arg(long)]
     pub n_kv_head: Option<usize>,
-    #[arg(long, default_value_t = 384)]
+    #[arg(long, default_value_t = 192)]
     pub d_model: usize,
     /// Context length (max positions).
     #[arg(long, default_value_t = 256)]
@@ -90,7 +92,7 @@ pub struct TokenizerSection {
     /// An existing tokenizer.json; without it a tokenizer is trained on the corpus.
     #[arg(long = "tokenizer")]
     pub file: Option<PathBuf>,
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 2048)]
     pub vocab_size: usize,
     #[arg(long, default_value_t = 2)]
     pub min_frequency: u64,
@@ -151,10 +153,10 @@ impl PretrainOptions {
     pub fn train_defaults() -> TrainConfig {
         TrainConfig {
             seed: 1337,
-            max_steps: 2000,
+            max_steps: 1100,
             batch_size: 16,
-            lr: 1e-3,
-            min_lr: 1e-4,
+            lr: 3e-3,
+            min_lr: 3e-4,
             schedule: Schedule::Cosine,
             warmup_steps: 100,
             weight_decay: 0.1,
@@ -229,25 +231,23 @@ enum TokKind {
     WordPiece,
 }
 
-/// The tokenizer of a run: the one trained at its start (on resume), the base model's, a given
-/// file, or a new one trained on the corpus and saved into the run directory.
+/// The tokenizer of a run: on resume the checkpoint's (verified with it), else the base model's,
+/// a given file, or a new one trained on the corpus and saved into the run directory.
 fn tokenizer(
     o: &PretrainOptions,
     sources: &[SourceFile],
     run_dir: &Path,
-    resumed: bool,
     kind: TokKind,
     ctl: &Control,
 ) -> Result<Tok> {
-    let saved = run_dir.join("tokenizer.json");
+    if let Some((ck, _)) = &ctl.resume {
+        return Tok::from_file(&ck.join("tokenizer.json"));
+    }
     if let Some(dir) = &o.model.init_from {
         return crate::tokenizer::load_from_dir(dir);
     }
     if let Some(p) = &o.tokenizer.file {
         return Tok::from_file(p);
-    }
-    if resumed {
-        return Tok::from_file(&saved);
     }
     let t0 = std::time::Instant::now();
     let mut err = None;
@@ -266,7 +266,7 @@ fn tokenizer(
     if let Some(e) = err {
         return Err(e);
     }
-    tok.save(&saved)?;
+    tok.save(&run_dir.join("tokenizer.json"))?;
     ctl.say(&format!(
         "trained a {}-token tokenizer in {:.1}s",
         tok.vocab_size(),
@@ -298,14 +298,34 @@ fn corpus(
     Ok(data)
 }
 
-/// Everything both objectives do before building a model: the run directory, the saved options,
-/// the sources. Returns (run_dir, options TOML, sources).
-fn prepare(o: &PretrainOptions, ctl: &Control) -> Result<(PathBuf, String, Vec<SourceFile>)> {
-    let run_dir = ctl.run_dir(&o.out)?;
-    std::fs::create_dir_all(&run_dir)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", run_dir.display()))?;
-    let toml = crate::config::to_toml(o)?;
-    crate::fsutil::write_file(&run_dir.join("config.toml"), toml.as_bytes())?;
+/// What both objectives do first: the run directory with the options saved, the sources.
+fn prepare(o: &PretrainOptions, ctl: &Control) -> Result<(RunFiles, Vec<SourceFile>)> {
+    let files = RunFiles::create(ctl, &o.out, o, "pretrain")?;
     let sources = collect_sources(&o.corpus())?;
-    Ok((run_dir, toml, sources))
+    Ok((files, sources))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The options with every engine key spelled out, as TOML.
+    fn spelled_out(o: &PretrainOptions) -> String {
+        let mut o = o.clone();
+        let t = o.check().unwrap();
+        o.train = TrainArgs::from(&t);
+        crate::config::to_toml(&o).unwrap()
+    }
+
+    #[test]
+    fn the_recipe_file_spells_out_the_defaults() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shakespeare-gpt.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let file: PretrainOptions = toml::from_str(&text).unwrap();
+        assert_eq!(
+            spelled_out(&file),
+            spelled_out(&PretrainOptions::default()),
+            "configs/shakespeare-gpt.toml and the built-in defaults differ"
+        );
+    }
 }

@@ -1,0 +1,347 @@
+//! Driving a run: the flags every training command shares, the control a caller holds (device,
+//! resume point, Ctrl-C, stop step), and the loop around `Trainer::step` — logging, progress,
+//! evaluation cadence, checkpoints — with `metrics.jsonl`.
+
+use super::checkpoint::{self, TrainerState};
+use super::{Local, Method, TrainConfig, Trainer};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The flags of every training subcommand that are not options of the run itself: where the
+/// options come from, resuming, stopping, the device.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// A TOML config (the same keys as the flags; unknown keys are errors).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. --set train.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from a checkpoint directory or a run directory (its latest checkpoint), with
+    /// the options saved in it; flags and --set still override.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Write a checkpoint and stop after this step, as if interrupted.
+    #[arg(long)]
+    pub stop_at_step: Option<u64>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bar or log lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// How a run is driven from outside: device, resume, when to stop, how much to say.
+pub struct Control {
+    pub device: candle_core::Device,
+    /// The verified checkpoint to continue from (`open_resume`).
+    pub resume: Option<(PathBuf, TrainerState)>,
+    /// Stop (with a checkpoint) after this step, as if interrupted.
+    pub stop_at: Option<u64>,
+    /// Set by Ctrl-C: finish the current step, checkpoint, return.
+    pub interrupt: Arc<AtomicBool>,
+    pub quiet: bool,
+}
+
+impl Control {
+    /// A plain run on `device`: no resume, no stop, no interrupt flag set.
+    pub fn new(device: candle_core::Device, quiet: bool) -> Self {
+        Self {
+            device,
+            resume: None,
+            stop_at: None,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            quiet,
+        }
+    }
+
+    /// The run directory: the resumed checkpoint's run, or `out`.
+    pub fn run_dir(&self, out: &Path) -> Result<PathBuf> {
+        match &self.resume {
+            Some((ck, _)) => checkpoint::run_dir_of(ck),
+            None => Ok(out.to_path_buf()),
+        }
+    }
+
+    /// Prints unless quiet.
+    pub fn say(&self, s: &str) {
+        if !self.quiet {
+            eprintln!("{s}");
+        }
+    }
+}
+
+/// Where a run writes: its directory, its options (saved in every checkpoint for `--resume`)
+/// and the subcommand (for the `--resume` hints).
+pub struct RunFiles {
+    pub run_dir: PathBuf,
+    pub config_toml: String,
+    pub command: &'static str,
+}
+
+impl RunFiles {
+    /// Creates the run directory (the resumed checkpoint's run, or `out`) and saves the
+    /// options there as `config.toml`.
+    pub fn create<T: serde::Serialize>(
+        ctl: &Control,
+        out: &Path,
+        opts: &T,
+        command: &'static str,
+    ) -> Result<Self> {
+        let run_dir = ctl.run_dir(out)?;
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        let config_toml = crate::config::to_toml(opts)?;
+        crate::fsutil::write_file(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+        Ok(Self {
+            run_dir,
+            config_toml,
+            command,
+        })
+    }
+}
+
+/// What a finished (or stopped) run did.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub steps: u64,
+    pub total_steps: u64,
+    /// (step, mean loss) of the steps this invocation ran.
+    pub losses: Vec<(u64, f32)>,
+    /// The last evaluation's metrics.
+    pub eval: Vec<(&'static str, f64)>,
+    pub skipped: u64,
+    /// Stopped by Ctrl-C before the last step (a checkpoint was written).
+    pub interrupted: bool,
+    /// Stopped by `--stop-at-step` before the last step (a checkpoint was written).
+    pub stopped: bool,
+    /// Seconds of training, across resumes.
+    pub seconds: f64,
+    pub step_s_median: f64,
+    pub peak_rss_mib: f64,
+    /// Where the last checkpoint went.
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl Outcome {
+    /// All steps done: the method writes its final outputs.
+    pub fn finished(&self) -> bool {
+        self.steps == self.total_steps
+    }
+}
+
+/// Reads and checks the checkpoint a run resumes from (its options come from `config.toml`).
+pub fn open_resume(path: &Path, command: &str) -> Result<(PathBuf, TrainerState)> {
+    let ckpt = checkpoint::resolve(path, command)?;
+    let state = checkpoint::verify(&ckpt, command)?;
+    if !state.command.is_empty() && state.command != command {
+        bail!(
+            "{}: a checkpoint of `lmforge {}`, not of `lmforge {command}`",
+            ckpt.display(),
+            state.command
+        );
+    }
+    Ok((ckpt, state))
+}
+
+/// Trains `m` with `cfg` from its first step (or the resumed one) to its last: the loop of
+/// every method.
+pub fn run<M: Method>(
+    m: &mut M,
+    cfg: TrainConfig,
+    ctl: &Control,
+    run: &RunFiles,
+) -> Result<Outcome> {
+    let mut trainer = Trainer::new(m, cfg)?;
+    let t = &mut trainer;
+    let metrics_path = run.run_dir.join("metrics.jsonl");
+    if let Some((ck, state)) = &ctl.resume {
+        let step = state.step;
+        if let Some(w) = t.restore(m, ck, state.clone())? {
+            eprintln!("{w}");
+        }
+        truncate_metrics(&metrics_path, step)?;
+        ctl.say(&format!("resumed from {} at step {step}", ck.display()));
+    } else {
+        crate::fsutil::write_file(&metrics_path, b"")?;
+    }
+    let mut metrics = Metrics::open(&run.run_dir)?;
+    let total = t.total_steps;
+    let pb = if ctl.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(t.state.step);
+    let log = |msg: &str| {
+        if ctl.quiet {
+        } else if pb.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            pb.println(msg);
+        }
+    };
+    let per_epoch = t.steps_per_epoch(m);
+    let mut out = Outcome {
+        total_steps: total,
+        ..Default::default()
+    };
+    let mut times = Vec::new();
+    let started = Instant::now();
+    let elapsed_before = t.state.elapsed_s;
+    while t.state.step < total {
+        let s = t.step(m, &mut Local)?;
+        let step = t.state.step;
+        t.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        times.push(s.seconds);
+        let tps = s.tokens as f64 / s.seconds.max(1e-9);
+        out.losses.push((step, s.loss));
+        metrics.line(
+            &json!({"step": step, "loss": finite(s.loss as f64), "lr": s.lr,
+            "grad_norm": finite(s.grad_norm), "units": s.units, "tokens_per_s": tps,
+            "skipped": s.skipped, "elapsed_s": t.state.elapsed_s}),
+        )?;
+        if s.skipped && s.units > 0 {
+            log(&format!(
+                "step {step}: skipped (loss {}, gradient norm {}); {} skipped so far",
+                s.loss, s.grad_norm, t.state.skipped_steps
+            ));
+        }
+        pb.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", s.loss, s.lr));
+        pb.set_position(step);
+        if pb.is_hidden() && !ctl.quiet && step.is_multiple_of((total / 20).max(1)) {
+            eprintln!(
+                "step {step:>6}/{total}  loss {:.4}  lr {:.2e}  {tps:.0} tok/s",
+                s.loss, s.lr
+            );
+        }
+        let last = step == total;
+        let eval_now = match (t.cfg.eval_every, per_epoch) {
+            (e, _) if e > 0 => step.is_multiple_of(e),
+            (_, Some(p)) => step.is_multiple_of(p),
+            _ => false,
+        };
+        if eval_now || last {
+            let ev = m.evaluate()?;
+            if !ev.is_empty() {
+                let mut line = json!({"step": step});
+                if let Some(p) = per_epoch {
+                    line["epoch"] = json!(step.div_ceil(p));
+                }
+                let mut text = format!("step {step:>6}  train loss {:.4}", s.loss);
+                for (k, v) in &ev {
+                    line[*k] = json!(finite(*v));
+                    text.push_str(&format!("  {k} {v:.4}"));
+                }
+                metrics.line(&line)?;
+                log(&text);
+                out.eval = ev;
+            }
+        }
+        if let Some(text) = m.after_step(step, last)? {
+            log(&text);
+        }
+        // At the last step a stop request changes nothing: the run finishes.
+        out.stopped = ctl.stop_at == Some(step) && !last;
+        out.interrupted = ctl.interrupt.load(Ordering::SeqCst) && !last;
+        let early = out.stopped || out.interrupted;
+        if (t.cfg.checkpoint_every > 0 && step.is_multiple_of(t.cfg.checkpoint_every))
+            || last
+            || early
+        {
+            let dir = t.save(m, run)?;
+            if early {
+                log(&format!(
+                    "stopped at step {step}; checkpoint written to {}; continue with\n  lmforge {} --resume {}",
+                    dir.display(),
+                    run.command,
+                    run.run_dir.display()
+                ));
+            }
+            out.checkpoint = Some(dir);
+            if early {
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    times.sort_by(f64::total_cmp);
+    out.steps = t.state.step;
+    out.skipped = t.state.skipped_steps;
+    out.seconds = t.state.elapsed_s;
+    out.step_s_median = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    out.peak_rss_mib = peak_rss_mib();
+    Ok(out)
+}
+
+fn finite(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        json!(x.to_string())
+    }
+}
+
+/// `run/metrics.jsonl`: one JSON object per line, appended.
+pub struct Metrics(std::fs::File, PathBuf);
+
+impl Metrics {
+    pub fn open(run_dir: &Path) -> Result<Self> {
+        let p = run_dir.join("metrics.jsonl");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))?;
+        Ok(Self(f, p))
+    }
+
+    pub fn line(&mut self, v: &Value) -> Result<()> {
+        writeln!(self.0, "{v}").with_context(|| format!("writing {}", self.1.display()))
+    }
+}
+
+/// Keeps only the metrics of steps ≤ `step` (a resumed run rewrites what came after).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_u64))
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    crate::fsutil::write_file(path, out.as_bytes())
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return 0.0;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
+        .unwrap_or(0.0)
+}
