@@ -43,13 +43,15 @@ TOML
     fi
 }
 
-# median step seconds of a run directory's metrics (steps 2.., from elapsed_s or step_s)
+# median step seconds of a run directory's metrics (steps 2..): "elapsed" = differences of the
+# cumulative elapsed_s (pretrain: both builds log it), "step" = the logged step_s (sft: the old
+# build logs only that; both time batch building, forward, backward and the update)
 med() {
-    python3 - "$1" <<'PY'
+    python3 - "$1" "$2" <<'PY'
 import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"loss"' in l]
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
 rows = [r for r in rows if "step" in r and "loss" in r]
-if "step_s" in rows[0]:
+if sys.argv[2] == "step":
     t = [r["step_s"] for r in rows[1:]]
 else:
     e = [r["elapsed_s"] for r in rows]
@@ -68,10 +70,10 @@ for r in $(seq 1 "$rounds"); do
     for side in "${order[@]}"; do
         if [ "$side" = old ]; then bin=$old; cfg=$old_cfg; else bin=$new; cfg=$new_cfg; fi
         "$bin" pretrain --quiet --config "$cfg" --out "$work/pt-$side" > /dev/null 2>&1
-        p=$(med "$work/pt-$side")
+        p=$(med "$work/pt-$side" elapsed)
         "$bin" sft --quiet --model "$work/base/model" --data data/sft/shakespeare-qa.jsonl \
             --max-steps $sft_steps --batch-size 8 --out "$work/sft-$side" > /dev/null 2>&1
-        s=$(med "$work/sft-$side")
+        s=$(med "$work/sft-$side" step)
         echo "$r $side $p $s" | tee -a "$log"
     done
 done

@@ -21,6 +21,18 @@ pub fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
     T::from_arg_matches(&m).expect("defaults parse")
 }
 
+/// `impl Default` for options structs: the defaults their flags declare.
+#[macro_export]
+macro_rules! clap_default {
+    ($($t:ty),* $(,)?) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                $crate::config::clap_defaults()
+            }
+        }
+    )*};
+}
+
 /// Where `load` starts: the struct's defaults, or a saved run's options (`--resume`).
 pub enum Base<'a> {
     Defaults,

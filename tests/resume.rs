@@ -296,6 +296,7 @@ fn kill_drill_ends_with_the_uninterrupted_weights() {
         ]));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
+    println!("kill drill: {kills} kills");
     assert!(kills >= 3, "the drill killed the run only {kills} times");
     assert_eq!(final_weights(&full), final_weights(&run));
     assert_eq!(losses(&full), losses(&run));

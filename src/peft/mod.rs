@@ -75,13 +75,18 @@ pub struct PeftArgs {
     pub merge: bool,
 }
 
-impl Default for PeftArgs {
-    fn default() -> Self {
-        crate::config::clap_defaults()
-    }
-}
+crate::clap_default!(PeftArgs);
 
 impl PeftArgs {
+    /// A method's default learning rate: `full` for a full fine-tune, `peft` with adapters.
+    pub fn lr(&self, full: f64, peft: f64) -> f64 {
+        if self.method.is_some() {
+            peft
+        } else {
+            full
+        }
+    }
+
     /// The LoRA configuration, or None for a full fine-tune.
     pub fn lora(&self) -> Result<Option<lora::LoraConfig>> {
         let cfg = match self.method {

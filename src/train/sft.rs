@@ -11,7 +11,6 @@
 //! tokens before it, so no attention mask is needed and padded positions just carry no loss.
 
 use crate::chat::ChatTemplate;
-use crate::config::clap_defaults;
 use crate::data::sft::{build_batch, read_jsonl, rows_of, tokenize_all, Counts, Formatter};
 use crate::data::sft::{RowBatch, Tokenized, DEFAULT_TEMPLATE};
 use crate::eval::score::{score_text_ids, Score};
@@ -62,21 +61,13 @@ pub struct SftOptions {
     pub train: TrainArgs,
 }
 
-impl Default for SftOptions {
-    fn default() -> Self {
-        clap_defaults()
-    }
-}
+crate::clap_default!(SftOptions);
 
 impl SftOptions {
     /// SFT's engine defaults: lr 2e-5 for a full fine-tune, 2e-4 for LoRA (TRL's habits).
     pub fn train_defaults(&self) -> TrainConfig {
         TrainConfig {
-            lr: if self.peft.method.is_some() {
-                2e-4
-            } else {
-                2e-5
-            },
+            lr: self.peft.lr(2e-5, 2e-4),
             schedule: Schedule::Cosine,
             ..TrainConfig::base()
         }

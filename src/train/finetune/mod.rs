@@ -8,7 +8,6 @@ pub mod classify;
 pub mod ner;
 pub mod qa;
 
-use crate::config::clap_defaults;
 use crate::fsutil::{write_dir, write_json};
 use crate::model::backbone::{saved_with_head, Backbone, LoadedBackbone};
 use crate::model::layers::{Builder, Layout, Linear};
@@ -67,21 +66,13 @@ pub struct FinetuneOptions {
     pub train: TrainArgs,
 }
 
-impl Default for FinetuneOptions {
-    fn default() -> Self {
-        clap_defaults()
-    }
-}
+crate::clap_default!(FinetuneOptions);
 
 impl FinetuneOptions {
     /// Task fine-tuning's engine defaults (BERT's recipe: 3 epochs, lr 5e-5; LoRA 5e-4).
     pub fn train_defaults(&self) -> TrainConfig {
         TrainConfig {
-            lr: if self.peft.method.is_some() {
-                5e-4
-            } else {
-                5e-5
-            },
+            lr: self.peft.lr(5e-5, 5e-4),
             batch_size: 16,
             epochs: 3,
             weight_decay: 0.01,

@@ -6,7 +6,6 @@
 pub mod causal;
 pub mod masked;
 
-use crate::config::clap_defaults;
 use crate::data::{collect_sources, tokenize_cached, Dataset, Pieces, SourceFile};
 use crate::tokenizer::Tok;
 use crate::train::engine::{Control, Outcome, RunFiles, Schedule, TrainArgs, TrainConfig};
@@ -131,16 +130,7 @@ pub struct SampleSection {
     pub sample_tokens: usize,
 }
 
-macro_rules! clap_default {
-    ($($t:ty),*) => {$(
-        impl Default for $t {
-            fn default() -> Self {
-                clap_defaults()
-            }
-        }
-    )*};
-}
-clap_default!(
+crate::clap_default!(
     PretrainOptions,
     ModelSection,
     TokenizerSection,
