@@ -577,3 +577,14 @@ fn cmd_finetune(a: Train<FinetuneOptions>, given: &HashSet<String>) -> Result<Ex
     eprintln!("output: {}", s.run_dir.display());
     Ok(exit_code(o))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap checks flag names and ids only in debug builds; the tests run in release.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -196,9 +196,9 @@ impl Trainer {
             if m.units(b) == 0 {
                 continue;
             }
-            m.train_mode(Some(
-                Rng::keyed(&[self.cfg.seed, 0xD209, step, i as u64]).next_u64(),
-            ));
+            // Keyed by the micro-batch's first draw, not its index, so a mask belongs to data.
+            let first = step * self.cfg.per_step() as u64 + (i * self.cfg.batch_size) as u64;
+            m.train_mode(Some(Rng::keyed(&[self.cfg.seed, 0xD209, first]).next_u64()));
             let l = m.loss(b);
             m.train_mode(None);
             let l = l?;

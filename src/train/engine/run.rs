@@ -208,11 +208,14 @@ pub fn run<M: Method>(
         times.push(s.seconds);
         let tps = s.tokens as f64 / s.seconds.max(1e-9);
         out.losses.push((step, s.loss));
-        metrics.line(
-            &json!({"step": step, "loss": finite(s.loss as f64), "lr": s.lr,
-            "grad_norm": finite(s.grad_norm), "units": s.units, "tokens_per_s": tps,
-            "skipped": s.skipped, "elapsed_s": t.state.elapsed_s}),
-        )?;
+        let mut line = json!({"step": step, "loss": finite(s.loss as f64), "lr": s.lr,
+            "grad_norm": finite(s.grad_norm), "units": s.units, "tokens": t.state.tokens_seen,
+            "tokens_per_s": tps, "step_s": s.seconds, "skipped": s.skipped,
+            "elapsed_s": t.state.elapsed_s, "peak_rss_mib": peak_rss_mib()});
+        for (k, v) in &s.stats {
+            line[*k] = finite(*v);
+        }
+        metrics.line(&line)?;
         if s.skipped && s.units > 0 {
             log(&format!(
                 "step {step}: skipped (loss {}, gradient norm {}); {} skipped so far",
