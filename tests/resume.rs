@@ -303,7 +303,7 @@ fn kill_drill_ends_with_the_uninterrupted_weights() {
 }
 
 #[test]
-fn ctrl_c_writes_a_checkpoint_and_the_run_resumes() {
+fn ctrl_c_writes_a_verified_checkpoint_and_exits_130() {
     let d = tmpdir("ctrl_c");
     let corpus = small_corpus(&d, 40_000);
     let run = d.join("run");
@@ -335,4 +335,23 @@ fn losses_if_any(run: &Path) -> usize {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
         .unwrap_or(0)
+}
+
+#[test]
+fn a_run_without_a_validation_split_trains_and_says_so() {
+    let d = tmpdir("no_val");
+    let corpus = small_corpus(&d, 40_000);
+    let run = d.join("run");
+    let mut a = strs(&["pretrain", "--quiet", "--out", run.to_str().unwrap()]);
+    a.extend(tiny_pretrain(&corpus, 5));
+    a.extend(strs(&["--set", "data.val_fraction=0"]));
+    let o = lmforge(&a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("done: 5 steps") && !err.contains("validation loss"),
+        "{err}"
+    );
+    assert_eq!(losses(&run).len(), 5);
+    assert!(run.join("model/model.safetensors").is_file());
 }

@@ -442,7 +442,7 @@ impl Dataset {
     /// Consecutive non-overlapping validation windows, at most `max_batches` batches.
     pub fn val_batches(&self, batch: usize, max_batches: usize) -> Vec<Batch> {
         let t = self.seq_len;
-        let n_windows = (self.val_len() - 1) / t;
+        let n_windows = self.val_len().saturating_sub(1) / t;
         let mut out = Vec::new();
         let mut w = 0;
         while w < n_windows && out.len() < max_batches {
