@@ -12,6 +12,38 @@ fn sibling(dest: &Path, tag: &str) -> PathBuf {
     dest.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
+/// The destination, tag and pid of a name `sibling` made (`.NAME.TAG-PID`).
+fn parse_sibling(file_name: &str) -> Option<(&str, &str, u32)> {
+    let (dest, tag) = file_name.strip_prefix('.')?.rsplit_once('.')?;
+    let (tag, pid) = tag.split_once('-')?;
+    Some((dest, tag, pid.parse().ok()?))
+}
+
+/// Repairs what a killed writer left in `dir` beside the destinations `owned` accepts: a
+/// `.NAME.tmp-PID` is never complete and is removed; a `.NAME.old-PID` is the previous complete
+/// version, put back as NAME when the kill came between `write_dir`'s two renames, removed
+/// otherwise. This process's own siblings are left alone.
+pub fn recover_siblings(dir: &Path, owned: impl Fn(&str) -> bool) -> Result<()> {
+    let own = std::process::id();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((dest, tag, pid)) = parse_sibling(&name) else {
+            continue;
+        };
+        if pid == own || !owned(dest) || !matches!(tag, "tmp" | "old") {
+            continue;
+        }
+        let (p, home) = (e.path(), dir.join(dest));
+        let res = match (tag, home.exists(), p.is_dir()) {
+            ("old", false, _) => std::fs::rename(&p, &home),
+            (_, _, true) => std::fs::remove_dir_all(&p),
+            _ => std::fs::remove_file(&p),
+        };
+        res.with_context(|| format!("cleaning up {}", p.display()))?;
+    }
+    Ok(())
+}
+
 /// Writes a file atomically.
 pub fn write_file(dest: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = sibling(dest, "tmp");
@@ -71,5 +103,33 @@ pub fn abort_point(name: &str) {
     if n == name && k.parse::<u64>().ok() == Some(PASSES.fetch_add(1, Ordering::SeqCst) + 1) {
         eprintln!("LMFORGE_TEST_ABORT: aborting at {name} pass {k}");
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_writers_leftovers_are_repaired() {
+        let d = std::env::temp_dir().join(format!("lmforge-siblings-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join(".step-2.tmp-1")).unwrap(); // half-written: removed
+        std::fs::create_dir_all(d.join(".step-3.old-1")).unwrap(); // between renames: put back
+        std::fs::create_dir_all(d.join("step-4")).unwrap();
+        std::fs::create_dir_all(d.join(".step-4.old-1")).unwrap(); // replaced already: removed
+        std::fs::write(d.join(".latest.tmp-1"), "x").unwrap(); // not owned: kept
+        std::fs::write(d.join(".step-5.tmp-9.x"), "x").unwrap(); // not a sibling name: kept
+        recover_siblings(&d, |n| n.starts_with("step-")).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [".latest.tmp-1", ".step-5.tmp-9.x", "step-3", "step-4"]
+        );
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

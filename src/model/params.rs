@@ -144,15 +144,25 @@ impl ParamStore {
         )
     }
 
-    /// Copies values from `other` (same names and shapes), e.g. to restore a checkpoint.
-    pub fn assign_from(&self, tensors: &HashMap<String, Tensor>, what: &str) -> Result<()> {
-        for p in &self.params {
+    /// The trainable parameters (adapters included) by name: what a checkpoint must keep.
+    pub fn trainable_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
+            .collect()
+    }
+
+    /// Copies a checkpoint's values into every trainable parameter (same names and shapes);
+    /// frozen ones keep the base model's values.
+    pub fn assign_trainable(&self, tensors: &HashMap<String, Tensor>, what: &str) -> Result<()> {
+        for p in self.params.iter().filter(|p| p.trainable) {
             let t = tensors
                 .get(&p.name)
-                .with_context(|| format!("{what}: missing tensor {}", p.name))?;
+                .with_context(|| format!("{what}: missing trainable tensor {}", p.name))?;
             if t.dims() != p.var.dims() {
                 bail!(
-                    "{what}: tensor {} has shape {:?}, model expects {:?}",
+                    "{what}: tensor {} has shape {:?}, the model expects {:?}",
                     p.name,
                     t.dims(),
                     p.var.dims()

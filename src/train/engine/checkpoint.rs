@@ -11,7 +11,7 @@
 //! Resuming checks every file against its SHA-256: a truncated or corrupted checkpoint is refused
 //! by name, and the newest checkpoint that does verify is offered instead.
 
-use crate::fsutil::{write_dir, write_file, write_json};
+use crate::fsutil::{recover_siblings, write_dir, write_file, write_json};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -64,7 +64,7 @@ pub fn save(
     let root = run_dir.join("checkpoints");
     let name = step_name(state.step);
     let dir = root.join(&name);
-    sweep(&root)?;
+    recover_siblings(&root, |n| step_of(n).is_some())?;
     write_dir(&dir, |tmp| {
         fill(tmp)?;
         let mut st = state.clone();
@@ -120,41 +120,6 @@ fn prune(root: &Path, step: u64, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Removes what a killed writer left in `root`: `.step-N.tmp-PID` directories (never complete),
-/// and `.step-N.old-PID` ones — put back as `step-N` when the kill came between the two renames
-/// that replace a checkpoint, removed otherwise.
-fn sweep(root: &Path) -> Result<()> {
-    let own = std::process::id().to_string();
-    for e in std::fs::read_dir(root)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix('.') else {
-            continue;
-        };
-        let Some((step, tag)) = rest.split_once('.') else {
-            continue;
-        };
-        let Some((kind, pid)) = tag.split_once('-') else {
-            continue;
-        };
-        if step_of(step).is_none() || pid == own || !matches!(kind, "tmp" | "old") {
-            continue;
-        }
-        let p = e.path();
-        let home = root.join(step);
-        let res = if kind == "old" && !home.exists() {
-            std::fs::rename(&p, &home)
-        } else {
-            std::fs::remove_dir_all(&p)
-        };
-        res.with_context(|| format!("cleaning up {}", p.display()))?;
-    }
-    Ok(())
-}
-
 fn sha256_file(p: &Path) -> Result<String> {
     let mut f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
     let mut h = Sha256::new();
@@ -195,6 +160,8 @@ pub fn resolve(path: &Path, command: &str) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let root = path.join("checkpoints");
+    // A kill between the two renames that replace a checkpoint leaves it as `.step-N.old-PID`.
+    recover_siblings(&root, |n| step_of(n).is_some())?;
     let latest = root.join("latest");
     let name = std::fs::read_to_string(&latest).unwrap_or_default();
     let name = name.trim();

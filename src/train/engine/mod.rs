@@ -30,7 +30,6 @@ use crate::train::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use checkpoint::TrainerState;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -131,7 +130,8 @@ pub struct StepOut {
 
 impl Trainer {
     pub fn new<M: Method>(m: &M, cfg: TrainConfig) -> Result<Self> {
-        let total_steps = match (cfg.max_steps, m.epoch_len()) {
+        let epoch_len = m.epoch_len();
+        let total_steps = match (cfg.max_steps, epoch_len) {
             (s, _) if s > 0 => s,
             (_, Some(n)) => (cfg.epochs as usize * n).div_ceil(cfg.per_step()) as u64,
             (_, None) => bail!("train.max_steps must be positive: this method has no epochs"),
@@ -139,7 +139,7 @@ impl Trainer {
         if total_steps == 0 {
             bail!("nothing to do: 0 steps (check train.epochs / train.max_steps)");
         }
-        let order = match m.epoch_len() {
+        let order = match epoch_len {
             Some(0) => bail!("no training examples"),
             Some(n) => Some(Stream::new(cfg.seed, n)),
             None => None,
@@ -148,7 +148,7 @@ impl Trainer {
             opt: AdamW::new(m.store(), cfg.adamw())?,
             state: TrainerState {
                 lmforge_version: env!("CARGO_PKG_VERSION").into(),
-                epoch_len: m.epoch_len().unwrap_or(0) as u64,
+                epoch_len: epoch_len.unwrap_or(0) as u64,
                 per_step: cfg.per_step() as u64,
                 ..Default::default()
             },
@@ -159,9 +159,9 @@ impl Trainer {
     }
 
     /// Steps in one epoch (None for endless data).
-    pub fn steps_per_epoch<M: Method>(&self, m: &M) -> Option<u64> {
-        m.epoch_len()
-            .map(|n| (n.div_ceil(self.cfg.per_step()) as u64).max(1))
+    pub fn steps_per_epoch(&self) -> Option<u64> {
+        let n = self.state.epoch_len as usize;
+        (n > 0).then(|| (n.div_ceil(self.cfg.per_step()) as u64).max(1))
     }
 
     /// The draws of micro-batch `micro` of step `step`: a slice of the one global order.
@@ -187,13 +187,13 @@ impl Trainer {
                 m.batch(&d)
             })
             .collect::<Result<Vec<_>>>()?;
-        let local: usize = batches.iter().map(|b| m.units(b)).sum();
+        let units: Vec<usize> = batches.iter().map(|b| m.units(b)).collect();
         let tokens: usize = batches.iter().map(|b| m.tokens(b)).sum();
-        let n = reduce.units(local)?;
+        let n = reduce.units(units.iter().sum())?;
         let mut grads: Option<Grads> = None;
         let mut sum = 0f64;
         for (i, b) in batches.iter().enumerate() {
-            if m.units(b) == 0 {
+            if units[i] == 0 {
                 continue;
             }
             // Keyed by the micro-batch's first draw, not its index, so a mask belongs to data.
@@ -274,7 +274,7 @@ impl Trainer {
         let what = ckpt.display().to_string();
         let weights = candle_core::safetensors::load(ckpt.join("trainable.safetensors"), &dev)
             .with_context(|| format!("{what}: cannot read trainable.safetensors"))?;
-        assign_trainable(m.store(), &weights, &what)?;
+        m.store().assign_trainable(&weights, &what)?;
         let moments = candle_core::safetensors::load(ckpt.join("optimizer.safetensors"), &dev)
             .with_context(|| format!("{what}: cannot read optimizer.safetensors"))?;
         self.opt.load_state(
@@ -299,9 +299,12 @@ impl Trainer {
                 then.epoch_len, then.per_step, now.epoch_len, now.per_step
             )
         });
-        self.state = state;
-        self.state.epoch_len = now_epoch(m);
-        self.state.per_step = self.cfg.per_step() as u64;
+        // The counters continue; what the data order depends on is this run's.
+        self.state = TrainerState {
+            epoch_len: self.state.epoch_len,
+            per_step: self.state.per_step,
+            ..state
+        };
         Ok(warn)
     }
 
@@ -310,14 +313,10 @@ impl Trainer {
         state.command = run.command.to_string();
         state.method_state = m.state();
         checkpoint::save(&run.run_dir, &state, self.cfg.keep_checkpoints, |tmp| {
-            let trainable: Vec<(String, Tensor)> = m
-                .store()
-                .params()
-                .iter()
-                .filter(|p| p.trainable)
-                .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
-                .collect();
-            save_tensors(&trainable, &tmp.join("trainable.safetensors"))?;
+            save_tensors(
+                &m.store().trainable_tensors(),
+                &tmp.join("trainable.safetensors"),
+            )?;
             crate::fsutil::abort_point("checkpoint");
             save_tensors(
                 &self.opt.state_tensors(m.store()),
@@ -327,30 +326,6 @@ impl Trainer {
             m.export(tmp)
         })
     }
-}
-
-fn now_epoch<M: Method>(m: &M) -> u64 {
-    m.epoch_len().unwrap_or(0) as u64
-}
-
-/// Copies a checkpoint's values into every trainable parameter (frozen ones are the base
-/// model's, rebuilt from the run's options).
-fn assign_trainable(store: &ParamStore, t: &HashMap<String, Tensor>, what: &str) -> Result<()> {
-    for p in store.params().iter().filter(|p| p.trainable) {
-        let x = t
-            .get(&p.name)
-            .with_context(|| format!("{what}: missing trainable tensor {}", p.name))?;
-        if x.dims() != p.var.dims() {
-            bail!(
-                "{what}: tensor {} has shape {:?}, the model expects {:?}",
-                p.name,
-                x.dims(),
-                p.var.dims()
-            );
-        }
-        p.var.set(&x.to_dtype(p.var.dtype())?)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -185,15 +185,13 @@ pub fn run<M: Method>(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     pb.set_position(t.state.step);
-    let log = |msg: &str| {
-        if ctl.quiet {
-        } else if pb.is_hidden() {
-            eprintln!("{msg}");
-        } else {
-            pb.println(msg);
-        }
+    // Above the progress bar, or to stderr when there is no bar (not a terminal).
+    let log = |msg: &str| match (ctl.quiet, pb.is_hidden()) {
+        (true, _) => {}
+        (false, true) => eprintln!("{msg}"),
+        (false, false) => pb.println(msg),
     };
-    let per_epoch = t.steps_per_epoch(m);
+    let per_epoch = t.steps_per_epoch();
     let mut out = Outcome {
         total_steps: total,
         ..Default::default()
@@ -245,7 +243,7 @@ pub fn run<M: Method>(
                 }
                 let mut text = format!("step {step:>6}  train loss {:.4}", s.loss);
                 for (k, v) in &ev {
-                    line[*k] = json!(finite(*v));
+                    line[*k] = finite(*v);
                     text.push_str(&format!("  {k} {v:.4}"));
                 }
                 metrics.line(&line)?;

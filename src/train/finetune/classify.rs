@@ -16,7 +16,7 @@ use crate::data::labeled::{read_labeled, Labeled};
 use crate::eval::metrics::{accuracy, macro_f1};
 use crate::model::backbone::argmax_rows;
 use crate::model::ParamStore;
-use crate::train::engine::{Control, Method};
+use crate::train::engine::{Control, Method, TrainConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde_json::json;
@@ -115,8 +115,7 @@ fn encode(tok: &crate::tokenizer::Tok, rows: &[Labeled], max_len: usize) -> Resu
         .collect()
 }
 
-pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
-    let cfg = o.train.resolve(&o.train_defaults())?;
+pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary> {
     // 1. Data and labels.
     let data = o.data()?;
     let train_rows = read_labeled(data)?;
@@ -180,5 +179,5 @@ pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
         peft_task: "SEQ_CLS",
         labels: &labels,
     };
-    train(method, &o, ctl, spec, json!({}))
+    train(method, &o, cfg, ctl, spec, json!({}))
 }

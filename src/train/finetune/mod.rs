@@ -115,13 +115,14 @@ impl Summary {
 }
 
 pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
-    match o
+    let task = o
         .task
-        .context("finetune needs a task: --task classify|ner|qa (or `task` in the config)")?
-    {
-        TaskKind::Classify => classify::run(o, ctl),
-        TaskKind::Ner => ner::run(o, ctl),
-        TaskKind::Qa => qa::run(o, ctl),
+        .context("finetune needs a task: --task classify|ner|qa (or `task` in the config)")?;
+    let cfg = o.train.resolve(&o.train_defaults())?;
+    match task {
+        TaskKind::Classify => classify::run(o, cfg, ctl),
+        TaskKind::Ner => ner::run(o, cfg, ctl),
+        TaskKind::Qa => qa::run(o, cfg, ctl),
     }
 }
 
@@ -228,11 +229,11 @@ pub struct HeadSpec<'a> {
 pub fn train<M: TaskMethod>(
     mut method: M,
     o: &FinetuneOptions,
+    cfg: TrainConfig,
     ctl: Control,
     spec: HeadSpec,
     extra: serde_json::Value,
 ) -> Result<Summary> {
-    let cfg = o.train.resolve(&o.train_defaults())?;
     let files = RunFiles::create(&ctl, &o.out, o, "finetune")?;
     let run_dir = files.run_dir.clone();
     let (trainable, total) = {

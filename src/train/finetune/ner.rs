@@ -15,7 +15,7 @@ use crate::data::conll::{align, read_conll, Aligned, Sentence};
 use crate::eval::metrics::entity_prf;
 use crate::model::backbone::{argmax_rows, Backbone};
 use crate::model::ParamStore;
-use crate::train::engine::{Control, Method};
+use crate::train::engine::{Control, Method, TrainConfig};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde_json::json;
@@ -146,8 +146,7 @@ impl TaskMethod for Ner {
     }
 }
 
-pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
-    let cfg = o.train.resolve(&o.train_defaults())?;
+pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary> {
     let train_s = read_conll(o.data()?)?;
     let eval_s = match &o.eval_data {
         Some(p) => read_conll(p)?,
@@ -211,5 +210,12 @@ pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
         peft_task: "TOKEN_CLS",
         labels: &labels,
     };
-    train(method, &o, ctl, spec, json!({"truncated_sentences": cut}))
+    train(
+        method,
+        &o,
+        cfg,
+        ctl,
+        spec,
+        json!({"truncated_sentences": cut}),
+    )
 }

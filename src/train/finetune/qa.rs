@@ -15,7 +15,7 @@ use crate::data::squad::{read_squad, windows, Question, Window};
 use crate::eval::metrics::{exact_match, squad_f1};
 use crate::model::backbone::Backbone;
 use crate::model::ParamStore;
-use crate::train::engine::{Control, Method};
+use crate::train::engine::{Control, Method, TrainConfig};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use serde_json::json;
@@ -138,8 +138,7 @@ impl TaskMethod for Qa {
     }
 }
 
-pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
-    let cfg = o.train.resolve(&o.train_defaults())?;
+pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary> {
     if o.forgetting_eval.is_some() {
         bail!("--forgetting-eval measures causal-LM perplexity; extractive QA runs on encoders, which have none");
     }
@@ -188,5 +187,5 @@ pub fn run(o: FinetuneOptions, ctl: Control) -> Result<Summary> {
         peft_task: "QUESTION_ANS",
         labels: &labels,
     };
-    train(method, &o, ctl, spec, json!({}))
+    train(method, &o, cfg, ctl, spec, json!({}))
 }
