@@ -24,6 +24,29 @@ impl Message {
     }
 }
 
+/// Templates come from strangers' model files: a few bytes of Jinja can loop for hours or grow
+/// gigabytes. Rendering one conversation gets this many instructions (real templates use a few
+/// dozen per message)…
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+/// …and may produce at most this much text.
+pub const TEMPLATE_MAX_OUTPUT: usize = 8 << 20;
+
+/// A `Write` that refuses to grow past its cap.
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > TEMPLATE_MAX_OUTPUT {
+            return Err(std::io::Error::other("output cap"));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     source: String,
@@ -48,6 +71,7 @@ impl ChatTemplate {
     /// answer begins. The result is tokenized without adding special tokens (as transformers does).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
@@ -55,13 +79,25 @@ impl ChatTemplate {
         env.add_template("chat", &self.source)
             .context("the chat template does not parse")?;
         let t = env.get_template("chat")?;
-        t.render(context! {
+        let mut out = Capped(Vec::new());
+        let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .context("rendering the chat template")
+        };
+        match t.render_captured_to(ctx, &mut out) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => anyhow::bail!(
+                "rendering the chat template: it ran past {TEMPLATE_FUEL} instructions (a loop that never ends, or far too long); refusing it"
+            ),
+            Err(e) if e.kind() == ErrorKind::WriteFailure => anyhow::bail!(
+                "rendering the chat template: its output grew past {} MiB; refusing it",
+                TEMPLATE_MAX_OUTPUT >> 20
+            ),
+            Err(e) => return Err(e).context("rendering the chat template"),
+        }
+        String::from_utf8(out.0).context("the chat template produced invalid UTF-8")
     }
 }
 
@@ -115,5 +151,29 @@ mod tests {
         );
         let e = format!("{:#}", bad.render(&[], false).unwrap_err());
         assert!(e.contains("roles must alternate"), "{e}");
+    }
+
+    #[test]
+    fn hostile_templates_are_bounded() {
+        let huge = r#"{% set a = "x" * 10000 %}{% for i in range(99999) %}{{ a }}{% endfor %}"#;
+        let e = format!(
+            "{:#}",
+            ChatTemplate::new(huge.into(), None, None)
+                .render(&[], false)
+                .unwrap_err()
+        );
+        assert!(e.contains("MiB"), "{e}");
+        let slow = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}";
+        let e = format!(
+            "{:#}",
+            ChatTemplate::new(slow.into(), None, None)
+                .render(&[], false)
+                .unwrap_err()
+        );
+        assert!(e.contains("instructions"), "{e}");
+        let deep = "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}";
+        assert!(ChatTemplate::new(deep.into(), None, None)
+            .render(&[], false)
+            .is_err());
     }
 }

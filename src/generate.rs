@@ -84,6 +84,12 @@ pub fn generate(
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1()?;
+        if let Some(i) = logits.iter().position(|v| v.is_nan()) {
+            bail!(
+                "the model's logits are not finite (NaN at token id {i}, after {} generated tokens): its weights or config (norm epsilon, RoPE base) are broken",
+                out.len()
+            );
+        }
         let next = sample(&logits, s, &mut rng);
         if eos.contains(&next) {
             return Ok((out, Stop::Eos));

@@ -31,6 +31,9 @@ use std::sync::Arc;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// The longest line (JSONL record, CoNLL line) any input may have, in bytes.
+    #[arg(long, global = true, default_value_t = lmforge::input::DEFAULT_MAX_LINE_BYTES)]
+    max_line_bytes: usize,
 }
 
 #[derive(Subcommand)]
@@ -74,9 +77,12 @@ struct MergeArgs {
     /// PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     adapter: PathBuf,
-    /// The HF directory to write (replaced atomically).
+    /// The HF directory to write: new or empty (or, with --overwrite, an earlier lmforge output).
     #[arg(long)]
     out: PathBuf,
+    /// Replace an earlier lmforge output in --out (only the files lmforge wrote there).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +100,9 @@ enum TokenizerCmd {
         /// Replace invalid UTF-8 instead of failing.
         #[arg(long)]
         lossy_utf8: bool,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -101,9 +110,12 @@ enum TokenizerCmd {
 struct ConvertArgs {
     /// An HF model directory or a .gguf file.
     input: PathBuf,
-    /// The HF directory to write (replaced atomically if it exists).
+    /// The HF directory to write: new or empty (or, with --overwrite, an earlier lmforge output).
     #[arg(long)]
     out: PathBuf,
+    /// Replace an earlier lmforge output in --out (only the files lmforge wrote there).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -221,6 +233,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
+    lmforge::input::set_max_line_bytes(cli.max_line_bytes);
     let given = given_flags(matches);
     match cli.cmd {
         Cmd::Pretrain(a) => cmd_pretrain(a, &given),
@@ -230,7 +243,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             out,
             min_frequency,
             lossy_utf8,
+            overwrite,
         }) => {
+            lmforge::outdir::check_file(&out, overwrite)?;
             let sources = collect_sources(&input)?;
             let mut err = None;
             let texts = Pieces::new(sources, lossy_utf8).map_while(|p| match p {
@@ -262,6 +277,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Cmd::Sft(a) => cmd_sft(a, &given),
         Cmd::Finetune(a) => cmd_finetune(a, &given),
         Cmd::Merge(a) => {
+            lmforge::outdir::check(&a.out, claim("merge", a.overwrite))?;
             let mut m = hf::load(&a.model, &lmforge::device("cpu")?, &|_| true)?;
             let switch = lmforge::peft::AdapterSwitch::default();
             let lora = lmforge::peft::lora::load(&a.adapter, &mut m.model, &mut m.store, &switch)
@@ -278,6 +294,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Convert(a) => {
+            lmforge::outdir::check(&a.out, claim("convert", a.overwrite))?;
             let t = std::time::Instant::now();
             let m = hf::load(&a.input, &candle_core::Device::Cpu, &|_| true)?;
             hf::save_loaded(&a.out, &m)?;
@@ -319,6 +336,14 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn claim(kind: &str, overwrite: bool) -> lmforge::outdir::Claim<'_> {
+    lmforge::outdir::Claim {
+        kind,
+        overwrite,
+        resumable: false,
     }
 }
 
@@ -382,6 +407,7 @@ fn setup<T: Serialize + DeserializeOwned + Args>(
         stop_at: a.run.stop_at_step,
         interrupt,
         quiet: a.run.quiet,
+        overwrite: a.run.overwrite,
     };
     Ok((opts, ctl))
 }
@@ -490,15 +516,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
 fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
     let m = hf::load(&a.model, &dev, &|_| true)?;
-    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: invalid UTF-8 at byte offset {}",
-            a.file.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
-    let ids = m.tok.encode(&text, true)?;
+    let ids = lmforge::data::encode_file(&a.file, &m.tok)?;
     let window = a
         .window
         .unwrap_or(m.model.cfg.max_position_embeddings)

@@ -26,13 +26,53 @@ pub struct Tok {
     /// End-of-sequence / document separator id, if the vocabulary has one.
     pub eos_id: Option<u32>,
     pub bos_id: Option<u32>,
+    /// Where it came from (a `tokenizer.json`, a GGUF file), for errors.
+    pub origin: String,
+}
+
+thread_local! {
+    static IN_ENCODE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic inside the tokenizers crate into an error. A tokenizer file is
+/// code of a kind: a pre-tokenizer regex with catastrophic backtracking makes oniguruma give up
+/// (its retry limit), and the crate panics on that. The panic message is kept from stderr.
+fn guarded<T>(origin: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_ENCODE.with(|g| g.get()) {
+                default(info);
+            }
+        }));
+    });
+    IN_ENCODE.with(|g| g.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_ENCODE.with(|g| g.set(false));
+    r.unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        Err(anyhow::anyhow!(
+            "{origin}: the tokenizer failed on this input ({why}); its pre-tokenizer regex may backtrack catastrophically"
+        ))
+    })
 }
 
 impl Tok {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = Tokenizer::from_file(path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
-        Ok(Self::wrap(inner))
+        let origin = path.display().to_string();
+        crate::input::open(path)?;
+        let inner = guarded(&origin, || {
+            Tokenizer::from_file(path)
+                .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
+        })?;
+        let mut t = Self::wrap(inner);
+        t.origin = origin;
+        Ok(t)
     }
 
     pub fn wrap(inner: Tokenizer) -> Self {
@@ -50,6 +90,7 @@ impl Tok {
             inner,
             eos_id,
             bos_id,
+            origin: "the tokenizer".into(),
         }
     }
 
@@ -60,11 +101,16 @@ impl Tok {
     /// Encodes like transformers' `tokenizer(text)` when `special` (post-processor applied,
     /// e.g. a BOS for Llama tokenizers), or as raw text pieces otherwise.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, special)
-            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let enc = self.encoding(text, special)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    fn encoding(&self, text: &str, special: bool) -> Result<tokenizers::Encoding> {
+        guarded(&self.origin, || {
+            self.inner
+                .encode(text, special)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))
+        })
     }
 
     /// `encode` with each token's byte range in `text` (`None` for tokens the post-processor
@@ -74,10 +120,7 @@ impl Tok {
         text: &str,
         special: bool,
     ) -> Result<(Vec<u32>, Vec<Option<Span>>)> {
-        let enc = self
-            .inner
-            .encode(text, special)
-            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let enc = self.encoding(text, special)?;
         let spec = enc.get_special_tokens_mask();
         let offs = enc
             .get_offsets()
@@ -95,9 +138,11 @@ impl Tok {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.inner
-            .save(path, false)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", path.display()))
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", path.display()))?;
+        crate::fsutil::write_file(path, json.as_bytes())
     }
 
     /// A model whose embedding has fewer rows than the tokenizer has ids would index out of range.

@@ -306,6 +306,7 @@ fn tokenizer_train_command() {
             "100",
             "--out",
             &s(&out),
+            "--overwrite",
         ],
         &["at least 257"],
     );
@@ -360,7 +361,13 @@ fn gguf_generate_chat_score_and_convert() {
     let bytes = std::fs::read(fixture("gguf").join("llama_q8_0.gguf")).unwrap();
     std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
     fails(
-        &["convert", &s(&bad), "--out", &s(&d.join("hf"))],
+        &[
+            "convert",
+            &s(&bad),
+            "--out",
+            &s(&d.join("hf")),
+            "--overwrite",
+        ],
         &["bad.gguf", "past the end"],
     );
     assert!(d.join("hf/model.safetensors").exists());

@@ -3,7 +3,7 @@
 //! tokens that carry their labels.
 
 use crate::tokenizer::Tok;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -15,13 +15,12 @@ pub struct Sentence {
 }
 
 pub fn read_conll(path: &Path) -> Result<Vec<Sentence>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     let mut cur: Option<Sentence> = None;
     let mut ncols = None;
-    for (i, line) in text.lines().enumerate() {
-        let at = format!("{}:{}", path.display(), i + 1);
+    for item in crate::input::lines(path)? {
+        let (i, line) = item?;
+        let at = format!("{}:{i}", path.display());
         let cols: Vec<&str> = line.split_whitespace().collect();
         if cols.is_empty() || cols[0] == "-DOCSTART-" {
             out.extend(cur.take());

@@ -14,14 +14,13 @@ pub struct Labeled {
 }
 
 pub fn read_labeled(path: &Path) -> Result<Vec<Labeled>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    // Spreadsheet exports often start with a byte-order mark.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let rows = if path.extension().is_some_and(|e| e == "csv") {
+        let text = crate::input::read_text(path, crate::input::MAX_FILE_BYTES)?;
+        // Spreadsheet exports often start with a byte-order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         read_csv(text, &path.display().to_string())?
     } else {
-        read_jsonl(text, &path.display().to_string())?
+        read_jsonl(crate::input::lines(path)?, &path.display().to_string())?
     };
     if rows.is_empty() {
         bail!("{}: no examples", path.display());
@@ -29,14 +28,19 @@ pub fn read_labeled(path: &Path) -> Result<Vec<Labeled>> {
     Ok(rows)
 }
 
-fn read_jsonl(text: &str, file: &str) -> Result<Vec<Labeled>> {
+fn read_jsonl(
+    lines: impl Iterator<Item = Result<(usize, String)>>,
+    file: &str,
+) -> Result<Vec<Labeled>> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for item in lines {
+        let (i, line) = item?;
         if line.trim().is_empty() {
             continue;
         }
-        let at = format!("{file}:{}", i + 1);
-        let v: Value = serde_json::from_str(line).with_context(|| format!("{at}: invalid JSON"))?;
+        let at = format!("{file}:{i}");
+        let v: Value =
+            serde_json::from_str(&line).with_context(|| format!("{at}: invalid JSON"))?;
         let t = match v.get("text") {
             Some(Value::String(s)) => s.clone(),
             _ => bail!("{at}: expected a string \"text\""),
@@ -127,6 +131,12 @@ fn read_csv(text: &str, file: &str) -> Result<Vec<Labeled>> {
 mod tests {
     use super::*;
 
+    fn lines(text: &str) -> impl Iterator<Item = Result<(usize, String)>> + '_ {
+        text.lines()
+            .enumerate()
+            .map(|(i, l)| Ok((i + 1, l.to_string())))
+    }
+
     #[test]
     fn csv_with_quotes_and_multiline_fields() {
         let t = "label,text\npos,\"good, \"\"very\"\" good\"\nneg,\"bad\nreally\"\n\nneg,meh\n";
@@ -147,12 +157,12 @@ mod tests {
     #[test]
     fn jsonl_labels_as_strings_or_integers() {
         let r = read_jsonl(
-            "{\"text\": \"a\", \"label\": 2}\n{\"text\": \"b\", \"label\": \"x\"}\n",
+            lines("{\"text\": \"a\", \"label\": 2}\n{\"text\": \"b\", \"label\": \"x\"}\n"),
             "f",
         )
         .unwrap();
         assert_eq!((r[0].label.as_str(), r[1].label.as_str()), ("2", "x"));
-        assert!(read_jsonl("{\"text\": \"a\", \"label\": 1.5}", "f")
+        assert!(read_jsonl(lines("{\"text\": \"a\", \"label\": 1.5}"), "f")
             .unwrap_err()
             .to_string()
             .contains("f:1"));

@@ -44,9 +44,7 @@ pub fn collect_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let mut found = Vec::new();
-            walk(p, &mut found)?;
-            found.sort();
+            let found = crate::input::walk(p)?;
             let before = out.len();
             for f in found {
                 if let Some(kind) = kind_of(&f) {
@@ -59,7 +57,8 @@ pub fn collect_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
                     p.display()
                 );
             }
-        } else if p.is_file() {
+        } else if p.exists() {
+            drop(crate::input::open(p)?); // refuses devices, FIFOs, sockets
             let kind = kind_of(p).unwrap_or(Kind::Text);
             out.push(SourceFile {
                 path: p.clone(),
@@ -70,20 +69,6 @@ pub fn collect_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
         }
     }
     Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in
-        std::fs::read_dir(dir).with_context(|| format!("reading directory {}", dir.display()))?
-    {
-        let p = e?.path();
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 fn kind_of(p: &Path) -> Option<Kind> {
@@ -105,12 +90,56 @@ pub struct Piece {
     pub last: bool,
 }
 
+/// `text` as pieces of about `PIECE_BYTES`, cut after a newline where there is one (else at
+/// a character boundary); the last piece ends the document.
+fn split_pieces(text: &str) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while rest.len() > PIECE_BYTES {
+        let mut cut = PIECE_BYTES;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if let Some(i) = rest[..cut].rfind('\n') {
+            cut = i + 1;
+        }
+        out.push(Piece {
+            text: rest[..cut].to_string(),
+            last: false,
+        });
+        rest = &rest[cut..];
+    }
+    out.push(Piece {
+        text: rest.to_string(),
+        last: true,
+    });
+    out
+}
+
+/// The ids of a text file, read and tokenized in pieces so memory stays bounded whatever its
+/// size (the first piece gets the tokenizer's special tokens, as one `encode` of the whole
+/// text would).
+pub fn encode_file(path: &Path, tok: &Tok) -> Result<Vec<u32>> {
+    let src = SourceFile {
+        path: path.to_path_buf(),
+        kind: Kind::Text,
+    };
+    drop(crate::input::open(path)?);
+    let mut ids = Vec::new();
+    for (i, p) in Pieces::new(vec![src], false).enumerate() {
+        ids.extend(tok.encode(&p?.text, i == 0)?);
+    }
+    Ok(ids)
+}
+
 /// Streams the pieces of every document of every source, in order.
 pub struct Pieces {
     files: std::vec::IntoIter<SourceFile>,
     cur: Option<(SourceFile, BufReader<File>, u64, usize)>, // file, reader, byte offset, line
     lossy: bool,
     carry: Vec<u8>,
+    /// The rest of a long JSONL document, last piece first.
+    split: Vec<Piece>,
 }
 
 impl Pieces {
@@ -120,6 +149,7 @@ impl Pieces {
             cur: None,
             lossy,
             carry: Vec::new(),
+            split: Vec::new(),
         }
     }
 
@@ -141,16 +171,20 @@ impl Pieces {
                 let Some(f) = self.files.next() else {
                     return Ok(None);
                 };
-                let file =
-                    File::open(&f.path).with_context(|| format!("opening {}", f.path.display()))?;
+                let file = crate::input::open(&f.path)?;
                 self.cur = Some((f, BufReader::with_capacity(1 << 16, file), 0, 0));
                 self.carry.clear();
             }
             let (f, reader, offset, line) = self.cur.as_mut().expect("set above");
             match f.kind {
                 Kind::Jsonl => {
+                    if let Some(p) = self.split.pop() {
+                        return Ok(Some(p));
+                    }
                     let mut buf = Vec::new();
+                    let cap = crate::input::max_line_bytes() as u64 + 1;
                     let n = reader
+                        .take(cap)
                         .read_until(b'\n', &mut buf)
                         .with_context(|| format!("reading {}", f.path.display()))?;
                     if n == 0 {
@@ -158,6 +192,13 @@ impl Pieces {
                         continue;
                     }
                     *line += 1;
+                    if n as u64 == cap && buf.last() != Some(&b'\n') {
+                        bail!(
+                            "{}:{line}: line longer than {} bytes (raise --max-line-bytes if it is genuine)",
+                            f.path.display(),
+                            cap - 1
+                        );
+                    }
                     *offset += n as u64;
                     let (path, lineno, start) = (f.path.clone(), *line, *offset - n as u64);
                     if buf.iter().all(u8::is_ascii_whitespace) {
@@ -170,10 +211,12 @@ impl Pieces {
                     let Some(text) = v.get("text").and_then(|t| t.as_str()) else {
                         bail!("{}:{lineno}: missing string field \"text\"", path.display());
                     };
-                    return Ok(Some(Piece {
-                        text: text.to_string(),
-                        last: true,
-                    }));
+                    // A long document is tokenized in pieces, as a text file is.
+                    self.split = split_pieces(text);
+                    self.split.reverse();
+                    if let Some(p) = self.split.pop() {
+                        return Ok(Some(p));
+                    }
                 }
                 Kind::Text => {
                     let mut buf = std::mem::take(&mut self.carry);
@@ -228,33 +271,61 @@ impl Iterator for Pieces {
     }
 }
 
-/// A memory-mapped flat token file.
+/// A memory-mapped token file: a header (`HEADER` bytes: magic, token width, count, and the
+/// first 8 bytes of the SHA-256 of the tokens), then the tokens little-endian. A file whose
+/// header does not match its contents (truncated, edited, an older format) is never used.
 pub struct Tokens {
     mmap: Option<Mmap>, // None for an empty file (cannot be mapped)
     width: usize,
     len: usize,
 }
 
+const MAGIC: &[u8; 8] = b"LMFTOK02";
+const HEADER: usize = 32;
+
+fn header(width: usize, count: u64, digest: &[u8]) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&(width as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&count.to_le_bytes());
+    h[24..32].copy_from_slice(&digest[..8]);
+    h
+}
+
 impl Tokens {
+    /// Opens a token file after checking its header against its size and checksum.
     pub fn open(path: &Path, width: usize) -> Result<Self> {
+        use sha2::Digest;
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let bytes = file.metadata()?.len() as usize;
-        if !bytes.is_multiple_of(width) {
-            bail!(
-                "{}: size {bytes} is not a multiple of {width}",
-                path.display()
-            );
+        let bad = |why: &str| anyhow::anyhow!("{}: {why}", path.display());
+        if bytes < HEADER {
+            return Err(bad("shorter than its header (truncated)"));
         }
-        // SAFETY: token files are only ever written under a temporary name and renamed.
-        let mmap = if bytes > 0 {
-            Some(unsafe { Mmap::map(&file) }?)
-        } else {
-            None
-        };
+        // SAFETY: token files are only ever written under a temporary name and renamed; the
+        // header and checksum below catch one changed behind our back before it is used.
+        let mmap = unsafe { Mmap::map(&file) }?;
+        let count = u64::from_le_bytes(mmap[16..24].try_into()?);
+        if &mmap[..8] != MAGIC || u32::from_le_bytes(mmap[8..12].try_into()?) as usize != width {
+            return Err(bad(
+                "not a token cache of this lmforge (magic or width differs)",
+            ));
+        }
+        if (bytes - HEADER) as u64 != count.saturating_mul(width as u64) {
+            return Err(bad(&format!(
+                "holds {} bytes of tokens, its header says {count} tokens (truncated)",
+                bytes - HEADER
+            )));
+        }
+        if sha2::Sha256::digest(&mmap[HEADER..])[..8] != mmap[24..32] {
+            return Err(bad(
+                "tokens do not match the checksum in its header (corrupted)",
+            ));
+        }
         Ok(Self {
-            mmap,
+            mmap: Some(mmap),
             width,
-            len: bytes / width,
+            len: count as usize,
         })
     }
 
@@ -268,7 +339,7 @@ impl Tokens {
 
     pub fn get(&self, i: usize) -> u32 {
         let m = self.mmap.as_ref().expect("non-empty token file");
-        let o = i * self.width;
+        let o = HEADER + i * self.width;
         if self.width == 2 {
             u16::from_le_bytes([m[o], m[o + 1]]) as u32
         } else {
@@ -311,7 +382,14 @@ pub fn tokenize_cached(
         .with_context(|| format!("creating {}", cache_dir.display()))?;
     let path = cache_dir.join(format!("tokens-{:016x}.bin", fnv1a(key.as_bytes())));
     if path.exists() {
-        return Tokens::open(&path, width);
+        match Tokens::open(&path, width) {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                eprintln!("token cache unusable, rebuilding it: {e:#}");
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
     }
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let result = write_tokens(sources, tok, eos, width, lossy, &tmp);
@@ -335,8 +413,12 @@ fn write_tokens(
     lossy: bool,
     out: &Path,
 ) -> Result<()> {
+    use sha2::Digest;
+    use std::io::{Seek, SeekFrom};
     let mut w =
         BufWriter::new(File::create(out).with_context(|| format!("creating {}", out.display()))?);
+    w.write_all(&[0u8; HEADER])?;
+    let (mut sha, mut count) = (sha2::Sha256::new(), 0u64);
     let mut pieces = Pieces::new(sources.to_vec(), lossy);
     let mut any_text = false;
     loop {
@@ -365,19 +447,22 @@ fn write_tokens(
             if p.last {
                 ids.push(eos);
             }
+            count += ids.len() as u64;
             for id in ids {
-                if width == 2 {
-                    w.write_all(&(id as u16).to_le_bytes())?;
-                } else {
-                    w.write_all(&id.to_le_bytes())?;
-                }
+                let le = id.to_le_bytes();
+                let b = &le[..width];
+                sha.update(b);
+                w.write_all(b)?;
             }
         }
     }
     if !any_text {
         bail!("the corpus is empty: the given files hold no text");
     }
-    w.flush()?;
+    let mut f = w.into_inner().map_err(|e| e.into_error())?;
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(&header(width, count, &sha.finalize()))?;
+    f.sync_all()?;
     Ok(())
 }
 

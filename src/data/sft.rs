@@ -99,16 +99,15 @@ pub fn parse_line(line: &str, at: &str) -> Result<Example> {
 
 /// Reads a JSONL file (blank lines skipped); any bad line is an error naming file:line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Sourced>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for item in crate::input::lines(path)? {
+        let (i, line) = item?;
         if line.trim().is_empty() {
             continue;
         }
-        let at = format!("{}:{}", path.display(), i + 1);
+        let at = format!("{}:{i}", path.display());
         out.push(Sourced {
-            example: parse_line(line, &at)?,
+            example: parse_line(&line, &at)?,
             at,
         });
     }

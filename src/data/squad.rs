@@ -18,8 +18,7 @@ pub struct Question {
 /// Reads SQuAD v1.1 JSON; an answer whose `answer_start` does not point at its text is an error
 /// naming the question.
 pub fn read_squad(path: &Path) -> Result<Vec<Question>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::input::read_text(path, crate::input::MAX_FILE_BYTES)?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     let f = path.display();

@@ -52,6 +52,13 @@ pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize
             .token_logprobs(&x, ForwardOpts::default())?
             .squeeze(0)?
             .to_vec1()?;
+        if let Some(j) = lp.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "the model's log-probability of token {} is not finite ({}): its weights or config (norm epsilon, RoPE base) are broken",
+                begin + j + 1,
+                lp[j]
+            );
+        }
         // lp[j] is log p(ids[begin + j + 1]); score the targets after `done`.
         for (j, v) in lp.iter().enumerate() {
             if begin + j + 1 > done {

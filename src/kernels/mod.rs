@@ -60,17 +60,20 @@ pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> 
     f(slice(cs, l)?)
 }
 
-/// Element-wise sum of per-task partial vectors of length `n` (column sums, dw/db).
+/// Element-wise sum of per-task partial vectors of length `n` (column sums, dw/db), added in
+/// task order. The tasks are fixed-size chunks, so the result is bit-identical whatever the
+/// thread count or scheduling; rayon's `reduce` combines partials in whatever tree work
+/// stealing produced, which made two runs with the same seed diverge after a few steps.
 pub(crate) fn sum_partials(
-    parts: impl rayon::iter::ParallelIterator<Item = Vec<f32>>,
+    parts: impl rayon::iter::IndexedParallelIterator<Item = Vec<f32>>,
     n: usize,
 ) -> Vec<f32> {
-    parts
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .unwrap_or_else(|| vec![0f32; n])
+    let parts: Vec<Vec<f32>> = parts.collect();
+    let mut acc = vec![0f32; n];
+    for p in &parts {
+        acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    acc
 }
 
 /// Elements per rayon task for element-wise work: large enough to amortise scheduling.

@@ -151,8 +151,59 @@ impl ModelConfig {
         }
     }
 
+    /// Every value's allowed range, in one place; errors name the `config.json` key. Sizes are
+    /// bounded by sane maxima (far above any released model) so that a few hostile bytes cannot
+    /// ask for a terabyte; the weights' shapes are checked against the file when they load.
     pub fn validate(&self) -> Result<()> {
         let c = self;
+        let gpt2 = c.family == Family::Gpt2;
+        let key = |g: &'static str, l: &'static str| if gpt2 { g } else { l };
+        use super::limits::*;
+        in_range(key("vocab_size", "vocab_size"), c.vocab_size, 1, MAX_VOCAB)?;
+        in_range(key("n_embd", "hidden_size"), c.hidden_size, 1, MAX_HIDDEN)?;
+        in_range(
+            key("n_layer", "num_hidden_layers"),
+            c.num_layers,
+            1,
+            MAX_LAYERS,
+        )?;
+        in_range(
+            key("n_head", "num_attention_heads"),
+            c.num_heads,
+            1,
+            MAX_HEADS,
+        )?;
+        in_range("num_key_value_heads", c.num_kv_heads, 1, MAX_HEADS)?;
+        in_range("head_dim", c.head_dim, 1, MAX_HEAD_DIM)?;
+        in_range(
+            key("n_inner", "intermediate_size"),
+            c.intermediate_size,
+            1,
+            MAX_FFN,
+        )?;
+        let ctx = key("n_positions", "max_position_embeddings");
+        in_range(ctx, c.max_position_embeddings, 1, MAX_CONTEXT)?;
+        positive_at_most(key("layer_norm_epsilon", "rms_norm_eps"), c.norm_eps, 1.0)?;
+        if !gpt2 && !(c.rope_theta.is_finite() && c.rope_theta >= 1.0) {
+            bail!(
+                "model config: rope_theta = {} must be a finite number ≥ 1 (the RoPE base)",
+                c.rope_theta
+            );
+        }
+        if let Some(w) = c.sliding_window.iter().flatten().find(|w| **w == 0) {
+            bail!("model config: sliding_window = {w} must be at least 1 (or null for full attention)");
+        }
+        for (k, id) in [
+            ("bos_token_id", c.bos_token_id),
+            ("eos_token_id", c.eos_token_id),
+        ] {
+            if let Some(id) = id.filter(|id| *id as usize >= c.vocab_size) {
+                bail!(
+                    "model config: {k} = {id} is not below vocab_size ({})",
+                    c.vocab_size
+                );
+            }
+        }
         if c.num_heads == 0 || c.num_kv_heads == 0 || c.num_layers == 0 || c.hidden_size == 0 {
             bail!("model config: layers, heads, kv heads and hidden size must all be positive");
         }

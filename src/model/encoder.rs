@@ -94,6 +94,7 @@ impl EncoderConfig {
                 .unwrap_or(1e-12),
             pad_token_id: v.get("pad_token_id").and_then(Value::as_u64).unwrap_or(0) as u32,
         };
+        cfg.validate().with_context(|| what.to_string())?;
         if cfg.num_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
             bail!(
                 "{what}: hidden_size {} is not a multiple of num_attention_heads {}",
@@ -102,6 +103,32 @@ impl EncoderConfig {
             );
         }
         Ok(cfg)
+    }
+
+    /// Every value's allowed range (`model::limits`); errors name the `config.json` key.
+    pub fn validate(&self) -> Result<()> {
+        use super::limits::*;
+        in_range("vocab_size", self.vocab_size, 1, MAX_VOCAB)?;
+        in_range("hidden_size", self.hidden_size, 1, MAX_HIDDEN)?;
+        in_range("num_hidden_layers", self.num_layers, 1, MAX_LAYERS)?;
+        in_range("num_attention_heads", self.num_heads, 1, MAX_HEADS)?;
+        in_range("intermediate_size", self.intermediate_size, 1, MAX_FFN)?;
+        in_range(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            1,
+            MAX_CONTEXT,
+        )?;
+        in_range("type_vocab_size", self.type_vocab_size, 1, 1 << 16)?;
+        positive_at_most("layer_norm_eps", self.layer_norm_eps, 1.0)?;
+        if self.pad_token_id as usize >= self.vocab_size {
+            anyhow::bail!(
+                "model config: pad_token_id = {} is not below vocab_size ({})",
+                self.pad_token_id,
+                self.vocab_size
+            );
+        }
+        Ok(())
     }
 
     pub fn to_hf_json(&self, architecture: &str) -> Value {

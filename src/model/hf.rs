@@ -9,7 +9,8 @@ use super::gguf::{self, GgufFile};
 use super::loader::WeightSource;
 use super::params::ParamStore;
 use crate::chat::{template_from_dir, ChatTemplate};
-use crate::fsutil::{write_dir, write_json};
+use crate::fsutil::write_json;
+use crate::outdir::write_output;
 use crate::tokenizer::{hf_tokenizer_config, load_from_dir, Tok};
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -166,12 +167,12 @@ pub fn write_files_with(
 
 /// Writes a complete HF model directory atomically (a crash leaves the old one intact).
 pub fn save_dir(dir: &Path, model: &DecoderModel, store: &ParamStore, tok: &Tok) -> Result<()> {
-    write_dir(dir, |tmp| write_files(tmp, model, store, tok))
+    write_output(dir, "model", |tmp| write_files(tmp, model, store, tok))
 }
 
 /// Writes a loaded model (e.g. one read from GGUF) as an HF directory, atomically.
 pub fn save_loaded(dir: &Path, m: &LoadedModel) -> Result<()> {
-    write_dir(dir, |tmp| {
+    write_output(dir, "model", |tmp| {
         write_files_with(tmp, &m.model, &m.store, &m.tok, m.chat_template.as_deref())
     })
 }
@@ -218,7 +219,7 @@ pub fn save_encoder(
     tok: &Tok,
     architecture: &str,
 ) -> Result<()> {
-    write_dir(dir, |tmp| {
+    write_output(dir, "model", |tmp| {
         write_encoder_files(tmp, model, store, tok, architecture)
     })
 }

@@ -360,21 +360,59 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotary position embedding tables, HF "rotate half" convention (Llama, Mistral, Qwen2).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Rope {
-    cos: Tensor, // (max_pos, head_dim)
-    sin: Tensor,
+    inv: Vec<f64>,
+    head_dim: usize,
+    /// The model's context: positions beyond it are refused by the model, not here.
+    max_pos: usize,
+    dev: Device,
+    /// cos/sin (n, head_dim) for the first n positions, grown on demand: a config may claim a
+    /// context of millions (or, hostile, 10^12) that no input will use, so the table covers the
+    /// positions actually seen (doubling), never the whole claimed context up front.
+    tables: std::sync::RwLock<(Tensor, Tensor)>,
+}
+
+impl Clone for Rope {
+    fn clone(&self) -> Self {
+        let tables = match self.tables.read() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        Self {
+            inv: self.inv.clone(),
+            head_dim: self.head_dim,
+            max_pos: self.max_pos,
+            dev: self.dev.clone(),
+            tables: std::sync::RwLock::new(tables),
+        }
+    }
 }
 
 impl Rope {
+    /// Positions built eagerly (a typical context; more are added when used).
+    const EAGER: usize = 4096;
+
     pub fn new(head_dim: usize, max_pos: usize, theta: f64, dev: &Device) -> Result<Self> {
         let half = head_dim / 2;
         let inv: Vec<f64> = (0..half)
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
             .collect();
-        let mut cos = Vec::with_capacity(max_pos * head_dim);
-        let mut sin = Vec::with_capacity(max_pos * head_dim);
-        for p in 0..max_pos {
+        let tables = Self::build(&inv, head_dim, max_pos.min(Self::EAGER), dev)?;
+        Ok(Self {
+            inv,
+            head_dim,
+            max_pos,
+            dev: dev.clone(),
+            tables: std::sync::RwLock::new(tables),
+        })
+    }
+
+    fn build(inv: &[f64], head_dim: usize, n: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(n * head_dim);
+        let mut sin = Vec::with_capacity(n * head_dim);
+        for p in 0..n {
             for j in 0..head_dim {
                 // f32 angle, as transformers computes it, so long positions agree bit-for-bit-ish.
                 let a = (p as f32) * (inv[j % half] as f32);
@@ -382,39 +420,72 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_pos, head_dim), dev)?,
-            sin: Tensor::from_vec(sin, (max_pos, head_dim), dev)?,
-        })
+        Ok((
+            Tensor::from_vec(cos, (n, head_dim), dev)?,
+            Tensor::from_vec(sin, (n, head_dim), dev)?,
+        ))
+    }
+
+    /// The tables, covering at least `n` positions.
+    fn covering(&self, n: usize) -> Result<(Tensor, Tensor)> {
+        let have = {
+            let t = self
+                .tables
+                .read()
+                .map_err(|_| anyhow::anyhow!("RoPE table lock poisoned"))?;
+            if t.0.dim(0)? >= n {
+                return Ok(t.clone());
+            }
+            t.0.dim(0)?
+        };
+        if n > self.max_pos {
+            anyhow::bail!(
+                "position {n} is beyond the model's context of {}",
+                self.max_pos
+            );
+        }
+        let want = n.max(have * 2).min(self.max_pos);
+        let built = Self::build(&self.inv, self.head_dim, want, &self.dev)?;
+        let mut t = self
+            .tables
+            .write()
+            .map_err(|_| anyhow::anyhow!("RoPE table lock poisoned"))?;
+        if t.0.dim(0)? < want {
+            *t = built;
+        }
+        Ok(t.clone())
     }
 
     pub fn max_positions(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
+        self.max_pos
     }
 
     /// x (B, T, H, hd) at absolute positions offset..offset+T.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, t, _, hd) = x.dims4()?;
+        let (cos, sin) = self.covering(offset + t)?;
         let table = |m: &Tensor| -> Result<Tensor> {
             Ok(m.narrow(0, offset, t)?
                 .to_dtype(x.dtype())?
                 .reshape((1, t, 1, hd))?)
         };
-        self.rotate(x, &table(&self.cos)?, &table(&self.sin)?)
+        self.rotate(x, &table(&cos)?, &table(&sin)?)
     }
 
     /// cos/sin tables (B, T, 1, hd) for positions (B, T) u32 (packed sequences restart at 0);
     /// built once per forward and shared by every layer's `rotate`.
     pub fn tables_at(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
-        let hd = self.cos.dim(1)?;
+        let hd = self.head_dim;
         let flat = positions.flatten_all()?;
+        let top = flat.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
+        let (cos, sin) = self.covering(top + 1)?;
         let table = |m: &Tensor| -> Result<Tensor> {
             Ok(m.index_select(&flat, 0)?
                 .to_dtype(dtype)?
                 .reshape((b, t, 1, hd))?)
         };
-        Ok((table(&self.cos)?, table(&self.sin)?))
+        Ok((table(&cos)?, table(&sin)?))
     }
 
     /// x (B, T, H, hd) rotated by tables (1 or B, T, 1, hd).

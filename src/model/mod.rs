@@ -8,6 +8,7 @@ pub mod encoder;
 pub mod gguf;
 pub mod hf;
 pub mod layers;
+pub mod limits;
 pub mod loader;
 pub mod packing;
 pub mod params;

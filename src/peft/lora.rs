@@ -12,11 +12,12 @@
 //! Deviation: dropout masks come from lmforge's keyed RNG (reproducible per step), not torch's.
 
 use super::AdapterSwitch;
-use crate::fsutil::{write_dir, write_json};
+use crate::fsutil::write_json;
 use crate::model::layers::{xwt, Layout, Linear, LinearAdapter};
 use crate::model::loader::WeightSource;
 use crate::model::params::{save_tensors, Init, ParamKind, Source};
 use crate::model::{DecoderModel, ParamStore};
+use crate::outdir::write_output;
 use crate::rng::{fnv1a, Rng};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
@@ -381,7 +382,7 @@ impl Lora {
 
     /// A complete causal-LM PEFT adapter directory, written atomically.
     pub fn save(&self, dir: &Path, store: &ParamStore, base: &str) -> Result<()> {
-        write_dir(dir, |tmp| {
+        write_output(dir, "adapter", |tmp| {
             self.write_files(tmp, store, base, &Head::causal_lm())
         })
     }

@@ -14,8 +14,8 @@ use crate::chat::ChatTemplate;
 use crate::data::sft::{build_batch, read_jsonl, rows_of, tokenize_all, Counts, Formatter};
 use crate::data::sft::{RowBatch, Tokenized, DEFAULT_TEMPLATE};
 use crate::eval::score::{score_text_ids, Score};
-use crate::fsutil::write_dir;
 use crate::model::{hf, DecoderModel, ForwardOpts, Packing, ParamStore};
+use crate::outdir::{self, write_output};
 use crate::peft::lora::{self, Lora};
 use crate::peft::{AdapterSwitch, PeftArgs};
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
@@ -257,8 +257,8 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     let base = model_path.display().to_string();
     let output = match &adapters {
         Some(a) => {
-            let dir = run_dir.join("adapter");
-            write_dir(&dir, |tmp| {
+            let dir = outdir::entry(&run_dir, "adapter")?;
+            write_output(&dir, "adapter", |tmp| {
                 a.write_files(tmp, &m.store, &base, &lora::Head::causal_lm())?;
                 m.tok.save(&tmp.join("tokenizer.json"))?;
                 std::fs::write(tmp.join("chat_template.jinja"), &template)?;
@@ -266,16 +266,14 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
             })?;
             if o.peft.merge {
                 a.merge(&mut m.model, &m.store)?;
-                hf::save_loaded(&run_dir.join("model"), &m)?;
-                ctl.say(&format!(
-                    "merged model written to {}",
-                    run_dir.join("model").display()
-                ));
+                let merged = outdir::entry(&run_dir, "model")?;
+                hf::save_loaded(&merged, &m)?;
+                ctl.say(&format!("merged model written to {}", merged.display()));
             }
             dir
         }
         None => {
-            let dir = run_dir.join("model");
+            let dir = outdir::entry(&run_dir, "model")?;
             hf::save_loaded(&dir, &m)?;
             dir
         }
@@ -327,8 +325,7 @@ pub fn masked_loss(model: &DecoderModel, rb: &RowBatch) -> Result<Tensor> {
 }
 
 fn read_text_ids(p: &Path, tok: &crate::tokenizer::Tok) -> Result<Vec<u32>> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    let ids = tok.encode(&text, true)?;
+    let ids = crate::data::encode_file(p, tok)?;
     if ids.len() < 2 {
         bail!("{}: too short to measure perplexity on", p.display());
     }

@@ -132,6 +132,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tok, Option<String>)> {
     })
     .with_context(|| format!("{file}: cannot build a tokenizer from the metadata"))?;
     let mut tok = Tok::wrap(inner);
+    tok.origin = file.to_string();
     tok.eos_id = eos.or(tok.eos_id);
     tok.bos_id = bos.or(tok.bos_id);
     let template = g.get_str("tokenizer.chat_template")?.map(str::to_string);

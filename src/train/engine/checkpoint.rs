@@ -61,7 +61,7 @@ pub fn save(
     keep: usize,
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    let root = run_dir.join("checkpoints");
+    let root = crate::outdir::entry(run_dir, "checkpoints")?;
     let name = step_name(state.step);
     let dir = root.join(&name);
     recover_siblings(&root, |n| step_of(n).is_some())?;

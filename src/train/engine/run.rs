@@ -4,6 +4,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::{Local, Method, TrainConfig, Trainer};
+use crate::outdir;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -35,6 +36,10 @@ pub struct RunArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Start afresh in an --out that holds an earlier lmforge run: its files (listed in its
+    /// manifest) are removed first; files lmforge did not write are kept.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 /// How a run is driven from outside: device, resume, when to stop, how much to say.
@@ -47,6 +52,8 @@ pub struct Control {
     /// Set by Ctrl-C: finish the current step, checkpoint, return.
     pub interrupt: Arc<AtomicBool>,
     pub quiet: bool,
+    /// `--overwrite`: a new run may replace an earlier lmforge run in `out`.
+    pub overwrite: bool,
 }
 
 impl Control {
@@ -58,6 +65,7 @@ impl Control {
             stop_at: None,
             interrupt: Arc::new(AtomicBool::new(false)),
             quiet,
+            overwrite: false,
         }
     }
 
@@ -86,8 +94,8 @@ pub struct RunFiles {
 }
 
 impl RunFiles {
-    /// Creates the run directory (the resumed checkpoint's run, or `out`) and saves the
-    /// options there as `config.toml`.
+    /// Creates the run directory (the resumed checkpoint's run, or `out`, claimed under the
+    /// output policy of `outdir`) and saves the options there as `config.toml`.
     pub fn create<T: serde::Serialize>(
         ctl: &Control,
         out: &Path,
@@ -95,10 +103,19 @@ impl RunFiles {
         command: &'static str,
     ) -> Result<Self> {
         let run_dir = ctl.run_dir(out)?;
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
+        if ctl.resume.is_some() {
+            outdir::adopt(&run_dir, command)?;
+        } else {
+            let claim = outdir::Claim {
+                kind: command,
+                overwrite: ctl.overwrite,
+                resumable: true,
+            };
+            outdir::start_run(&run_dir, claim)?;
+        }
         let config_toml = crate::config::to_toml(opts)?;
-        crate::fsutil::write_file(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+        let path = outdir::entry(&run_dir, "config.toml")?;
+        crate::fsutil::write_file(&path, config_toml.as_bytes())?;
         Ok(Self {
             run_dir,
             config_toml,
@@ -160,7 +177,7 @@ pub fn run<M: Method>(
 ) -> Result<Outcome> {
     let mut trainer = Trainer::new(m, cfg)?;
     let t = &mut trainer;
-    let metrics_path = run.run_dir.join("metrics.jsonl");
+    let metrics_path = outdir::entry(&run.run_dir, "metrics.jsonl")?;
     if let Some((ck, state)) = &ctl.resume {
         let step = state.step;
         if let Some(w) = t.restore(m, ck, state.clone())? {
@@ -300,7 +317,7 @@ pub struct Metrics(std::fs::File, PathBuf);
 
 impl Metrics {
     pub fn open(run_dir: &Path) -> Result<Self> {
-        let p = run_dir.join("metrics.jsonl");
+        let p = outdir::entry(run_dir, "metrics.jsonl")?;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

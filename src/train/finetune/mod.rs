@@ -8,10 +8,11 @@ pub mod classify;
 pub mod ner;
 pub mod qa;
 
-use crate::fsutil::{write_dir, write_json};
+use crate::fsutil::write_json;
 use crate::model::backbone::{saved_with_head, Backbone, LoadedBackbone};
 use crate::model::layers::{Builder, Layout, Linear};
 use crate::model::params::Source;
+use crate::outdir::{self, write_output};
 use crate::peft::lora::{self, Lora, LoraConfig};
 use crate::peft::{AdapterSwitch, PeftArgs};
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
@@ -276,7 +277,7 @@ fn write_outputs(h: &mut Tuned, out: &Path, o: &FinetuneOptions, spec: &HeadSpec
     let config = h.m.body.head_config(spec.kind, spec.labels, h.pad);
     let (pad, max_len) = (h.pad, h.max_len);
     let write_model = |m: &LoadedBackbone, dir: &Path| -> Result<()> {
-        write_dir(dir, |tmp| {
+        write_output(dir, "model", |tmp| {
             write_json(&tmp.join("config.json"), &config)?;
             m.store
                 .save_safetensors_where(&tmp.join("model.safetensors"), saved_with_head)?;
@@ -289,10 +290,11 @@ fn write_outputs(h: &mut Tuned, out: &Path, o: &FinetuneOptions, spec: &HeadSpec
         })
     };
     let Some(a) = &h.adapters else {
-        write_model(&h.m, &out.join("model"))?;
-        return Ok(std::fs::metadata(out.join("model/model.safetensors"))?.len());
+        let dir = outdir::entry(out, "model")?;
+        write_model(&h.m, &dir)?;
+        return Ok(std::fs::metadata(dir.join("model.safetensors"))?.len());
     };
-    let dir = out.join("adapter");
+    let dir = outdir::entry(out, "adapter")?;
     let mut modules = vec![h.head_name];
     if h.m.store.get("bert.pooler.dense.weight").is_some() {
         modules.push("pooler");
@@ -302,10 +304,12 @@ fn write_outputs(h: &mut Tuned, out: &Path, o: &FinetuneOptions, spec: &HeadSpec
         modules,
     };
     let base = o.model()?.display().to_string();
-    write_dir(&dir, |tmp| a.write_files(tmp, &h.m.store, &base, &extra))?;
+    write_output(&dir, "adapter", |tmp| {
+        a.write_files(tmp, &h.m.store, &base, &extra)
+    })?;
     if o.peft.merge {
         a.merge_into(h.m.body.linears_mut(), &h.m.store)?;
-        write_model(&h.m, &out.join("model"))?;
+        write_model(&h.m, &outdir::entry(out, "model")?)?;
     }
     Ok(std::fs::metadata(dir.join("adapter_model.safetensors"))?.len())
 }
@@ -324,9 +328,7 @@ impl Forgetting {
                 before: None,
             });
         };
-        let text = std::fs::read_to_string(p)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
-        let ids = m.tok.encode(&text, true)?;
+        let ids = crate::data::encode_file(p, &m.tok)?;
         let before = m.body.lm_score(&ids)?.ppl();
         Ok(Self {
             ids: Some(ids),

@@ -203,7 +203,7 @@ pub fn run(o: PretrainOptions, ctl: Control) -> Result<Summary> {
     let seed = cfg.seed;
     let outcome = engine::run(&mut m, cfg, &ctl, &files)?;
     if outcome.finished() {
-        let dir = run_dir.join("model");
+        let dir = crate::outdir::entry(&run_dir, "model")?;
         hf::save_dir(&dir, &m.model, &m.store, &m.tok)?;
         if !ctl.quiet {
             eprintln!("--- sample ---\n{}\n---", m.sample(seed)?);

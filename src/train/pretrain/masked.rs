@@ -270,7 +270,7 @@ pub fn run(o: PretrainOptions, ctl: Control) -> Result<Summary> {
     };
     let outcome = engine::run(&mut m, cfg, &ctl, &files)?;
     if outcome.finished() {
-        let dir = run_dir.join("model");
+        let dir = crate::outdir::entry(&run_dir, "model")?;
         hf::save_encoder(&dir, &m.model, &m.store, &m.tok, "BertForMaskedLM")?;
         ctl.say(&format!("final model written to {}", dir.display()));
     }

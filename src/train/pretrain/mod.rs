@@ -194,6 +194,37 @@ impl PretrainOptions {
                 bail!("{msg}");
             }
         }
+        use crate::model::limits::*;
+        let sizes = [
+            ("model.n_layer", m.n_layer, MAX_LAYERS),
+            ("model.n_head", m.n_head, MAX_HEADS),
+            ("model.n_kv_head", m.n_kv_head.unwrap_or(1), MAX_HEADS),
+            ("model.d_model", m.d_model, MAX_HIDDEN),
+            ("model.ctx", m.ctx, MAX_CONTEXT),
+            ("model.ffn", m.ffn.unwrap_or(1), MAX_FFN),
+            ("tokenizer.vocab_size", self.tokenizer.vocab_size, MAX_VOCAB),
+        ];
+        for (key, v, max) in sizes {
+            if v == 0 || v > max {
+                bail!("{key} = {v} is outside the allowed range 1..={max}");
+            }
+        }
+        if let Some(th) = m.rope_theta.filter(|t| !(t.is_finite() && *t >= 1.0)) {
+            bail!("model.rope_theta = {th} must be a finite number ≥ 1");
+        }
+        if m.init_from.is_none() {
+            let d = m.d_model as u64;
+            let ffn = m.ffn.map_or(4 * d, |f| f as u64);
+            let embed = (self.tokenizer.vocab_size as u64 + m.ctx as u64) * d;
+            let params = embed + m.n_layer as u64 * (4 * d * d + 3 * d * ffn);
+            if params > MAX_FRESH_PARAMS {
+                bail!(
+                    "[model]: {:.1}G parameters exceed the {}G a fresh model may have (d_model, n_layer, ctx, ffn)",
+                    params as f64 / 1e9,
+                    MAX_FRESH_PARAMS >> 30
+                );
+            }
+        }
         Ok(t)
     }
 }
@@ -256,7 +287,7 @@ fn tokenizer(
     if let Some(e) = err {
         return Err(e);
     }
-    tok.save(&run_dir.join("tokenizer.json"))?;
+    tok.save(&crate::outdir::entry(run_dir, "tokenizer.json")?)?;
     ctl.say(&format!(
         "trained a {}-token tokenizer in {:.1}s",
         tok.vocab_size(),
@@ -275,7 +306,12 @@ fn corpus(
     ctl: &Control,
 ) -> Result<Dataset> {
     let t0 = std::time::Instant::now();
-    let tokens = tokenize_cached(sources, tok, &run_dir.join("data"), o.data.lossy_utf8)?;
+    let tokens = tokenize_cached(
+        sources,
+        tok,
+        &crate::outdir::entry(run_dir, "data")?,
+        o.data.lossy_utf8,
+    )?;
     let data = Dataset::new(tokens, window, o.data.val_fraction)?;
     ctl.say(&format!(
         "corpus: {} files, {} tokens ({} train / {} validation) in {:.1}s",
