@@ -69,6 +69,7 @@ for r in $(seq 1 "$rounds"); do
     order=(old new); [ $((r % 2)) -eq 0 ] && order=(new old)
     for side in "${order[@]}"; do
         if [ "$side" = old ]; then bin=$old; cfg=$old_cfg; else bin=$new; cfg=$new_cfg; fi
+        rm -rf "$work/pt-$side" "$work/sft-$side"  # a fresh run each round (lmforge refuses to start over in an old one)
         "$bin" pretrain --quiet --config "$cfg" --out "$work/pt-$side" > /dev/null 2>&1
         p=$(med "$work/pt-$side" elapsed)
         "$bin" sft --quiet --model "$work/base/model" --data data/sft/shakespeare-qa.jsonl \

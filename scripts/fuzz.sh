@@ -10,8 +10,7 @@ secs=${1:-600}
 shift || true
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(gguf safetensors tokenizer_json chat_template recipe jsonl)
-cargo +nightly fuzz build -O "${targets[@]/#/}" 2>&1 | tail -2 || true
-for t in "${targets[@]}"; do cargo +nightly fuzz build -O "$t" >/dev/null 2>&1; done
+cargo +nightly fuzz build -O 2>&1 | tail -1
 corpus=target/fuzz-corpus
 for t in "${targets[@]}"; do
   mkdir -p "$corpus/$t" "fuzz/artifacts/$t"

@@ -173,3 +173,48 @@ pub fn quiet_candle_pool() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    /// The partials of fixed chunks, summed under pools of 1–4 threads, many times: always the
+    /// in-order sum, bit for bit (floats of very different sizes, so any other association shows).
+    #[test]
+    fn partial_sums_do_not_depend_on_threads() {
+        let n = 7;
+        let data: Vec<f32> = (0..64 * n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 10f32.powi((i % 9) as i32 - 4))
+            .collect();
+        let want = {
+            let mut acc = vec![0f32; n];
+            for chunk in data.chunks(4 * n) {
+                let mut p = vec![0f32; n];
+                chunk
+                    .chunks(n)
+                    .for_each(|r| p.iter_mut().zip(r).for_each(|(a, v)| *a += v));
+                acc.iter_mut().zip(&p).for_each(|(a, v)| *a += v);
+            }
+            acc
+        };
+        for threads in 1..=4 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for _ in 0..20 {
+                let got = pool.install(|| {
+                    let parts = data.par_chunks(4 * n).map(|c| {
+                        let mut p = vec![0f32; n];
+                        c.chunks(n)
+                            .for_each(|r| p.iter_mut().zip(r).for_each(|(a, v)| *a += v));
+                        p
+                    });
+                    super::sum_partials(parts, n)
+                });
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{threads} threads");
+            }
+        }
+    }
+}
