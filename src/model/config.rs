@@ -99,7 +99,7 @@ impl ModelConfig {
             num_heads: heads,
             num_kv_heads: heads,
             head_dim: dim / heads.max(1),
-            intermediate_size: 4 * dim,
+            intermediate_size: dim.saturating_mul(4),
             max_position_embeddings: ctx,
             norm_eps: 1e-5,
             rope_theta: 10000.0,
@@ -135,7 +135,7 @@ impl ModelConfig {
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim: dim / heads.max(1),
-            intermediate_size: ffn.unwrap_or((8 * dim).div_ceil(3 * 64) * 64),
+            intermediate_size: ffn.unwrap_or(dim.saturating_mul(8).div_ceil(3 * 64).saturating_mul(64)),
             max_position_embeddings: ctx,
             norm_eps: 1e-5,
             rope_theta: 10000.0,
@@ -277,6 +277,8 @@ impl ModelConfig {
         }
         let dim = r.req_usize("n_embd")?;
         let layers = r.req_usize("n_layer")?;
+        // Per-layer tables are allocated before `validate` sees the whole config.
+        super::limits::in_range("n_layer", layers, 1, super::limits::MAX_LAYERS)?;
         let heads = r.req_usize("n_head")?;
         let ctx = r.usize("n_positions")?.unwrap_or(1024);
         let mut c = Self::gpt2(r.req_usize("vocab_size")?, dim, layers, heads, ctx);
@@ -312,6 +314,8 @@ impl ModelConfig {
         }
         let dim = r.req_usize("hidden_size")?;
         let layers = r.req_usize("num_hidden_layers")?;
+        // Per-layer tables are allocated before `validate` sees the whole config.
+        super::limits::in_range("num_hidden_layers", layers, 1, super::limits::MAX_LAYERS)?;
         let heads = r.req_usize("num_attention_heads")?;
         let kv = r.usize("num_key_value_heads")?.unwrap_or(heads);
         let ctx = r.usize("max_position_embeddings")?.unwrap_or(2048);
