@@ -106,16 +106,13 @@ impl ChatTemplate {
 pub fn template_from_dir(dir: &Path) -> Result<Option<String>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
-        return std::fs::read_to_string(&jinja)
-            .map(Some)
-            .with_context(|| format!("reading {}", jinja.display()));
+        return crate::input::read_text(&jinja, crate::input::MAX_CONFIG_BYTES).map(Some);
     }
     let cfg = dir.join("tokenizer_config.json");
     if !cfg.exists() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(&cfg).with_context(|| format!("reading {}", cfg.display()))?;
+    let text = crate::input::read_text(&cfg, crate::input::MAX_CONFIG_BYTES)?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg.display()))?;
     Ok(match v.get("chat_template") {

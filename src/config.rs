@@ -54,7 +54,7 @@ pub fn load<T: Serialize + DeserializeOwned>(
     };
     if let Some(p) = config {
         let origin = p.display().to_string();
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {origin}"))?;
+        let text = crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?;
         merge(&mut table, parse_table(&text, &origin)?);
         check::<T>(&table, &origin)?;
     }

@@ -82,7 +82,7 @@ pub fn recipe(bytes: &[u8]) -> Result<()> {
     let none = HashSet::new();
     let base = || crate::config::Base::Saved {
         text: &text,
-        origin: "recipe.toml".into(),
+        origin: "recipe.toml",
     };
     use crate::train::{finetune::FinetuneOptions, pretrain::PretrainOptions, sft::SftOptions};
     if let Ok(o) = crate::config::load(base(), None, &[], &PretrainOptions::default(), &none) {

@@ -13,14 +13,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The default per-line cap: far above any real record, far below what exhausts memory
 /// (tokenizing costs ~300 bytes of memory per input byte).
 pub const DEFAULT_MAX_LINE_BYTES: usize = 16 << 20;
-/// Whole-file reads (JSON datasets such as SQuAD, configs): a size no real one reaches.
+/// Whole-file reads of datasets (SQuAD JSON, CSV): a size no real one reaches.
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
+/// Whole-file reads of configs, templates, vocabularies, tokenizer.json (the largest released
+/// tokenizer files are ~30 MB).
+pub const MAX_CONFIG_BYTES: u64 = 256 << 20;
 
 static MAX_LINE: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_LINE_BYTES);
 
 /// Sets the per-line cap for this process (`--max-line-bytes`).
 pub fn set_max_line_bytes(n: usize) {
-    MAX_LINE.store(n.max(1), Ordering::Relaxed);
+    MAX_LINE.store(n.clamp(1, 1 << 40), Ordering::Relaxed);
 }
 
 pub fn max_line_bytes() -> usize {
@@ -97,7 +100,7 @@ pub fn lines_capped(path: &Path, max: usize) -> Result<Lines> {
 impl Lines {
     fn next_line(&mut self) -> Result<Option<(usize, String)>> {
         let mut buf = Vec::new();
-        let limit = self.max as u64 + 1;
+        let limit = (self.max as u64).saturating_add(1);
         let n = (&mut self.reader)
             .take(limit)
             .read_until(b'\n', &mut buf)

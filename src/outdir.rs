@@ -11,6 +11,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST: &str = ".lmforge-manifest.json";
+/// Held (an OS file lock) by the process writing a run, so a second one cannot interleave.
+pub const LOCK: &str = ".lmforge.lock";
 
 #[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -43,7 +45,7 @@ pub fn manifest(dir: &Path) -> Result<Option<Manifest>> {
 }
 
 fn plain_name(n: &str) -> bool {
-    !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '\\']) && n != MANIFEST
+    !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '\\']) && n != MANIFEST && n != LOCK
 }
 
 fn save_manifest(dir: &Path, m: &Manifest) -> Result<()> {
@@ -56,7 +58,18 @@ fn save_manifest(dir: &Path, m: &Manifest) -> Result<()> {
 /// directory or any directory above it (replacing one would take the user's work with it).
 pub fn refuse_special(path: &Path) -> Result<()> {
     let Ok(real) = std::fs::canonicalize(path) else {
-        return Ok(()); // does not exist yet: it cannot be any of those
+        // Not there yet, so it cannot be any of those — unless a `..` makes it one once its
+        // first part is created (`new/..` is the working directory).
+        if path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            bail!(
+                "{}: an output path that does not exist yet may not contain `..`; give it without",
+                path.display()
+            );
+        }
+        return Ok(());
     };
     if real.parent().is_none() {
         bail!(
@@ -87,7 +100,7 @@ fn user_visible_entries(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
-        if name != MANIFEST {
+        if name != MANIFEST && name != LOCK {
             names.push(name);
         }
     }
@@ -166,11 +179,40 @@ pub fn check(dir: &Path, c: Claim) -> Result<()> {
     )
 }
 
-/// Claims `dir` for a new run: checks it (`check`), then, when replacing an earlier lmforge
-/// output, removes the entries its manifest lists — only those — and starts a fresh manifest.
-pub fn start_run(dir: &Path, c: Claim) -> Result<()> {
+/// The lock a run holds on its directory while it writes there (released when dropped).
+#[derive(Debug)]
+pub struct RunLock(#[allow(dead_code)] std::fs::File);
+
+fn lock(dir: &Path) -> Result<RunLock> {
+    let p = dir.join(LOCK);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("opening {}", p.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(RunLock(f)),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{}: another lmforge process is writing this run; wait for it or choose another directory",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", p.display()))
+        }
+    }
+}
+
+/// Claims `dir` for a new run: checks it (`check`), locks it, then, when replacing an earlier
+/// lmforge output, removes the entries its manifest lists — only those — and starts a fresh
+/// manifest.
+pub fn start_run(dir: &Path, c: Claim) -> Result<RunLock> {
     check(dir, c)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Checked again now that the path exists (and resolves).
+    refuse_special(dir)?;
+    let held = lock(dir)?;
+    check(dir, c)?;
     if let Some(old) = manifest(dir)? {
         for name in &old.entries {
             remove_entry(&dir.join(name))?;
@@ -182,22 +224,49 @@ pub fn start_run(dir: &Path, c: Claim) -> Result<()> {
             written_by: c.kind.to_string(),
             entries: BTreeSet::new(),
         },
-    )
+    )?;
+    Ok(held)
 }
 
-/// Continues an existing run directory (`--resume`): gives it a manifest if it has none (a run
-/// of an older lmforge); what the run writes from here on is recorded.
-pub fn adopt(dir: &Path, kind: &str) -> Result<()> {
-    if manifest(dir)?.is_none() {
-        save_manifest(
-            dir,
-            &Manifest {
-                written_by: kind.to_string(),
-                entries: BTreeSet::new(),
-            },
-        )?;
+/// What a run directory of any command may hold (for adopting a run of an older lmforge).
+const RUN_ENTRIES: [&str; 7] = [
+    "config.toml",
+    "metrics.jsonl",
+    "checkpoints",
+    "model",
+    "adapter",
+    "tokenizer.json",
+    "data",
+];
+
+/// Continues an existing run directory (`--resume`) of this command, locked. A run of an older
+/// lmforge (no manifest) gets one listing the run files it has.
+pub fn adopt(dir: &Path, kind: &str) -> Result<RunLock> {
+    let held = lock(dir)?;
+    match manifest(dir)? {
+        Some(m) if m.written_by != kind => bail!(
+            "{}: a run of `lmforge {}`, not `{kind}`; resume it with `lmforge {} --resume`",
+            dir.display(),
+            m.written_by,
+            m.written_by
+        ),
+        Some(_) => {}
+        None => {
+            let entries = RUN_ENTRIES
+                .iter()
+                .filter(|n| dir.join(n).exists())
+                .map(|n| n.to_string())
+                .collect();
+            save_manifest(
+                dir,
+                &Manifest {
+                    written_by: kind.to_string(),
+                    entries,
+                },
+            )?;
+        }
     }
-    Ok(())
+    Ok(held)
 }
 
 /// `dir/name`, recorded in `dir`'s manifest as lmforge's before anything is written there.
@@ -208,10 +277,18 @@ pub fn entry(dir: &Path, name: &str) -> Result<PathBuf> {
             dir.display()
         )
     })?;
-    if m.entries.insert(name.to_string()) {
+    let p = dir.join(name);
+    if !m.entries.contains(name) {
+        if std::fs::symlink_metadata(&p).is_ok() {
+            bail!(
+                "{}: exists and was not written by lmforge; not replacing it (move it away, or choose another directory)",
+                p.display()
+            );
+        }
+        m.entries.insert(name.to_string());
         save_manifest(dir, &m)?;
     }
-    Ok(dir.join(name))
+    Ok(p)
 }
 
 fn remove_entry(p: &Path) -> Result<()> {
@@ -290,6 +367,17 @@ pub fn write_output(dest: &Path, kind: &str, fill: impl FnOnce(&Path) -> Result<
         return Err(e);
     }
     let new = manifest(&staging)?.unwrap_or_default();
+    if let Some(clash) = new.entries.iter().find(|n| extras.contains(n)) {
+        let _ = std::fs::remove_dir_all(&staging);
+        bail!(
+            "{}: holds {clash:?}, which lmforge did not write but would write now; move it away first",
+            dest.display()
+        );
+    }
+    // Recorded before the moves: a kill half-way leaves every new entry listed as lmforge's.
+    let mut both = old.clone().unwrap_or_default();
+    both.entries.extend(new.entries.iter().cloned());
+    save_manifest(dest, &both)?;
     for name in &new.entries {
         let to = dest.join(name);
         if to.is_dir() {
@@ -430,6 +518,51 @@ mod tests {
             std::fs::read_to_string(run.join("mine.txt")).unwrap(),
             "keep"
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn review_cases() {
+        let d = tmpdir("review");
+        // `new/..` would become the parent once `new` exists.
+        let e = check(&d.join("new/../x"), claim(false))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`..`"), "{e}");
+        // A run never takes over a name it did not write, and two writers cannot share a run.
+        let run = d.join("run");
+        let c = Claim {
+            kind: "sft",
+            overwrite: false,
+            resumable: true,
+        };
+        let held = start_run(&run, c).unwrap();
+        std::fs::create_dir(run.join("model")).unwrap();
+        std::fs::write(run.join("model/mine.txt"), "keep").unwrap();
+        assert!(entry(&run, "model")
+            .unwrap_err()
+            .to_string()
+            .contains("not written by lmforge"));
+        let e = adopt(&run, "sft").unwrap_err().to_string();
+        assert!(e.contains("another lmforge process"), "{e}");
+        drop(held);
+        assert!(adopt(&run, "pretrain")
+            .unwrap_err()
+            .to_string()
+            .contains("not `pretrain`"));
+        // --overwrite never replaces a user's file of the same name as a new entry.
+        let out = d.join("m");
+        write_output(&out, "convert", |t| Ok(std::fs::write(t.join("a"), "1")?)).unwrap();
+        std::fs::write(out.join("b"), "mine").unwrap();
+        let e = write_output(&out, "convert", |t| {
+            std::fs::write(t.join("a"), "2")?;
+            Ok(std::fs::write(t.join("b"), "theirs")?)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"b\""), "{e}");
+        assert_eq!(std::fs::read_to_string(out.join("b")).unwrap(), "mine");
+        assert_eq!(std::fs::read_to_string(out.join("a")).unwrap(), "1");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

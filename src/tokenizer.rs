@@ -65,9 +65,9 @@ fn guarded<T>(origin: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 impl Tok {
     pub fn from_file(path: &Path) -> Result<Self> {
         let origin = path.display().to_string();
-        crate::input::open(path)?;
+        let text = crate::input::read_text(path, crate::input::MAX_CONFIG_BYTES)?;
         let inner = guarded(&origin, || {
-            Tokenizer::from_file(path)
+            text.parse::<Tokenizer>()
                 .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
         })?;
         let mut t = Self::wrap(inner);
@@ -364,8 +364,7 @@ pub fn load_from_dir(dir: &Path) -> Result<Tok> {
             dir.display()
         );
     }
-    let read =
-        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let read = |p: &Path| crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES);
     let vocab: Map<String, Value> =
         serde_json::from_str(&read(&vocab_path)?).with_context(|| {
             format!(

@@ -404,6 +404,19 @@ fn bounded_resources_on_hostile_files() {
         &["pretrain", "--data", &s(&big), "--out", &s(&d.join("r2"))],
         &["big.jsonl:1", "--max-line-bytes"],
     );
+    // 60 MB of bytes that are never a character boundary: refused at once (each 1 MiB piece
+    // used to re-read everything before it: quadratic, minutes).
+    let junk = d.join("junk.txt");
+    let mut bytes = vec![b'a'];
+    bytes.resize(60 << 20, 0x80);
+    std::fs::write(&junk, bytes).unwrap();
+    let t0 = std::time::Instant::now();
+    refused(
+        &["score", "--model", &model, "--file", &s(&junk)],
+        &["junk.txt", "invalid UTF-8"],
+    );
+    assert!(t0.elapsed().as_secs() < 30, "{:?}", t0.elapsed());
+    std::fs::remove_file(&junk).unwrap();
     // A symlink loop in a corpus directory ends, and a linked file is read once.
     let corpus = d.join("corpus");
     std::fs::create_dir_all(&corpus).unwrap();
@@ -441,7 +454,8 @@ fn bounded_resources_on_hostile_files() {
 fn wrong_values_are_errors_not_nan() {
     let d = tmpdir("hostile_vals");
     let t = text_file(&d);
-    let cases: [(&str, &str, fn(&mut serde_json::Value), &str); 3] = [
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, &str, Edit, &str); 3] = [
         (
             "eps",
             "gpt2_tiny",

@@ -182,7 +182,7 @@ impl Pieces {
                         return Ok(Some(p));
                     }
                     let mut buf = Vec::new();
-                    let cap = crate::input::max_line_bytes() as u64 + 1;
+                    let cap = (crate::input::max_line_bytes() as u64).saturating_add(1);
                     let n = reader
                         .take(cap)
                         .read_until(b'\n', &mut buf)
@@ -238,11 +238,13 @@ impl Pieces {
                         buf.len()
                     } else {
                         // Cut after the last newline; failing that, at a UTF-8 character boundary.
+                        // (A character is at most 4 bytes: look no further back, and never cut
+                        // at 0 — a run of invalid bytes would be re-read forever.)
                         match buf.iter().rposition(|&b| b == b'\n') {
                             Some(i) => i + 1,
-                            None => (0..buf.len())
+                            None => (buf.len().saturating_sub(4)..buf.len())
                                 .rev()
-                                .find(|&i| (buf[i] as i8) >= -0x40)
+                                .find(|&i| i > 0 && (buf[i] as i8) >= -0x40)
                                 .unwrap_or(buf.len()),
                         }
                     };
@@ -363,7 +365,13 @@ pub fn tokenize_cached(
     let eos = tok
         .eos_id
         .context("the tokenizer has no end-of-text token to separate documents")?;
-    let width = if tok.vocab_size() <= 1 << 16 { 2 } else { 4 };
+    // By the largest id, not the count: added tokens may have ids past the vocabulary size.
+    let top = tok.inner.get_vocab(true).into_values().max().unwrap_or(0) as usize;
+    let width = if top.max(tok.vocab_size()) < 1 << 16 {
+        2
+    } else {
+        4
+    };
     let mut key = tok
         .inner
         .to_string(false)

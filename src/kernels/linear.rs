@@ -455,7 +455,8 @@ impl CustomOp3 for Grads {
 /// Σ over rows of g (rows × n), parallel over row blocks (candle's broadcast backward reduces
 /// over the rows on one thread with a strided walk).
 fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
-    let rows = rows_per_task(n) * n;
+    // At least 32 rows a task: the partials are kept until summed in order.
+    let rows = rows_per_task(n).max(32) * n;
     let parts = g.par_chunks(rows.max(1)).map(|g| {
         let mut acc = vec![0f32; n];
         for r in g.chunks(n) {

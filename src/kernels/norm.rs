@@ -146,7 +146,8 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], kind: Kind, eps: f32) -> Vec<f32> 
     // SAFETY: written in full below before anything reads it.
     let mut flat = unsafe { uninit(x.len() + np) };
     let (dx, tail) = flat.split_at_mut(x.len());
-    let rows = rows_per_task(c) * c;
+    // At least 32 rows a task: the partials are kept until summed in order.
+    let rows = rows_per_task(c).max(32) * c;
     let parts = dx
         .par_chunks_mut(rows)
         .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))

@@ -32,8 +32,7 @@ fn is_encoder(path: &Path) -> Result<bool> {
         return Ok(false);
     }
     let p = path.join("config.json");
-    let text =
-        std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES)?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", p.display()))?;
     Ok(v.get("model_type").and_then(Value::as_str) == Some("bert"))

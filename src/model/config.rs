@@ -135,7 +135,8 @@ impl ModelConfig {
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim: dim / heads.max(1),
-            intermediate_size: ffn.unwrap_or(dim.saturating_mul(8).div_ceil(3 * 64).saturating_mul(64)),
+            intermediate_size: ffn
+                .unwrap_or(dim.saturating_mul(8).div_ceil(3 * 64).saturating_mul(64)),
             max_position_embeddings: ctx,
             norm_eps: 1e-5,
             rope_theta: 10000.0,
@@ -184,7 +185,8 @@ impl ModelConfig {
         let ctx = key("n_positions", "max_position_embeddings");
         in_range(ctx, c.max_position_embeddings, 1, MAX_CONTEXT)?;
         positive_at_most(key("layer_norm_epsilon", "rms_norm_eps"), c.norm_eps, 1.0)?;
-        if !gpt2 && !(c.rope_theta.is_finite() && c.rope_theta >= 1.0) {
+        let theta_ok = c.rope_theta.is_finite() && c.rope_theta >= 1.0;
+        if !gpt2 && !theta_ok {
             bail!(
                 "model config: rope_theta = {} must be a finite number ≥ 1 (the RoPE base)",
                 c.rope_theta
@@ -234,8 +236,7 @@ impl ModelConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::input::read_text(path, crate::input::MAX_CONFIG_BYTES)?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: invalid JSON", path.display()))?;
         Self::from_hf_json(v).with_context(|| format!("in {}", path.display()))

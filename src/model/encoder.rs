@@ -49,8 +49,7 @@ impl EncoderConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::input::read_text(path, crate::input::MAX_CONFIG_BYTES)?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: invalid JSON", path.display()))?;
         Self::from_json(&v, &path.display().to_string())

@@ -109,8 +109,7 @@ pub fn load_dir(dir: &Path, dev: &Device, frozen: &dyn Fn(&str) -> bool) -> Resu
 fn eos_ids(dir: &Path, cfg: &ModelConfig, tok: &Tok) -> Result<Vec<u32>> {
     let path = dir.join("generation_config.json");
     if path.exists() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::input::read_text(&path, crate::input::MAX_CONFIG_BYTES)?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: invalid JSON", path.display()))?;
         match v.get("eos_token_id") {

@@ -39,8 +39,7 @@ impl WeightSource {
         let paths = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .with_context(|| format!("reading {}", index.display()))?;
+            let text = crate::input::read_text(&index, crate::input::MAX_CONFIG_BYTES)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: invalid JSON", index.display()))?;
             let map = v

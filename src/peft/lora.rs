@@ -425,8 +425,7 @@ impl Lora {
 /// Reads a PEFT LoRA directory's `adapter_config.json`.
 pub fn read_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
     let path = dir.join("adapter_config.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::input::read_text(&path, crate::input::MAX_CONFIG_BYTES)?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     let field = |k: &str| v.get(k).filter(|x| !x.is_null());

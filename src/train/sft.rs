@@ -148,9 +148,7 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     let peft = lora_cfg.is_some();
     let mut m = hf::load(&model_path, &ctl.device, &|_| peft)?;
     let template = match &o.chat_template {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-        }
+        Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
         None => m.chat_template.clone(),
     };
     let has_own_template = template.is_some();

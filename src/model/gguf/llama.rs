@@ -51,8 +51,13 @@ pub fn config(g: &GgufFile) -> Result<ModelConfig> {
     let layers = g.req_u64(&k("block_count"))?;
     // Found by fuzzing: a huge block_count allocated per-layer tables before validation.
     let layers = usize::try_from(layers).unwrap_or(usize::MAX);
-    crate::model::limits::in_range("llama.block_count", layers, 1, crate::model::limits::MAX_LAYERS)
-        .with_context(|| file.to_string())?;
+    crate::model::limits::in_range(
+        "llama.block_count",
+        layers,
+        1,
+        crate::model::limits::MAX_LAYERS,
+    )
+    .with_context(|| file.to_string())?;
     let heads = g.req_u64(&k("attention.head_count"))? as usize;
     let kv = g
         .get_u64(&k("attention.head_count_kv"))?

@@ -89,6 +89,8 @@ impl Control {
 /// and the subcommand (for the `--resume` hints).
 pub struct RunFiles {
     pub run_dir: PathBuf,
+    /// Held while the run writes its directory.
+    pub lock: outdir::RunLock,
     pub config_toml: String,
     pub command: &'static str,
 }
@@ -103,21 +105,22 @@ impl RunFiles {
         command: &'static str,
     ) -> Result<Self> {
         let run_dir = ctl.run_dir(out)?;
-        if ctl.resume.is_some() {
-            outdir::adopt(&run_dir, command)?;
+        let lock = if ctl.resume.is_some() {
+            outdir::adopt(&run_dir, command)?
         } else {
             let claim = outdir::Claim {
                 kind: command,
                 overwrite: ctl.overwrite,
                 resumable: true,
             };
-            outdir::start_run(&run_dir, claim)?;
-        }
+            outdir::start_run(&run_dir, claim)?
+        };
         let config_toml = crate::config::to_toml(opts)?;
         let path = outdir::entry(&run_dir, "config.toml")?;
         crate::fsutil::write_file(&path, config_toml.as_bytes())?;
         Ok(Self {
             run_dir,
+            lock,
             config_toml,
             command,
         })
