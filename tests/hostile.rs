@@ -287,6 +287,32 @@ fn a_run_is_never_started_over_by_accident() {
         "{err}"
     );
     assert_eq!(std::fs::metadata(&cache).unwrap().len(), len);
+    // --overwrite starts afresh: the old run's checkpoints and log go, `latest` names the new
+    // run's checkpoint, the user's file in the run directory stays.
+    std::fs::write(d.join("run/notes.md"), "mine").unwrap();
+    let mut fresh = pre(&["--overwrite"]);
+    fresh.retain(|a| a != "4");
+    let i = fresh.iter().position(|a| a == "--max-steps").unwrap();
+    fresh.insert(i + 1, "3".into());
+    ok(&fresh.iter().map(String::as_str).collect::<Vec<_>>());
+    let steps: Vec<_> = std::fs::read_dir(d.join("run/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(steps, vec!["step-00000003".to_string()], "{steps:?}");
+    let latest = std::fs::read_to_string(d.join("run/checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-00000003");
+    assert_eq!(
+        std::fs::read_to_string(d.join("run/notes.md")).unwrap(),
+        "mine"
+    );
+    let log = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("\"loss\"")).count(),
+        3,
+        "{log}"
+    );
     // sft into that run's directory: refused, the run kept.
     let sft_data = d.join("sft.jsonl");
     std::fs::write(&sft_data, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
