@@ -165,6 +165,15 @@ pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The (device, inode) of the file at `path` (symlinks followed), on Unix.
+pub fn identity_of(path: &Path) -> Option<(u64, u64)> {
+    if cfg!(unix) {
+        std::fs::metadata(path).ok().map(|m| identity(&m))
+    } else {
+        None
+    }
+}
+
 fn identity(m: &std::fs::Metadata) -> (u64, u64) {
     #[cfg(unix)]
     {
@@ -193,7 +202,8 @@ fn walk_into(
         );
     }
     let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-    if !seen_dirs.insert(identity(&meta)) {
+    // (Without inode identities — not Unix — a loop ends at the depth limit instead.)
+    if cfg!(unix) && !seen_dirs.insert(identity(&meta)) {
         return Ok(());
     }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)

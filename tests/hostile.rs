@@ -461,6 +461,21 @@ fn bounded_resources_on_hostile_files() {
         &s(&tok),
     ]);
     assert!(tok.is_file(), "{err}");
+    // A file given again (or reached through a link) is read once, and said so.
+    let err = ok(&[
+        "tokenizer",
+        "train",
+        "--input",
+        &s(&corpus),
+        "--input",
+        &s(&corpus.join("corpus.txt")),
+        "--vocab-size",
+        "300",
+        "--out",
+        &s(&tok),
+        "--overwrite",
+    ]);
+    assert!(err.contains("read once"), "{err}");
     // A pre-tokenizer regex that backtracks catastrophically: an error naming the tokenizer.
     let bt = model_with(&d, "backtrack", "llama_tiny", |_| {});
     let tj = bt.join("tokenizer.json");

@@ -68,6 +68,26 @@ pub fn collect_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
             bail!("{}: no such file or directory", p.display());
         }
     }
+    // A file reached twice (given twice, or through a link from another given path) is read
+    // once: a duplicate would train on it twice and leak it into the validation split.
+    let mut seen = std::collections::HashMap::new();
+    out.retain(|f| match crate::input::identity_of(&f.path) {
+        Some(id) => match seen.get(&id) {
+            Some(first) => {
+                eprintln!(
+                    "{}: the same file as {}; read once",
+                    f.path.display(),
+                    first
+                );
+                false
+            }
+            None => {
+                seen.insert(id, f.path.display().to_string());
+                true
+            }
+        },
+        None => true,
+    });
     Ok(out)
 }
 
