@@ -397,6 +397,31 @@ fn bounded_resources_on_hostile_files() {
         ],
         &["not a regular file"],
     );
+    // A FIFO nobody writes to would block forever on open.
+    let fifo = d.join("fifo.jsonl");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let f = s(&fifo);
+    let r3 = s(&d.join("r3"));
+    refused(
+        &["score", "--model", &model, "--file", &f],
+        &["fifo.jsonl", "not a regular file"],
+    );
+    refused(
+        &["sft", "--model", &model, "--data", &f, "--out", &r3],
+        &["not a regular file"],
+    );
+    refused(
+        &["pretrain", "--config", &f],
+        &["fifo.jsonl", "not a regular file"],
+    );
+    refused(
+        &["generate", "--model", &f, "--prompt", "hi"],
+        &["fifo.jsonl"],
+    );
     let long = d.join("long.jsonl");
     std::fs::write(
         &long,

@@ -61,8 +61,7 @@ impl WeightSource {
         let mut files = Vec::new();
         let mut names = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let f =
-                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let f = crate::input::open(path)?;
             // SAFETY: the file is opened read-only; lmforge never writes a weights file in place
             // (checkpoints are written elsewhere and renamed), so the mapping stays valid.
             let mmap =

@@ -208,7 +208,7 @@ impl<'a> Cursor<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let f = crate::input::open(path)?;
         // SAFETY: read-only mapping of a file lmforge never writes in place.
         let mmap =
             unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
