@@ -26,11 +26,10 @@ pub struct Manifest {
 /// The manifest of `dir`, if it has one. A garbled manifest is an error, never "not ours".
 pub fn manifest(dir: &Path) -> Result<Option<Manifest>> {
     let p = dir.join(MANIFEST);
-    let text = match std::fs::read_to_string(&p) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
-    };
+    if std::fs::symlink_metadata(&p).is_err() {
+        return Ok(None);
+    }
+    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES)?;
     let m: Manifest = serde_json::from_str(&text).with_context(|| {
         format!(
             "{}: not an lmforge manifest; lmforge will not write into {}",
@@ -95,7 +94,7 @@ pub fn refuse_special(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The entries of `dir` other than its manifest and lmforge's own temporary siblings.
+/// The entries of `dir` other than its manifest and lock, sorted.
 fn user_visible_entries(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -209,9 +208,8 @@ fn lock(dir: &Path) -> Result<RunLock> {
 pub fn start_run(dir: &Path, c: Claim) -> Result<RunLock> {
     check(dir, c)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Checked again now that the path exists (and resolves).
-    refuse_special(dir)?;
     let held = lock(dir)?;
+    // Again, now that the path exists (resolved) and no other lmforge can change it.
     check(dir, c)?;
     if let Some(old) = manifest(dir)? {
         for name in &old.entries {

@@ -110,19 +110,27 @@ pub struct Piece {
     pub last: bool,
 }
 
-/// `text` as pieces of about `PIECE_BYTES`, cut after a newline where there is one (else at
-/// a character boundary); the last piece ends the document.
+/// Where to end a piece of `buf` (bytes of a longer text): after its last newline; failing
+/// that, at the last character start within its final 4 bytes (a character is at most 4
+/// bytes). Never 0, so a run of bytes that are no character's start is still consumed.
+fn cut_point(buf: &[u8]) -> usize {
+    match buf.iter().rposition(|&b| b == b'\n') {
+        Some(i) => i + 1,
+        None => (buf.len().saturating_sub(4)..buf.len())
+            .rev()
+            .find(|&i| i > 0 && (buf[i] as i8) >= -0x40)
+            .unwrap_or(buf.len()),
+    }
+}
+
+/// `text` as pieces of about `PIECE_BYTES`, cut as a text file is (`cut_point`); the last
+/// piece ends the document.
 fn split_pieces(text: &str) -> Vec<Piece> {
     let mut out = Vec::new();
     let mut rest = text;
     while rest.len() > PIECE_BYTES {
-        let mut cut = PIECE_BYTES;
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        if let Some(i) = rest[..cut].rfind('\n') {
-            cut = i + 1;
-        }
+        // A character start in valid UTF-8 is a char boundary.
+        let cut = cut_point(&rest.as_bytes()[..PIECE_BYTES]);
         out.push(Piece {
             text: rest[..cut].to_string(),
             last: false,
@@ -144,7 +152,6 @@ pub fn encode_file(path: &Path, tok: &Tok) -> Result<Vec<u32>> {
         path: path.to_path_buf(),
         kind: Kind::Text,
     };
-    drop(crate::input::open(path)?);
     let mut ids = Vec::new();
     for (i, p) in Pieces::new(vec![src], false).enumerate() {
         ids.extend(tok.encode(&p?.text, i == 0)?);
@@ -254,20 +261,7 @@ impl Pieces {
                     }
                     buf.truncate(filled);
                     let eof = filled < PIECE_BYTES.max(start + 4096);
-                    let cut = if eof {
-                        buf.len()
-                    } else {
-                        // Cut after the last newline; failing that, at a UTF-8 character boundary.
-                        // (A character is at most 4 bytes: look no further back, and never cut
-                        // at 0 — a run of invalid bytes would be re-read forever.)
-                        match buf.iter().rposition(|&b| b == b'\n') {
-                            Some(i) => i + 1,
-                            None => (buf.len().saturating_sub(4)..buf.len())
-                                .rev()
-                                .find(|&i| i > 0 && (buf[i] as i8) >= -0x40)
-                                .unwrap_or(buf.len()),
-                        }
-                    };
+                    let cut = if eof { buf.len() } else { cut_point(&buf) };
                     self.carry = buf.split_off(cut);
                     let piece_offset = *offset;
                     *offset += buf.len() as u64;
@@ -297,7 +291,7 @@ impl Iterator for Pieces {
 /// first 8 bytes of the SHA-256 of the tokens), then the tokens little-endian. A file whose
 /// header does not match its contents (truncated, edited, an older format) is never used.
 pub struct Tokens {
-    mmap: Option<Mmap>, // None for an empty file (cannot be mapped)
+    mmap: Mmap,
     width: usize,
     len: usize,
 }
@@ -345,7 +339,7 @@ impl Tokens {
             ));
         }
         Ok(Self {
-            mmap: Some(mmap),
+            mmap,
             width,
             len: count as usize,
         })
@@ -360,7 +354,7 @@ impl Tokens {
     }
 
     pub fn get(&self, i: usize) -> u32 {
-        let m = self.mmap.as_ref().expect("non-empty token file");
+        let m = &self.mmap;
         let o = HEADER + i * self.width;
         if self.width == 2 {
             u16::from_le_bytes([m[o], m[o + 1]]) as u32

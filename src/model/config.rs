@@ -206,9 +206,6 @@ impl ModelConfig {
                 );
             }
         }
-        if c.num_heads == 0 || c.num_kv_heads == 0 || c.num_layers == 0 || c.hidden_size == 0 {
-            bail!("model config: layers, heads, kv heads and hidden size must all be positive");
-        }
         if !c.num_heads.is_multiple_of(c.num_kv_heads) {
             bail!(
                 "model config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -228,9 +225,6 @@ impl ModelConfig {
                 "model config: head_dim ({}) must be even for RoPE",
                 c.head_dim
             );
-        }
-        if c.vocab_size == 0 || c.max_position_embeddings == 0 {
-            bail!("model config: vocab_size and max_position_embeddings must be positive");
         }
         Ok(())
     }

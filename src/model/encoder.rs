@@ -94,7 +94,7 @@ impl EncoderConfig {
             pad_token_id: v.get("pad_token_id").and_then(Value::as_u64).unwrap_or(0) as u32,
         };
         cfg.validate().with_context(|| what.to_string())?;
-        if cfg.num_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
             bail!(
                 "{what}: hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size,

@@ -19,7 +19,7 @@ pub const MAX_FRESH_PARAMS: u64 = 1 << 32;
 /// `key = v` must lie in `lo..=hi`.
 pub fn in_range(key: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
     if v < lo || v > hi {
-        bail!("model config: {key} = {v} is outside the allowed range {lo}..={hi}");
+        bail!("{key} = {v} is outside the allowed range {lo}..={hi}");
     }
     Ok(())
 }
@@ -27,7 +27,7 @@ pub fn in_range(key: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
 /// `key = v` must be a finite number in (0, max].
 pub fn positive_at_most(key: &str, v: f64, max: f64) -> Result<()> {
     if !(v.is_finite() && v > 0.0 && v <= max) {
-        bail!("model config: {key} = {v} must be a finite number in (0, {max}]");
+        bail!("{key} = {v} must be a finite number in (0, {max}]");
     }
     Ok(())
 }

@@ -170,15 +170,24 @@ impl PretrainOptions {
     pub fn check(&self) -> Result<TrainConfig> {
         let t = self.train.resolve(&Self::train_defaults())?;
         let (m, d) = (&self.model, &self.data);
-        let checks: [(bool, &str); 5] = [
+        use crate::model::limits::*;
+        let sizes = [
+            ("model.n_layer", m.n_layer, MAX_LAYERS),
+            ("model.n_head", m.n_head, MAX_HEADS),
+            ("model.n_kv_head", m.n_kv_head.unwrap_or(1), MAX_HEADS),
+            ("model.d_model", m.d_model, MAX_HIDDEN),
+            ("model.ctx", m.ctx, MAX_CONTEXT),
+            ("model.ffn", m.ffn.unwrap_or(1), MAX_FFN),
+            ("tokenizer.vocab_size", self.tokenizer.vocab_size, MAX_VOCAB),
+        ];
+        for (key, v, max) in sizes {
+            in_range(key, v, 1, max)?;
+        }
+        let checks: [(bool, &str); 4] = [
             (d.seq_len > 1, "data.seq_len must be at least 2"),
             (
                 (0.0..1.0).contains(&d.val_fraction),
                 "data.val_fraction must be in [0, 1)",
-            ),
-            (
-                m.n_layer > 0 && m.n_head > 0,
-                "model.n_layer and model.n_head must be positive",
             ),
             (
                 m.d_model.is_multiple_of(m.n_head),
@@ -192,21 +201,6 @@ impl PretrainOptions {
         for (ok, msg) in checks {
             if !ok {
                 bail!("{msg}");
-            }
-        }
-        use crate::model::limits::*;
-        let sizes = [
-            ("model.n_layer", m.n_layer, MAX_LAYERS),
-            ("model.n_head", m.n_head, MAX_HEADS),
-            ("model.n_kv_head", m.n_kv_head.unwrap_or(1), MAX_HEADS),
-            ("model.d_model", m.d_model, MAX_HIDDEN),
-            ("model.ctx", m.ctx, MAX_CONTEXT),
-            ("model.ffn", m.ffn.unwrap_or(1), MAX_FFN),
-            ("tokenizer.vocab_size", self.tokenizer.vocab_size, MAX_VOCAB),
-        ];
-        for (key, v, max) in sizes {
-            if v == 0 || v > max {
-                bail!("{key} = {v} is outside the allowed range 1..={max}");
             }
         }
         if let Some(th) = m.rope_theta.filter(|t| !(t.is_finite() && *t >= 1.0)) {
