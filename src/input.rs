@@ -45,9 +45,8 @@ pub fn open(path: &Path) -> Result<File> {
     File::open(path).with_context(|| format!("opening {}", path.display()))
 }
 
-/// Reads a whole regular file of at most `max` bytes as UTF-8; errors name the file (and the
-/// byte offset of invalid UTF-8).
-pub fn read_text(path: &Path, max: u64) -> Result<String> {
+/// Reads a whole regular file of at most `max` bytes; errors name the file.
+pub fn read_bytes(path: &Path, max: u64) -> Result<Vec<u8>> {
     let f = open(path)?;
     let len = f.metadata()?.len();
     if len > max {
@@ -63,7 +62,13 @@ pub fn read_text(path: &Path, max: u64) -> Result<String> {
     if bytes.len() as u64 > max {
         bail!("{}: grew past {max} bytes while being read", path.display());
     }
-    String::from_utf8(bytes).map_err(|e| {
+    Ok(bytes)
+}
+
+/// Reads a whole regular file of at most `max` bytes as UTF-8; errors name the file (and the
+/// byte offset of invalid UTF-8).
+pub fn read_text(path: &Path, max: u64) -> Result<String> {
+    String::from_utf8(read_bytes(path, max)?).map_err(|e| {
         anyhow::anyhow!(
             "{}: invalid UTF-8 at byte offset {}",
             path.display(),

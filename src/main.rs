@@ -10,6 +10,7 @@ use lmforge::data::{collect_sources, Pieces};
 use lmforge::eval::score::score_ids;
 use lmforge::generate::{generate, Sampling, Stop};
 use lmforge::model::hf;
+use lmforge::train::dpo::DpoOptions;
 use lmforge::train::engine::{self, checkpoint, Control, Outcome, RunArgs};
 use lmforge::train::finetune::FinetuneOptions;
 use lmforge::train::pretrain::{self, PretrainOptions};
@@ -54,6 +55,9 @@ enum Cmd {
     Sft(Train<SftOptions>),
     /// Fine-tune a task head on an encoder (BERT) or a decoder, in full or with LoRA.
     Finetune(Train<FinetuneOptions>),
+    /// Preference optimisation on chosen/rejected pairs: DPO and its relatives (--loss sigmoid,
+    /// ipo, robust, hinge, …), ORPO and SimPO (reference-free), in full or with LoRA.
+    Dpo(Train<DpoOptions>),
     /// Fold a LoRA adapter (PEFT directory) into its base model and write a plain HF directory.
     Merge(MergeArgs),
     /// Time full training steps on random tokens (compare with scripts/torch_reference.py).
@@ -276,6 +280,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Cmd::Score(a) => cmd_score(a),
         Cmd::Sft(a) => cmd_sft(a, &given),
         Cmd::Finetune(a) => cmd_finetune(a, &given),
+        Cmd::Dpo(a) => cmd_dpo(a, &given),
         Cmd::Merge(a) => {
             lmforge::outdir::check(&a.out, claim("merge", a.overwrite))?;
             let mut m = hf::load(&a.model, &lmforge::device("cpu")?, &|_| true)?;
@@ -560,6 +565,36 @@ fn cmd_sft(a: Train<SftOptions>, given: &HashSet<String>) -> Result<ExitCode> {
             b.ppl(),
             after.ppl(),
             100.0 * (after.ppl() / b.ppl() - 1.0)
+        );
+    }
+    eprintln!("output: {}", output.display());
+    Ok(exit_code(o))
+}
+
+fn cmd_dpo(a: Train<DpoOptions>, given: &HashSet<String>) -> Result<ExitCode> {
+    let (opts, ctl) = setup(&a, given, "dpo")?;
+    let s = lmforge::train::dpo::run(opts, ctl)?;
+    let o = &s.outcome;
+    let Some(output) = &s.output else {
+        return Ok(exit_code(o));
+    };
+    let first = o.losses.first().map_or(f32::NAN, |l| l.1);
+    let last = o.losses.last().map_or(f32::NAN, |l| l.1);
+    eprintln!(
+        "done: {} steps in {:.1}s (median step {:.3}s), loss {first:.4} -> {last:.4}; {} pairs skipped; {} of {} parameters trained; peak RSS {:.0} MiB",
+        o.steps, o.seconds, o.step_s_median, s.counts.skipped(), s.trainable, s.total, o.peak_rss_mib
+    );
+    let metric = |k: &str| o.eval.iter().find(|(n, _)| *n == k).map(|e| e.1);
+    if let (Some(acc), Some(m)) = (
+        metric("eval_rewards/accuracies"),
+        metric("eval_rewards/margins"),
+    ) {
+        eprintln!("eval: reward accuracy {acc:.4}, mean margin {m:.4}");
+    }
+    if let Some((b, after)) = s.forgetting {
+        eprintln!(
+            "forgetting: perplexity of the evaluation text {b:.3} before, {after:.3} after ({:+.1}%)",
+            100.0 * (after / b - 1.0)
         );
     }
     eprintln!("output: {}", output.display());

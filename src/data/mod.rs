@@ -9,6 +9,7 @@
 
 pub mod conll;
 pub mod labeled;
+pub mod preference;
 pub mod sft;
 pub mod squad;
 

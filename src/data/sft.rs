@@ -23,9 +23,18 @@ use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
-    PromptCompletion { prompt: String, completion: String },
+    PromptCompletion {
+        prompt: String,
+        completion: String,
+    },
     Chat(Vec<Message>),
     Text(String),
+    /// A conversation of which only the assistant turns of `reply` are trained (preference
+    /// pairs: the shared context is not part of either completion).
+    Reply {
+        context: Vec<Message>,
+        reply: Vec<Message>,
+    },
 }
 
 /// An example with where it came from, for messages.
@@ -163,32 +172,44 @@ impl Formatter<'_> {
                     true,
                 )
             }
-            Example::Chat(msgs) => {
-                let t = self.template.with_context(|| {
-                    format!("{at}: a conversation needs a chat template (the model has none; pass --chat-template FILE)")
-                })?;
-                let full = t.render(msgs, false).with_context(|| at.to_string())?;
-                let mut spans = Vec::new();
-                for (i, m) in msgs.iter().enumerate() {
-                    if m.role != "assistant" {
-                        continue;
-                    }
-                    let before = t.render(&msgs[..i], true).with_context(|| at.to_string())?;
-                    let upto = t
-                        .render(&msgs[..=i], false)
-                        .with_context(|| at.to_string())?;
-                    if !upto.starts_with(&before) || !full.starts_with(&upto) {
-                        bail!(
-                            "{at}: the chat template renders turn {i} differently depending on what follows \
-                             (its text is not a prefix of the whole conversation), so the assistant tokens cannot \
-                             be located; use --chat-template with a prefix-stable template"
-                        );
-                    }
-                    spans.push(before.len()..upto.len());
-                }
-                (full, spans, false)
+            Example::Chat(msgs) => self.render_chat(msgs, 0, at)?,
+            Example::Reply { context, reply } => {
+                let msgs: Vec<Message> = context.iter().chain(reply).cloned().collect();
+                self.render_chat(&msgs, context.len(), at)?
             }
         })
+    }
+
+    /// A conversation's text and the spans of its assistant turns from message `from` on.
+    fn render_chat(
+        &self,
+        msgs: &[Message],
+        from: usize,
+        at: &str,
+    ) -> Result<(String, Vec<Range<usize>>, bool)> {
+        let t = self.template.with_context(|| {
+            format!("{at}: a conversation needs a chat template (the model has none; pass --chat-template FILE)")
+        })?;
+        let full = t.render(msgs, false).with_context(|| at.to_string())?;
+        let mut spans = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            if m.role != "assistant" || i < from {
+                continue;
+            }
+            let before = t.render(&msgs[..i], true).with_context(|| at.to_string())?;
+            let upto = t
+                .render(&msgs[..=i], false)
+                .with_context(|| at.to_string())?;
+            if !upto.starts_with(&before) || !full.starts_with(&upto) {
+                bail!(
+                    "{at}: the chat template renders turn {i} differently depending on what follows \
+                     (its text is not a prefix of the whole conversation), so the assistant tokens cannot \
+                     be located; use --chat-template with a prefix-stable template"
+                );
+            }
+            spans.push(before.len()..upto.len());
+        }
+        Ok((full, spans, false))
     }
 
     /// Tokenizes an example and truncates it to `max_len` tokens.
@@ -213,7 +234,7 @@ impl Formatter<'_> {
             ids.remove(0);
             train.remove(0);
         }
-        if !matches!(ex, Example::Chat(_)) {
+        if !matches!(ex, Example::Chat(_) | Example::Reply { .. }) {
             if let Some(e) = self.eos {
                 if ids.last() == Some(&e) {
                     // Appended by the post-processor (no offsets): still the answer's end.

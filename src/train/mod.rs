@@ -7,8 +7,12 @@
 //!
 //! A new method is one file: its batches, its loss, its outputs (docs/training-engine.md).
 
+pub mod dpo;
 pub mod engine;
 pub mod finetune;
+pub mod lm;
+pub mod logps;
 pub mod optim;
 pub mod pretrain;
+pub mod reference;
 pub mod sft;

@@ -37,3 +37,4 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(gather_logprobs(logits, targets)?.neg()?.sum_all()?)
 }
+pub mod preference;

@@ -1,0 +1,151 @@
+//! What the methods that train a causal LM share (SFT, DPO and its relatives, KTO): loading the
+//! model with its chat template, attaching LoRA, the forgetting report, and the outputs — an HF
+//! model directory (full fine-tune) or a PEFT adapter directory (optionally merged too).
+
+use crate::chat::ChatTemplate;
+use crate::eval::score::{score_text_ids, Score};
+use crate::model::hf;
+use crate::outdir::{self, write_output};
+use crate::peft::lora::{self, Lora, LoraConfig};
+use crate::peft::AdapterSwitch;
+use crate::train::engine::Control;
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+/// A causal LM being trained: the loaded model, its adapters (if any) and the switch that turns
+/// them off (the reference model of DPO/KTO).
+pub struct Policy {
+    pub m: hf::LoadedModel,
+    pub switch: AdapterSwitch,
+    pub adapters: Option<Lora>,
+    /// The template used (the model's own, `--chat-template`, or none).
+    pub template: Option<String>,
+    pub model_path: PathBuf,
+}
+
+impl Policy {
+    /// Loads `path` (every weight frozen when `lora` is set) and resolves the chat template:
+    /// `chat_template` if given, else the model's own.
+    pub fn load(
+        path: &Path,
+        chat_template: Option<&Path>,
+        lora: bool,
+        ctl: &Control,
+    ) -> Result<Self> {
+        let mut m = hf::load(path, &ctl.device, &|_| lora)?;
+        let template = match chat_template {
+            Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
+            None => m.chat_template.clone(),
+        };
+        m.chat_template = template.clone();
+        Ok(Self {
+            m,
+            switch: AdapterSwitch::default(),
+            adapters: None,
+            template,
+            model_path: path.to_path_buf(),
+        })
+    }
+
+    /// The chat template for formatting, falling back to ChatML when `need` (conversations in
+    /// the data) and the model has none.
+    pub fn chat(&mut self, need: bool, ctl: &Control) -> Result<Option<ChatTemplate>> {
+        if self.template.is_none() && need {
+            ctl.say("note: the model has no chat template; conversations use the default ChatML template");
+            self.template = Some(crate::data::sft::DEFAULT_TEMPLATE.to_string());
+            self.m.chat_template = self.template.clone();
+        }
+        match self.template {
+            Some(_) => Ok(Some(self.m.chat("chat template")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The end-of-sequence id appended to completions, also used as padding.
+    pub fn eos(&self) -> Option<u32> {
+        self.m.eos_ids.first().copied().or(self.m.tok.eos_id)
+    }
+
+    pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        let a = lora::attach(
+            &mut self.m.model,
+            &mut self.m.store,
+            cfg,
+            None,
+            seed,
+            &self.switch,
+        )?;
+        self.adapters = Some(a);
+        Ok(())
+    }
+
+    /// "trainable parameters: …" for the log.
+    pub fn describe(&self) -> String {
+        let (t, n) = (self.m.store.num_trainable(), self.m.store.num_params());
+        format!(
+            "trainable parameters: {t} of {n} ({:.3}%){}",
+            100.0 * t as f64 / n as f64,
+            match &self.adapters {
+                Some(a) => format!(", LoRA r={} on {} layers", a.cfg.r, a.modules.len()),
+                None => String::new(),
+            }
+        )
+    }
+
+    /// Writes `run/adapter` (LoRA; with `merge` also `run/model` merged) or `run/model`.
+    pub fn write_outputs(&mut self, run_dir: &Path, merge: bool, ctl: &Control) -> Result<PathBuf> {
+        let base = self.model_path.display().to_string();
+        let m = &mut self.m;
+        let out = match &self.adapters {
+            Some(a) => {
+                let dir = outdir::entry(run_dir, "adapter")?;
+                let template = self.template.clone();
+                write_output(&dir, "adapter", |tmp| {
+                    a.write_files(tmp, &m.store, &base, &lora::Head::causal_lm())?;
+                    m.tok.save(&tmp.join("tokenizer.json"))?;
+                    if let Some(t) = &template {
+                        std::fs::write(tmp.join("chat_template.jinja"), t)?;
+                    }
+                    Ok(())
+                })?;
+                if merge {
+                    a.merge(&mut m.model, &m.store)?;
+                    let merged = outdir::entry(run_dir, "model")?;
+                    hf::save_loaded(&merged, m)?;
+                    ctl.say(&format!("merged model written to {}", merged.display()));
+                }
+                dir
+            }
+            None => {
+                let dir = outdir::entry(run_dir, "model")?;
+                hf::save_loaded(&dir, m)?;
+                dir
+            }
+        };
+        ctl.say(&format!("wrote {}", out.display()));
+        Ok(out)
+    }
+}
+
+/// `--forgetting-eval`: perplexity of a text before and after training.
+pub struct Forgetting {
+    ids: Vec<u32>,
+    pub before: Score,
+}
+
+impl Forgetting {
+    /// Measures the baseline on the model as loaded (before adapters or training).
+    pub fn start(path: Option<&Path>, m: &hf::LoadedModel) -> Result<Option<Self>> {
+        let Some(p) = path else { return Ok(None) };
+        let ids = crate::data::encode_file(p, &m.tok)?;
+        if ids.len() < 2 {
+            bail!("{}: too short to measure perplexity on", p.display());
+        }
+        let before = score_text_ids(&m.model, &ids)?;
+        Ok(Some(Self { ids, before }))
+    }
+
+    pub fn after(&self, m: &hf::LoadedModel) -> Result<Score> {
+        score_text_ids(&m.model, &self.ids)
+    }
+}

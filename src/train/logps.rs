@@ -1,0 +1,157 @@
+//! Sequence log-probabilities of completions: the primitive DPO, KTO, ORPO, SimPO (and PPO's
+//! reference) stand on.
+//!
+//!   log π(y | x) = Σ_{t ∈ completion} log p(y_t | x, y_<t)
+//!
+//! Only the completion positions go through the output head: with a 49k-token vocabulary the
+//! head's GEMM and the (N, V) log-softmax are most of a forward, and a prompt of 200 tokens
+//! before a completion of 50 would spend 80% of them on positions whose log-probs are thrown
+//! away (TRL computes every position's logits and masks afterwards).
+
+use super::reference::RefCache;
+use crate::data::sft::Tokenized;
+use crate::model::{DecoderModel, ForwardOpts};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+/// Right-padded rows and where their completion tokens are.
+pub struct SeqBatch {
+    /// Inputs (B, T): each row's tokens but the last.
+    pub x: Vec<u32>,
+    pub b: usize,
+    pub t: usize,
+    /// Flat input positions `row·T + t` whose next token is a completion token, in row order.
+    pub at: Vec<u32>,
+    /// The completion tokens predicted there.
+    pub targets: Vec<u32>,
+    /// Completion tokens per row.
+    pub counts: Vec<usize>,
+}
+
+impl SeqBatch {
+    pub fn new(rows: &[&Tokenized], pad: u32) -> Self {
+        let t = rows
+            .iter()
+            .map(|r| r.ids.len() - 1)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut s = SeqBatch {
+            x: Vec::with_capacity(rows.len() * t),
+            b: rows.len(),
+            t,
+            at: Vec::new(),
+            targets: Vec::new(),
+            counts: Vec::with_capacity(rows.len()),
+        };
+        for (i, r) in rows.iter().enumerate() {
+            let n = r.ids.len() - 1;
+            s.x.extend_from_slice(&r.ids[..n]);
+            s.x.extend(std::iter::repeat_n(pad, t - n));
+            let mut c = 0;
+            for j in 0..n {
+                if r.train[j + 1] {
+                    s.at.push((i * t + j) as u32);
+                    s.targets.push(r.ids[j + 1]);
+                    c += 1;
+                }
+            }
+            s.counts.push(c);
+        }
+        s
+    }
+
+    /// Tokens the forward processes.
+    pub fn tokens(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// Σ log p of each row's completion tokens, (B,), with a graph when the model has trainable
+/// weights; and the per-token log-probs (N,) in row order.
+pub fn completion_logps(model: &DecoderModel, s: &SeqBatch) -> Result<(Tensor, Tensor)> {
+    let dev = model.device();
+    let x = Tensor::from_slice(&s.x, (s.b, s.t), dev)?;
+    let h = model.hidden_states(&model.embed(&x)?, ForwardOpts::default())?; // (B, T, C)
+    let c = model.cfg.hidden_size;
+    let at = Tensor::from_slice(&s.at, s.at.len(), dev)?;
+    let h = h.reshape((s.b * s.t, c))?.index_select(&at, 0)?; // (N, C)
+    let logits = model.logits(&h)?; // (N, V)
+    let y = Tensor::from_slice(&s.targets, s.targets.len(), dev)?;
+    let lp = crate::losses::gather_logprobs(&logits, &y)?; // (N,)
+    Ok((row_sums(&lp, &s.counts, dev)?, lp))
+}
+
+/// Sums consecutive runs of `counts` entries of `v` (N,) -> (B,), as one small matmul so the
+/// gradient flows back to every token.
+pub fn row_sums(v: &Tensor, counts: &[usize], dev: &Device) -> Result<Tensor> {
+    let n: usize = counts.iter().sum();
+    let mut m = vec![0f32; counts.len() * n];
+    let mut k = 0;
+    for (i, &c) in counts.iter().enumerate() {
+        for j in k..k + c {
+            m[i * n + j] = 1.0;
+        }
+        k += c;
+    }
+    let m = Tensor::from_vec(m, (counts.len(), n), dev)?.to_dtype(v.dtype())?;
+    Ok(m.matmul(&v.unsqueeze(1)?)?.squeeze(1)?)
+}
+
+/// Completion log-prob sums of many sequences without a graph, `batch` rows at a time.
+pub fn score_all(
+    model: &DecoderModel,
+    seqs: &[&Tokenized],
+    pad: u32,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    // Longest first keeps padding low; results go back to the input order.
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].ids.len()));
+    let mut vals = vec![0f32; seqs.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let rows: Vec<&Tokenized> = chunk.iter().map(|&i| seqs[i]).collect();
+        let (sums, _) = completion_logps(model, &SeqBatch::new(&rows, pad))?;
+        let sums: Vec<f32> = sums.detach().to_dtype(DType::F32)?.to_vec1()?;
+        for (&i, v) in chunk.iter().zip(sums) {
+            if !v.is_finite() {
+                anyhow::bail!(
+                    "the log-probability of a completion is not finite ({v}): the model's weights or config are broken"
+                );
+            }
+            vals[i] = v;
+        }
+    }
+    out.extend(vals);
+    Ok(out)
+}
+
+/// Reference log-prob sums of `seqs`: from the cache when its key matches, else computed with
+/// `model` (adapters off when it has them: the caller switches) and stored.
+pub fn reference_logps(
+    cache: &RefCache,
+    model: &DecoderModel,
+    seqs: &[&Tokenized],
+    pad: u32,
+    say: &dyn Fn(&str),
+) -> Result<Vec<f32>> {
+    if let Some(v) = cache.load(seqs.len())? {
+        say(&format!(
+            "reference log-probs: {} sequences read from {}",
+            v.len(),
+            cache.path.display()
+        ));
+        return Ok(v);
+    }
+    let t0 = std::time::Instant::now();
+    let v = score_all(model, seqs, pad, 8)?;
+    cache.store(&v)?;
+    say(&format!(
+        "reference log-probs: {} sequences computed in {:.1}s, cached in {}",
+        v.len(),
+        t0.elapsed().as_secs_f64(),
+        cache.path.display()
+    ));
+    Ok(v)
+}
