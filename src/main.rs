@@ -13,7 +13,9 @@ use lmforge::model::hf;
 use lmforge::train::dpo::DpoOptions;
 use lmforge::train::engine::{self, checkpoint, Control, Outcome, RunArgs};
 use lmforge::train::finetune::FinetuneOptions;
+use lmforge::train::kto::KtoOptions;
 use lmforge::train::pretrain::{self, PretrainOptions};
+use lmforge::train::reward::RewardOptions;
 use lmforge::train::sft::SftOptions;
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashSet;
@@ -58,6 +60,10 @@ enum Cmd {
     /// Preference optimisation on chosen/rejected pairs: DPO and its relatives (--loss sigmoid,
     /// ipo, robust, hinge, …), ORPO and SimPO (reference-free), in full or with LoRA.
     Dpo(Train<DpoOptions>),
+    /// Train a reward model on preference pairs (Bradley–Terry), or `reward score` pairs with one.
+    Reward(RewardCli),
+    /// KTO on examples labelled desirable / undesirable (or on pairs, unpaired).
+    Kto(Train<KtoOptions>),
     /// Fold a LoRA adapter (PEFT directory) into its base model and write a plain HF directory.
     Merge(MergeArgs),
     /// Time full training steps on random tokens (compare with scripts/torch_reference.py).
@@ -71,6 +77,22 @@ struct Train<T: Args> {
     opts: T,
     #[command(flatten)]
     run: RunArgs,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct RewardCli {
+    #[command(subcommand)]
+    action: Option<RewardAction>,
+    #[command(flatten)]
+    train: Train<RewardOptions>,
+}
+
+#[derive(Subcommand)]
+enum RewardAction {
+    /// Rewards of every pair of a preference file under a reward model: one JSON line per pair,
+    /// then the pairwise accuracy and mean margin.
+    Score(lmforge::train::reward::ScoreArgs),
 }
 
 #[derive(Args)]
@@ -281,6 +303,15 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Cmd::Sft(a) => cmd_sft(a, &given),
         Cmd::Finetune(a) => cmd_finetune(a, &given),
         Cmd::Dpo(a) => cmd_dpo(a, &given),
+        Cmd::Kto(a) => cmd_kto(a, &given),
+        Cmd::Reward(RewardCli {
+            action: Some(RewardAction::Score(a)),
+            ..
+        }) => cmd_reward_score(a),
+        Cmd::Reward(RewardCli {
+            action: None,
+            train,
+        }) => cmd_reward(train, &given),
         Cmd::Merge(a) => {
             lmforge::outdir::check(&a.out, claim("merge", a.overwrite))?;
             let mut m = hf::load(&a.model, &lmforge::device("cpu")?, &|_| true)?;
@@ -599,6 +630,84 @@ fn cmd_dpo(a: Train<DpoOptions>, given: &HashSet<String>) -> Result<ExitCode> {
     }
     eprintln!("output: {}", output.display());
     Ok(exit_code(o))
+}
+
+fn cmd_kto(a: Train<KtoOptions>, given: &HashSet<String>) -> Result<ExitCode> {
+    let (opts, ctl) = setup(&a, given, "kto")?;
+    let s = lmforge::train::kto::run(opts, ctl)?;
+    let o = &s.outcome;
+    let Some(output) = &s.output else {
+        return Ok(exit_code(o));
+    };
+    let first = o.losses.first().map_or(f32::NAN, |l| l.1);
+    let last = o.losses.last().map_or(f32::NAN, |l| l.1);
+    eprintln!(
+        "done: {} steps in {:.1}s (median step {:.3}s), loss {first:.4} -> {last:.4}; {} desirable / {} undesirable examples, {} skipped; peak RSS {:.0} MiB",
+        o.steps, o.seconds, o.step_s_median, s.desirable, s.undesirable, s.counts.skipped(), o.peak_rss_mib
+    );
+    if let Some((b, after)) = s.forgetting {
+        eprintln!(
+            "forgetting: perplexity of the evaluation text {b:.3} before, {after:.3} after ({:+.1}%)",
+            100.0 * (after / b - 1.0)
+        );
+    }
+    eprintln!("output: {}", output.display());
+    Ok(exit_code(o))
+}
+
+fn cmd_reward(a: Train<RewardOptions>, given: &HashSet<String>) -> Result<ExitCode> {
+    let (opts, ctl) = setup(&a, given, "reward")?;
+    let s = lmforge::train::reward::run(opts, ctl)?;
+    let o = &s.outcome;
+    if !o.finished() {
+        return Ok(exit_code(o));
+    }
+    let first = o.losses.first().map_or(f32::NAN, |l| l.1);
+    let last = o.losses.last().map_or(f32::NAN, |l| l.1);
+    eprintln!(
+        "done: {} steps in {:.1}s (median step {:.3}s), loss {first:.4} -> {last:.4}; {} pairs skipped; {} of {} parameters trained; peak RSS {:.0} MiB",
+        o.steps, o.seconds, o.step_s_median, s.counts.skipped(), s.trainable, s.total, o.peak_rss_mib
+    );
+    let metric = |k: &str| s.eval.iter().find(|(n, _)| *n == k).map(|e| e.1);
+    if let (Some(acc), Some(m)) = (metric("eval_accuracy"), metric("eval_margin")) {
+        eprintln!("eval: pairwise accuracy {acc:.4}, mean margin {m:.4}");
+    }
+    if let Some((b, after)) = s.forgetting {
+        eprintln!(
+            "forgetting: perplexity of the evaluation text {b:.3} before, {after:.3} after ({:+.1}%)",
+            100.0 * (after / b - 1.0)
+        );
+    }
+    eprintln!("output: {}", s.run_dir.display());
+    Ok(exit_code(o))
+}
+
+fn cmd_reward_score(a: lmforge::train::reward::ScoreArgs) -> Result<ExitCode> {
+    let (scored, counts) = lmforge::train::reward::score(&a, &|w| eprintln!("{w}"))?;
+    let mut out = std::io::stdout().lock();
+    for p in &scored {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"at": p.at, "chosen": p.chosen, "rejected": p.rejected,
+                "margin": p.chosen - p.rejected, "correct": p.chosen > p.rejected})
+        )?;
+    }
+    let c: Vec<f32> = scored.iter().map(|p| p.chosen).collect();
+    let r: Vec<f32> = scored.iter().map(|p| p.rejected).collect();
+    let (acc, margin) = lmforge::train::reward::pair_metrics(&c, &r);
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({"summary": true, "pairs": scored.len(), "accuracy": acc,
+            "mean_margin": margin, "skipped": counts.skipped()})
+    )?;
+    eprintln!(
+        "{} pairs: accuracy {acc:.4} (chosen scored above rejected), mean margin {margin:.4}; {} skipped",
+        scored.len(),
+        counts.skipped()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_finetune(a: Train<FinetuneOptions>, given: &HashSet<String>) -> Result<ExitCode> {

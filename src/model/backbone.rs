@@ -6,10 +6,12 @@
 
 use super::encoder::{Encoder, Heads};
 use super::hf;
-use super::layers::Linear;
+use super::layers::{Builder, Layout, Linear};
+use super::loader::WeightSource;
+use super::params::Source;
 use super::{DecoderModel, Family, ForwardOpts, ParamStore};
 use crate::tokenizer::Tok;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -130,10 +132,18 @@ impl Backbone {
             Backbone::Encoder(e) => e.pooled(&h),
             Backbone::Decoder(_) => {
                 let (b, t, c) = h.dims3()?;
+                // transformers' rule: the rightmost token that is not the pad id (a trailing
+                // EOS that doubles as padding is skipped, as the Python model skips it).
                 let last: Vec<u32> = rows
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| (i * t + r.len().max(1) - 1) as u32)
+                    .map(|(i, r)| {
+                        let j = r
+                            .iter()
+                            .rposition(|&x| x != pad)
+                            .unwrap_or(r.len().max(1) - 1);
+                        (i * t + j) as u32
+                    })
                     .collect();
                 let idx = Tensor::from_vec(last, b, dev)?;
                 Ok(h.reshape((b * t, c))?.index_select(&idx, 0)?)
@@ -223,4 +233,203 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
                 .0
         })
         .collect())
+}
+
+/// A body with a trained sequence head, read back from what `finetune` / `reward` write: an
+/// `…ForSequenceClassification` HF directory, or a PEFT adapter directory whose
+/// `modules_to_save` hold the head (`score`; BERT's `classifier` and `pooler`).
+pub struct HeadModel {
+    pub m: LoadedBackbone,
+    pub head: Linear,
+    /// transformers' `pad_token_id`: a decoder's features are read at the last other token.
+    pub pad: u32,
+    pub switch: crate::peft::AdapterSwitch,
+    pub chat_template: Option<String>,
+}
+
+fn head_linear(
+    store: &mut ParamStore,
+    w: &WeightSource,
+    name: &str,
+    bias: bool,
+    hidden: usize,
+) -> Result<Linear> {
+    let key = format!("{name}.weight");
+    let n = match w.shape(&key).as_deref() {
+        Some([n, h]) if *h == hidden => *n,
+        Some(s) => anyhow::bail!("head {key} has shape {s:?}; expected (labels, {hidden})"),
+        None => anyhow::bail!("the weights have no sequence head ({key})"),
+    };
+    let mut b = Builder {
+        store,
+        source: &Source::Weights(w),
+        frozen: &|_| true,
+    };
+    Linear::new(&mut b, name, hidden, n, bias, Layout::OutIn, 0.02)
+}
+
+/// Loads a head model (see `HeadModel`); `base` overrides an adapter's `base_model_name_or_path`.
+pub fn load_head_model(path: &Path, base: Option<&Path>, dev: &Device) -> Result<HeadModel> {
+    if path.join("adapter_config.json").is_file() {
+        return load_head_adapter(path, base, dev);
+    }
+    let cfg_path = path.join("config.json");
+    let text = crate::input::read_text(&cfg_path, crate::input::MAX_CONFIG_BYTES)?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let arch = v["architectures"][0].as_str().unwrap_or("");
+    if !arch.ends_with("ForSequenceClassification") {
+        anyhow::bail!(
+            "{}: architectures {arch:?} is not a …ForSequenceClassification model",
+            cfg_path.display()
+        );
+    }
+    let chat_template = crate::chat::template_from_dir(path)?;
+    let switch = crate::peft::AdapterSwitch::default();
+    if is_encoder(path)? {
+        let mut e = hf::load_encoder(
+            path,
+            dev,
+            Heads {
+                mlm: false,
+                pooler: true,
+            },
+            &|_| true,
+        )?;
+        let w = WeightSource::open_dir(path)?;
+        let head = head_linear(
+            &mut e.store,
+            &w,
+            "classifier",
+            true,
+            e.model.cfg.hidden_size,
+        )?;
+        let pad = e.model.cfg.pad_token_id;
+        let m = LoadedBackbone {
+            body: Backbone::Encoder(e.model),
+            store: e.store,
+            tok: e.tok,
+        };
+        return Ok(HeadModel {
+            m,
+            head,
+            pad,
+            switch,
+            chat_template,
+        });
+    }
+    let mut cfg = super::ModelConfig::from_file(&cfg_path)?;
+    let mut w = WeightSource::open_dir(path)?;
+    if cfg.family == Family::Gpt2 {
+        w = w.with_strip_prefix("transformer.");
+    }
+    // `…ForSequenceClassification` has no LM head; an untied one is not built.
+    if !cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+        cfg.tie_word_embeddings = true;
+    }
+    let mut store = ParamStore::new(dev.clone());
+    let model = DecoderModel::new(&cfg, &mut store, &Source::Weights(&w), &|_| true)?;
+    let head = head_linear(&mut store, &w, "score", false, cfg.hidden_size)?;
+    w.check_all_used(|n| {
+        n.ends_with(".attn.bias")
+            || n.ends_with(".attn.masked_bias")
+            || n.ends_with("rotary_emb.inv_freq")
+    })?;
+    let tok = crate::tokenizer::load_from_dir(path)?;
+    tok.check_fits(cfg.vocab_size, &path.display().to_string())?;
+    let pad = v["pad_token_id"]
+        .as_u64()
+        .map(|p| p as u32)
+        .or(tok.eos_id)
+        .unwrap_or(0);
+    let m = LoadedBackbone {
+        body: Backbone::Decoder(model),
+        store,
+        tok,
+    };
+    Ok(HeadModel {
+        m,
+        head,
+        pad,
+        switch,
+        chat_template,
+    })
+}
+
+fn load_head_adapter(dir: &Path, base: Option<&Path>, dev: &Device) -> Result<HeadModel> {
+    let (cfg, base_in_file, heads) = crate::peft::lora::read_config_with_heads(dir)?;
+    let base = match (base, &base_in_file) {
+        (Some(b), _) => b.to_path_buf(),
+        (None, Some(b)) => std::path::PathBuf::from(b),
+        (None, None) => anyhow::bail!("{}: no base_model_name_or_path; pass --base", dir.display()),
+    };
+    if !base.exists() {
+        anyhow::bail!(
+            "{}: its base model {} does not exist here; pass --base DIR",
+            dir.display(),
+            base.display()
+        );
+    }
+    let mut m = Backbone::load(&base, dev, true, &|_| true)?;
+    let file = dir.join("adapter_model.safetensors");
+    crate::input::open(&file)?;
+    let all = candle_core::safetensors::load(&file, dev)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let label = file.display().to_string();
+    let (mut lora, mut rest) = (
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    );
+    for (k, t) in all {
+        if k.contains(".lora_A.") || k.contains(".lora_B.") {
+            lora.insert(k, t);
+        } else {
+            let short = k
+                .strip_prefix("base_model.model.")
+                .unwrap_or(&k)
+                .to_string();
+            rest.insert(short, t);
+        }
+    }
+    let switch = crate::peft::AdapterSwitch::default();
+    let ws = WeightSource::from_tensors(label.clone(), lora);
+    crate::peft::lora::attach_to(
+        m.body.linears_mut(),
+        &mut m.store,
+        &cfg,
+        Some(&ws),
+        0,
+        &switch,
+    )?;
+    // Modules trained in full overwrite the base's copies (BERT's pooler); the head is new.
+    let (name, bias) = m.body.head_name();
+    let hw = WeightSource::from_tensors(label.clone(), rest.clone());
+    for (k, t) in &rest {
+        if k.starts_with(&format!("{name}.")) {
+            continue;
+        }
+        let p = m.store.get(k).or_else(|| m.store.get(&format!("bert.{k}")));
+        let Some(p) = p else {
+            anyhow::bail!("{label}: tensor {k} belongs to no module of the base model (modules_to_save {heads:?})");
+        };
+        if p.var.dims() != t.dims() {
+            anyhow::bail!(
+                "{label}: {k} has shape {:?}, the base model's {:?}",
+                t.dims(),
+                p.var.dims()
+            );
+        }
+        p.var.set(&t.to_dtype(p.var.dtype())?)?;
+    }
+    let hidden = m.body.hidden_size();
+    let head = head_linear(&mut m.store, &hw, name, bias, hidden)?;
+    let pad = m.body.pad_id(&m.tok);
+    let chat_template = crate::chat::template_from_dir(dir)?;
+    Ok(HeadModel {
+        m,
+        head,
+        pad,
+        switch,
+        chat_template,
+    })
 }

@@ -123,6 +123,15 @@ impl WeightSource {
         self.resolve(name).is_some()
     }
 
+    /// The shape of tensor `name`, if the weights hold it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let key = self.resolve(name)?;
+        match self.mem.get(&key) {
+            Some(t) => Some(t.dims().to_vec()),
+            None => Some(self.files[self.names[&key]].infos[&key].shape.clone()),
+        }
+    }
+
     fn has(&self, name: &str) -> bool {
         self.names.contains_key(name) || self.mem.contains_key(name)
     }

@@ -422,8 +422,21 @@ impl Lora {
     }
 }
 
-/// Reads a PEFT LoRA directory's `adapter_config.json`.
+/// Reads a PEFT LoRA directory's `adapter_config.json` (causal LM: no `modules_to_save`).
 pub fn read_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
+    let (cfg, base, heads) = read_config_with_heads(dir)?;
+    if !heads.is_empty() {
+        bail!(
+            "{}: modules_to_save {heads:?} is not supported for a causal LM adapter",
+            dir.join("adapter_config.json").display()
+        );
+    }
+    Ok((cfg, base))
+}
+
+/// `read_config` of an adapter that may train heads in full (`modules_to_save`, e.g. a reward
+/// model's `score`): returns them too.
+pub fn read_config_with_heads(dir: &Path) -> Result<(LoraConfig, Option<String>, Vec<String>)> {
     let path = dir.join("adapter_config.json");
     let text = crate::input::read_text(&path, crate::input::MAX_CONFIG_BYTES)?;
     let v: Value =
@@ -444,7 +457,6 @@ pub fn read_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
         "layers_to_transform",
         "layer_replication",
         "exclude_modules",
-        "modules_to_save",
         "target_parameters",
         "trainable_token_indices",
     ] {
@@ -501,7 +513,15 @@ pub fn read_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
     let base = field("base_model_name_or_path")
         .and_then(Value::as_str)
         .map(String::from);
-    Ok((cfg, base))
+    let heads = match field("modules_to_save") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok((cfg, base, heads))
 }
 
 /// Loads a PEFT LoRA directory onto `model` (adapters enabled; A and B are trainable

@@ -22,13 +22,12 @@
 use crate::data::preference::{self, Counts, TokPair, Warn};
 use crate::data::sft::{Formatter, Tokenized};
 use crate::losses::preference::{self as pl, Pair, PairLoss, Params};
-use crate::model::{hf, DecoderModel, ParamStore};
+use crate::model::ParamStore;
 use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
 use crate::train::engine::{TrainArgs, TrainConfig};
 use crate::train::lm::{Forgetting, Policy};
-use crate::train::logps::{completion_logps, reference_logps, SeqBatch};
-use crate::train::reference::RefCache;
+use crate::train::logps::{completion_logps, Reference, SeqBatch};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
@@ -142,18 +141,6 @@ pub struct Summary {
     pub output: Option<PathBuf>,
 }
 
-/// Where the reference log-probs come from during training.
-enum Reference {
-    /// Precomputed: (chosen, rejected) per pair, train then eval.
-    Cached(Vec<(f32, f32)>),
-    /// The policy with its adapters off.
-    AdaptersOff,
-    /// A frozen copy of the model.
-    Copy(Box<DecoderModel>),
-    /// ORPO, SimPO.
-    None,
-}
-
 /// One micro-batch: pair indices (into train ++ eval) and their sequences, chosen then rejected.
 pub struct Batch {
     pairs: Vec<usize>,
@@ -181,7 +168,8 @@ struct Dpo {
     /// Train pairs, then eval pairs.
     pairs: Vec<TokPair>,
     n_train: usize,
-    reference: Reference,
+    /// None for ORPO and SimPO.
+    reference: Option<Reference>,
     pad: u32,
     stats: Stats,
     eval_batch: usize,
@@ -256,36 +244,19 @@ impl Dpo {
         Ok(losses)
     }
 
-    /// The reference's (chosen, rejected) log-probs of a batch, without a graph.
+    /// The reference's (chosen, rejected) log-probs of a batch (cache order: 2i, 2i + 1).
     fn reference_of(&self, b: &Batch) -> Result<Pair> {
-        let n = b.pairs.len();
-        let dev = self.p.m.model.device();
-        let live = |model: &DecoderModel| -> Result<Pair> {
-            let (s, _) = completion_logps(model, &b.seqs)?;
-            let s = s.detach();
-            Ok(Pair {
-                chosen: s.narrow(0, 0, n)?,
-                rejected: s.narrow(0, n, n)?,
-            })
+        let Some(r) = &self.reference else {
+            bail!("the {} loss has no reference model", self.loss.name());
         };
-        match &self.reference {
-            Reference::Cached(v) => {
-                let c: Vec<f32> = b.pairs.iter().map(|&i| v[i].0).collect();
-                let r: Vec<f32> = b.pairs.iter().map(|&i| v[i].1).collect();
-                Ok(Pair {
-                    chosen: Tensor::from_vec(c, n, dev)?,
-                    rejected: Tensor::from_vec(r, n, dev)?,
-                })
-            }
-            Reference::AdaptersOff => {
-                self.p.switch.set_enabled(false);
-                let r = live(&self.p.m.model);
-                self.p.switch.set_enabled(true);
-                r
-            }
-            Reference::Copy(m) => live(m),
-            Reference::None => bail!("the {} loss has no reference model", self.loss.name()),
-        }
+        let n = b.pairs.len();
+        let mut ids: Vec<usize> = b.pairs.iter().map(|&i| 2 * i).collect();
+        ids.extend(b.pairs.iter().map(|&i| 2 * i + 1));
+        let v = r.logps(&self.p.m.model, &b.seqs, &ids)?;
+        Ok(Pair {
+            chosen: v.narrow(0, 0, n)?,
+            rejected: v.narrow(0, n, n)?,
+        })
     }
 }
 
@@ -489,17 +460,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
         p.attach_lora(c, cfg.seed)?;
     }
     ctl.say(&p.describe());
-    let reference = if !o.loss.needs_reference() {
-        Reference::None
-    } else if o.ref_live {
-        match &p.adapters {
-            Some(_) => Reference::AdaptersOff,
-            None => {
-                let copy = hf::load(&model_path, &ctl.device, &|_| true)?;
-                Reference::Copy(Box::new(copy.model))
-            }
-        }
-    } else {
+    let reference = if o.loss.needs_reference() {
         let seqs: Vec<&Tokenized> = pairs
             .iter()
             .flat_map(|x| [&x.chosen, &x.rejected])
@@ -508,12 +469,16 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
             Some(d) => d.clone(),
             None => crate::outdir::entry(&run_dir, "ref_cache")?,
         };
-        let cache = RefCache::new(&dir, &model_path, &p.m.tok, &data_path, &seqs, "dpo")?;
-        p.switch.set_enabled(false);
-        let v = reference_logps(&cache, &p.m.model, &seqs, pad, &|s| ctl.say(s));
-        p.switch.set_enabled(true);
-        let v = v?;
-        Reference::Cached(v.chunks_exact(2).map(|c| (c[0], c[1])).collect())
+        Some(Reference::build(
+            o.ref_live,
+            &p,
+            &seqs,
+            pad,
+            (&dir, &data_path, "dpo"),
+            &ctl,
+        )?)
+    } else {
+        None
     };
 
     // 3. The engine.

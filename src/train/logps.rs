@@ -8,11 +8,15 @@
 //! before a completion of 50 would spend 80% of them on positions whose log-probs are thrown
 //! away (TRL computes every position's logits and masks afterwards).
 
+use super::lm::Policy;
 use super::reference::RefCache;
 use crate::data::sft::Tokenized;
 use crate::model::{DecoderModel, ForwardOpts};
+use crate::peft::AdapterSwitch;
+use crate::train::engine::Control;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use std::path::Path;
 
 /// Right-padded rows and where their completion tokens are.
 pub struct SeqBatch {
@@ -105,7 +109,6 @@ pub fn score_all(
     pad: u32,
     batch: usize,
 ) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(seqs.len());
     // Longest first keeps padding low; results go back to the input order.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].ids.len()));
@@ -123,8 +126,66 @@ pub fn score_all(
             vals[i] = v;
         }
     }
-    out.extend(vals);
-    Ok(out)
+    Ok(vals)
+}
+
+/// Where a method's reference log-probs come from during training.
+pub enum Reference {
+    /// Precomputed once before training (`train::reference`), one value per sequence.
+    Cached(Vec<f32>),
+    /// The policy itself with its adapters switched off (LoRA: no second copy in memory).
+    AdaptersOff(AdapterSwitch),
+    /// A frozen copy of the model (a full fine-tune with `--ref-live`).
+    Copy(Box<DecoderModel>),
+}
+
+impl Reference {
+    /// The reference for `policy`: computed at every step when `live`, else precomputed for
+    /// `seqs` (all sequences the run will score, in cache order) and cached under `cache_dir`.
+    pub fn build(
+        live: bool,
+        policy: &Policy,
+        seqs: &[&Tokenized],
+        pad: u32,
+        cache: (&Path, &Path, &str),
+        ctl: &Control,
+    ) -> Result<Self> {
+        if live {
+            return Ok(match &policy.adapters {
+                Some(_) => Reference::AdaptersOff(policy.switch.clone()),
+                None => {
+                    let copy = crate::model::hf::load(&policy.model_path, &ctl.device, &|_| true)?;
+                    Reference::Copy(Box::new(copy.model))
+                }
+            });
+        }
+        let (dir, data, what) = cache;
+        let cache = RefCache::new(dir, &policy.model_path, &policy.m.tok, data, seqs, what)?;
+        policy.switch.set_enabled(false);
+        let v = reference_logps(&cache, &policy.m.model, seqs, pad, &|s| ctl.say(s));
+        policy.switch.set_enabled(true);
+        Ok(Reference::Cached(v?))
+    }
+
+    /// The reference's completion log-prob sums of a batch's rows, without a graph; `ids` are
+    /// the rows' indices in the cache order.
+    pub fn logps(&self, policy: &DecoderModel, s: &SeqBatch, ids: &[usize]) -> Result<Tensor> {
+        let dev = policy.device();
+        let live = |m: &DecoderModel| -> Result<Tensor> { Ok(completion_logps(m, s)?.0.detach()) };
+        match self {
+            Reference::Cached(v) => {
+                let r: Vec<f32> = ids.iter().map(|&i| v[i]).collect();
+                Ok(Tensor::from_vec(r, ids.len(), dev)?)
+            }
+            Reference::AdaptersOff(switch) => {
+                switch.set_enabled(false);
+                let r = live(policy);
+                switch.set_enabled(true);
+                r
+            }
+            Reference::Copy(m) => live(m),
+        }
+    }
 }
 
 /// Reference log-prob sums of `seqs`: from the cache when its key matches, else computed with

@@ -10,9 +10,11 @@
 pub mod dpo;
 pub mod engine;
 pub mod finetune;
+pub mod kto;
 pub mod lm;
 pub mod logps;
 pub mod optim;
 pub mod pretrain;
 pub mod reference;
+pub mod reward;
 pub mod sft;

@@ -151,9 +151,9 @@ pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary
     let y_eval: Vec<usize> = eval_rows.iter().map(label_id).collect::<Result<_>>()?;
 
     // 2. Body and head.
-    let m = load_body(&o, &ctl, true)?;
+    let m = load_body(&o.body()?, &ctl, true)?;
     let head = m.body.head_name();
-    let t = Tuned::new(m, &o, head, labels.len(), cfg.seed)?;
+    let t = Tuned::new(m, &o.body()?, head, labels.len(), cfg.seed)?;
     let x_train = encode(&t.m.tok, &train_rows, t.max_len)?;
     let x_eval = encode(&t.m.tok, &eval_rows, t.max_len)?;
     let (trainable, total) = (t.m.store.num_trainable(), t.m.store.num_params());
@@ -178,6 +178,7 @@ pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary
         kind: "SequenceClassification",
         peft_task: "SEQ_CLS",
         labels: &labels,
+        chat_template: None,
     };
     train(method, &o, cfg, ctl, spec, json!({}))
 }

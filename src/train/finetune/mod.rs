@@ -82,6 +82,16 @@ impl FinetuneOptions {
         }
     }
 
+    /// What loading the body and writing the outputs need to know.
+    pub fn body(&self) -> Result<BodyOpts<'_>> {
+        Ok(BodyOpts {
+            model: self.model()?,
+            peft: &self.peft,
+            forgetting_eval: self.forgetting_eval.as_deref(),
+            max_len: self.max_len,
+        })
+    }
+
     fn model(&self) -> Result<&Path> {
         self.model
             .as_deref()
@@ -93,6 +103,14 @@ impl FinetuneOptions {
             .as_deref()
             .context("finetune needs training data: --data FILE (or `data` in the config)")
     }
+}
+
+/// The options of a body under a head, whichever method trains it (`finetune`, `reward`).
+pub struct BodyOpts<'a> {
+    pub model: &'a Path,
+    pub peft: &'a PeftArgs,
+    pub forgetting_eval: Option<&'a Path>,
+    pub max_len: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -136,7 +154,7 @@ pub struct Tuned {
     pub adapters: Option<Lora>,
     pub pad: u32,
     pub max_len: usize,
-    forgetting: Forgetting,
+    pub forgetting: Forgetting,
 }
 
 /// BERT's pooler belongs to a classification head: it trains under LoRA too and is saved with
@@ -145,9 +163,9 @@ pub const POOLER: &str = "bert.pooler.";
 
 /// Loads the body of `o.model`, frozen for LoRA except BERT's pooler when `pooler` (sequence
 /// classification reads it; token heads do not build it).
-pub fn load_body(o: &FinetuneOptions, ctl: &Control, pooler: bool) -> Result<LoadedBackbone> {
+pub fn load_body(o: &BodyOpts, ctl: &Control, pooler: bool) -> Result<LoadedBackbone> {
     let peft = o.peft.method.is_some();
-    Backbone::load(o.model()?, &ctl.device, pooler, &|n: &str| {
+    Backbone::load(o.model, &ctl.device, pooler, &|n: &str| {
         peft && !(pooler && n.starts_with(POOLER))
     })
 }
@@ -157,7 +175,7 @@ impl Tuned {
     /// on the body's linear layers; measures the forgetting baseline.
     pub fn new(
         mut m: LoadedBackbone,
-        o: &FinetuneOptions,
+        o: &BodyOpts,
         (name, bias): (&'static str, bool),
         n: usize,
         seed: u64,
@@ -184,7 +202,7 @@ impl Tuned {
             )?),
             None => None,
         };
-        let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &m)?;
+        let forgetting = Forgetting::start(o.forgetting_eval, &m)?;
         let max_len = o.max_len.min(m.body.max_len());
         if max_len < 2 {
             anyhow::bail!("max_len must be at least 2");
@@ -223,6 +241,8 @@ pub struct HeadSpec<'a> {
     /// "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS".
     pub peft_task: &'a str,
     pub labels: &'a [String],
+    /// Written beside the weights (`chat_template.jinja`) when the data went through it.
+    pub chat_template: Option<&'a str>,
 }
 
 /// Trains `method` on the engine, then writes the outputs, the forgetting report and the
@@ -254,7 +274,7 @@ pub fn train<M: TaskMethod>(
         return Ok(s);
     }
     let tuned = method.tuned();
-    s.checkpoint_bytes = write_outputs(tuned, &run_dir, o, &spec)?;
+    s.checkpoint_bytes = write_outputs(tuned, &run_dir, &o.body()?, &spec)?;
     s.forgetting = tuned.forgetting.finish(&tuned.m.body)?;
     let oc = &s.outcome;
     let mut line = json!({"summary": true, "steps": oc.steps, "seconds": oc.seconds,
@@ -273,7 +293,7 @@ pub fn train<M: TaskMethod>(
 
 /// Writes `out/model` (full fine-tune) or `out/adapter` (LoRA + head as PEFT `modules_to_save`,
 /// plus `out/model` merged with `peft.merge`). Returns the bytes of the weights file written.
-fn write_outputs(h: &mut Tuned, out: &Path, o: &FinetuneOptions, spec: &HeadSpec) -> Result<u64> {
+pub fn write_outputs(h: &mut Tuned, out: &Path, o: &BodyOpts, spec: &HeadSpec) -> Result<u64> {
     let config = h.m.body.head_config(spec.kind, spec.labels, h.pad);
     let (pad, max_len) = (h.pad, h.max_len);
     let write_model = |m: &LoadedBackbone, dir: &Path| -> Result<()> {
@@ -286,7 +306,11 @@ fn write_outputs(h: &mut Tuned, out: &Path, o: &FinetuneOptions, spec: &HeadSpec
             if let Some(p) = m.tok.inner.id_to_token(pad) {
                 tc["pad_token"] = json!(p);
             }
-            write_json(&tmp.join("tokenizer_config.json"), &tc)
+            write_json(&tmp.join("tokenizer_config.json"), &tc)?;
+            if let Some(t) = spec.chat_template {
+                std::fs::write(tmp.join("chat_template.jinja"), t)?;
+            }
+            Ok(())
         })
     };
     let Some(a) = &h.adapters else {
@@ -303,9 +327,13 @@ fn write_outputs(h: &mut Tuned, out: &Path, o: &FinetuneOptions, spec: &HeadSpec
         task_type: spec.peft_task,
         modules,
     };
-    let base = o.model()?.display().to_string();
+    let base = o.model.display().to_string();
     write_output(&dir, "adapter", |tmp| {
-        a.write_files(tmp, &h.m.store, &base, &extra)
+        a.write_files(tmp, &h.m.store, &base, &extra)?;
+        if let Some(t) = spec.chat_template {
+            std::fs::write(tmp.join("chat_template.jinja"), t)?;
+        }
+        Ok(())
     })?;
     if o.peft.merge {
         a.merge_into(h.m.body.linears_mut(), &h.m.store)?;
@@ -315,7 +343,7 @@ fn write_outputs(h: &mut Tuned, out: &Path, o: &FinetuneOptions, spec: &HeadSpec
 }
 
 /// `--forgetting-eval`: the text's perplexity before training, then after.
-struct Forgetting {
+pub struct Forgetting {
     ids: Option<Vec<u32>>,
     before: Option<f64>,
 }
@@ -337,7 +365,7 @@ impl Forgetting {
     }
 
     /// (before, after); None without --forgetting-eval.
-    fn finish(&mut self, body: &Backbone) -> Result<Option<(f64, f64)>> {
+    pub fn finish(&mut self, body: &Backbone) -> Result<Option<(f64, f64)>> {
         let (Some(ids), Some(b)) = (self.ids.take(), self.before) else {
             return Ok(None);
         };

@@ -167,9 +167,9 @@ pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary
             .with_context(|| format!("{at}: tag {t:?} does not occur in the training data"))
     };
 
-    let m = load_body(&o, &ctl, false)?;
+    let m = load_body(&o.body()?, &ctl, false)?;
     let head = m.body.token_head_name();
-    let t = Tuned::new(m, &o, head, labels.len(), cfg.seed)?;
+    let t = Tuned::new(m, &o.body()?, head, labels.len(), cfg.seed)?;
     let last = matches!(t.m.body, Backbone::Decoder(_));
     let prep = |ss: &[Sentence]| -> Result<Vec<Example>> {
         ss.iter()
@@ -209,6 +209,7 @@ pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary
         kind: "TokenClassification",
         peft_task: "TOKEN_CLS",
         labels: &labels,
+        chat_template: None,
     };
     train(
         method,

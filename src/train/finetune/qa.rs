@@ -147,14 +147,14 @@ pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary
         Some(p) => read_squad(p)?,
         None => Vec::new(),
     };
-    let m = load_body(&o, &ctl, false)?;
+    let m = load_body(&o.body()?, &ctl, false)?;
     if !matches!(m.body, Backbone::Encoder(_)) {
         bail!(
             "{}: extractive QA needs a bidirectional encoder (BERT); decoders are not supported",
             o.model()?.display()
         );
     }
-    let t = Tuned::new(m, &o, ("qa_outputs", true), 2, cfg.seed)?;
+    let t = Tuned::new(m, &o.body()?, ("qa_outputs", true), 2, cfg.seed)?;
     if o.stride >= t.max_len / 2 {
         bail!(
             "--stride must be less than half of --max-len ({})",
@@ -186,6 +186,7 @@ pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary
         kind: "QuestionAnswering",
         peft_task: "QUESTION_ANS",
         labels: &labels,
+        chat_template: None,
     };
     train(method, &o, cfg, ctl, spec, json!({}))
 }
