@@ -70,35 +70,41 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// answer begins. The result is tokenized without adding special tokens (as transformers does).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let mut env = Environment::new();
-        env.set_fuel(Some(TEMPLATE_FUEL));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", &self.source)
-            .context("the chat template does not parse")?;
-        let t = env.get_template("chat")?;
-        let mut out = Capped(Vec::new());
         let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
         };
-        match t.render_captured_to(ctx, &mut out) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::OutOfFuel => anyhow::bail!(
-                "rendering the chat template: it ran past {TEMPLATE_FUEL} instructions (a loop that never ends, or far too long); refusing it"
-            ),
-            Err(e) if e.kind() == ErrorKind::WriteFailure => anyhow::bail!(
-                "rendering the chat template: its output grew past {} MiB; refusing it",
-                TEMPLATE_MAX_OUTPUT >> 20
-            ),
-            Err(e) => return Err(e).context("rendering the chat template"),
-        }
-        String::from_utf8(out.0).context("the chat template produced invalid UTF-8")
+        render_sandboxed(&self.source, ctx, "the chat template")
     }
+}
+
+/// Renders a Jinja template from a file someone else wrote (a chat template, a judge's rubric)
+/// under the fuel and output caps above; `what` names it in errors.
+pub fn render_sandboxed(source: &str, ctx: minijinja::Value, what: &str) -> Result<String> {
+    let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+        Err(Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("t", source)
+        .with_context(|| format!("{what} does not parse"))?;
+    let t = env.get_template("t")?;
+    let mut out = Capped(Vec::new());
+    match t.render_captured_to(ctx, &mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => anyhow::bail!(
+            "rendering {what}: it ran past {TEMPLATE_FUEL} instructions (a loop that never ends, or far too long); refusing it"
+        ),
+        Err(e) if e.kind() == ErrorKind::WriteFailure => anyhow::bail!(
+            "rendering {what}: its output grew past {} MiB; refusing it",
+            TEMPLATE_MAX_OUTPUT >> 20
+        ),
+        Err(e) => return Err(e).with_context(|| format!("rendering {what}")),
+    }
+    String::from_utf8(out.0).with_context(|| format!("{what} produced invalid UTF-8"))
 }
 
 /// The template of an HF model directory, if it has one: `chat_template.jinja` (newer

@@ -25,6 +25,7 @@ pub mod losses;
 pub mod model;
 pub mod outdir;
 pub mod peft;
+pub mod rlaif;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

@@ -64,6 +64,9 @@ enum Cmd {
     Reward(RewardCli),
     /// KTO on examples labelled desirable / undesirable (or on pairs, unpaired).
     Kto(Train<KtoOptions>),
+    /// RLAIF: a local judge model labels which of two responses is better (both orders,
+    /// answer-token probabilities) and writes preference pairs.
+    Label(lmforge::rlaif::LabelArgs),
     /// Fold a LoRA adapter (PEFT directory) into its base model and write a plain HF directory.
     Merge(MergeArgs),
     /// Time full training steps on random tokens (compare with scripts/torch_reference.py).
@@ -304,6 +307,25 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Cmd::Finetune(a) => cmd_finetune(a, &given),
         Cmd::Dpo(a) => cmd_dpo(a, &given),
         Cmd::Kto(a) => cmd_kto(a, &given),
+        Cmd::Label(a) => {
+            let r = lmforge::rlaif::label(&a, &|w| eprintln!("{w}"))?;
+            let pct = |n: usize, d: usize| 100.0 * n as f64 / d.max(1) as f64;
+            eprintln!(
+                "judged {} pairs in {:.1}s: {} kept, {} ties dropped (|P - 0.5| < {}); mean P(\"A\") {:.3} (0.5 = no position bias)",
+                r.judged, r.seconds, r.kept, r.ties, a.min_margin, r.mean_p_a
+            );
+            if r.labelled > 0 {
+                eprintln!(
+                    "agreement with the human labels: {:.1}% of {} pairs, {:.1}% of the {} kept",
+                    pct(r.agree, r.labelled),
+                    r.labelled,
+                    pct(r.agree_kept, r.labelled_kept),
+                    r.labelled_kept
+                );
+            }
+            eprintln!("wrote {}", a.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Reward(RewardCli {
             action: Some(RewardAction::Score(a)),
             ..

@@ -199,7 +199,7 @@ pub fn dialogue_messages(prompt: &str) -> Option<Vec<Message>> {
 }
 
 /// Parses one line. `Ok(None)`: the record cannot train (warned and counted by `reason`).
-fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, &'static str>> {
+pub fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, &'static str>> {
     let v: Value = serde_json::from_str(line).with_context(|| format!("{at}: invalid JSON"))?;
     if !v.is_object() {
         bail!("{at}: expected a JSON object");
@@ -269,7 +269,7 @@ fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, &'stat
     }))
 }
 
-fn why(reason: &str) -> &'static str {
+pub fn why(reason: &str) -> &'static str {
     match reason {
         "identical" => "chosen and rejected are identical",
         "empty completion" => "an empty completion",

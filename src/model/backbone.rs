@@ -250,9 +250,9 @@ pub struct HeadModel {
 fn head_linear(
     store: &mut ParamStore,
     w: &WeightSource,
-    name: &str,
-    bias: bool,
+    (name, bias): (&str, bool),
     hidden: usize,
+    trainable: bool,
 ) -> Result<Linear> {
     let key = format!("{name}.weight");
     let n = match w.shape(&key).as_deref() {
@@ -263,15 +263,21 @@ fn head_linear(
     let mut b = Builder {
         store,
         source: &Source::Weights(w),
-        frozen: &|_| true,
+        frozen: &|_| !trainable,
     };
     Linear::new(&mut b, name, hidden, n, bias, Layout::OutIn, 0.02)
 }
 
 /// Loads a head model (see `HeadModel`); `base` overrides an adapter's `base_model_name_or_path`.
-pub fn load_head_model(path: &Path, base: Option<&Path>, dev: &Device) -> Result<HeadModel> {
+/// `trainable`: the head (and an adapter's LoRA weights) get gradients; the body stays frozen.
+pub fn load_head_model(
+    path: &Path,
+    base: Option<&Path>,
+    dev: &Device,
+    trainable: bool,
+) -> Result<HeadModel> {
     if path.join("adapter_config.json").is_file() {
-        return load_head_adapter(path, base, dev);
+        return load_head_adapter(path, base, dev, trainable);
     }
     let cfg_path = path.join("config.json");
     let text = crate::input::read_text(&cfg_path, crate::input::MAX_CONFIG_BYTES)?;
@@ -300,9 +306,9 @@ pub fn load_head_model(path: &Path, base: Option<&Path>, dev: &Device) -> Result
         let head = head_linear(
             &mut e.store,
             &w,
-            "classifier",
-            true,
+            ("classifier", true),
             e.model.cfg.hidden_size,
+            trainable,
         )?;
         let pad = e.model.cfg.pad_token_id;
         let m = LoadedBackbone {
@@ -329,7 +335,7 @@ pub fn load_head_model(path: &Path, base: Option<&Path>, dev: &Device) -> Result
     }
     let mut store = ParamStore::new(dev.clone());
     let model = DecoderModel::new(&cfg, &mut store, &Source::Weights(&w), &|_| true)?;
-    let head = head_linear(&mut store, &w, "score", false, cfg.hidden_size)?;
+    let head = head_linear(&mut store, &w, ("score", false), cfg.hidden_size, trainable)?;
     w.check_all_used(|n| {
         n.ends_with(".attn.bias")
             || n.ends_with(".attn.masked_bias")
@@ -356,7 +362,12 @@ pub fn load_head_model(path: &Path, base: Option<&Path>, dev: &Device) -> Result
     })
 }
 
-fn load_head_adapter(dir: &Path, base: Option<&Path>, dev: &Device) -> Result<HeadModel> {
+fn load_head_adapter(
+    dir: &Path,
+    base: Option<&Path>,
+    dev: &Device,
+    trainable: bool,
+) -> Result<HeadModel> {
     let (cfg, base_in_file, heads) = crate::peft::lora::read_config_with_heads(dir)?;
     let base = match (base, &base_in_file) {
         (Some(b), _) => b.to_path_buf(),
@@ -422,7 +433,7 @@ fn load_head_adapter(dir: &Path, base: Option<&Path>, dev: &Device) -> Result<He
         p.var.set(&t.to_dtype(p.var.dtype())?)?;
     }
     let hidden = m.body.hidden_size();
-    let head = head_linear(&mut m.store, &hw, name, bias, hidden)?;
+    let head = head_linear(&mut m.store, &hw, (name, bias), hidden, trainable)?;
     let pad = m.body.pad_id(&m.tok);
     let chat_template = crate::chat::template_from_dir(dir)?;
     Ok(HeadModel {

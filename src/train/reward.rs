@@ -408,7 +408,7 @@ pub struct Scored {
 /// Loads a reward model and scores the pairs of `a.data`.
 pub fn score(a: &ScoreArgs, say: &dyn Fn(&str)) -> Result<(Vec<Scored>, Counts)> {
     let dev = crate::device(&a.device)?;
-    let hm = crate::model::backbone::load_head_model(&a.model, a.base.as_deref(), &dev)?;
+    let hm = crate::model::backbone::load_head_model(&a.model, a.base.as_deref(), &dev, false)?;
     if hm.head.out_dim != 1 {
         bail!(
             "{}: the head has {} outputs; a reward model has 1",
