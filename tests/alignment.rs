@@ -1,0 +1,725 @@
+//! Preference alignment end to end: the preference data forms and their skip warnings, the
+//! reference cache and its invalidation, and the `dpo`, `kto`, `reward` and `label` commands on
+//! the tiny llama fixture (DPO starts at ln 2; precomputed and live references train alike; a
+//! reward model learns a rule; a judge's labels feed DPO).
+
+mod common;
+use common::*;
+use lmforge::chat::ChatTemplate;
+use lmforge::data::preference::{self, split_dialogues, Counts, Record, Text, Warn};
+use lmforge::data::sft::{Formatter, Tokenized, DEFAULT_TEMPLATE};
+use lmforge::tokenizer::Tok;
+use lmforge::train::reference::RefCache;
+use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn lmforge(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lmforge"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = lmforge(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "lmforge {args:?} failed:\n{err}");
+    err
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn step_losses(run: &Path) -> Vec<f64> {
+    metrics(run)
+        .iter()
+        .filter(|m| m.get("loss").is_some())
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn tok() -> Tok {
+    Tok::from_file(&fixture("tokenizer/tokenizer.json")).unwrap()
+}
+
+#[test]
+fn every_data_form_reads_and_bad_records_are_counted_by_line() {
+    let d = tmpdir("pref_forms");
+    let msgs = |r: &str, c: &str| json!([{"role": r, "content": c}]);
+    let rows = [
+        json!({"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}),
+        json!({"prompt": msgs("user", "hi"), "chosen": msgs("assistant", "hello"), "rejected": msgs("assistant", "go")}),
+        json!({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+               "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]}),
+        json!({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: yes", "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: no"}),
+        json!({"prompt": "x", "completion": "y", "label": false}),
+        json!({"prompt": "same", "chosen": "a", "rejected": "a"}),
+        json!({"prompt": "p", "chosen": "  ", "rejected": "b"}),
+        json!({"chosen": "no dialogue here", "rejected": "nothing shared"}),
+    ];
+    let p = d.join("prefs.jsonl");
+    write_jsonl(&p, &rows);
+    let said = RefCell::new(Vec::new());
+    let say = |s: &str| said.borrow_mut().push(s.to_string());
+    let mut counts = Counts::default();
+    let recs = preference::read(
+        &p,
+        &Warn {
+            strict: false,
+            say: &say,
+        },
+        &mut counts,
+    )
+    .unwrap();
+    assert_eq!(recs.len(), 5);
+    assert_eq!(
+        (
+            counts.read,
+            counts.identical,
+            counts.empty,
+            counts.unsplittable
+        ),
+        (8, 1, 1, 1)
+    );
+    let said = said.into_inner();
+    for (line, what) in [(6, "identical"), (7, "empty"), (8, "share no prompt")] {
+        assert!(
+            said.iter()
+                .any(|s| s.contains(&format!("prefs.jsonl:{line}: skipped")) && s.contains(what)),
+            "{said:?}"
+        );
+    }
+    match &recs[2].record {
+        Record::Pair {
+            prompt: Text::Messages(p),
+            chosen: Text::Messages(c),
+            ..
+        } => {
+            assert_eq!(
+                (p.len(), c[0].content.as_str()),
+                (1, "good"),
+                "implicit prompt = shared messages"
+            );
+        }
+        r => panic!("{r:?}"),
+    }
+    match &recs[3].record {
+        Record::Pair {
+            prompt: Text::Plain(p),
+            chosen: Text::Plain(c),
+            rejected: Text::Plain(r),
+            ..
+        } => {
+            assert!(p.ends_with("\n\nHuman: c\n\nAssistant:"), "{p:?}");
+            assert_eq!((c.as_str(), r.as_str()), (" yes", " no"));
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(matches!(
+        recs[4].record,
+        Record::Unpaired { label: false, .. }
+    ));
+    // --strict: the first skip is an error naming file:line.
+    let mut c = Counts::default();
+    let e = preference::read(
+        &p,
+        &Warn {
+            strict: true,
+            say: &|_| {},
+        },
+        &mut c,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("prefs.jsonl:6") && e.contains("--strict"), "{e}");
+    // A record of the wrong shape is an error, not a skip.
+    write_jsonl(&p, &[json!({"prompt": "p", "chosen": "c"})]);
+    let e = preference::read(
+        &p,
+        &Warn {
+            strict: false,
+            say: &|_| {},
+        },
+        &mut Counts::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("prefs.jsonl:1"), "{e}");
+}
+
+#[test]
+fn hh_dialogues_split_at_the_last_shared_assistant_turn() {
+    let (p, c, r) = split_dialogues(
+        "\n\nHuman: hi\n\nAssistant: Sure!",
+        "\n\nHuman: hi\n\nAssistant: Sorry.",
+    )
+    .unwrap();
+    assert_eq!(
+        (p.as_str(), c.as_str(), r.as_str()),
+        ("\n\nHuman: hi\n\nAssistant:", " Sure!", " Sorry.")
+    );
+    // Completions that share a first word still split at the turn, not inside the answer.
+    let (p, c, _) = split_dialogues(
+        "\n\nHuman: q\n\nAssistant: I think so",
+        "\n\nHuman: q\n\nAssistant: I do not",
+    )
+    .unwrap();
+    assert_eq!(
+        (p.as_str(), c.as_str()),
+        ("\n\nHuman: q\n\nAssistant:", " I think so")
+    );
+    assert!(split_dialogues("abc", "abd").is_none());
+    let m = preference::dialogue_messages("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:")
+        .unwrap();
+    let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, ["user", "assistant", "user"]);
+}
+
+/// The text of a sequence's scored tokens.
+fn scored(tok: &Tok, t: &Tokenized) -> String {
+    let ids: Vec<u32> = t
+        .ids
+        .iter()
+        .zip(&t.train)
+        .filter(|x| *x.1)
+        .map(|x| *x.0)
+        .collect();
+    tok.decode(&ids, false).unwrap()
+}
+
+#[test]
+fn only_the_completion_is_scored_text_and_chat() {
+    let tok = tok();
+    let d = tmpdir("pref_mask");
+    let p = d.join("p.jsonl");
+    let multi = json!([{"role": "user", "content": "first"}, {"role": "assistant", "content": "earlier answer"},
+                       {"role": "user", "content": "second"}]);
+    write_jsonl(
+        &p,
+        &[
+            json!({"prompt": "Question: colour?", "chosen": " Blue sky", "rejected": " Red"}),
+            json!({"prompt": multi, "chosen": [{"role": "assistant", "content": "new answer"}],
+               "rejected": [{"role": "assistant", "content": "other"}]}),
+        ],
+    );
+    let mut counts = Counts::default();
+    let warn = Warn {
+        strict: true,
+        say: &|_| {},
+    };
+    let recs = preference::read(&p, &warn, &mut counts).unwrap();
+    let tpl = ChatTemplate::new(DEFAULT_TEMPLATE.into(), None, Some("<|endoftext|>".into()));
+    // Text through a plain model: the completion and EOS.
+    let plain = Formatter {
+        tok: &tok,
+        template: None,
+        train_on_prompt: false,
+        eos: tok.eos_id,
+    };
+    let pairs = preference::tokenize_pairs(&plain, &recs[..1], 512, &warn, &mut counts).unwrap();
+    assert_eq!(scored(&tok, &pairs[0].chosen), " Blue sky<|endoftext|>");
+    assert_eq!(scored(&tok, &pairs[0].rejected), " Red<|endoftext|>");
+    // A conversation: the new assistant turn and its end marker, not the earlier one.
+    let chat = Formatter {
+        tok: &tok,
+        template: Some(&tpl),
+        train_on_prompt: false,
+        eos: tok.eos_id,
+    };
+    let pairs = preference::tokenize_pairs(&chat, &recs[1..], 512, &warn, &mut counts).unwrap();
+    let s = scored(&tok, &pairs[0].chosen);
+    assert!(s.contains("new answer") && !s.contains("earlier"), "{s:?}");
+    // A prompt that fills the length limit leaves no room: counted and named.
+    let said = RefCell::new(Vec::new());
+    let say = |s: &str| said.borrow_mut().push(s.to_string());
+    let warn = Warn {
+        strict: false,
+        say: &say,
+    };
+    let mut c = Counts::default();
+    let long = preference::read(&p, &warn, &mut c).unwrap();
+    let e = preference::tokenize_pairs(&plain, &long[..1], 4, &warn, &mut c).unwrap_err();
+    assert!(
+        e.to_string().contains("no usable pairs") && c.no_room == 1,
+        "{e}"
+    );
+    assert!(said
+        .borrow()
+        .iter()
+        .any(|s| s.contains("p.jsonl:1") && s.contains("no room")));
+}
+
+fn tiny_pairs(d: &Path, n: usize) -> PathBuf {
+    let p = d.join("pairs.jsonl");
+    let rows: Vec<Value> = (0..n)
+        .map(|i| json!({"prompt": format!("Q{i}: answer yes or no."), "chosen": " yes, gladly", "rejected": " no way"}))
+        .collect();
+    write_jsonl(&p, &rows);
+    p
+}
+
+#[test]
+fn the_reference_cache_is_keyed_by_model_data_and_tokenizer() {
+    let d = tmpdir("pref_cache");
+    let model = fixture("llama_tiny");
+    let data = tiny_pairs(&d, 4);
+    let tok = Tok::from_file(&model.join("tokenizer.json")).unwrap();
+    let seqs = [Tokenized {
+        ids: vec![1, 2, 3],
+        train: vec![false, true, true],
+    }];
+    let refs: Vec<&Tokenized> = seqs.iter().collect();
+    let key = |model: &Path, tok: &Tok, data: &Path, what: &str| {
+        RefCache::new(&d.join("cache"), model, tok, data, &refs, what)
+            .unwrap()
+            .path
+    };
+    let base = key(&model, &tok, &data, "dpo");
+    assert_eq!(
+        base,
+        key(&model, &tok, &data, "dpo"),
+        "same inputs, same cache"
+    );
+    // Another model: a copy whose weights differ in one byte.
+    let m2 = d.join("model2");
+    std::fs::create_dir_all(&m2).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, m2.join(f.file_name().unwrap())).unwrap();
+    }
+    assert_eq!(
+        base,
+        key(&m2, &tok, &data, "dpo"),
+        "a byte-identical copy is the same model"
+    );
+    let w = m2.join("model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&w, bytes).unwrap();
+    assert_ne!(base, key(&m2, &tok, &data, "dpo"), "changed weights");
+    // Other data.
+    let data2 = d.join("pairs2.jsonl");
+    std::fs::write(
+        &data2,
+        std::fs::read_to_string(&data)
+            .unwrap()
+            .replace("gladly", "happily"),
+    )
+    .unwrap();
+    assert_ne!(base, key(&model, &tok, &data2, "dpo"), "changed data");
+    // Another tokenizer (one more special token).
+    let mut inner = tok.inner.clone();
+    inner
+        .add_special_tokens([tokenizers::AddedToken::from("<|extra|>", true)])
+        .unwrap();
+    let tok2 = Tok::wrap(inner);
+    assert_ne!(base, key(&model, &tok2, &data, "dpo"), "changed tokenizer");
+    assert_ne!(
+        base,
+        key(&model, &tok, &data, "kto"),
+        "another method's sequences"
+    );
+    // Round trip, and a damaged file is recomputed rather than read.
+    let c = RefCache::new(&d.join("cache"), &model, &tok, &data, &refs, "dpo").unwrap();
+    assert_eq!(c.load(1).unwrap(), None);
+    c.store(&[-3.5]).unwrap();
+    assert_eq!(c.load(1).unwrap(), Some(vec![-3.5]));
+    assert_eq!(c.load(2).unwrap(), None, "a count mismatch is not a hit");
+    let mut b = std::fs::read(&c.path).unwrap();
+    b.truncate(b.len() - 2);
+    std::fs::write(&c.path, b).unwrap();
+    assert_eq!(c.load(1).unwrap(), None);
+}
+
+#[test]
+fn dpo_starts_at_ln2_and_live_and_cached_references_agree() {
+    let d = tmpdir("pref_dpo");
+    let model = fixture("llama_tiny");
+    let data = tiny_pairs(&d, 16);
+    let m = model.to_str().unwrap();
+    let data_s = data.to_str().unwrap();
+    let cache = d.join("cache");
+    let common = [
+        "--model",
+        m,
+        "--data",
+        data_s,
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--set",
+        "train.lr=5e-3",
+        "--quiet",
+    ];
+    for (peft, tag) in [(&["--peft", "lora"][..], "lora"), (&[][..], "full")] {
+        let run_c = d.join(format!("{tag}_cached"));
+        let run_l = d.join(format!("{tag}_live"));
+        let mut a: Vec<&str> = vec![
+            "dpo",
+            "--out",
+            run_c.to_str().unwrap(),
+            "--ref-cache",
+            cache.to_str().unwrap(),
+        ];
+        a.extend(common);
+        a.extend(peft);
+        ok(&a);
+        let mut b: Vec<&str> = vec!["dpo", "--out", run_l.to_str().unwrap(), "--ref-live"];
+        b.extend(common);
+        b.extend(peft);
+        ok(&b);
+        let (lc, ll) = (step_losses(&run_c), step_losses(&run_l));
+        assert_eq!(lc.len(), 4);
+        assert!(
+            (lc[0] - std::f64::consts::LN_2).abs() < 1e-6,
+            "{tag}: first loss {} ≠ ln 2",
+            lc[0]
+        );
+        for (x, y) in lc.iter().zip(&ll) {
+            assert!((x - y).abs() < 1e-4, "{tag}: cached {lc:?} vs live {ll:?}");
+        }
+        assert!(lc[3] < lc[0], "{tag}: {lc:?}");
+        let first = &metrics(&run_c)[0];
+        for k in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            assert!(first[k].is_number(), "{tag}: {k} missing in {first}");
+        }
+        let out = if tag == "lora" {
+            "adapter/adapter_config.json"
+        } else {
+            "model/model.safetensors"
+        };
+        assert!(run_c.join(out).is_file(), "{tag}: {out}");
+    }
+    // The second LoRA/full run found the first one's cache; changed data recomputes it.
+    let run = d.join("again");
+    let mut a = vec![
+        "dpo",
+        "--out",
+        run.to_str().unwrap(),
+        "--ref-cache",
+        cache.to_str().unwrap(),
+    ];
+    a.extend([
+        "--model",
+        m,
+        "--data",
+        data_s,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+    ]);
+    let err = ok(&a);
+    assert!(err.contains("read from"), "{err}");
+    let data2 = tiny_pairs(&d, 12);
+    let run = d.join("again2");
+    let a = [
+        "dpo",
+        "--out",
+        run.to_str().unwrap(),
+        "--ref-cache",
+        cache.to_str().unwrap(),
+        "--model",
+        m,
+        "--data",
+        data2.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+    ];
+    let err = ok(&a);
+    assert!(err.contains("computed"), "{err}");
+}
+
+#[test]
+fn orpo_simpo_and_kto_train_without_and_with_a_reference() {
+    let d = tmpdir("pref_others");
+    let m = fixture("llama_tiny");
+    let data = tiny_pairs(&d, 16);
+    for loss in ["orpo", "simpo", "ipo", "hinge", "robust"] {
+        let run = d.join(loss);
+        let mut a = vec![
+            "dpo",
+            "--loss",
+            loss,
+            "--out",
+            run.to_str().unwrap(),
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--set",
+            "train.lr=5e-3",
+        ];
+        if loss == "robust" {
+            a.extend(["--label-smoothing", "0.1"]);
+        }
+        let err = ok(&a);
+        assert_eq!(
+            err.contains("reference log-probs"),
+            !matches!(loss, "orpo" | "simpo"),
+            "{loss}: {err}"
+        );
+        let l = step_losses(&run);
+        assert!(
+            l.iter().all(|x| x.is_finite()) && l[5] < l[0],
+            "{loss}: {l:?}"
+        );
+        if loss == "orpo" {
+            assert!(
+                metrics(&run)[0]["nll_loss"].is_number()
+                    && metrics(&run)[0]["log_odds_ratio"].is_number()
+            );
+        }
+    }
+    let run = d.join("kto");
+    ok(&[
+        "kto",
+        "--out",
+        run.to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--set",
+        "train.lr=5e-3",
+        "--peft",
+        "lora",
+    ]);
+    let l = step_losses(&run);
+    assert!(
+        (l[0] - 0.5).abs() < 1e-6,
+        "KTO starts at 1 − σ(0) = 0.5: {l:?}"
+    );
+    assert!(l[5] < l[0] && metrics(&run)[5]["kl"].is_number(), "{l:?}");
+    // Out-of-range constants are errors naming the option.
+    let o = lmforge(&[
+        "dpo",
+        "--loss",
+        "exo_pair",
+        "--out",
+        d.join("bad").to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("label_smoothing"));
+}
+
+/// Preferences with a rule a reward model can learn: chosen replies are kind, rejected ones rude.
+fn rule_pairs(d: &Path, n: usize) -> PathBuf {
+    let (kind, rude) = (
+        ["good", "great", "lovely", "fine"],
+        ["bad", "vile", "foul", "cruel"],
+    );
+    let filler = ["the", "lord", "king", "is", "a", "day"];
+    let mut r = lmforge::rng::Rng::new(11);
+    let mut pick = |xs: &[&'static str]| xs[r.below(xs.len() as u64) as usize];
+    let rows: Vec<Value> = (0..n)
+        .map(|i| {
+            let f = pick(&filler);
+            json!({"prompt": format!("{i} {}:", pick(&filler)), "chosen": format!(" {f} {} {}", pick(&kind), pick(&filler)),
+                   "rejected": format!(" {f} {} {}", pick(&rude), pick(&filler))})
+        })
+        .collect();
+    let p = d.join("rule.jsonl");
+    write_jsonl(&p, &rows);
+    p
+}
+
+#[test]
+fn a_reward_model_learns_a_rule_and_scores_it_back() {
+    let d = tmpdir("pref_reward");
+    let m = fixture("llama_tiny");
+    let data = rule_pairs(&d, 160);
+    for (tag, peft) in [
+        ("full", &[][..]),
+        ("lora", &["--peft", "lora", "--lora-r", "8"][..]),
+    ] {
+        let run = d.join(tag);
+        let mut a = vec![
+            "reward",
+            "--out",
+            run.to_str().unwrap(),
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--eval-fraction",
+            "0.25",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "8",
+            "--set",
+            "train.lr=3e-3",
+            "--quiet",
+        ];
+        a.extend(peft);
+        ok(&a);
+        let last = metrics(&run)
+            .into_iter()
+            .rfind(|m| m.get("eval_accuracy").is_some())
+            .unwrap();
+        let acc = last["eval_accuracy"].as_f64().unwrap();
+        assert!(acc >= 0.9, "{tag}: held-out pairwise accuracy {acc}");
+        let out = run.join(if tag == "full" { "model" } else { "adapter" });
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(if tag == "full" {
+                "config.json"
+            } else {
+                "adapter_config.json"
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        if tag == "full" {
+            assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+            assert_eq!(cfg["num_labels"], 1);
+        } else {
+            assert_eq!(cfg["task_type"], "SEQ_CLS");
+            assert_eq!(cfg["modules_to_save"], json!(["score"]));
+        }
+        let o = lmforge(&[
+            "reward",
+            "score",
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 161, "one line per pair and a summary");
+        assert!(
+            lines[160]["accuracy"].as_f64().unwrap() >= 0.9,
+            "{}",
+            lines[160]
+        );
+    }
+}
+
+#[test]
+fn a_judge_labels_both_orders_and_its_pairs_train_dpo() {
+    let d = tmpdir("pref_label");
+    let m = fixture("llama_tiny");
+    let data = rule_pairs(&d, 12);
+    let out = d.join("labelled.jsonl");
+    // The tiny judge's context is 64 tokens: a short rubric (the default one is ~100 words).
+    let rubric = d.join("rubric.jinja");
+    std::fs::write(
+        &rubric,
+        "{{ prompt }} A:{{ response_a }} B:{{ response_b }} Better:",
+    )
+    .unwrap();
+    let r = rubric.to_str().unwrap();
+    let err = ok(&[
+        "label",
+        "--judge",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--min-margin",
+        "0",
+        "--rubric",
+        r,
+    ]);
+    assert!(err.contains("agreement with the human labels"), "{err}");
+    let rows: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 12);
+    for r in &rows {
+        let p = r["judge_p_chosen"].as_f64().unwrap();
+        let pa = r["judge_p_a"].as_array().unwrap();
+        let (p1, p2) = (pa[0].as_f64().unwrap(), pa[1].as_f64().unwrap());
+        // Both orders enter: P(chosen) is the mean of one order's P(A) and the other's P(B).
+        let first = (p1 + 1.0 - p2) / 2.0;
+        assert!(
+            p >= 0.5 && ((p - first).abs() < 1e-12 || (p - (1.0 - first)).abs() < 1e-12),
+            "{r}"
+        );
+    }
+    // The output is preference data; an existing file is not replaced without --overwrite.
+    let run = d.join("dpo");
+    ok(&[
+        "dpo",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        out.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ]);
+    let o = lmforge(&[
+        "label",
+        "--judge",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rubric",
+        r,
+    ]);
+    assert!(
+        !o.status.success(),
+        "an existing --out must need --overwrite"
+    );
+    // Ties are dropped at a margin nobody reaches.
+    let out2 = d.join("strict.jsonl");
+    let err = ok(&[
+        "label",
+        "--judge",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+        "--min-margin",
+        "0.4999",
+        "--rubric",
+        r,
+    ]);
+    assert!(err.contains("ties dropped"), "{err}");
+}
