@@ -360,6 +360,8 @@ fn dpo_starts_at_ln2_and_live_and_cached_references_agree() {
         "4",
         "--batch-size",
         "4",
+        "--grad-accum",
+        "1",
         "--set",
         "train.lr=5e-3",
         "--quiet",
@@ -428,6 +430,8 @@ fn dpo_starts_at_ln2_and_live_and_cached_references_agree() {
         "1",
         "--batch-size",
         "4",
+        "--grad-accum",
+        "1",
     ]);
     let err = ok(&a);
     assert!(err.contains("read from"), "{err}");
@@ -447,6 +451,8 @@ fn dpo_starts_at_ln2_and_live_and_cached_references_agree() {
         "1",
         "--batch-size",
         "4",
+        "--grad-accum",
+        "1",
     ];
     let err = ok(&a);
     assert!(err.contains("computed"), "{err}");
@@ -473,6 +479,8 @@ fn orpo_simpo_and_kto_train_without_and_with_a_reference() {
             "6",
             "--batch-size",
             "4",
+            "--grad-accum",
+            "1",
             "--set",
             "train.lr=5e-3",
         ];
@@ -510,6 +518,8 @@ fn orpo_simpo_and_kto_train_without_and_with_a_reference() {
         "6",
         "--batch-size",
         "4",
+        "--grad-accum",
+        "1",
         "--set",
         "train.lr=5e-3",
         "--peft",
@@ -581,6 +591,8 @@ fn a_reward_model_learns_a_rule_and_scores_it_back() {
             "4",
             "--batch-size",
             "8",
+            "--grad-accum",
+            "1",
             "--set",
             "train.lr=3e-3",
             "--quiet",

@@ -101,11 +101,15 @@ pub struct DpoOptions {
 crate::clap_default!(DpoOptions);
 
 impl DpoOptions {
-    /// TRL's `DPOConfig` habits: lr 1e-6 full (5e-5 with LoRA), linear decay, batch 8.
+    /// TRL's `DPOConfig` habits: lr 1e-6 full (5e-5 with LoRA), linear decay 8 pairs per step.
     pub fn train_defaults(&self) -> TrainConfig {
         TrainConfig {
             lr: self.peft.lr(1e-6, 5e-5),
             schedule: Schedule::Linear,
+            // 8 per step as TRL, one per forward: rows of one pair share a prompt, so there is
+            // little padding, and activations are an eighth (the step is the same either way).
+            batch_size: 1,
+            grad_accum: 8,
             ..TrainConfig::base()
         }
     }

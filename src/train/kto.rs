@@ -81,6 +81,10 @@ impl KtoOptions {
         TrainConfig {
             lr: self.peft.lr(1e-6, 5e-5),
             schedule: Schedule::Linear,
+            // 8 per step as TRL, one per forward: rows of one pair share a prompt, so there is
+            // little padding, and activations are an eighth (the step is the same either way).
+            batch_size: 1,
+            grad_accum: 8,
             ..TrainConfig::base()
         }
     }

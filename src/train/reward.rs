@@ -76,6 +76,10 @@ impl RewardOptions {
         TrainConfig {
             lr: self.peft.lr(1e-5, 1e-4),
             schedule: Schedule::Linear,
+            // 8 per step as TRL, one per forward: rows of one pair share a prompt, so there is
+            // little padding, and activations are an eighth (the step is the same either way).
+            batch_size: 1,
+            grad_accum: 8,
             ..TrainConfig::base()
         }
     }
