@@ -14,9 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=$(realpath "$1"); HH=$(realpath "$2"); OUT=$3
-BIN=$PWD/target/release/lmforge
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
+# A copy, so a rebuild during the run cannot change the binary half-way.
+cp target/release/lmforge "$OUT/lmforge"
+BIN=$OUT/lmforge
 LOG=$OUT/demo.log
 run() { # name, command...
   local name=$1; shift

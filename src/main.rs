@@ -1,5 +1,7 @@
 //! The `lmforge` command line: one subcommand per pipeline stage.
 
+mod report;
+
 use anyhow::{Context, Result};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
@@ -14,7 +16,7 @@ use lmforge::train::dpo::DpoOptions;
 use lmforge::train::engine::{self, checkpoint, Control, Outcome, RunArgs};
 use lmforge::train::finetune::FinetuneOptions;
 use lmforge::train::kto::KtoOptions;
-use lmforge::train::pretrain::{self, PretrainOptions};
+use lmforge::train::pretrain::PretrainOptions;
 use lmforge::train::reward::RewardOptions;
 use lmforge::train::sft::SftOptions;
 use serde::{de::DeserializeOwned, Serialize};
@@ -265,7 +267,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
     lmforge::input::set_max_line_bytes(cli.max_line_bytes);
     let given = given_flags(matches);
     match cli.cmd {
-        Cmd::Pretrain(a) => cmd_pretrain(a, &given),
+        Cmd::Pretrain(a) => report::cmd_pretrain(a, &given),
         Cmd::Tokenizer(TokenizerCmd::Train {
             input,
             vocab_size,
@@ -303,37 +305,19 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             .context("starting the thread pool")?
             .install(|| cmd_generate(a)),
         Cmd::Score(a) => cmd_score(a),
-        Cmd::Sft(a) => cmd_sft(a, &given),
-        Cmd::Finetune(a) => cmd_finetune(a, &given),
-        Cmd::Dpo(a) => cmd_dpo(a, &given),
-        Cmd::Kto(a) => cmd_kto(a, &given),
-        Cmd::Label(a) => {
-            let r = lmforge::rlaif::label(&a, &|w| eprintln!("{w}"))?;
-            let pct = |n: usize, d: usize| 100.0 * n as f64 / d.max(1) as f64;
-            eprintln!(
-                "judged {} pairs in {:.1}s: {} kept, {} ties dropped (|P - 0.5| < {}); mean P(\"A\") {:.3} (0.5 = no position bias)",
-                r.judged, r.seconds, r.kept, r.ties, a.min_margin, r.mean_p_a
-            );
-            if r.labelled > 0 {
-                eprintln!(
-                    "agreement with the human labels: {:.1}% of {} pairs, {:.1}% of the {} kept",
-                    pct(r.agree, r.labelled),
-                    r.labelled,
-                    pct(r.agree_kept, r.labelled_kept),
-                    r.labelled_kept
-                );
-            }
-            eprintln!("wrote {}", a.out.display());
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Sft(a) => report::cmd_sft(a, &given),
+        Cmd::Finetune(a) => report::cmd_finetune(a, &given),
+        Cmd::Dpo(a) => report::cmd_dpo(a, &given),
+        Cmd::Kto(a) => report::cmd_kto(a, &given),
+        Cmd::Label(a) => report::cmd_label(a),
         Cmd::Reward(RewardCli {
             action: Some(RewardAction::Score(a)),
             ..
-        }) => cmd_reward_score(a),
+        }) => report::cmd_reward_score(a),
         Cmd::Reward(RewardCli {
             action: None,
             train,
-        }) => cmd_reward(train, &given),
+        }) => report::cmd_reward(train, &given),
         Cmd::Merge(a) => {
             lmforge::outdir::check(&a.out, claim("merge", a.overwrite))?;
             let mut m = hf::load(&a.model, &lmforge::device("cpu")?, &|_| true)?;
@@ -479,31 +463,6 @@ fn exit_code(o: &Outcome) -> ExitCode {
     }
 }
 
-fn cmd_pretrain(a: Train<PretrainOptions>, given: &HashSet<String>) -> Result<ExitCode> {
-    let (opts, ctl) = setup(&a, given, "pretrain")?;
-    let what = match opts.objective {
-        pretrain::Objective::Clm => "validation loss",
-        pretrain::Objective::Mlm => "validation MLM loss",
-    };
-    let s = pretrain::run(opts, ctl)?;
-    let o = &s.outcome;
-    if o.finished() {
-        let val = match s.val_loss {
-            Some(v) => format!(", {what} {v:.4}, perplexity {:.2}", v.exp()),
-            None => String::new(),
-        };
-        eprintln!(
-            "done: {} steps in {:.0}s ({} skipped){val}, peak RSS {:.0} MiB; run directory {}",
-            o.steps,
-            o.seconds,
-            o.skipped,
-            o.peak_rss_mib,
-            s.run_dir.display()
-        );
-    }
-    Ok(exit_code(o))
-}
-
 fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
     let t0 = std::time::Instant::now();
@@ -590,176 +549,6 @@ fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
         println!("{}: {} tokens, mean NLL {:.4} nats, perplexity {:.3} (window {window}, stride {stride})", a.file.display(), s.tokens, s.nll, s.ppl());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn cmd_sft(a: Train<SftOptions>, given: &HashSet<String>) -> Result<ExitCode> {
-    let (opts, ctl) = setup(&a, given, "sft")?;
-    let s = lmforge::train::sft::run(opts, ctl)?;
-    let o = &s.outcome;
-    let Some(output) = &s.output else {
-        return Ok(exit_code(o));
-    };
-    let first = o.losses.first().map_or(f32::NAN, |l| l.1);
-    let last = o.losses.last().map_or(f32::NAN, |l| l.1);
-    eprintln!(
-        "done: {} steps in {:.1}s, loss {first:.4} -> {last:.4}; {} examples used ({} truncated), {} skipped; {} of {} parameters trained; peak RSS {:.0} MiB",
-        o.steps,
-        o.seconds,
-        s.counts.kept + s.counts.truncated,
-        s.counts.truncated,
-        s.counts.dropped,
-        s.trainable,
-        s.total,
-        o.peak_rss_mib
-    );
-    if let Some((b, after)) = s.forgetting {
-        eprintln!(
-            "forgetting: perplexity of the evaluation text {:.3} before, {:.3} after ({:+.1}%)",
-            b.ppl(),
-            after.ppl(),
-            100.0 * (after.ppl() / b.ppl() - 1.0)
-        );
-    }
-    eprintln!("output: {}", output.display());
-    Ok(exit_code(o))
-}
-
-fn cmd_dpo(a: Train<DpoOptions>, given: &HashSet<String>) -> Result<ExitCode> {
-    let (opts, ctl) = setup(&a, given, "dpo")?;
-    let s = lmforge::train::dpo::run(opts, ctl)?;
-    let o = &s.outcome;
-    let Some(output) = &s.output else {
-        return Ok(exit_code(o));
-    };
-    let first = o.losses.first().map_or(f32::NAN, |l| l.1);
-    let last = o.losses.last().map_or(f32::NAN, |l| l.1);
-    eprintln!(
-        "done: {} steps in {:.1}s (median step {:.3}s), loss {first:.4} -> {last:.4}; {} pairs skipped; {} of {} parameters trained; peak RSS {:.0} MiB",
-        o.steps, o.seconds, o.step_s_median, s.counts.skipped(), s.trainable, s.total, o.peak_rss_mib
-    );
-    let metric = |k: &str| o.eval.iter().find(|(n, _)| *n == k).map(|e| e.1);
-    if let (Some(acc), Some(m)) = (
-        metric("eval_rewards/accuracies"),
-        metric("eval_rewards/margins"),
-    ) {
-        eprintln!("eval: reward accuracy {acc:.4}, mean margin {m:.4}");
-    }
-    if let Some((b, after)) = s.forgetting {
-        eprintln!(
-            "forgetting: perplexity of the evaluation text {b:.3} before, {after:.3} after ({:+.1}%)",
-            100.0 * (after / b - 1.0)
-        );
-    }
-    eprintln!("output: {}", output.display());
-    Ok(exit_code(o))
-}
-
-fn cmd_kto(a: Train<KtoOptions>, given: &HashSet<String>) -> Result<ExitCode> {
-    let (opts, ctl) = setup(&a, given, "kto")?;
-    let s = lmforge::train::kto::run(opts, ctl)?;
-    let o = &s.outcome;
-    let Some(output) = &s.output else {
-        return Ok(exit_code(o));
-    };
-    let first = o.losses.first().map_or(f32::NAN, |l| l.1);
-    let last = o.losses.last().map_or(f32::NAN, |l| l.1);
-    eprintln!(
-        "done: {} steps in {:.1}s (median step {:.3}s), loss {first:.4} -> {last:.4}; {} desirable / {} undesirable examples, {} skipped; peak RSS {:.0} MiB",
-        o.steps, o.seconds, o.step_s_median, s.desirable, s.undesirable, s.counts.skipped(), o.peak_rss_mib
-    );
-    if let Some((b, after)) = s.forgetting {
-        eprintln!(
-            "forgetting: perplexity of the evaluation text {b:.3} before, {after:.3} after ({:+.1}%)",
-            100.0 * (after / b - 1.0)
-        );
-    }
-    eprintln!("output: {}", output.display());
-    Ok(exit_code(o))
-}
-
-fn cmd_reward(a: Train<RewardOptions>, given: &HashSet<String>) -> Result<ExitCode> {
-    let (opts, ctl) = setup(&a, given, "reward")?;
-    let s = lmforge::train::reward::run(opts, ctl)?;
-    let o = &s.outcome;
-    if !o.finished() {
-        return Ok(exit_code(o));
-    }
-    let first = o.losses.first().map_or(f32::NAN, |l| l.1);
-    let last = o.losses.last().map_or(f32::NAN, |l| l.1);
-    eprintln!(
-        "done: {} steps in {:.1}s (median step {:.3}s), loss {first:.4} -> {last:.4}; {} pairs skipped; {} of {} parameters trained; peak RSS {:.0} MiB",
-        o.steps, o.seconds, o.step_s_median, s.counts.skipped(), s.trainable, s.total, o.peak_rss_mib
-    );
-    let metric = |k: &str| s.eval.iter().find(|(n, _)| *n == k).map(|e| e.1);
-    if let (Some(acc), Some(m)) = (metric("eval_accuracy"), metric("eval_margin")) {
-        eprintln!("eval: pairwise accuracy {acc:.4}, mean margin {m:.4}");
-    }
-    if let Some((b, after)) = s.forgetting {
-        eprintln!(
-            "forgetting: perplexity of the evaluation text {b:.3} before, {after:.3} after ({:+.1}%)",
-            100.0 * (after / b - 1.0)
-        );
-    }
-    eprintln!("output: {}", s.run_dir.display());
-    Ok(exit_code(o))
-}
-
-fn cmd_reward_score(a: lmforge::train::reward::ScoreArgs) -> Result<ExitCode> {
-    let (scored, counts) = lmforge::train::reward::score(&a, &|w| eprintln!("{w}"))?;
-    let mut out = std::io::stdout().lock();
-    for p in &scored {
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"at": p.at, "chosen": p.chosen, "rejected": p.rejected,
-                "margin": p.chosen - p.rejected, "correct": p.chosen > p.rejected})
-        )?;
-    }
-    let c: Vec<f32> = scored.iter().map(|p| p.chosen).collect();
-    let r: Vec<f32> = scored.iter().map(|p| p.rejected).collect();
-    let (acc, margin) = lmforge::train::reward::pair_metrics(&c, &r);
-    writeln!(
-        out,
-        "{}",
-        serde_json::json!({"summary": true, "pairs": scored.len(), "accuracy": acc,
-            "mean_margin": margin, "skipped": counts.skipped()})
-    )?;
-    eprintln!(
-        "{} pairs: accuracy {acc:.4} (chosen scored above rejected), mean margin {margin:.4}; {} skipped",
-        scored.len(),
-        counts.skipped()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-fn cmd_finetune(a: Train<FinetuneOptions>, given: &HashSet<String>) -> Result<ExitCode> {
-    let (opts, ctl) = setup(&a, given, "finetune")?;
-    let s = lmforge::train::finetune::run(opts, ctl)?;
-    let o = &s.outcome;
-    if !o.finished() {
-        return Ok(exit_code(o));
-    }
-    eprintln!(
-        "done: {} steps in {:.1}s (median step {:.3}s), peak RSS {:.0} MiB; {} of {} parameters trained; weights written: {:.2} MB",
-        o.steps, o.seconds, o.step_s_median, o.peak_rss_mib, s.trainable, s.total, s.checkpoint_bytes as f64 / 1e6
-    );
-    if let (Some(acc), Some(f1)) = (s.metric("accuracy"), s.metric("macro_f1")) {
-        eprintln!("eval: accuracy {acc:.4}, macro-F1 {f1:.4}");
-    }
-    if let Some(f1) = s.metric("entity_f1") {
-        eprintln!("eval: entity F1 {f1:.4}");
-    }
-    if let (Some(em), Some(f1)) = (s.metric("exact_match"), s.metric("f1")) {
-        eprintln!("eval: exact match {em:.2}, F1 {f1:.2}");
-    }
-    if let Some((b, after)) = s.forgetting {
-        eprintln!(
-            "forgetting: perplexity of the evaluation text {b:.3} before, {after:.3} after ({:+.1}%)",
-            100.0 * (after / b - 1.0)
-        );
-    }
-    eprintln!("output: {}", s.run_dir.display());
-    Ok(exit_code(o))
 }
 
 #[cfg(test)]

@@ -6,11 +6,14 @@
 //!   P(y₁ ≻ y₂) = (p₁ + (1 − p₂)) / 2
 //!
 //! P("A") is the judge's next-token distribution after the rubric, renormalised over the two
-//! answer tokens "A" and "B" (no free text is generated or parsed). Asking in both orders and
+//! answers, each the sum over its spellings "A" and " A" (no free text is generated or parsed). Asking in both orders and
 //! averaging cancels the judge's position bias (the paper's §3.1). Pairs with |P − ½| below
 //! `--min-margin` are ties and are dropped. The rubric is a Jinja template with `prompt`,
 //! `response_a` and `response_b`; chat models receive it as a user message through their chat
 //! template, with the answer read at the start of the assistant's turn.
+//!
+//! Deliberate deviations from the paper: letters A/B instead of "1"/"2", and no chain-of-thought
+//! or few-shot preamble (a 135M judge gains nothing from them; a rubric file can add examples).
 
 use crate::chat::{render_sandboxed, Message};
 use crate::data::preference::{dialogue_messages, parse_line, Record, Text};
@@ -51,16 +54,39 @@ pub struct Judge {
     m: hf::LoadedModel,
     rubric: String,
     chat: Option<crate::chat::ChatTemplate>,
-    a: u32,
-    b: u32,
+    /// The single-token spellings of each answer ("A", " A"; "B", " B").
+    a: Vec<u32>,
+    b: Vec<u32>,
 }
 
-/// The single token a letter encodes to (without special tokens).
-fn letter_id(tok: &crate::tokenizer::Tok, s: &str) -> Result<u32> {
-    match tok.encode(s, false)?.as_slice() {
-        [id] => Ok(*id),
-        ids => bail!("the judge's tokenizer encodes {s:?} as {} tokens; the answer letters must be single tokens", ids.len()),
+/// The ids of `letter` and " letter" that are single tokens: after "Answer:" a byte-level BPE
+/// judge says " A", at the start of a chat turn "A"; both count.
+fn letter_ids(tok: &crate::tokenizer::Tok, letter: &str) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for s in [letter.to_string(), format!(" {letter}")] {
+        if let [id] = tok.encode(&s, false)?.as_slice() {
+            if !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
     }
+    if ids.is_empty() {
+        bail!("the judge's tokenizer has no single token for {letter:?} or \" {letter}\"; it cannot answer A or B");
+    }
+    Ok(ids)
+}
+
+/// log Σ exp(l[i]) over `ids`.
+fn log_sum(l: &[f32], ids: &[u32]) -> f64 {
+    let m = ids
+        .iter()
+        .map(|&i| l[i as usize] as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    m + ids
+        .iter()
+        .map(|&i| (l[i as usize] as f64 - m).exp())
+        .sum::<f64>()
+        .ln()
 }
 
 /// A prompt as text for the rubric: plain text as given, messages as "role: content" lines.
@@ -111,8 +137,8 @@ impl Judge {
             "the rubric",
         )?;
         Ok(Self {
-            a: letter_id(&m.tok, "A")?,
-            b: letter_id(&m.tok, "B")?,
+            a: letter_ids(&m.tok, "A")?,
+            b: letter_ids(&m.tok, "B")?,
             m,
             rubric,
             chat,
@@ -158,7 +184,7 @@ impl Judge {
         logits
             .iter()
             .map(|l| {
-                let (la, lb) = (l[self.a as usize] as f64, l[self.b as usize] as f64);
+                let (la, lb) = (log_sum(l, &self.a), log_sum(l, &self.b));
                 if !(la.is_finite() && lb.is_finite()) {
                     bail!("the judge's logits are not finite: its weights or config are broken");
                 }
@@ -304,10 +330,7 @@ fn read_items(path: &Path, say: &dyn Fn(&str)) -> Result<Vec<Item>> {
             Ok(Record::Unpaired { .. }) => {
                 bail!("{at}: an unpaired example; label needs two responses")
             }
-            Err(reason) => say(&format!(
-                "{at}: skipped: {}",
-                crate::data::preference::why(reason)
-            )),
+            Err(reason) => say(&format!("{at}: skipped: {}", reason.why())),
         }
     }
     if out.is_empty() {
@@ -341,6 +364,19 @@ pub struct LabelReport {
 
 pub fn label(a: &LabelArgs, say: &dyn Fn(&str)) -> Result<LabelReport> {
     crate::outdir::check_file(&a.out, a.overwrite)?;
+    // Fail now, not after hours of judging.
+    if let Some(d) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !d.is_dir() {
+            bail!(
+                "--out {}: the directory {} does not exist",
+                a.out.display(),
+                d.display()
+            );
+        }
+    }
+    if a.sample == Some(0) {
+        bail!("--sample 0 judges nothing");
+    }
     if !(0.0..0.5).contains(&a.min_margin) {
         bail!("--min-margin must be in [0, 0.5), got {}", a.min_margin);
     }

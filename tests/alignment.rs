@@ -524,6 +524,8 @@ fn orpo_simpo_and_kto_train_without_and_with_a_reference() {
         "train.lr=5e-3",
         "--peft",
         "lora",
+        "--lora-dropout",
+        "0",
     ]);
     let l = step_losses(&run);
     assert!(
@@ -531,6 +533,41 @@ fn orpo_simpo_and_kto_train_without_and_with_a_reference() {
         "KTO starts at 1 − σ(0) = 0.5: {l:?}"
     );
     assert!(l[5] < l[0] && metrics(&run)[5]["kl"].is_number(), "{l:?}");
+    // KTO's KL estimate is taken over the whole step: four one-example micro-batches give the
+    // same run as one micro-batch of four (without dropout, whose masks follow the micro-batch).
+    let split = d.join("kto_split");
+    ok(&[
+        "kto",
+        "--out",
+        split.to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "4",
+        "--set",
+        "train.lr=5e-3",
+        "--peft",
+        "lora",
+        "--lora-dropout",
+        "0",
+    ]);
+    let (a, b) = (metrics(&run), metrics(&split));
+    for k in 0..6 {
+        for key in ["loss", "kl"] {
+            let (x, y) = (a[k][key].as_f64().unwrap(), b[k][key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() < 1e-5,
+                "step {}: {key} {x} vs {y} split",
+                k + 1
+            );
+        }
+    }
     // Out-of-range constants are errors naming the option.
     let o = lmforge(&[
         "dpo",
@@ -570,13 +607,33 @@ fn rule_pairs(d: &Path, n: usize) -> PathBuf {
 #[test]
 fn a_reward_model_learns_a_rule_and_scores_it_back() {
     let d = tmpdir("pref_reward");
-    let m = fixture("llama_tiny");
     let data = rule_pairs(&d, 160);
-    for (tag, peft) in [
-        ("full", &[][..]),
-        ("lora", &["--peft", "lora", "--lora-r", "8"][..]),
-    ] {
+    let lora = &["--peft", "lora", "--lora-r", "8"][..];
+    // (run, body, flags, what the output's config says)
+    let cases = [
+        (
+            "llama",
+            "llama_tiny",
+            &[][..],
+            json!("LlamaForSequenceClassification"),
+        ),
+        ("llama_lora", "llama_tiny", lora, json!(["score"])),
+        (
+            "bert",
+            "bert_tiny",
+            &[][..],
+            json!("BertForSequenceClassification"),
+        ),
+        (
+            "bert_lora",
+            "bert_tiny",
+            lora,
+            json!(["classifier", "pooler"]),
+        ),
+    ];
+    for (tag, body, peft, want) in cases {
         let run = d.join(tag);
+        let m = fixture(body);
         let mut a = vec![
             "reward",
             "--out",
@@ -605,22 +662,26 @@ fn a_reward_model_learns_a_rule_and_scores_it_back() {
             .unwrap();
         let acc = last["eval_accuracy"].as_f64().unwrap();
         assert!(acc >= 0.9, "{tag}: held-out pairwise accuracy {acc}");
-        let out = run.join(if tag == "full" { "model" } else { "adapter" });
-        let cfg: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join(if tag == "full" {
-                "config.json"
-            } else {
-                "adapter_config.json"
-            }))
-            .unwrap(),
-        )
-        .unwrap();
-        if tag == "full" {
-            assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
-            assert_eq!(cfg["num_labels"], 1);
+        let adapter = !peft.is_empty();
+        let out = run.join(if adapter { "adapter" } else { "model" });
+        let file = out.join(if adapter {
+            "adapter_config.json"
         } else {
-            assert_eq!(cfg["task_type"], "SEQ_CLS");
-            assert_eq!(cfg["modules_to_save"], json!(["score"]));
+            "config.json"
+        });
+        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        if adapter {
+            assert_eq!(
+                (&cfg["task_type"], &cfg["modules_to_save"]),
+                (&json!("SEQ_CLS"), &want),
+                "{tag}"
+            );
+        } else {
+            assert_eq!(
+                (&cfg["architectures"][0], &cfg["num_labels"]),
+                (&want, &json!(1)),
+                "{tag}"
+            );
         }
         let o = lmforge(&[
             "reward",
@@ -630,18 +691,19 @@ fn a_reward_model_learns_a_rule_and_scores_it_back() {
             "--data",
             data.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let stdout = String::from_utf8_lossy(&o.stdout);
         let lines: Vec<Value> = stdout
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), 161, "one line per pair and a summary");
-        assert!(
-            lines[160]["accuracy"].as_f64().unwrap() >= 0.9,
-            "{}",
-            lines[160]
-        );
+        let read_back = lines[160]["accuracy"].as_f64().unwrap();
+        assert!(read_back >= 0.9, "{tag}: {}", lines[160]);
     }
 }
 

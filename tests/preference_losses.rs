@@ -333,6 +333,36 @@ fn kto_matches_trl() {
 }
 
 #[test]
+fn kto_edge_cases() {
+    let dev = Device::Cpu;
+    // r = z: both kinds of example lose exactly 1 − σ(0) = ½; far on the right side, ~0.
+    let r = Tensor::new(&[0.3f32], &dev).unwrap();
+    let (c, u) = pl::kto(0.1, &r, &r, 0.3).unwrap();
+    assert_eq!(
+        (
+            c.to_vec1::<f32>().unwrap()[0],
+            u.to_vec1::<f32>().unwrap()[0]
+        ),
+        (0.5, 0.5)
+    );
+    let (good, bad) = (
+        Tensor::new(&[400f32], &dev).unwrap(),
+        Tensor::new(&[-400f32], &dev).unwrap(),
+    );
+    let (c, u) = pl::kto(0.1, &good, &bad, 0.0).unwrap();
+    assert!(c.to_vec1::<f32>().unwrap()[0] < 1e-12 && u.to_vec1::<f32>().unwrap()[0] < 1e-12);
+    // The KL estimate is a mean clamped at zero.
+    let p = Tensor::new(&[-1f32, -3.0], &dev).unwrap();
+    let q = Tensor::new(&[-2f32, -2.5], &dev).unwrap();
+    assert!((pl::kto_kl(&p, &q).unwrap() - 0.25).abs() < 1e-12);
+    assert_eq!(pl::kto_kl(&q, &p).unwrap(), 0.0);
+    // No examples of one kind: an empty loss, not an error.
+    let none = Tensor::zeros(0, candle_core::DType::F32, &dev).unwrap();
+    let (c, u) = pl::kto(0.1, &r, &none, 0.0).unwrap();
+    assert_eq!((c.dim(0).unwrap(), u.dim(0).unwrap()), (1, 0));
+}
+
+#[test]
 fn bradley_terry_matches_trl() {
     let f = fx();
     for (key, margin, center) in [

@@ -71,7 +71,29 @@ pub struct Sourced {
     pub at: String,
 }
 
-/// Skipped records, by reason.
+/// Why a record cannot train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    Identical,
+    Empty,
+    Unsplittable,
+    NoRoom,
+}
+
+impl Skip {
+    pub fn why(self) -> &'static str {
+        match self {
+            Skip::Identical => "chosen and rejected are identical",
+            Skip::Empty => "an empty completion",
+            Skip::Unsplittable => {
+                "the two dialogues share no prompt ending in \"\\n\\nAssistant:\" (or no leading messages)"
+            }
+            Skip::NoRoom => "no room for the completion within the length limit",
+        }
+    }
+}
+
+/// Records read and sequences kept, and skipped records by reason.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Counts {
     pub read: usize,
@@ -84,6 +106,15 @@ pub struct Counts {
 }
 
 impl Counts {
+    fn add(&mut self, s: Skip) {
+        *match s {
+            Skip::Identical => &mut self.identical,
+            Skip::Empty => &mut self.empty,
+            Skip::Unsplittable => &mut self.unsplittable,
+            Skip::NoRoom => &mut self.no_room,
+        } += 1;
+    }
+
     pub fn skipped(&self) -> usize {
         self.identical + self.empty + self.unsplittable + self.no_room
     }
@@ -198,8 +229,8 @@ pub fn dialogue_messages(prompt: &str) -> Option<Vec<Message>> {
     (out.last().map(|m| m.role.as_str()) == Some("user")).then_some(out)
 }
 
-/// Parses one line. `Ok(None)`: the record cannot train (warned and counted by `reason`).
-pub fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, &'static str>> {
+/// Parses one line: `Ok(Err(skip))` for a record that cannot train (the caller warns and counts).
+pub fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, Skip>> {
     let v: Value = serde_json::from_str(line).with_context(|| format!("{at}: invalid JSON"))?;
     if !v.is_object() {
         bail!("{at}: expected a JSON object");
@@ -220,7 +251,7 @@ pub fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, &'
             bail!("{at}: an unpaired example needs \"prompt\", \"completion\" and \"label\"");
         };
         return Ok(if is_blank(&completion) {
-            Err("empty completion")
+            Err(Skip::Empty)
         } else {
             Ok(Record::Unpaired {
                 prompt,
@@ -240,12 +271,12 @@ pub fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, &'
         (Some(p @ Text::Messages(_)), c @ Text::Messages(_), r @ Text::Messages(_)) => (p, c, r),
         (None, Text::Plain(c), Text::Plain(r)) => match split_dialogues(&c, &r) {
             Some((p, c, r)) => (Text::Plain(p), Text::Plain(c), Text::Plain(r)),
-            None => return Ok(Err("unsplittable")),
+            None => return Ok(Err(Skip::Unsplittable)),
         },
         (None, Text::Messages(c), Text::Messages(r)) => {
             let k = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
             if k == 0 || k == c.len() || k == r.len() {
-                return Ok(Err("unsplittable"));
+                return Ok(Err(Skip::Unsplittable));
             }
             (
                 Text::Messages(c[..k].to_vec()),
@@ -256,10 +287,10 @@ pub fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, &'
         _ => bail!("{at}: prompt, chosen and rejected must all be strings or all message lists"),
     };
     if is_blank(&chosen) || is_blank(&rejected) {
-        return Ok(Err("empty completion"));
+        return Ok(Err(Skip::Empty));
     }
     if chosen == rejected {
-        return Ok(Err("identical"));
+        return Ok(Err(Skip::Identical));
     }
     Ok(Ok(Record::Pair {
         prompt,
@@ -267,17 +298,6 @@ pub fn parse_line(line: &str, at: &str) -> Result<std::result::Result<Record, &'
         rejected,
         margin,
     }))
-}
-
-pub fn why(reason: &str) -> &'static str {
-    match reason {
-        "identical" => "chosen and rejected are identical",
-        "empty completion" => "an empty completion",
-        "unsplittable" => {
-            "the two dialogues share no prompt ending in \"\\n\\nAssistant:\" (or no leading messages)"
-        }
-        _ => "no room for the completion within the length limit",
-    }
 }
 
 /// Reads a preference JSONL file (blank lines skipped).
@@ -293,12 +313,8 @@ pub fn read(path: &Path, warn: &Warn, counts: &mut Counts) -> Result<Vec<Sourced
         match parse_line(&line, &at)? {
             Ok(record) => out.push(Sourced { record, at }),
             Err(reason) => {
-                match reason {
-                    "identical" => counts.identical += 1,
-                    "empty completion" => counts.empty += 1,
-                    _ => counts.unsplittable += 1,
-                }
-                warn.skip(&at, why(reason))?;
+                counts.add(reason);
+                warn.skip(&at, reason.why())?;
             }
         }
     }
@@ -326,7 +342,6 @@ pub struct TokOne {
     pub label: bool,
     /// Tokens before the completion.
     pub prompt_len: usize,
-    pub prompt_key: u64,
 }
 
 fn prompt_hash(p: &Text) -> u64 {
@@ -407,8 +422,8 @@ pub fn tokenize_pairs(
         let c = tokenize_one(f, prompt, chosen, max_len, &s.at)?;
         let r = tokenize_one(f, prompt, rejected, max_len, &s.at)?;
         let (Some((c, tc)), Some((r, tr))) = (c, r) else {
-            counts.no_room += 1;
-            warn.skip(&s.at, why("no room"))?;
+            counts.add(Skip::NoRoom);
+            warn.skip(&s.at, Skip::NoRoom.why())?;
             continue;
         };
         counts.kept += 1;
@@ -454,8 +469,8 @@ pub fn tokenize_unpaired(
         for (prompt, completion, label) in items {
             let Some((seq, truncated)) = tokenize_one(f, prompt, completion, max_len, &s.at)?
             else {
-                counts.no_room += 1;
-                warn.skip(&s.at, why("no room"))?;
+                counts.add(Skip::NoRoom);
+                warn.skip(&s.at, Skip::NoRoom.why())?;
                 continue;
             };
             counts.kept += 1;
@@ -465,7 +480,6 @@ pub fn tokenize_unpaired(
                 seq,
                 label,
                 prompt_len,
-                prompt_key: prompt_hash(prompt),
             });
         }
     }

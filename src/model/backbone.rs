@@ -14,6 +14,7 @@ use crate::tokenizer::Tok;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::path::Path;
 
 pub enum Backbone {
@@ -25,6 +26,22 @@ pub struct LoadedBackbone {
     pub body: Backbone,
     pub store: ParamStore,
     pub tok: Tok,
+    /// A decoder's chat template and end-of-turn ids (encoders have neither).
+    pub chat_template: Option<String>,
+    pub eos_ids: Vec<u32>,
+}
+
+impl LoadedBackbone {
+    /// `source` as a chat template with this model's special tokens (as `LoadedModel::chat`).
+    pub fn chat(&self, source: String) -> crate::chat::ChatTemplate {
+        let name = |id: Option<u32>| id.and_then(|i| self.tok.inner.id_to_token(i));
+        let bos = match &self.body {
+            Backbone::Decoder(d) => d.cfg.bos_token_id.or(self.tok.bos_id),
+            Backbone::Encoder(_) => self.tok.bos_id,
+        };
+        let eos = self.eos_ids.first().copied().or(self.tok.eos_id);
+        crate::chat::ChatTemplate::new(source, name(bos), name(eos))
+    }
 }
 
 /// True when `path` is an HF directory of an encoder (model_type bert); a directory whose
@@ -54,6 +71,8 @@ impl Backbone {
                 body: Backbone::Encoder(m.model),
                 store: m.store,
                 tok: m.tok,
+                chat_template: None,
+                eos_ids: Vec::new(),
             })
         } else {
             let m = hf::load(path, dev, frozen)?;
@@ -61,6 +80,8 @@ impl Backbone {
                 body: Backbone::Decoder(m.model),
                 store: m.store,
                 tok: m.tok,
+                chat_template: m.chat_template,
+                eos_ids: m.eos_ids,
             })
         }
     }
@@ -243,8 +264,6 @@ pub struct HeadModel {
     pub head: Linear,
     /// transformers' `pad_token_id`: a decoder's features are read at the last other token.
     pub pad: u32,
-    pub switch: crate::peft::AdapterSwitch,
-    pub chat_template: Option<String>,
 }
 
 fn head_linear(
@@ -290,45 +309,26 @@ pub fn load_head_model(
             cfg_path.display()
         );
     }
-    let chat_template = crate::chat::template_from_dir(path)?;
-    let switch = crate::peft::AdapterSwitch::default();
     if is_encoder(path)? {
-        let mut e = hf::load_encoder(
-            path,
-            dev,
-            Heads {
-                mlm: false,
-                pooler: true,
-            },
-            &|_| true,
-        )?;
+        let heads = Heads {
+            mlm: false,
+            pooler: true,
+        };
+        let mut e = hf::load_encoder(path, dev, heads, &|_| true)?;
         let w = WeightSource::open_dir(path)?;
-        let head = head_linear(
-            &mut e.store,
-            &w,
-            ("classifier", true),
-            e.model.cfg.hidden_size,
-            trainable,
-        )?;
+        let hidden = e.model.cfg.hidden_size;
+        let head = head_linear(&mut e.store, &w, ("classifier", true), hidden, trainable)?;
         let pad = e.model.cfg.pad_token_id;
         let m = LoadedBackbone {
             body: Backbone::Encoder(e.model),
             store: e.store,
             tok: e.tok,
+            chat_template: crate::chat::template_from_dir(path)?,
+            eos_ids: Vec::new(),
         };
-        return Ok(HeadModel {
-            m,
-            head,
-            pad,
-            switch,
-            chat_template,
-        });
+        return Ok(HeadModel { m, head, pad });
     }
-    let mut cfg = super::ModelConfig::from_file(&cfg_path)?;
-    let mut w = WeightSource::open_dir(path)?;
-    if cfg.family == Family::Gpt2 {
-        w = w.with_strip_prefix("transformer.");
-    }
+    let (mut cfg, w) = hf::open_dir(path)?;
     // `…ForSequenceClassification` has no LM head; an untied one is not built.
     if !cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
         cfg.tie_word_embeddings = true;
@@ -336,13 +336,8 @@ pub fn load_head_model(
     let mut store = ParamStore::new(dev.clone());
     let model = DecoderModel::new(&cfg, &mut store, &Source::Weights(&w), &|_| true)?;
     let head = head_linear(&mut store, &w, ("score", false), cfg.hidden_size, trainable)?;
-    w.check_all_used(|n| {
-        n.ends_with(".attn.bias")
-            || n.ends_with(".attn.masked_bias")
-            || n.ends_with("rotary_emb.inv_freq")
-    })?;
-    let tok = crate::tokenizer::load_from_dir(path)?;
-    tok.check_fits(cfg.vocab_size, &path.display().to_string())?;
+    w.check_all_used(|n| DecoderModel::unused_ok(&cfg, n))?;
+    let (tok, eos_ids, chat_template) = hf::dir_extras(path, &cfg)?;
     let pad = v["pad_token_id"]
         .as_u64()
         .map(|p| p as u32)
@@ -352,14 +347,10 @@ pub fn load_head_model(
         body: Backbone::Decoder(model),
         store,
         tok,
-    };
-    Ok(HeadModel {
-        m,
-        head,
-        pad,
-        switch,
         chat_template,
-    })
+        eos_ids,
+    };
+    Ok(HeadModel { m, head, pad })
 }
 
 fn load_head_adapter(
@@ -372,7 +363,9 @@ fn load_head_adapter(
     let base = match (base, &base_in_file) {
         (Some(b), _) => b.to_path_buf(),
         (None, Some(b)) => std::path::PathBuf::from(b),
-        (None, None) => anyhow::bail!("{}: no base_model_name_or_path; pass --base", dir.display()),
+        (None, None) => {
+            anyhow::bail!("{}: no base_model_name_or_path; pass --base", dir.display())
+        }
     };
     if !base.exists() {
         anyhow::bail!(
@@ -383,23 +376,21 @@ fn load_head_adapter(
     }
     let mut m = Backbone::load(&base, dev, true, &|_| true)?;
     let file = dir.join("adapter_model.safetensors");
-    crate::input::open(&file)?;
-    let all = candle_core::safetensors::load(&file, dev)
-        .with_context(|| format!("reading {}", file.display()))?;
+    let w = WeightSource::open_files(std::slice::from_ref(&file))?;
     let label = file.display().to_string();
-    let (mut lora, mut rest) = (
-        std::collections::HashMap::new(),
-        std::collections::HashMap::new(),
-    );
-    for (k, t) in all {
+    let (mut lora, mut rest) = (HashMap::new(), HashMap::new());
+    for k in w.names() {
+        let shape = w.shape(&k).with_context(|| format!("{label}: {k}"))?;
+        let t = w.load(&k, &shape, dev)?;
         if k.contains(".lora_A.") || k.contains(".lora_B.") {
             lora.insert(k, t);
         } else {
-            let short = k
-                .strip_prefix("base_model.model.")
-                .unwrap_or(&k)
-                .to_string();
-            rest.insert(short, t);
+            rest.insert(
+                k.strip_prefix("base_model.model.")
+                    .unwrap_or(&k)
+                    .to_string(),
+                t,
+            );
         }
     }
     let switch = crate::peft::AdapterSwitch::default();
@@ -414,14 +405,15 @@ fn load_head_adapter(
     )?;
     // Modules trained in full overwrite the base's copies (BERT's pooler); the head is new.
     let (name, bias) = m.body.head_name();
-    let hw = WeightSource::from_tensors(label.clone(), rest.clone());
+    let (head_part, rest): (HashMap<_, _>, HashMap<_, _>) = rest
+        .into_iter()
+        .partition(|(k, _)| k.starts_with(&format!("{name}.")));
     for (k, t) in &rest {
-        if k.starts_with(&format!("{name}.")) {
-            continue;
-        }
         let p = m.store.get(k).or_else(|| m.store.get(&format!("bert.{k}")));
         let Some(p) = p else {
-            anyhow::bail!("{label}: tensor {k} belongs to no module of the base model (modules_to_save {heads:?})");
+            anyhow::bail!(
+                "{label}: tensor {k} belongs to no module of the base model (modules_to_save {heads:?})"
+            );
         };
         if p.var.dims() != t.dims() {
             anyhow::bail!(
@@ -432,15 +424,13 @@ fn load_head_adapter(
         }
         p.var.set(&t.to_dtype(p.var.dtype())?)?;
     }
+    let hw = WeightSource::from_tensors(label, head_part);
     let hidden = m.body.hidden_size();
     let head = head_linear(&mut m.store, &hw, (name, bias), hidden, trainable)?;
+    hw.check_all_used(|_| false)?;
     let pad = m.body.pad_id(&m.tok);
-    let chat_template = crate::chat::template_from_dir(dir)?;
-    Ok(HeadModel {
-        m,
-        head,
-        pad,
-        switch,
-        chat_template,
-    })
+    if let Some(t) = crate::chat::template_from_dir(dir)? {
+        m.chat_template = Some(t);
+    }
+    Ok(HeadModel { m, head, pad })
 }

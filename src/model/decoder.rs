@@ -263,14 +263,17 @@ impl DecoderModel {
         frozen: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
         let model = Self::new(cfg, store, &Source::Weights(weights), frozen)?;
-        let tied = cfg.tie_word_embeddings;
-        weights.check_all_used(|n| {
-            n.ends_with(".attn.bias")
-                || n.ends_with(".attn.masked_bias")
-                || n.ends_with("rotary_emb.inv_freq")
-                || (tied && n == "lm_head.weight")
-        })?;
+        weights.check_all_used(|n| Self::unused_ok(cfg, n))?;
         Ok(model)
+    }
+
+    /// Tensors a checkpoint may hold that the model does not read: GPT-2's causal-mask buffers,
+    /// RoPE's inverse frequencies, and a tied LM head's copy.
+    pub fn unused_ok(cfg: &ModelConfig, name: &str) -> bool {
+        name.ends_with(".attn.bias")
+            || name.ends_with(".attn.masked_bias")
+            || name.ends_with("rotary_emb.inv_freq")
+            || (cfg.tie_word_embeddings && name == "lm_head.weight")
     }
 
     pub fn device(&self) -> &Device {

@@ -83,6 +83,21 @@ pub fn load_with_blocks(
 
 /// Loads an HF model directory (weights must match the config exactly).
 pub fn load_dir(dir: &Path, dev: &Device, frozen: &dyn Fn(&str) -> bool) -> Result<LoadedModel> {
+    let (cfg, weights) = open_dir(dir)?;
+    let mut store = ParamStore::new(dev.clone());
+    let model = DecoderModel::load(&cfg, &mut store, &weights, frozen)?;
+    let (tok, eos_ids, chat_template) = dir_extras(dir, &cfg)?;
+    Ok(LoadedModel {
+        model,
+        store,
+        tok,
+        eos_ids,
+        chat_template,
+    })
+}
+
+/// A decoder directory's config and weights (GPT-2's `transformer.` prefix optional).
+pub fn open_dir(dir: &Path) -> Result<(ModelConfig, WeightSource)> {
     if !dir.is_dir() {
         anyhow::bail!("{}: not a model directory", dir.display());
     }
@@ -91,19 +106,15 @@ pub fn load_dir(dir: &Path, dev: &Device, frozen: &dyn Fn(&str) -> bool) -> Resu
     if cfg.family == Family::Gpt2 {
         weights = weights.with_strip_prefix("transformer.");
     }
-    let mut store = ParamStore::new(dev.clone());
-    let model = DecoderModel::load(&cfg, &mut store, &weights, frozen)?;
+    Ok((cfg, weights))
+}
+
+/// The tokenizer (checked against the config), EOS ids and chat template of a directory.
+pub fn dir_extras(dir: &Path, cfg: &ModelConfig) -> Result<(Tok, Vec<u32>, Option<String>)> {
     let tok = load_from_dir(dir)?;
     tok.check_fits(cfg.vocab_size, &dir.display().to_string())?;
-    let eos_ids = eos_ids(dir, &cfg, &tok)?;
-    let chat_template = template_from_dir(dir)?;
-    Ok(LoadedModel {
-        model,
-        store,
-        tok,
-        eos_ids,
-        chat_template,
-    })
+    let eos = eos_ids(dir, cfg, &tok)?;
+    Ok((tok, eos, template_from_dir(dir)?))
 }
 
 fn eos_ids(dir: &Path, cfg: &ModelConfig, tok: &Tok) -> Result<Vec<u32>> {

@@ -123,6 +123,13 @@ impl WeightSource {
         self.resolve(name).is_some()
     }
 
+    /// Every tensor name the weights hold (as stored, before any prefix stripping).
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.names.keys().chain(self.mem.keys()).cloned().collect();
+        v.sort();
+        v
+    }
+
     /// The shape of tensor `name`, if the weights hold it.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let key = self.resolve(name)?;

@@ -78,7 +78,7 @@ pub struct DpoOptions {
     #[arg(long)]
     pub sft_weight: Option<f64>,
     /// Compute the reference log-probs at every step instead of once before training.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ref_cache")]
     pub ref_live: bool,
     /// Directory for the reference log-prob cache (default: the run directory's ref_cache/).
     #[arg(long)]
@@ -194,7 +194,7 @@ impl Dpo {
         let n = b.pairs.len();
         let model = &self.p.m.model;
         let dev = model.device();
-        let (sums, _) = completion_logps(model, &b.seqs)?; // (2B,)
+        let sums = completion_logps(model, &b.seqs)?; // (2B,)
         let lens: Vec<f32> = b.seqs.counts.iter().map(|&c| c as f32).collect();
         let lens = Tensor::from_vec(lens, 2 * n, dev)?;
         let split = |t: &Tensor| -> Result<Pair> {
@@ -398,6 +398,15 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
     if !(0.0..1.0).contains(&o.eval_fraction) {
         bail!("eval_fraction must be in [0, 1), got {}", o.eval_fraction);
     }
+    if !o.loss.needs_reference() && (o.ref_live || o.ref_cache.is_some()) {
+        bail!(
+            "the {} loss has no reference model: ref_live / ref_cache do not apply",
+            o.loss.name()
+        );
+    }
+    if o.ref_live && o.ref_cache.is_some() {
+        bail!("ref_live computes the reference at every step; it has no ref_cache");
+    }
     let files = RunFiles::create(&ctl, &o.out, &o, "dpo")?;
     let run_dir = files.run_dir.clone();
 
@@ -422,7 +431,12 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
         .iter()
         .chain(&eval_recs)
         .any(|r| r.record.has_messages());
-    let tpl = p.chat(has_messages, &ctl)?;
+    if has_messages && p.use_default_template() {
+        ctl.say(
+            "note: the model has no chat template; conversations use the default ChatML template",
+        );
+    }
+    let tpl = p.chat_template()?;
     let fmt = Formatter {
         tok: &p.m.tok,
         template: tpl.as_ref(),

@@ -8,10 +8,12 @@
 //! averaged over the examples. Pairs are accepted too and unpaired (chosen desirable, rejected
 //! undesirable), as TRL's `unpair_preference_dataset` does.
 //!
-//! Deliberate deviation: TRL estimates z on completions rotated by one inside each batch; here
+//! Deliberate deviations: TRL estimates z on completions rotated by one inside each batch; here
 //! example i's mismatched sequence is its prompt followed by the completion of example π(i) for
 //! a fixed seeded derangement π, so the reference log-probs of those sequences can be computed
-//! once and cached like the others. z is still the mean over the micro-batch's examples.
+//! once and cached like the others. z is the mean over the optimizer step's examples (computed
+//! before its forward passes, `Method::begin_step`), not over each micro-batch as in TRL, so a
+//! step is the same however it is split.
 
 use crate::data::preference::{self, Counts, TokOne, Warn};
 use crate::data::sft::{Formatter, Tokenized};
@@ -54,7 +56,7 @@ pub struct KtoOptions {
     #[arg(long, default_value_t = 1.0)]
     pub undesirable_weight: f64,
     /// Compute the reference log-probs at every step instead of once before training.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ref_cache")]
     pub ref_live: bool,
     /// Directory for the reference log-prob cache (default: the run directory's ref_cache/).
     #[arg(long)]
@@ -81,8 +83,8 @@ impl KtoOptions {
         TrainConfig {
             lr: self.peft.lr(1e-6, 5e-5),
             schedule: Schedule::Linear,
-            // 8 per step as TRL, one per forward: rows of one pair share a prompt, so there is
-            // little padding, and activations are an eighth (the step is the same either way).
+            // 8 examples per step as TRL, one per forward (the least padding, an eighth of the
+            // activations); z is taken over the whole step either way.
             batch_size: 1,
             grad_accum: 8,
             ..TrainConfig::base()
@@ -128,6 +130,8 @@ struct Kto {
     weights: (f64, f64),
     pad: u32,
     stats: Stats,
+    /// This step's KL estimate z.
+    z: f64,
 }
 
 /// Prompt of `a` + completion of `b`, cut to `max_len`; at least one completion token is kept
@@ -138,8 +142,10 @@ fn mismatch(a: &TokOne, b: &TokOne, max_len: usize) -> Tokenized {
     let prompt = &a.seq.ids[a.prompt_len - keep_prompt..a.prompt_len];
     let mut ids: Vec<u32> = prompt.iter().chain(comp).copied().collect();
     ids.truncate(max_len.max(2));
+    // Scored as b's completion is scored (a chat template's trailer tokens are not).
     let mut train = vec![false; prompt.len()];
-    train.resize(ids.len(), true);
+    train.extend_from_slice(&b.seq.train[b.prompt_len..]);
+    train.truncate(ids.len());
     Tokenized { ids, train }
 }
 
@@ -172,16 +178,25 @@ impl Method for Kto {
         b.seqs.tokens() + b.kl.tokens()
     }
 
+    /// z over every mismatched sequence of the step, without a graph (TRL: under no_grad).
+    fn begin_step(&mut self, batches: &[Batch]) -> Result<()> {
+        let model = &self.p.m.model;
+        let n = self.data.len();
+        let (mut pol, mut refs) = (Vec::new(), Vec::new());
+        for b in batches {
+            let kl_ids: Vec<usize> = b.items.iter().map(|&i| n + i).collect();
+            pol.push(completion_logps(model, &b.kl)?.detach());
+            refs.push(self.reference.logps(model, &b.kl, &kl_ids)?);
+        }
+        self.z = pl::kto_kl(&Tensor::cat(&pol, 0)?, &Tensor::cat(&refs, 0)?)?;
+        Ok(())
+    }
+
     fn loss(&mut self, b: &Batch) -> Result<Tensor> {
         let model = &self.p.m.model;
         let dev = model.device().clone();
-        let n = self.data.len();
-        // z: the KL estimate, without a graph (TRL computes it under no_grad).
-        let kl_ids: Vec<usize> = b.items.iter().map(|&i| n + i).collect();
-        let kl_pol = completion_logps(model, &b.kl)?.0.detach();
-        let kl_ref = self.reference.logps(model, &b.kl, &kl_ids)?;
-        let z = pl::kto_kl(&kl_pol, &kl_ref)?;
-        let (pol, _) = completion_logps(model, &b.seqs)?;
+        let z = self.z;
+        let pol = completion_logps(model, &b.seqs)?;
         let refs = self.reference.logps(model, &b.seqs, &b.items)?;
         let ratio = (&pol - &refs)?;
         let pick = |want: bool| -> Vec<u32> {
@@ -260,6 +275,9 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
             bail!("{k} must be positive and finite, got {w}");
         }
     }
+    if o.ref_live && o.ref_cache.is_some() {
+        bail!("ref_live computes the reference at every step; it has no ref_cache");
+    }
     let lora_cfg = o.peft.lora()?;
     let model_path = o
         .model
@@ -285,7 +303,12 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
     };
     let mut counts = Counts::default();
     let recs = preference::read(&data_path, &warn, &mut counts)?;
-    let tpl = p.chat(recs.iter().any(|r| r.record.has_messages()), &ctl)?;
+    if recs.iter().any(|r| r.record.has_messages()) && p.use_default_template() {
+        ctl.say(
+            "note: the model has no chat template; conversations use the default ChatML template",
+        );
+    }
+    let tpl = p.chat_template()?;
     let fmt = Formatter {
         tok: &p.m.tok,
         template: tpl.as_ref(),
@@ -340,6 +363,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
         weights: (o.desirable_weight, o.undesirable_weight),
         pad,
         stats: Stats::default(),
+        z: 0.0,
     };
     let outcome = engine::run(&mut method, cfg, &ctl, &files)?;
     let mut s = Summary {

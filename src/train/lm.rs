@@ -47,14 +47,19 @@ impl Policy {
         })
     }
 
-    /// The chat template for formatting, falling back to ChatML when `need` (conversations in
-    /// the data) and the model has none.
-    pub fn chat(&mut self, need: bool, ctl: &Control) -> Result<Option<ChatTemplate>> {
-        if self.template.is_none() && need {
-            ctl.say("note: the model has no chat template; conversations use the default ChatML template");
-            self.template = Some(crate::data::sft::DEFAULT_TEMPLATE.to_string());
-            self.m.chat_template = self.template.clone();
+    /// Falls back to the ChatML template when the model has none and none was given; true if
+    /// it did (callers with conversations in their data say so).
+    pub fn use_default_template(&mut self) -> bool {
+        if self.template.is_some() {
+            return false;
         }
+        self.template = Some(crate::data::sft::DEFAULT_TEMPLATE.to_string());
+        self.m.chat_template = self.template.clone();
+        true
+    }
+
+    /// The chat template with this model's special tokens, if there is one.
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
         match self.template {
             Some(_) => Ok(Some(self.m.chat("chat template")?)),
             None => Ok(None),

@@ -72,9 +72,13 @@ impl SeqBatch {
 }
 
 /// Σ log p of each row's completion tokens, (B,), with a graph when the model has trainable
-/// weights; and the per-token log-probs (N,) in row order.
-pub fn completion_logps(model: &DecoderModel, s: &SeqBatch) -> Result<(Tensor, Tensor)> {
+/// weights.
+pub fn completion_logps(model: &DecoderModel, s: &SeqBatch) -> Result<Tensor> {
     let dev = model.device();
+    if s.at.is_empty() {
+        // No scored token in any row (e.g. a one-token completion with no prompt before it).
+        return Ok(Tensor::zeros(s.b, DType::F32, dev)?);
+    }
     let x = Tensor::from_slice(&s.x, (s.b, s.t), dev)?;
     let h = model.hidden_states(&model.embed(&x)?, ForwardOpts::default())?; // (B, T, C)
     let c = model.cfg.hidden_size;
@@ -83,7 +87,7 @@ pub fn completion_logps(model: &DecoderModel, s: &SeqBatch) -> Result<(Tensor, T
     let logits = model.logits(&h)?; // (N, V)
     let y = Tensor::from_slice(&s.targets, s.targets.len(), dev)?;
     let lp = crate::losses::gather_logprobs(&logits, &y)?; // (N,)
-    Ok((row_sums(&lp, &s.counts, dev)?, lp))
+    row_sums(&lp, &s.counts, dev)
 }
 
 /// Sums consecutive runs of `counts` entries of `v` (N,) -> (B,), as one small matmul so the
@@ -115,7 +119,7 @@ pub fn score_all(
     let mut vals = vec![0f32; seqs.len()];
     for chunk in order.chunks(batch.max(1)) {
         let rows: Vec<&Tokenized> = chunk.iter().map(|&i| seqs[i]).collect();
-        let (sums, _) = completion_logps(model, &SeqBatch::new(&rows, pad))?;
+        let sums = completion_logps(model, &SeqBatch::new(&rows, pad))?;
         let sums: Vec<f32> = sums.detach().to_dtype(DType::F32)?.to_vec1()?;
         for (&i, v) in chunk.iter().zip(sums) {
             if !v.is_finite() {
@@ -171,7 +175,7 @@ impl Reference {
     /// the rows' indices in the cache order.
     pub fn logps(&self, policy: &DecoderModel, s: &SeqBatch, ids: &[usize]) -> Result<Tensor> {
         let dev = policy.device();
-        let live = |m: &DecoderModel| -> Result<Tensor> { Ok(completion_logps(m, s)?.0.detach()) };
+        let live = |m: &DecoderModel| -> Result<Tensor> { Ok(completion_logps(m, s)?.detach()) };
         match self {
             Reference::Cached(v) => {
                 let r: Vec<f32> = ids.iter().map(|&i| v[i]).collect();

@@ -3,9 +3,10 @@
 //! A cache file is named by the SHA-256 of what its numbers depend on: the model (its weight,
 //! config and tokenizer files' bytes), the tokenizer (its serialized form), the data file's
 //! bytes, and the token sequences scored (which also carry the chat template, the length limit
-//! and the method's choice of sequences). Change any of them and the name changes, so a stale
-//! cache is never read; a damaged one (bad header, wrong count, non-finite values) is reported
-//! and recomputed. Layout: b"LMFREF01", the 32-byte key, the count (u64 LE), f32 LE values.
+//! and the method's choice of sequences) and lmforge's version. Change any of them and the name
+//! changes, so a stale cache is never read; a damaged one (wrong key, count or values) is reported
+//! and recomputed. A file of that name that is not a reference cache (no magic) is never
+//! replaced. Layout: b"LMFREF01", the 32-byte key, the count (u64 LE), f32 LE values.
 
 use crate::data::sft::Tokenized;
 use crate::tokenizer::Tok;
@@ -84,6 +85,7 @@ impl RefCache {
         what: &str,
     ) -> Result<Self> {
         let mut h = Sha256::new();
+        h.update(env!("CARGO_PKG_VERSION").as_bytes());
         h.update(what.as_bytes());
         h.update(model_hash(model)?);
         let tj = tok
@@ -112,6 +114,7 @@ impl RefCache {
         if !self.path.exists() {
             return Ok(None);
         }
+        self.ours()?;
         match self.read(n) {
             Ok(v) => Ok(Some(v)),
             Err(e) => {
@@ -141,9 +144,27 @@ impl RefCache {
         Ok(v)
     }
 
+    /// Refuses a file at the cache's name that lmforge did not write.
+    fn ours(&self) -> Result<()> {
+        let mut head = [0u8; 8];
+        let f = crate::input::open(&self.path)?;
+        let n = f.take(8).read(&mut head).unwrap_or(0);
+        if n < 8 || &head != MAGIC {
+            bail!(
+                "{}: exists and is not an lmforge reference cache; refusing to replace it",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+
     pub fn store(&self, v: &[f32]) -> Result<()> {
         if let Some(d) = self.path.parent() {
+            crate::outdir::refuse_special(d)?;
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        if self.path.exists() {
+            self.ours()?;
         }
         let mut b = Vec::with_capacity(48 + 4 * v.len());
         b.extend_from_slice(MAGIC);

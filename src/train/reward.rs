@@ -23,11 +23,11 @@ use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
 use crate::train::engine::{TrainArgs, TrainConfig};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// `lmforge reward`'s options: its flags and its TOML config (`[peft]`, `[train]` sections).
 #[derive(Args, Serialize, Deserialize, Clone, Debug)]
@@ -230,18 +230,17 @@ impl Method for Reward {
     }
 }
 
-/// Reads and tokenizes pairs for a reward model: no EOS, the template when there is one.
-fn read_pairs(
-    path: &Path,
+/// Tokenizes pairs for a reward model: no EOS appended, through the template when there is one.
+fn tokenize(
     tok: &crate::tokenizer::Tok,
     tpl: Option<&crate::chat::ChatTemplate>,
+    recs: &[preference::Sourced],
     max_len: usize,
     warn: &Warn,
     counts: &mut Counts,
 ) -> Result<Vec<TokPair>> {
-    let recs = preference::read(path, warn, counts)?;
-    if tpl.is_none() && recs.iter().any(|r| r.record.has_messages()) {
-        bail!("{}: conversations need a chat template (the model has none; pass --chat-template FILE)", path.display());
+    if recs.is_empty() {
+        return Ok(Vec::new());
     }
     let fmt = Formatter {
         tok,
@@ -249,27 +248,7 @@ fn read_pairs(
         train_on_prompt: false,
         eos: None,
     };
-    preference::tokenize_pairs(&fmt, &recs, max_len, warn, counts)
-}
-
-fn chat_template(model: &Path, given: Option<&Path>) -> Result<Option<String>> {
-    match given {
-        Some(p) => Ok(Some(crate::input::read_text(
-            p,
-            crate::input::MAX_CONFIG_BYTES,
-        )?)),
-        None if model.is_dir() => crate::chat::template_from_dir(model),
-        None => Ok(crate::model::hf::load(model, &Device::Cpu, &|_| true)?.chat_template),
-    }
-}
-
-fn template_of(
-    src: &Option<String>,
-    tok: &crate::tokenizer::Tok,
-) -> Option<crate::chat::ChatTemplate> {
-    let name = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
-    src.as_ref()
-        .map(|s| crate::chat::ChatTemplate::new(s.clone(), name(tok.bos_id), name(tok.eos_id)))
+    preference::tokenize_pairs(&fmt, recs, max_len, warn, counts)
 }
 
 pub fn run(o: RewardOptions, ctl: Control) -> Result<Summary> {
@@ -304,20 +283,51 @@ pub fn run(o: RewardOptions, ctl: Control) -> Result<Summary> {
     let m = load_body(&body, &ctl, true)?;
     let head = m.body.head_name();
     let t = Tuned::new(m, &body, head, 1, cfg.seed)?;
-    let template = chat_template(&model, o.chat_template.as_deref())?;
-    let tpl = template_of(&template, &t.m.tok);
 
-    // 2. Data.
+    // 2. Data, through the chat template (the model's, --chat-template, or ChatML for
+    // conversations when there is none).
     let warn = Warn {
         strict: o.strict,
         say: &|w| ctl.say(w),
     };
     let mut counts = Counts::default();
-    let mut train = read_pairs(&data, &t.m.tok, tpl.as_ref(), t.max_len, &warn, &mut counts)?;
-    let mut eval = match &o.eval_data {
-        Some(p) => read_pairs(p, &t.m.tok, tpl.as_ref(), t.max_len, &warn, &mut counts)?,
+    let train_recs = preference::read(&data, &warn, &mut counts)?;
+    let eval_recs = match &o.eval_data {
+        Some(p) => preference::read(p, &warn, &mut counts)?,
         None => Vec::new(),
     };
+    let mut template = match &o.chat_template {
+        Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
+        None => t.m.chat_template.clone(),
+    };
+    if template.is_none()
+        && train_recs
+            .iter()
+            .chain(&eval_recs)
+            .any(|r| r.record.has_messages())
+    {
+        ctl.say(
+            "note: the model has no chat template; conversations use the default ChatML template",
+        );
+        template = Some(crate::data::sft::DEFAULT_TEMPLATE.to_string());
+    }
+    let tpl = template.clone().map(|s| t.m.chat(s));
+    let mut train = tokenize(
+        &t.m.tok,
+        tpl.as_ref(),
+        &train_recs,
+        t.max_len,
+        &warn,
+        &mut counts,
+    )?;
+    let mut eval = tokenize(
+        &t.m.tok,
+        tpl.as_ref(),
+        &eval_recs,
+        t.max_len,
+        &warn,
+        &mut counts,
+    )?;
     if o.eval_fraction > 0.0 {
         let (a, b) =
             preference::split_by_prompt(train, |x| x.prompt_key, o.eval_fraction, cfg.seed);
@@ -420,21 +430,22 @@ pub fn score(a: &ScoreArgs, say: &dyn Fn(&str)) -> Result<(Vec<Scored>, Counts)>
             hm.head.out_dim
         );
     }
-    let tpl = template_of(&hm.chat_template, &hm.m.tok);
+    let tpl = hm.m.chat_template.clone().map(|s| hm.m.chat(s));
     let warn = Warn {
         strict: a.strict,
         say,
     };
     let mut counts = Counts::default();
+    let recs = preference::read(&a.data, &warn, &mut counts)?;
+    if tpl.is_none() && recs.iter().any(|r| r.record.has_messages()) {
+        bail!(
+            "{}: conversations need a chat template, and the reward model {} has none",
+            a.data.display(),
+            a.model.display()
+        );
+    }
     let max_len = a.max_len.min(hm.m.body.max_len());
-    let pairs = read_pairs(
-        &a.data,
-        &hm.m.tok,
-        tpl.as_ref(),
-        max_len,
-        &warn,
-        &mut counts,
-    )?;
+    let pairs = tokenize(&hm.m.tok, tpl.as_ref(), &recs, max_len, &warn, &mut counts)?;
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(a.batch_size.max(1)) {
         let r = score_chunk(&hm, chunk)?;

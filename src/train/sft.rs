@@ -10,22 +10,20 @@
 //! Batches are right-padded: with causal attention, padding after a sequence cannot change the
 //! tokens before it, so no attention mask is needed and padded positions just carry no loss.
 
-use crate::chat::ChatTemplate;
-use crate::data::sft::{build_batch, read_jsonl, rows_of, tokenize_all, Counts, Formatter};
-use crate::data::sft::{RowBatch, Tokenized, DEFAULT_TEMPLATE};
-use crate::eval::score::{score_text_ids, Score};
-use crate::model::{hf, DecoderModel, ForwardOpts, Packing, ParamStore};
-use crate::outdir::{self, write_output};
-use crate::peft::lora::{self, Lora};
-use crate::peft::{AdapterSwitch, PeftArgs};
+use crate::data::sft::{build_batch, read_jsonl, rows_of, tokenize_all, Counts, Example};
+use crate::data::sft::{Formatter, RowBatch, Tokenized};
+use crate::eval::score::Score;
+use crate::model::{DecoderModel, ForwardOpts, Packing, ParamStore};
+use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
 use crate::train::engine::{TrainArgs, TrainConfig};
+use crate::train::lm::{Forgetting, Policy};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// `lmforge sft`'s options: its flags and its TOML config (`[peft]`, `[train]` sections).
 #[derive(Args, Serialize, Deserialize, Clone, Debug)]
@@ -87,18 +85,17 @@ pub struct Summary {
 
 /// The method: rows of tokenized examples, the loss on their trained tokens.
 struct Sft {
-    m: hf::LoadedModel,
+    p: Policy,
     data: Vec<Tokenized>,
     rows: Vec<Vec<usize>>,
     pad: u32,
-    switch: AdapterSwitch,
 }
 
 impl Method for Sft {
     type Batch = RowBatch;
 
     fn store(&self) -> &ParamStore {
-        &self.m.store
+        &self.p.m.store
     }
 
     fn epoch_len(&self) -> Option<usize> {
@@ -122,11 +119,11 @@ impl Method for Sft {
     }
 
     fn loss(&mut self, b: &RowBatch) -> Result<Tensor> {
-        masked_loss(&self.m.model, b)
+        masked_loss(&self.p.m.model, b)
     }
 
     fn train_mode(&self, key: Option<u64>) {
-        self.switch.set_training(key.is_some(), key.unwrap_or(0));
+        self.p.switch.set_training(key.is_some(), key.unwrap_or(0));
     }
 }
 
@@ -145,38 +142,36 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     let run_dir = files.run_dir.clone();
 
     // 1. Base model: every weight frozen for LoRA (no gradient, no weight-gradient GEMM).
-    let peft = lora_cfg.is_some();
-    let mut m = hf::load(&model_path, &ctl.device, &|_| peft)?;
-    let template = match &o.chat_template {
-        Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
-        None => m.chat_template.clone(),
-    };
-    let has_own_template = template.is_some();
-    let template = template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
-    m.chat_template = Some(template.clone());
-    let tpl: ChatTemplate = m.chat("sft")?;
+    let mut p = Policy::load(
+        &model_path,
+        o.chat_template.as_deref(),
+        lora_cfg.is_some(),
+        &ctl,
+    )?;
 
     // 2. Data.
     let examples = read_jsonl(&data_path)?;
-    let max_len = o.max_len.min(m.model.cfg.max_position_embeddings);
-    if max_len < 2 {
-        bail!("max_len must be at least 2");
-    }
-    let fmt = Formatter {
-        tok: &m.tok,
-        template: Some(&tpl),
-        train_on_prompt: o.train_on_prompt,
-        eos: m.eos_ids.first().copied().or(m.tok.eos_id),
-    };
-    if !has_own_template
-        && examples
-            .iter()
-            .any(|e| matches!(e.example, crate::data::sft::Example::Chat(_)))
-    {
+    let has_chat = examples
+        .iter()
+        .any(|e| matches!(e.example, Example::Chat(_)));
+    // The template is written with the output even for text-only data: the fine-tune is then
+    // ready for chat.
+    if p.use_default_template() && has_chat {
         ctl.say(
             "note: the model has no chat template; conversations use the default ChatML template",
         );
     }
+    let tpl = p.chat_template()?;
+    let max_len = o.max_len.min(p.m.model.cfg.max_position_embeddings);
+    if max_len < 2 {
+        bail!("max_len must be at least 2");
+    }
+    let fmt = Formatter {
+        tok: &p.m.tok,
+        template: tpl.as_ref(),
+        train_on_prompt: o.train_on_prompt,
+        eos: p.eos(),
+    };
     let (data, counts) = tokenize_all(&fmt, &examples, max_len, |w| ctl.say(w))?;
     let targets: usize = data.iter().map(Tokenized::n_targets).sum();
     ctl.say(&format!(
@@ -185,40 +180,17 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
         counts.truncated,
         counts.dropped
     ));
-    let pad = fmt.eos.unwrap_or(0);
+    let pad = p.eos().unwrap_or(0);
 
     // 3. Forgetting baseline, measured on the base model.
-    let forget_ids = match &o.forgetting_eval {
-        Some(p) => Some(read_text_ids(p, &m.tok)?),
-        None => None,
-    };
-    let before = match &forget_ids {
-        Some(ids) => Some(score_text_ids(&m.model, ids)?),
-        None => None,
-    };
+    let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m)?;
 
     // 4. Adapters.
-    let switch = AdapterSwitch::default();
-    let adapters: Option<Lora> = match &lora_cfg {
-        Some(c) => Some(lora::attach(
-            &mut m.model,
-            &mut m.store,
-            c,
-            None,
-            cfg.seed,
-            &switch,
-        )?),
-        None => None,
-    };
-    let (trainable, total) = (m.store.num_trainable(), m.store.num_params());
-    ctl.say(&format!(
-        "trainable parameters: {trainable} of {total} ({:.3}%){}",
-        100.0 * trainable as f64 / total as f64,
-        match &adapters {
-            Some(a) => format!(", LoRA r={} on {} layers", a.cfg.r, a.modules.len()),
-            None => String::new(),
-        }
-    ));
+    if let Some(c) = &lora_cfg {
+        p.attach_lora(c, cfg.seed)?;
+    }
+    let (trainable, total) = (p.m.store.num_trainable(), p.m.store.num_params());
+    ctl.say(&p.describe());
     let rows = rows_of(&data, o.packing, max_len, cfg.seed);
     if o.packing {
         ctl.say(&format!(
@@ -229,15 +201,8 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     }
 
     // 5. The engine.
-    let mut method = Sft {
-        m,
-        data,
-        rows,
-        pad,
-        switch,
-    };
+    let mut method = Sft { p, data, rows, pad };
     let outcome = engine::run(&mut method, cfg, &ctl, &files)?;
-    let mut m = method.m;
     let mut summary = Summary {
         run_dir: run_dir.clone(),
         outcome,
@@ -252,37 +217,13 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     }
 
     // 6. Output.
-    let base = model_path.display().to_string();
-    let output = match &adapters {
-        Some(a) => {
-            let dir = outdir::entry(&run_dir, "adapter")?;
-            write_output(&dir, "adapter", |tmp| {
-                a.write_files(tmp, &m.store, &base, &lora::Head::causal_lm())?;
-                m.tok.save(&tmp.join("tokenizer.json"))?;
-                std::fs::write(tmp.join("chat_template.jinja"), &template)?;
-                Ok(())
-            })?;
-            if o.peft.merge {
-                a.merge(&mut m.model, &m.store)?;
-                let merged = outdir::entry(&run_dir, "model")?;
-                hf::save_loaded(&merged, &m)?;
-                ctl.say(&format!("merged model written to {}", merged.display()));
-            }
-            dir
-        }
-        None => {
-            let dir = outdir::entry(&run_dir, "model")?;
-            hf::save_loaded(&dir, &m)?;
-            dir
-        }
-    };
-    ctl.say(&format!("wrote {}", output.display()));
-    summary.output = Some(output);
+    let mut p = method.p;
+    summary.output = Some(p.write_outputs(&run_dir, o.peft.merge, &ctl)?);
 
     // 7. Forgetting: the same text under the fine-tuned model.
     let mut metrics = Metrics::open(&run_dir)?;
-    if let (Some(ids), Some(b)) = (&forget_ids, before) {
-        let after = score_text_ids(&m.model, ids)?;
+    if let Some(f) = &forgetting {
+        let (b, after) = (f.before, f.after(&p.m)?);
         metrics.line(
             &json!({"forgetting_eval": o.forgetting_eval.as_ref().map(|p| p.display().to_string()),
                "ppl_before": b.ppl(), "ppl_after": after.ppl(), "tokens": b.tokens}),
@@ -320,12 +261,4 @@ pub fn masked_loss(model: &DecoderModel, rb: &RowBatch) -> Result<Tensor> {
     let h = model.hidden_states(&model.embed(&x)?, opts)?;
     let logits = model.logits(&h)?.reshape((b * t, model.cfg.vocab_size))?;
     Ok((crate::losses::gather_logprobs(&logits, &y)?.neg()? * w)?.sum_all()?)
-}
-
-fn read_text_ids(p: &Path, tok: &crate::tokenizer::Tok) -> Result<Vec<u32>> {
-    let ids = crate::data::encode_file(p, tok)?;
-    if ids.len() < 2 {
-        bail!("{}: too short to measure perplexity on", p.display());
-    }
-    Ok(ids)
 }

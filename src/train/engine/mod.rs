@@ -50,6 +50,12 @@ pub trait Method {
     fn tokens(&self, b: &Self::Batch) -> usize {
         self.units(b)
     }
+    /// Before the step's forward passes, with all its micro-batches: for a statistic of the
+    /// whole step that the loss needs without a gradient (KTO's KL estimate), so it does not
+    /// depend on how the step is split.
+    fn begin_step(&mut self, _batches: &[Self::Batch]) -> Result<()> {
+        Ok(())
+    }
     /// The batch's loss summed over its units: a scalar tensor with a graph.
     fn loss(&mut self, b: &Self::Batch) -> Result<Tensor>;
     /// Dropout on (with the key of this micro-batch) or off.
@@ -187,6 +193,7 @@ impl Trainer {
                 m.batch(&d)
             })
             .collect::<Result<Vec<_>>>()?;
+        m.begin_step(&batches)?;
         let units: Vec<usize> = batches.iter().map(|b| m.units(b)).collect();
         let tokens: usize = batches.iter().map(|b| m.tokens(b)).sum();
         let n = reduce.units(units.iter().sum())?;
