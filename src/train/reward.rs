@@ -12,6 +12,10 @@
 //!
 //! Sequences are the prompt and the completion as the model sees them (chat template for chat
 //! models), with no EOS appended: the reward is read at the completion's last token.
+//!
+//! Deliberate deviations: none in the loss. The held-out loss is the mean over pairs (TRL's is a
+//! mean of per-batch means), and string pairs go through a chat model's template (TRL templates
+//! conversational data only).
 
 use super::finetune::{load_body, write_outputs, BodyOpts, HeadSpec, Tuned};
 use crate::data::preference::{self, Counts, TokPair, Warn};
