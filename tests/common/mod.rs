@@ -166,3 +166,19 @@ pub fn conll(dir: &Path, name: &str, n: usize, seed: u64) -> String {
     std::fs::write(&p, s).unwrap();
     p.display().to_string()
 }
+
+/// Writes JSON values as JSONL.
+pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// n preference pairs with an obvious preference ("yes" over "no"), as `pairs.jsonl` in `d`.
+pub fn tiny_pairs(d: &Path, n: usize) -> PathBuf {
+    let p = d.join("pairs.jsonl");
+    let rows: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"prompt": format!("Q{i}: answer yes or no."), "chosen": " yes, gladly", "rejected": " no way"}))
+        .collect();
+    write_jsonl(&p, &rows);
+    p
+}
