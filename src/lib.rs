@@ -3,10 +3,12 @@
 //! The folder layout is a map of the pipeline:
 //! - `tokenizer`, `data`: text → tokens;
 //! - `model`: the decoder (GPT-2 and Llama families), its parameters and HF directories;
-//! - `losses`: losses as pure functions;
+//! - `losses`: losses as pure functions (language modelling; preference: DPO family, ORPO, SimPO,
+//!   KTO, Bradley–Terry);
 //! - `peft`: one module per parameter-efficient method (`lora`), attached to `Linear` layers;
 //! - `train`: the training engine (loop, checkpoints, options) and one module per method
-//!   (`pretrain`, `sft`, `finetune`);
+//!   (`pretrain`, `sft`, `finetune`, `reward`, `dpo`, `kto`);
+//! - `rlaif`: a local judge model labels preference pairs;
 //! - `config`: options from flags, TOML configs and `--set`, one schema;
 //! - `generate`: sampling with a KV cache; `eval`: scoring;
 //! - `bench`: the training-step benchmark.
