@@ -294,4 +294,10 @@ fn the_reference_cache_is_keyed_by_model_data_and_tokenizer() {
     b.truncate(b.len() - 2);
     std::fs::write(&c.path, b).unwrap();
     assert_eq!(c.load(1).unwrap(), None);
+    // A file of the cache's name that lmforge did not write is neither read nor replaced.
+    std::fs::write(&c.path, "my notes").unwrap();
+    let e = c.load(1).unwrap_err().to_string();
+    assert!(e.contains("not an lmforge reference cache"), "{e}");
+    assert!(c.store(&[1.0]).is_err());
+    assert_eq!(std::fs::read_to_string(&c.path).unwrap(), "my notes");
 }
