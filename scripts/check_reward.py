@@ -21,7 +21,8 @@ if a.adapter:
     from peft import PeftModel
     base = AutoModelForSequenceClassification.from_pretrained(a.base, num_labels=1)
     tok = AutoTokenizer.from_pretrained(a.base)
-    base.config.pad_token_id = tok.eos_token_id
+    # lmforge pads a decoder with EOS (its saved config says so); BERT with [PAD].
+    base.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     m, bad = PeftModel.from_pretrained(base, a.adapter), {}
 else:
     m, info = AutoModelForSequenceClassification.from_pretrained(a.model, output_loading_info=True)
