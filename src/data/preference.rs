@@ -397,7 +397,8 @@ fn tokenize_one(
     )
 }
 
-/// Tokenizes the pairs (unpaired records are refused: KTO reads them with `tokenize_unpaired`).
+/// Tokenizes the pairs (unpaired records are refused: KTO reads them with `tokenize_unpaired`);
+/// no records give no pairs, records that all fail to tokenize an error.
 pub fn tokenize_pairs(
     f: &Formatter,
     records: &[Sourced],
@@ -405,6 +406,9 @@ pub fn tokenize_pairs(
     warn: &Warn,
     counts: &mut Counts,
 ) -> Result<Vec<TokPair>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut out = Vec::new();
     for s in records {
         let Record::Pair {

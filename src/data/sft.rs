@@ -265,6 +265,10 @@ impl Formatter<'_> {
     }
 }
 
+/// What a run says when conversations fall back to `DEFAULT_TEMPLATE`.
+pub const DEFAULT_TEMPLATE_NOTE: &str =
+    "note: the model has no chat template; conversations use the default ChatML template";
+
 /// ChatML, the template used for conversations when a model has none and no
 /// `--chat-template` is given (SmolLM2, Qwen and many others use it).
 pub const DEFAULT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";

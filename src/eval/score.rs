@@ -6,6 +6,7 @@
 use crate::model::{DecoderModel, ForwardOpts};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use std::path::Path;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Score {
@@ -78,4 +79,37 @@ pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize
         tokens: count,
         nll: total / count as f64,
     })
+}
+
+/// `--forgetting-eval`: a text's perplexity under the model before training, then after. The
+/// caller says how to score (a decoder's LM head, or a task body's untouched one).
+pub struct Forgetting {
+    ids: Vec<u32>,
+    pub before: Score,
+}
+
+impl Forgetting {
+    /// The baseline, scored now; None without a file.
+    pub fn start(
+        path: Option<&Path>,
+        tok: &crate::tokenizer::Tok,
+        score: impl Fn(&[u32]) -> Result<Score>,
+    ) -> Result<Option<Self>> {
+        let Some(p) = path else { return Ok(None) };
+        let ids = crate::data::encode_file(p, tok)?;
+        if ids.len() < 2 {
+            bail!("{}: too short to measure perplexity on", p.display());
+        }
+        let before = score(&ids)?;
+        Ok(Some(Self { ids, before }))
+    }
+
+    pub fn after(&self, score: impl Fn(&[u32]) -> Result<Score>) -> Result<Score> {
+        score(&self.ids)
+    }
+
+    /// (perplexity before, after).
+    pub fn ppl(&self, score: impl Fn(&[u32]) -> Result<Score>) -> Result<(f64, f64)> {
+        Ok((self.before.ppl(), self.after(score)?.ppl()))
+    }
 }

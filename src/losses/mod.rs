@@ -37,4 +37,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(gather_logprobs(logits, targets)?.neg()?.sum_all()?)
 }
+/// The sum of a tensor's entries as f64, without its graph: for logged statistics.
+pub fn sum_f64(t: &Tensor) -> Result<f64> {
+    Ok(t.detach()
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?)
+}
+
 pub mod preference;

@@ -409,8 +409,7 @@ fn load_head_adapter(
         .into_iter()
         .partition(|(k, _)| k.starts_with(&format!("{name}.")));
     for (k, t) in &rest {
-        let p = m.store.get(k).or_else(|| m.store.get(&format!("bert.{k}")));
-        let Some(p) = p else {
+        let Some(p) = m.store.get(k) else {
             anyhow::bail!(
                 "{label}: tensor {k} belongs to no module of the base model (modules_to_save {heads:?})"
             );

@@ -21,13 +21,15 @@
 
 use crate::data::preference::{self, Counts, TokPair, Warn};
 use crate::data::sft::{Formatter, Tokenized};
+use crate::eval::score::{score_text_ids, Forgetting};
 use crate::losses::preference::{self as pl, Pair, PairLoss, Params};
+use crate::losses::sum_f64 as sum;
 use crate::model::ParamStore;
 use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
 use crate::train::engine::{TrainArgs, TrainConfig};
-use crate::train::lm::{Forgetting, Policy};
-use crate::train::logps::{completion_logps, Reference, SeqBatch};
+use crate::train::lm::Policy;
+use crate::train::logps::{completion_logps, RefPlan, Reference, SeqBatch};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
@@ -207,21 +209,21 @@ impl Dpo {
         let len = split(&lens)?;
         let avg = split(&(&sums / &lens)?)?;
         let beta = self.params.beta;
-        let (mut losses, rewards) = match self.loss {
+        // TRL's logged rewards: β·(π − ref), or β·π̄ for the reference-free losses.
+        let (mut losses, (rc, rr)) = match self.loss {
             PairLoss::Orpo => {
                 let (term, log_odds) = pl::orpo(beta, &avg)?;
                 stats.log_odds += sum(&log_odds)?;
-                (term, (&avg.chosen * beta, &avg.rejected * beta))
+                (term, ((&avg.chosen * beta)?, (&avg.rejected * beta)?))
             }
             PairLoss::Simpo => (
                 pl::simpo(&self.params, &avg)?,
-                (&avg.chosen * beta, &avg.rejected * beta),
+                ((&avg.chosen * beta)?, (&avg.rejected * beta)?),
             ),
             _ => {
                 let reference = self.reference_of(b)?;
                 let l = pl::dpo(self.loss, &self.params, &policy, &reference, &len)?;
-                let (c, r) = pl::implicit_rewards(beta, &policy, &reference)?;
-                (l, (Ok(c), Ok(r)))
+                (l, pl::implicit_rewards(beta, &policy, &reference)?)
             }
         };
         if self.sft_weight != 0.0 {
@@ -229,11 +231,8 @@ impl Dpo {
             stats.nll += sum(&nll)?;
             losses = (losses + (nll * self.sft_weight)?)?;
         }
-        let (rc, rr) = (rewards.0?.detach(), rewards.1?.detach());
-        let (rc, rr): (Vec<f64>, Vec<f64>) = (
-            rc.to_dtype(DType::F64)?.to_vec1()?,
-            rr.to_dtype(DType::F64)?.to_vec1()?,
-        );
+        let rc: Vec<f64> = rc.detach().to_dtype(DType::F64)?.to_vec1()?;
+        let rr: Vec<f64> = rr.detach().to_dtype(DType::F64)?.to_vec1()?;
         stats.n += n as f64;
         stats.rewards_c += rc.iter().sum::<f64>();
         stats.rewards_r += rr.iter().sum::<f64>();
@@ -262,13 +261,6 @@ impl Dpo {
             rejected: v.narrow(0, n, n)?,
         })
     }
-}
-
-fn sum(t: &Tensor) -> Result<f64> {
-    Ok(t.detach()
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?)
 }
 
 impl Stats {
@@ -404,9 +396,11 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
             o.loss.name()
         );
     }
-    if o.ref_live && o.ref_cache.is_some() {
-        bail!("ref_live computes the reference at every step; it has no ref_cache");
-    }
+    let plan = RefPlan {
+        live: o.ref_live,
+        cache: o.ref_cache.as_deref(),
+    };
+    plan.check()?;
     let files = RunFiles::create(&ctl, &o.out, &o, "dpo")?;
     let run_dir = files.run_dir.clone();
 
@@ -432,9 +426,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
         .chain(&eval_recs)
         .any(|r| r.record.has_messages());
     if has_messages && p.use_default_template() {
-        ctl.say(
-            "note: the model has no chat template; conversations use the default ChatML template",
-        );
+        ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
     let fmt = Formatter {
@@ -448,10 +440,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
         bail!("max_len must be at least 2");
     }
     let mut train = preference::tokenize_pairs(&fmt, &train_recs, max_len, &warn, &mut counts)?;
-    let mut eval = match eval_recs.is_empty() {
-        true => Vec::new(),
-        false => preference::tokenize_pairs(&fmt, &eval_recs, max_len, &warn, &mut counts)?,
-    };
+    let mut eval = preference::tokenize_pairs(&fmt, &eval_recs, max_len, &warn, &mut counts)?;
     if o.eval_fraction > 0.0 {
         let (t, e) =
             preference::split_by_prompt(train, |x| x.prompt_key, o.eval_fraction, cfg.seed);
@@ -473,7 +462,9 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
     let pairs = train;
 
     // 2. Forgetting baseline, adapters, and the reference.
-    let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m)?;
+    let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m.tok, |ids| {
+        score_text_ids(&p.m.model, ids)
+    })?;
     if let Some(c) = &lora_cfg {
         p.attach_lora(c, cfg.seed)?;
     }
@@ -483,16 +474,12 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
             .iter()
             .flat_map(|x| [&x.chosen, &x.rejected])
             .collect();
-        let dir = match &o.ref_cache {
-            Some(d) => d.clone(),
-            None => crate::outdir::entry(&run_dir, "ref_cache")?,
-        };
         Some(Reference::build(
-            o.ref_live,
+            &plan,
             &p,
             &seqs,
             pad,
-            (&dir, &data_path, "dpo"),
+            (&run_dir, &data_path, "dpo"),
             &ctl,
         )?)
     } else {
@@ -531,7 +518,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
     let mut p = method.p;
     s.output = Some(p.write_outputs(&run_dir, o.peft.merge, &ctl)?);
     if let Some(f) = &forgetting {
-        s.forgetting = Some((f.before.ppl(), f.after(&p.m)?.ppl()));
+        s.forgetting = Some(f.ppl(|ids| score_text_ids(&p.m.model, ids))?);
     }
     let oc = &s.outcome;
     let mut line = json!({"summary": true, "loss_type": o.loss.name(), "steps": oc.steps,

@@ -17,15 +17,16 @@
 
 use crate::data::preference::{self, Counts, TokOne, Warn};
 use crate::data::sft::{Formatter, Tokenized};
+use crate::eval::score::{score_text_ids, Forgetting};
 use crate::losses::preference as pl;
 use crate::model::ParamStore;
 use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
 use crate::train::engine::{TrainArgs, TrainConfig};
-use crate::train::lm::{Forgetting, Policy};
-use crate::train::logps::{completion_logps, Reference, SeqBatch};
+use crate::train::lm::Policy;
+use crate::train::logps::{completion_logps, RefPlan, Reference, SeqBatch};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -223,12 +224,7 @@ impl Method for Kto {
         let (lc, lr) = pl::kto(self.beta, &rc, &rr, z)?;
         let loss = ((lc.sum_all()? * self.weights.0)? + (lr.sum_all()? * self.weights.1)?)?;
         let s = &mut self.stats;
-        let f = |t: &Tensor| -> Result<f64> {
-            Ok(t.detach()
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?)
-        };
+        let f = crate::losses::sum_f64;
         s.n_c += good.len() as f64;
         s.n_r += bad.len() as f64;
         s.rewards_c += self.beta * f(&rc)?;
@@ -275,9 +271,11 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
             bail!("{k} must be positive and finite, got {w}");
         }
     }
-    if o.ref_live && o.ref_cache.is_some() {
-        bail!("ref_live computes the reference at every step; it has no ref_cache");
-    }
+    let plan = RefPlan {
+        live: o.ref_live,
+        cache: o.ref_cache.as_deref(),
+    };
+    plan.check()?;
     let lora_cfg = o.peft.lora()?;
     let model_path = o
         .model
@@ -304,9 +302,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
     let mut counts = Counts::default();
     let recs = preference::read(&data_path, &warn, &mut counts)?;
     if recs.iter().any(|r| r.record.has_messages()) && p.use_default_template() {
-        ctl.say(
-            "note: the model has no chat template; conversations use the default ChatML template",
-        );
+        ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
     let fmt = Formatter {
@@ -341,17 +337,15 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
     let pad = p.eos().unwrap_or(0);
 
     // 2. Forgetting baseline, adapters, the reference (examples, then mismatched sequences).
-    let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m)?;
+    let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m.tok, |ids| {
+        score_text_ids(&p.m.model, ids)
+    })?;
     if let Some(c) = &lora_cfg {
         p.attach_lora(c, cfg.seed)?;
     }
     ctl.say(&p.describe());
     let seqs: Vec<&Tokenized> = data.iter().map(|d| &d.seq).chain(&mismatched).collect();
-    let dir = match &o.ref_cache {
-        Some(d) => d.clone(),
-        None => crate::outdir::entry(&run_dir, "ref_cache")?,
-    };
-    let reference = Reference::build(o.ref_live, &p, &seqs, pad, (&dir, &data_path, "kto"), &ctl)?;
+    let reference = Reference::build(&plan, &p, &seqs, pad, (&run_dir, &data_path, "kto"), &ctl)?;
 
     // 3. The engine, then the outputs.
     let mut method = Kto {
@@ -381,7 +375,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
     let mut p = method.p;
     s.output = Some(p.write_outputs(&run_dir, o.peft.merge, &ctl)?);
     if let Some(f) = &forgetting {
-        s.forgetting = Some((f.before.ppl(), f.after(&p.m)?.ppl()));
+        s.forgetting = Some(f.ppl(|ids| score_text_ids(&p.m.model, ids))?);
     }
     let oc = &s.outcome;
     Metrics::open(&run_dir)?.line(&json!({"summary": true, "steps": oc.steps,

@@ -3,13 +3,12 @@
 //! model directory (full fine-tune) or a PEFT adapter directory (optionally merged too).
 
 use crate::chat::ChatTemplate;
-use crate::eval::score::{score_text_ids, Score};
 use crate::model::hf;
 use crate::outdir::{self, write_output};
 use crate::peft::lora::{self, Lora, LoraConfig};
 use crate::peft::AdapterSwitch;
 use crate::train::engine::Control;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 
 /// A causal LM being trained: the loaded model, its adapters (if any) and the switch that turns
@@ -129,28 +128,5 @@ impl Policy {
         };
         ctl.say(&format!("wrote {}", out.display()));
         Ok(out)
-    }
-}
-
-/// `--forgetting-eval`: perplexity of a text before and after training.
-pub struct Forgetting {
-    ids: Vec<u32>,
-    pub before: Score,
-}
-
-impl Forgetting {
-    /// Measures the baseline on the model as loaded (before adapters or training).
-    pub fn start(path: Option<&Path>, m: &hf::LoadedModel) -> Result<Option<Self>> {
-        let Some(p) = path else { return Ok(None) };
-        let ids = crate::data::encode_file(p, &m.tok)?;
-        if ids.len() < 2 {
-            bail!("{}: too short to measure perplexity on", p.display());
-        }
-        let before = score_text_ids(&m.model, &ids)?;
-        Ok(Some(Self { ids, before }))
-    }
-
-    pub fn after(&self, m: &hf::LoadedModel) -> Result<Score> {
-        score_text_ids(&m.model, &self.ids)
     }
 }

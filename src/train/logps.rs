@@ -143,18 +143,37 @@ pub enum Reference {
     Copy(Box<DecoderModel>),
 }
 
+/// How a run gets its reference: `--ref-live`, or precomputed into `--ref-cache` (by default
+/// the run directory's `ref_cache/`).
+pub struct RefPlan<'a> {
+    pub live: bool,
+    pub cache: Option<&'a Path>,
+}
+
+impl RefPlan<'_> {
+    /// Rejects options that contradict each other (before any work is done).
+    pub fn check(&self) -> Result<()> {
+        if self.live && self.cache.is_some() {
+            anyhow::bail!("ref_live computes the reference at every step; it has no ref_cache");
+        }
+        Ok(())
+    }
+}
+
 impl Reference {
-    /// The reference for `policy`: computed at every step when `live`, else precomputed for
-    /// `seqs` (all sequences the run will score, in cache order) and cached under `cache_dir`.
+    /// The reference for `policy` as `plan` says: computed at every step, or precomputed for
+    /// `seqs` (all sequences the run will score, in cache order) with the cache keyed by the
+    /// `data` file and the method `what`.
     pub fn build(
-        live: bool,
+        plan: &RefPlan,
         policy: &Policy,
         seqs: &[&Tokenized],
         pad: u32,
-        cache: (&Path, &Path, &str),
+        (run_dir, data, what): (&Path, &Path, &str),
         ctl: &Control,
     ) -> Result<Self> {
-        if live {
+        plan.check()?;
+        if plan.live {
             return Ok(match &policy.adapters {
                 Some(_) => Reference::AdaptersOff(policy.switch.clone()),
                 None => {
@@ -163,7 +182,11 @@ impl Reference {
                 }
             });
         }
-        let (dir, data, what) = cache;
+        let dir = match plan.cache {
+            Some(d) => d.to_path_buf(),
+            None => crate::outdir::entry(run_dir, "ref_cache")?,
+        };
+        let dir = dir.as_path();
         let cache = RefCache::new(dir, &policy.model_path, &policy.m.tok, data, seqs, what)?;
         policy.switch.set_enabled(false);
         let v = reference_logps(&cache, &policy.m.model, seqs, pad, &|s| ctl.say(s));

@@ -21,7 +21,8 @@ use super::finetune::{load_body, write_outputs, BodyOpts, HeadSpec, Tuned};
 use crate::data::preference::{self, Counts, TokPair, Warn};
 use crate::data::sft::Formatter;
 use crate::losses::preference::bradley_terry;
-use crate::model::backbone::HeadModel;
+use crate::model::backbone::{Backbone, HeadModel};
+use crate::model::layers::Linear;
 use crate::model::ParamStore;
 use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
@@ -99,33 +100,21 @@ pub struct Summary {
     pub forgetting: Option<(f64, f64)>,
 }
 
-/// One pair's token rows, as the reward model reads them.
-struct Rows {
-    chosen: Vec<u32>,
-    rejected: Vec<u32>,
-    margin: Option<f32>,
-}
-
-fn rows_of(p: &TokPair) -> Rows {
-    Rows {
-        chosen: p.chosen.ids.clone(),
-        rejected: p.rejected.ids.clone(),
-        margin: p.margin,
-    }
-}
-
-/// Rewards (2B,) of B pairs: chosen then rejected.
-fn rewards(t: &Tuned, pairs: &[&Rows]) -> Result<Tensor> {
-    let mut rows: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen.clone()).collect();
-    rows.extend(pairs.iter().map(|p| p.rejected.clone()));
-    let f = t.m.body.features(&rows, t.pad, t.device())?; // (2B, C)
-    Ok(t.head.forward(&f)?.squeeze(1)?) // (2B,)
+/// Rewards (2B,) of B pairs, chosen then rejected: the head on each sequence's features.
+fn pair_rewards(body: &Backbone, head: &Linear, pad: u32, pairs: &[&TokPair]) -> Result<Tensor> {
+    let rows: Vec<Vec<u32>> = pairs
+        .iter()
+        .map(|p| p.chosen.ids.clone())
+        .chain(pairs.iter().map(|p| p.rejected.ids.clone()))
+        .collect();
+    let f = body.features(&rows, pad, head.weight.device())?; // (2B, C)
+    Ok(head.forward(&f)?.squeeze(1)?) // (2B,)
 }
 
 struct Reward {
     t: Tuned,
-    train: Vec<Rows>,
-    eval: Vec<Rows>,
+    train: Vec<TokPair>,
+    eval: Vec<TokPair>,
     center: f64,
     eval_batch: usize,
     stats: (f64, f64, f64),
@@ -133,10 +122,10 @@ struct Reward {
 
 impl Reward {
     /// Per-pair losses (B,) and the (chosen, rejected) rewards.
-    fn pair_losses(&self, pairs: &[&Rows]) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
+    fn pair_losses(&self, pairs: &[&TokPair]) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
         let n = pairs.len();
         let dev = self.t.device();
-        let r = rewards(&self.t, pairs)?;
+        let r = pair_rewards(&self.t.m.body, &self.t.head, self.t.pad, pairs)?;
         let (c, rj) = (r.narrow(0, 0, n)?, r.narrow(0, n, n)?);
         let margin = match pairs.iter().any(|p| p.margin.is_some()) {
             true => Some(Tensor::from_vec(
@@ -185,12 +174,12 @@ impl Method for Reward {
 
     fn tokens(&self, b: &Vec<usize>) -> usize {
         b.iter()
-            .map(|&i| self.train[i].chosen.len() + self.train[i].rejected.len())
+            .map(|&i| self.train[i].chosen.ids.len() + self.train[i].rejected.ids.len())
             .sum()
     }
 
     fn loss(&mut self, b: &Vec<usize>) -> Result<Tensor> {
-        let pairs: Vec<&Rows> = b.iter().map(|&i| &self.train[i]).collect();
+        let pairs: Vec<&TokPair> = b.iter().map(|&i| &self.train[i]).collect();
         let (l, c, r) = self.pair_losses(&pairs)?;
         let (acc, margin) = pair_metrics(&c, &r);
         let n = b.len() as f64;
@@ -214,14 +203,10 @@ impl Method for Reward {
             return Ok(Vec::new());
         }
         let (mut c, mut r, mut loss) = (Vec::new(), Vec::new(), 0f64);
-        let all: Vec<&Rows> = self.eval.iter().collect();
+        let all: Vec<&TokPair> = self.eval.iter().collect();
         for chunk in all.chunks(self.eval_batch) {
             let (l, cc, rr) = self.pair_losses(chunk)?;
-            loss += l
-                .detach()
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            loss += crate::losses::sum_f64(&l)?;
             c.extend(cc);
             r.extend(rr);
         }
@@ -243,9 +228,6 @@ fn tokenize(
     warn: &Warn,
     counts: &mut Counts,
 ) -> Result<Vec<TokPair>> {
-    if recs.is_empty() {
-        return Ok(Vec::new());
-    }
     let fmt = Formatter {
         tok,
         template: tpl,
@@ -310,9 +292,7 @@ pub fn run(o: RewardOptions, ctl: Control) -> Result<Summary> {
             .chain(&eval_recs)
             .any(|r| r.record.has_messages())
     {
-        ctl.say(
-            "note: the model has no chat template; conversations use the default ChatML template",
-        );
+        ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
         template = Some(crate::data::sft::DEFAULT_TEMPLATE.to_string());
     }
     let tpl = template.clone().map(|s| t.m.chat(s));
@@ -353,8 +333,8 @@ pub fn run(o: RewardOptions, ctl: Control) -> Result<Summary> {
     // 3. The engine, then the outputs.
     let mut method = Reward {
         t,
-        train: train.iter().map(rows_of).collect(),
-        eval: eval.iter().map(rows_of).collect(),
+        train,
+        eval,
         center: o.center_rewards_coefficient,
         eval_batch: cfg.batch_size,
         stats: (0.0, 0.0, 0.0),
@@ -380,11 +360,11 @@ pub fn run(o: RewardOptions, ctl: Control) -> Result<Summary> {
         chat_template: template.as_deref(),
     };
     let bytes = write_outputs(&mut method.t, &run_dir, &body, &spec)?;
-    s.forgetting = method.t.forgetting.finish(&method.t.m.body)?;
+    s.forgetting = method.t.forgetting_ppl()?;
     let oc = &s.outcome;
     let mut line = json!({"summary": true, "steps": oc.steps, "seconds": oc.seconds,
-        "step_s_median": oc.step_s_median, "peak_rss_mib": oc.peak_rss_mib, "pairs": train.len(),
-        "eval_pairs": eval.len(), "skipped": s.counts.skipped(), "trainable_params": trainable,
+        "step_s_median": oc.step_s_median, "peak_rss_mib": oc.peak_rss_mib, "pairs": method.train.len(),
+        "eval_pairs": method.eval.len(), "skipped": s.counts.skipped(), "trainable_params": trainable,
         "total_params": total, "weights_bytes": bytes, "forgetting_ppl": s.forgetting});
     for (k, v) in &s.eval {
         line[*k] = json!(v);
@@ -466,15 +446,9 @@ pub fn score(a: &ScoreArgs, say: &dyn Fn(&str)) -> Result<(Vec<Scored>, Counts)>
 }
 
 fn score_chunk(hm: &HeadModel, pairs: &[TokPair]) -> Result<Vec<f32>> {
-    let mut rows: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen.ids.clone()).collect();
-    rows.extend(pairs.iter().map(|p| p.rejected.ids.clone()));
-    let f = hm.m.body.features(&rows, hm.pad, &hm.m.store.device)?;
-    let r: Vec<f32> = hm
-        .head
-        .forward(&f)?
-        .squeeze(1)?
-        .to_dtype(DType::F32)?
-        .to_vec1()?;
+    let pairs: Vec<&TokPair> = pairs.iter().collect();
+    let r = pair_rewards(&hm.m.body, &hm.head, hm.pad, &pairs)?;
+    let r: Vec<f32> = r.to_dtype(DType::F32)?.to_vec1()?;
     if let Some(x) = r.iter().find(|x| !x.is_finite()) {
         bail!("a reward is not finite ({x}): the model's weights are broken");
     }

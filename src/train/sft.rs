@@ -12,12 +12,12 @@
 
 use crate::data::sft::{build_batch, read_jsonl, rows_of, tokenize_all, Counts, Example};
 use crate::data::sft::{Formatter, RowBatch, Tokenized};
-use crate::eval::score::Score;
+use crate::eval::score::{score_text_ids, Forgetting, Score};
 use crate::model::{DecoderModel, ForwardOpts, Packing, ParamStore};
 use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
 use crate::train::engine::{TrainArgs, TrainConfig};
-use crate::train::lm::{Forgetting, Policy};
+use crate::train::lm::Policy;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
@@ -157,9 +157,7 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     // The template is written with the output even for text-only data: the fine-tune is then
     // ready for chat.
     if p.use_default_template() && has_chat {
-        ctl.say(
-            "note: the model has no chat template; conversations use the default ChatML template",
-        );
+        ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
     let max_len = o.max_len.min(p.m.model.cfg.max_position_embeddings);
@@ -183,7 +181,9 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     let pad = p.eos().unwrap_or(0);
 
     // 3. Forgetting baseline, measured on the base model.
-    let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m)?;
+    let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m.tok, |ids| {
+        score_text_ids(&p.m.model, ids)
+    })?;
 
     // 4. Adapters.
     if let Some(c) = &lora_cfg {
@@ -223,7 +223,7 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     // 7. Forgetting: the same text under the fine-tuned model.
     let mut metrics = Metrics::open(&run_dir)?;
     if let Some(f) = &forgetting {
-        let (b, after) = (f.before, f.after(&p.m)?);
+        let (b, after) = (f.before, f.after(|ids| score_text_ids(&p.m.model, ids))?);
         metrics.line(
             &json!({"forgetting_eval": o.forgetting_eval.as_ref().map(|p| p.display().to_string()),
                "ppl_before": b.ppl(), "ppl_after": after.ppl(), "tokens": b.tokens}),

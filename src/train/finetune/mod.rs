@@ -8,6 +8,7 @@ pub mod classify;
 pub mod ner;
 pub mod qa;
 
+use crate::eval::score::Forgetting;
 use crate::fsutil::write_json;
 use crate::model::backbone::{saved_with_head, Backbone, LoadedBackbone};
 use crate::model::layers::{Builder, Layout, Linear};
@@ -154,7 +155,7 @@ pub struct Tuned {
     pub adapters: Option<Lora>,
     pub pad: u32,
     pub max_len: usize,
-    pub forgetting: Forgetting,
+    pub forgetting: Option<Forgetting>,
 }
 
 /// BERT's pooler belongs to a classification head: it trains under LoRA too and is saved with
@@ -202,7 +203,7 @@ impl Tuned {
             )?),
             None => None,
         };
-        let forgetting = Forgetting::start(o.forgetting_eval, &m)?;
+        let forgetting = Forgetting::start(o.forgetting_eval, &m.tok, |ids| m.body.lm_score(ids))?;
         let max_len = o.max_len.min(m.body.max_len());
         if max_len < 2 {
             anyhow::bail!("max_len must be at least 2");
@@ -217,6 +218,15 @@ impl Tuned {
             max_len,
             forgetting,
         })
+    }
+
+    /// Perplexity of the forgetting text before and after, with `--forgetting-eval`.
+    pub fn forgetting_ppl(&self) -> Result<Option<(f64, f64)>> {
+        let body = &self.m.body;
+        self.forgetting
+            .as_ref()
+            .map(|f| f.ppl(|ids| body.lm_score(ids)))
+            .transpose()
     }
 
     /// Dropout of the adapters on (keyed) or off.
@@ -275,7 +285,7 @@ pub fn train<M: TaskMethod>(
     }
     let tuned = method.tuned();
     s.checkpoint_bytes = write_outputs(tuned, &run_dir, &o.body()?, &spec)?;
-    s.forgetting = tuned.forgetting.finish(&tuned.m.body)?;
+    s.forgetting = tuned.forgetting_ppl()?;
     let oc = &s.outcome;
     let mut line = json!({"summary": true, "steps": oc.steps, "seconds": oc.seconds,
         "step_s_median": oc.step_s_median, "peak_rss_mib": oc.peak_rss_mib,
@@ -340,35 +350,4 @@ pub fn write_outputs(h: &mut Tuned, out: &Path, o: &BodyOpts, spec: &HeadSpec) -
         write_model(&h.m, &outdir::entry(out, "model")?)?;
     }
     Ok(std::fs::metadata(dir.join("adapter_model.safetensors"))?.len())
-}
-
-/// `--forgetting-eval`: the text's perplexity before training, then after.
-pub struct Forgetting {
-    ids: Option<Vec<u32>>,
-    before: Option<f64>,
-}
-
-impl Forgetting {
-    fn start(path: Option<&Path>, m: &LoadedBackbone) -> Result<Self> {
-        let Some(p) = path else {
-            return Ok(Self {
-                ids: None,
-                before: None,
-            });
-        };
-        let ids = crate::data::encode_file(p, &m.tok)?;
-        let before = m.body.lm_score(&ids)?.ppl();
-        Ok(Self {
-            ids: Some(ids),
-            before: Some(before),
-        })
-    }
-
-    /// (before, after); None without --forgetting-eval.
-    pub fn finish(&mut self, body: &Backbone) -> Result<Option<(f64, f64)>> {
-        let (Some(ids), Some(b)) = (self.ids.take(), self.before) else {
-            return Ok(None);
-        };
-        Ok(Some((b, body.lm_score(&ids)?.ppl())))
-    }
 }
