@@ -1,6 +1,7 @@
 //! What the methods that train a causal LM share (SFT, DPO and its relatives, KTO): loading the
-//! model with its chat template, attaching LoRA, the forgetting report, and the outputs — an HF
-//! model directory (full fine-tune) or a PEFT adapter directory (optionally merged too).
+//! model with its chat template, attaching LoRA, and the outputs — an HF model directory (full
+//! fine-tune) or a PEFT adapter directory (optionally merged too). The forgetting report is
+//! `eval::score::Forgetting`, shared with the task heads.
 
 use crate::chat::ChatTemplate;
 use crate::model::hf;

@@ -7,8 +7,8 @@
 //! - `reward`: reward models on preference pairs (Bradley–Terry);
 //! - `dpo`: DPO and its pairwise relatives, ORPO and SimPO; `kto`: KTO on unpaired examples.
 //!
-//! What the methods share: `lm` (a causal LM being trained: load, template, LoRA, outputs,
-//! forgetting), `logps` (log-probs of completions; the reference model) and `reference` (the
+//! What the methods share: `lm` (a causal LM being trained: load, template, LoRA, outputs),
+//! `logps` (log-probs of completions; the reference model) and `reference` (the
 //! reference log-prob cache).
 //!
 //! A new method is one file: its batches, its loss, its outputs (docs/training-engine.md).
