@@ -67,6 +67,16 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Keeps only batch rows `rows` (in that order): finished sequences leave the batch.
+    pub fn keep_rows(&mut self, rows: &[u32]) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let idx = Tensor::from_slice(rows, rows.len(), k.device())?;
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
 }
 
 impl Attention {
@@ -216,7 +226,8 @@ impl Attention {
                 k = Tensor::cat(&[&pk, &k], 1)?;
                 v = Tensor::cat(&[&pv, &v], 1)?;
             }
-            *slot = Some((k.clone(), v.clone()));
+            // Detached: a cache is for decoding, and would otherwise keep every step's graph alive.
+            *slot = Some((k.detach(), v.detach()));
         }
         let n_prefix = match ctx.prefix {
             Some((pk, pv)) => {

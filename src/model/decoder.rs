@@ -167,7 +167,8 @@ pub struct ForwardOpts<'a> {
     pub prefix: Option<&'a [(Tensor, Tensor)]>,
     /// (B, past+T) with 1 for real tokens and 0 for padding keys.
     pub key_padding: Option<&'a Tensor>,
-    /// Several examples per row (SFT packing); not with a cache.
+    /// Several examples per row (SFT packing), or left-padded rows of batched generation
+    /// (with a cache: `Packing::left_padded` at the cache's length).
     pub packing: Option<&'a Packing>,
 }
 
@@ -320,10 +321,10 @@ impl DecoderModel {
             key_padding,
             packing,
         } = opts;
-        if packing.is_some() && cache.is_some() {
-            bail!("packed sequences cannot use a KV cache");
-        }
         let past = cache.as_ref().map_or(0, |c| c.len);
+        if packing.is_some_and(|p| p.past() != past) {
+            bail!("per-row positions were built for a cache of another length");
+        }
         let max = self.cfg.max_position_embeddings;
         if past + t > max {
             bail!(

@@ -1,6 +1,8 @@
 //! Several SFT examples in one row (`sft --packing`): per-token positions that restart at each
 //! example, and per-query segment starts so attention stays inside each example — the fused
-//! kernel takes the starts, the composite path an additive mask.
+//! kernel takes the starts, the composite path an additive mask. Left-padded rows of batched
+//! generation are the same thing with a KV cache: the padding is one segment, the sequence the
+//! next, so each row has its own positions and never attends to its padding.
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -11,9 +13,11 @@ use candle_core::{Device, Tensor};
 pub struct Packing {
     /// (B, T) u32 position of each token within its example.
     pub positions: Tensor,
-    /// Per (row, position): where that token's example starts in the row.
+    /// Per (row, query): the key position where that token's example starts in the row.
     pub starts: std::sync::Arc<Vec<u32>>,
     t: usize,
+    /// Positions already in the KV cache before these queries.
+    past: usize,
 }
 
 impl Packing {
@@ -40,12 +44,39 @@ impl Packing {
             positions: Tensor::from_vec(pos, (segments.len(), t), dev)?,
             starts: std::sync::Arc::new(starts),
             t,
+            past: 0,
         })
     }
 
-    /// Additive (B, 1, T, n_prefix + T) mask hiding keys of other examples.
+    /// Left-padded rows, `pads[b]` padding tokens before row b's sequence, for the `t` columns
+    /// after `past` cached ones: a token at column c has position c − pads[b] (padding: c) and
+    /// sees only keys from column pads[b] on (padding sees padding).
+    pub fn left_padded(pads: &[usize], past: usize, t: usize, dev: &Device) -> Result<Self> {
+        let mut starts = Vec::with_capacity(pads.len() * t);
+        let mut pos = Vec::with_capacity(pads.len() * t);
+        for &p in pads {
+            for c in past..past + t {
+                let (s, x) = if c < p { (0, c) } else { (p, c - p) };
+                starts.push(s as u32);
+                pos.push(x as u32);
+            }
+        }
+        Ok(Self {
+            positions: Tensor::from_vec(pos, (pads.len(), t), dev)?,
+            starts: std::sync::Arc::new(starts),
+            t,
+            past,
+        })
+    }
+
+    /// Positions already cached before these queries.
+    pub fn past(&self) -> usize {
+        self.past
+    }
+
+    /// Additive (B, 1, T, n_prefix + past + T) mask hiding keys of other examples.
     pub(crate) fn mask(&self, n_prefix: usize, dev: &Device) -> Result<Tensor> {
-        let (t, s) = (self.t, n_prefix + self.t);
+        let (t, s) = (self.t, n_prefix + self.past + self.t);
         let b = self.starts.len() / t;
         let mut m = vec![0f32; b * t * s];
         for bi in 0..b {

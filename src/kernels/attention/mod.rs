@@ -262,8 +262,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: Spec) -> Result<Tenso
     attention_packed(q, k, v, spec, None)
 }
 
-/// `attention` over packed rows: `starts[b·T + i]` is where query i's example begins in row b
-/// (positions without a KV cache, `past = 0`).
+/// `attention` over packed rows: `starts[b·T + i]` is the key position where query i's example
+/// begins in row b (with a KV cache, left-padded rows: where the row's sequence begins).
 pub fn attention_packed(
     q: &Tensor,
     k: &Tensor,
@@ -273,8 +273,8 @@ pub fn attention_packed(
 ) -> Result<Tensor> {
     if let Some(st) = &starts {
         let (b, t) = (q.dim(0)?, q.dim(1)?);
-        if spec.past != 0 || st.len() != b * t {
-            bail!("fused attention: packed segments need past = 0 and one start per query");
+        if st.len() != b * t {
+            bail!("fused attention: packed segments need one start per query");
         }
     }
     let unit = |t: &Tensor| t.dim(3).map(|d| d <= 1 || t.stride()[3] == 1);
