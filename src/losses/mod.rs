@@ -46,3 +46,4 @@ pub fn sum_f64(t: &Tensor) -> Result<f64> {
 }
 
 pub mod preference;
+pub mod rl;
