@@ -66,6 +66,13 @@ enum Cmd {
     Reward(RewardCli),
     /// KTO on examples labelled desirable / undesirable (or on pairs, unpaired).
     Kto(Train<KtoOptions>),
+    /// Online RL with PPO: rollouts scored by a reward model or rules, a value head, a KL
+    /// penalty to the reference, GAE, clipped policy and value losses.
+    Ppo(Train<lmforge::train::rl::ppo::PpoOptions>),
+    /// Online RL with GRPO: k samples per prompt, group-normalised advantages, no critic.
+    Grpo(Train<lmforge::train::rl::grpo::GrpoOptions>),
+    /// Online RL with RLOO: k samples per prompt, leave-one-out baseline, KL penalty in the reward.
+    Rloo(Train<lmforge::train::rl::rloo::RlooOptions>),
     /// RLAIF: a local judge model labels which of two responses is better (both orders,
     /// answer-token probabilities) and writes preference pairs.
     Label(lmforge::rlaif::LabelArgs),
@@ -308,6 +315,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Cmd::Sft(a) => report::cmd_sft(a, &given),
         Cmd::Finetune(a) => report::cmd_finetune(a, &given),
         Cmd::Dpo(a) => report::cmd_dpo(a, &given),
+        Cmd::Ppo(a) => report::cmd_online(a, &given, "ppo", lmforge::train::rl::ppo::run),
+        Cmd::Grpo(a) => report::cmd_online(a, &given, "grpo", lmforge::train::rl::grpo::run),
+        Cmd::Rloo(a) => report::cmd_online(a, &given, "rloo", lmforge::train::rl::rloo::run),
         Cmd::Kto(a) => report::cmd_kto(a, &given),
         Cmd::Label(a) => report::cmd_label(a),
         Cmd::Reward(RewardCli {

@@ -1,5 +1,5 @@
 //! What the training subcommands print when they finish: `pretrain`, `sft`, `finetune`,
-//! `reward` (and `reward score`), `dpo`, `kto`, and `label`.
+//! `reward` (and `reward score`), `dpo`, `kto`, `ppo`, `grpo`, `rloo`, and `label`.
 
 use super::{exit_code, setup, Train};
 use anyhow::Result;
@@ -98,6 +98,37 @@ pub fn cmd_dpo(a: Train<DpoOptions>, given: &HashSet<String>) -> Result<ExitCode
         eprintln!("eval: reward accuracy {acc:.4}, mean margin {m:.4}");
     }
     forgetting(s.forgetting);
+    eprintln!("output: {}", output.display());
+    Ok(exit_code(o))
+}
+
+/// `ppo`, `grpo`, `rloo`.
+pub fn cmd_online<T>(
+    a: Train<T>,
+    given: &HashSet<String>,
+    name: &'static str,
+    run: fn(T, lmforge::train::engine::Control) -> Result<lmforge::train::rl::Summary>,
+) -> Result<ExitCode>
+where
+    T: clap::Args + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let (opts, ctl) = setup(&a, given, name)?;
+    let s = run(opts, ctl)?;
+    let o = &s.outcome;
+    let Some(output) = &s.output else {
+        return Ok(exit_code(o));
+    };
+    eprintln!(
+        "done: {} steps in {:.1}s (median step {:.3}s), {}; {} of {} parameters trained; peak RSS {:.0} MiB",
+        o.steps, o.seconds, o.step_s_median, loss_span(o), s.trainable, s.total, o.peak_rss_mib
+    );
+    let get = |m: &[(&str, f64)], k: &str| m.iter().find(|(n, _)| *n == k).map(|e| e.1);
+    if let (Some(b), Some(after)) = (
+        get(&s.eval_before, "eval_reward"),
+        get(&o.eval, "eval_reward"),
+    ) {
+        eprintln!("eval: mean reward of greedy responses {b:.4} before, {after:.4} after");
+    }
     eprintln!("output: {}", output.display());
     Ok(exit_code(o))
 }

@@ -14,13 +14,21 @@ fn fx() -> HashMap<String, Tensor> {
 }
 
 fn v64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn close(got: &[f64], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: {g} vs TRL {w}");
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: {g} vs TRL {w}"
+        );
     }
 }
 
@@ -38,7 +46,12 @@ fn grpo_and_rloo_advantages_match_trl() {
     }
     for norm in [false, true] {
         let a = rl::rloo_advantages(&r, 4, norm).unwrap();
-        close(&a, &v64(&f[&format!("rloo.norm{}", norm as u8)]), 1e-7, "rloo");
+        close(
+            &a,
+            &v64(&f[&format!("rloo.norm{}", norm as u8)]),
+            1e-7,
+            "rloo",
+        );
     }
     // The KL-penalised rewards: score − β Σ_t k1 over each row's tokens.
     let old: Vec<Vec<f32>> = f["in.rloo.old"].to_vec2().unwrap();

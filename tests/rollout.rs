@@ -8,7 +8,12 @@ use lmforge::generate::{generate, generate_batch, Sampled, Sampling, Stop};
 use lmforge::model::DecoderModel;
 
 fn prompts() -> Vec<Vec<u32>> {
-    vec![vec![5, 9, 3], vec![7, 1, 2, 8, 4, 6, 11], vec![13], vec![2, 2, 5, 17, 9]]
+    vec![
+        vec![5, 9, 3],
+        vec![7, 1, 2, 8, 4, 6, 11],
+        vec![13],
+        vec![2, 2, 5, 17, 9],
+    ]
 }
 
 /// log-softmax(logits / T) of every next token of `ids`, one row alone, no cache.
@@ -62,7 +67,10 @@ fn batched_rows_match_each_prompt_alone() {
 fn same(a: &Sampled, b: &Sampled) -> bool {
     a.tokens == b.tokens
         && a.stop == b.stop
-        && a.logps.iter().zip(&b.logps).all(|(x, y)| (x - y).abs() < 1e-5)
+        && a.logps
+            .iter()
+            .zip(&b.logps)
+            .all(|(x, y)| (x - y).abs() < 1e-5)
 }
 
 #[test]
@@ -113,5 +121,7 @@ fn context_and_empty_prompts_are_errors_or_stops() {
     assert!(e.to_string().contains("prompt 1 is empty"), "{e}");
     let long = vec![1u32; ctx - 3];
     let out = generate_batch(&m.model, &[vec![1, 2], long], &s, &[]).unwrap();
-    assert!(out.iter().all(|o| o.stop == Stop::ContextFull && o.tokens.len() == 4));
+    assert!(out
+        .iter()
+        .all(|o| o.stop == Stop::ContextFull && o.tokens.len() == 4));
 }

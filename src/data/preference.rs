@@ -153,7 +153,7 @@ impl Warn<'_> {
 const HUMAN: &str = "\n\nHuman:";
 const ASSISTANT: &str = "\n\nAssistant:";
 
-fn text_of(v: &Value, key: &str, at: &str) -> Result<Option<Text>> {
+pub(crate) fn text_of(v: &Value, key: &str, at: &str) -> Result<Option<Text>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(Text::Plain(s.clone()))),
@@ -358,7 +358,7 @@ fn prompt_hash(p: &Text) -> u64 {
 
 /// The example that scores `completion` after `prompt`: text for plain models, a conversation
 /// through the template for chat models.
-fn example(prompt: &Text, completion: &Text, chat: bool, at: &str) -> Result<Example> {
+pub(crate) fn example(prompt: &Text, completion: &Text, chat: bool, at: &str) -> Result<Example> {
     Ok(match (prompt, completion) {
         (Text::Plain(p), Text::Plain(c)) if !chat => Example::PromptCompletion {
             prompt: p.clone(),

@@ -75,7 +75,9 @@ pub fn kl(est: KlEstimator, logp: f32, ref_logp: f32) -> f32 {
 }
 
 /// How GRPO scales group-centred rewards (TRL's `scale_rewards`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ScaleRewards {
     /// By the group's standard deviation (the paper).

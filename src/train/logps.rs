@@ -1,5 +1,5 @@
-//! Sequence log-probabilities of completions: the primitive DPO, KTO, ORPO, SimPO (and PPO's
-//! reference) stand on.
+//! Sequence log-probabilities of completions: the primitive DPO, KTO, ORPO, SimPO and online RL
+//! (per token: PPO, GRPO, RLOO, and their reference) stand on.
 //!
 //!   log π(y | x) = Σ_{t ∈ completion} log p(y_t | x, y_<t)
 //!
@@ -74,20 +74,38 @@ impl SeqBatch {
 /// Σ log p of each row's completion tokens, (B,), with a graph when the model has trainable
 /// weights.
 pub fn completion_logps(model: &DecoderModel, s: &SeqBatch) -> Result<Tensor> {
-    let dev = model.device();
     if s.at.is_empty() {
         // No scored token in any row (e.g. a one-token completion with no prompt before it).
-        return Ok(Tensor::zeros(s.b, DType::F32, dev)?);
+        return Ok(Tensor::zeros(s.b, DType::F32, model.device())?);
     }
+    let h = completion_states(model, s)?;
+    row_sums(&token_logps(model, &h, s, 1.0)?, &s.counts, model.device())
+}
+
+/// Final hidden states (N, C) at the N positions that predict a completion token, in row order.
+pub fn completion_states(model: &DecoderModel, s: &SeqBatch) -> Result<Tensor> {
+    let dev = model.device();
     let x = Tensor::from_slice(&s.x, (s.b, s.t), dev)?;
     let h = model.hidden_states(&model.embed(&x)?, ForwardOpts::default())?; // (B, T, C)
     let c = model.cfg.hidden_size;
     let at = Tensor::from_slice(&s.at, s.at.len(), dev)?;
-    let h = h.reshape((s.b * s.t, c))?.index_select(&at, 0)?; // (N, C)
-    let logits = model.logits(&h)?; // (N, V)
-    let y = Tensor::from_slice(&s.targets, s.targets.len(), dev)?;
-    let lp = crate::losses::gather_logprobs(&logits, &y)?; // (N,)
-    row_sums(&lp, &s.counts, dev)
+    Ok(h.reshape((s.b * s.t, c))?.index_select(&at, 0)?) // (N, C)
+}
+
+/// log p of each completion token (N,) from its states `h` (N, C), under logits / `temperature`
+/// (online RL scores tokens under the distribution it sampled them from, as TRL does).
+pub fn token_logps(
+    model: &DecoderModel,
+    h: &Tensor,
+    s: &SeqBatch,
+    temperature: f64,
+) -> Result<Tensor> {
+    let mut logits = model.logits(h)?; // (N, V)
+    if temperature != 1.0 {
+        logits = (logits / temperature)?;
+    }
+    let y = Tensor::from_slice(&s.targets, s.targets.len(), model.device())?;
+    crate::losses::gather_logprobs(&logits, &y) // (N,)
 }
 
 /// Sums consecutive runs of `counts` entries of `v` (N,) -> (B,), as one small matmul so the
@@ -174,13 +192,7 @@ impl Reference {
     ) -> Result<Self> {
         plan.check()?;
         if plan.live {
-            return Ok(match &policy.adapters {
-                Some(_) => Reference::AdaptersOff(policy.switch.clone()),
-                None => {
-                    let copy = crate::model::hf::load(&policy.model_path, &ctl.device, &|_| true)?;
-                    Reference::Copy(Box::new(copy.model))
-                }
-            });
+            return Self::live(policy, ctl);
         }
         let dir = match plan.cache {
             Some(d) => d.to_path_buf(),
@@ -192,6 +204,43 @@ impl Reference {
         let v = reference_logps(&cache, &policy.m.model, seqs, pad, &|s| ctl.say(s));
         policy.switch.set_enabled(true);
         Ok(Reference::Cached(v?))
+    }
+
+    /// A reference computed at every step: the policy with its adapters off (LoRA), or a frozen
+    /// copy of the model (a full fine-tune).
+    pub fn live(policy: &Policy, ctl: &Control) -> Result<Self> {
+        Ok(match &policy.adapters {
+            Some(_) => Reference::AdaptersOff(policy.switch.clone()),
+            None => {
+                let copy = crate::model::hf::load(&policy.model_path, &ctl.device, &|_| true)?;
+                Reference::Copy(Box::new(copy.model))
+            }
+        })
+    }
+
+    /// Per-token log-probs (N,) of a batch's completion tokens under logits / `temperature`,
+    /// without a graph (a live reference only).
+    pub fn token_logps(
+        &self,
+        policy: &DecoderModel,
+        s: &SeqBatch,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        let run = |m: &DecoderModel| -> Result<Tensor> {
+            Ok(token_logps(m, &completion_states(m, s)?, s, temperature)?.detach())
+        };
+        match self {
+            Reference::Cached(_) => {
+                anyhow::bail!("internal error: per-token log-probs of a cached reference")
+            }
+            Reference::AdaptersOff(switch) => {
+                switch.set_enabled(false);
+                let r = run(policy);
+                switch.set_enabled(true);
+                r
+            }
+            Reference::Copy(m) => run(m),
+        }
     }
 
     /// The reference's completion log-prob sums of a batch's rows, without a graph; `ids` are

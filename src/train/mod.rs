@@ -23,4 +23,5 @@ pub mod optim;
 pub mod pretrain;
 pub mod reference;
 pub mod reward;
+pub mod rl;
 pub mod sft;

@@ -1,0 +1,243 @@
+//! GRPO (Shao et al. 2024, "DeepSeekMath"), as TRL 1.16's `GRPOTrainer`: k samples per prompt, no
+//! critic; each sample's advantage is its reward against its group's,
+//!
+//!   A_i = (r_i − mean(r_group)) / (std(r_group) + 1e-4)            (scale_rewards = group)
+//!   ℓ_t = −min(ρ_t·A_i, clip(ρ_t, 1−ε_low, 1+ε_high)·A_i) + β·k3_t,  ρ_t = π(y_t)/π_old(y_t)
+//!   k3_t = exp(log π_ref − log π) − (log π_ref − log π) − 1
+//!
+//! summed per `loss_type`: `grpo` averages each sequence's tokens then the sequences; `dr_grpo`
+//! divides the token sum by rows × max_new_tokens (Dr. GRPO, Liu et al. 2025); `dapo` (TRL's
+//! default) by the step's token count (Yu et al. 2025). β = 0 (TRL's default) loads no reference.
+//! Deviation: the normalisers are over the whole optimizer step, not per micro-batch, so a step
+//! does not depend on how it is split (TRL's `grpo` and `dr_grpo` average per-micro-batch values).
+
+use super::rollout::{Forward, Rollout};
+use super::{Algo, Common, RewardArgs, RolloutArgs, StepStats, Summary};
+use crate::losses::rl::{self, ScaleRewards};
+use crate::peft::PeftArgs;
+use crate::train::engine::{Control, Schedule, TrainArgs, TrainConfig};
+use crate::train::logps::row_sums;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// How the per-token losses of a step are summed and divided (TRL's `loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum GrpoLoss {
+    /// Per-sequence token mean, then the mean over sequences.
+    #[value(name = "grpo")]
+    #[serde(rename = "grpo")]
+    Grpo,
+    /// Token sum / (sequences × max_new_tokens).
+    #[value(name = "dr_grpo")]
+    #[serde(rename = "dr_grpo")]
+    DrGrpo,
+    /// Token sum / tokens.
+    #[value(name = "dapo")]
+    #[serde(rename = "dapo")]
+    Dapo,
+}
+
+/// `lmforge grpo`'s options: its flags and its TOML config.
+#[derive(Args, Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoOptions {
+    /// Policy (and reference) model: an HF directory or a .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prompts: JSONL of {"prompt", "answer"?}, preference pairs or conversations.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out prompts: greedy responses scored before training, every --eval-every steps
+    /// and at the end.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Run directory: metrics.jsonl, checkpoints/, and model/ (full) or adapter/ (LoRA).
+    #[arg(long, default_value = "runs/grpo")]
+    pub out: PathBuf,
+    /// A Jinja chat template file, instead of the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// Samples per prompt, k (TRL's num_generations).
+    #[arg(long, default_value_t = 4)]
+    pub num_generations: usize,
+    /// β, weight of the k3 KL term (0: no reference model).
+    #[arg(long, default_value_t = 0.0)]
+    pub beta: f64,
+    /// ε: the ratio is clipped to [1 − ε, 1 + ε_high].
+    #[arg(long, default_value_t = 0.2)]
+    pub epsilon: f64,
+    /// Upper clip ε_high (default ε; DAPO uses 0.28).
+    #[arg(long)]
+    pub epsilon_high: Option<f64>,
+    #[arg(long, value_enum, default_value = "dapo")]
+    pub loss_type: GrpoLoss,
+    #[arg(long, value_enum, default_value = "group")]
+    pub scale_rewards: ScaleRewards,
+    /// Passes over each rollout (TRL's num_iterations, μ).
+    #[arg(long, default_value_t = 1)]
+    pub num_iterations: usize,
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
+    #[command(flatten)]
+    pub reward: RewardArgs,
+    #[command(flatten)]
+    pub peft: PeftArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+crate::clap_default!(GrpoOptions);
+
+/// TRL's `GRPOConfig` habits where they fit a CPU: lr 1e-6 full (1e-5 LoRA), linear decay.
+pub fn train_defaults(peft: &PeftArgs) -> TrainConfig {
+    TrainConfig {
+        lr: peft.lr(1e-6, 1e-5),
+        schedule: Schedule::Linear,
+        max_steps: 100,
+        batch_size: 8,
+        grad_accum: 1,
+        ..TrainConfig::base()
+    }
+}
+
+pub struct Grpo {
+    pub k: usize,
+    pub beta: f64,
+    pub eps_low: f64,
+    pub eps_high: f64,
+    pub loss_type: GrpoLoss,
+    pub scale: ScaleRewards,
+    pub epochs: usize,
+    pub max_new_tokens: usize,
+}
+
+/// Region clip fractions of PPO-style clipping: (low, high) counts over tokens.
+pub fn clip_counts(ratio: &[f32], adv: &[f32], lo: f64, hi: f64) -> (f64, f64) {
+    let (mut l, mut h) = (0.0, 0.0);
+    for (&r, &a) in ratio.iter().zip(adv) {
+        if (r as f64) < 1.0 - lo && a < 0.0 {
+            l += 1.0;
+        }
+        if (r as f64) > 1.0 + hi && a > 0.0 {
+            h += 1.0;
+        }
+    }
+    (l, h)
+}
+
+/// Per-row advantages repeated over each row's response tokens.
+pub fn spread(r: &Rollout, adv: &[f64]) -> Vec<Vec<f32>> {
+    (0..r.rows())
+        .map(|i| vec![adv[i] as f32; r.response_len(i)])
+        .collect()
+}
+
+impl Algo for Grpo {
+    fn name(&self) -> &'static str {
+        "grpo"
+    }
+    fn needs_reference(&self) -> bool {
+        self.beta != 0.0
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn epochs(&self) -> usize {
+        self.epochs
+    }
+
+    fn advantages(&mut self, r: &mut Rollout) -> Result<Vec<(&'static str, f64)>> {
+        let a = rl::group_advantages(&r.scores, self.k, self.scale)?;
+        r.adv = spread(r, &a);
+        let zero_std = r
+            .scores
+            .chunks(self.k)
+            .filter(|g| rl::mean_std(g).1 < 1e-12)
+            .count() as f64;
+        Ok(vec![(
+            "frac_reward_zero_std",
+            zero_std / (r.rows() / self.k).max(1) as f64,
+        )])
+    }
+
+    fn units(&self, r: &Rollout, rows: &[usize]) -> usize {
+        match self.loss_type {
+            GrpoLoss::Grpo => rows.len(),
+            GrpoLoss::DrGrpo => rows.len() * self.max_new_tokens,
+            GrpoLoss::Dapo => rows.iter().map(|&i| r.response_len(i)).sum(),
+        }
+    }
+
+    fn loss(
+        &mut self,
+        r: &Rollout,
+        rows: &[usize],
+        f: &Forward,
+        old: &Tensor,
+        st: &mut StepStats,
+    ) -> Result<Tensor> {
+        let dev = f.logps.device();
+        let adv = r.gather(&r.adv, rows, dev)?;
+        let mut per_token =
+            rl::clipped_surrogate(&f.logps, old, &adv, self.eps_low, self.eps_high)?;
+        if self.beta != 0.0 {
+            let refs = r.gather(&r.refs, rows, dev)?;
+            let kl = rl::kl_k3(&f.logps, &refs)?;
+            st.add_mean("kl", &kl.detach())?;
+            per_token = (per_token + (kl * self.beta)?)?;
+        }
+        let ratio: Vec<f32> = (&f.logps - old)?
+            .exp()?
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        let a: Vec<f32> = adv.to_vec1()?;
+        let (lo, hi) = clip_counts(&ratio, &a, self.eps_low, self.eps_high);
+        let n = ratio.len() as f64;
+        st.add("clip_ratio/low_mean", lo, n);
+        st.add("clip_ratio/high_mean", hi, n);
+        st.add("clip_ratio/region_mean", lo + hi, n);
+        match self.loss_type {
+            GrpoLoss::Grpo => {
+                let counts: Vec<usize> = rows.iter().map(|&i| r.response_len(i)).collect();
+                let lens: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+                let lens = Tensor::from_vec(lens, counts.len(), dev)?;
+                Ok((row_sums(&per_token, &counts, dev)? / lens)?.sum_all()?)
+            }
+            GrpoLoss::DrGrpo | GrpoLoss::Dapo => Ok(per_token.sum_all()?),
+        }
+    }
+}
+
+pub fn run(o: GrpoOptions, ctl: Control) -> Result<Summary> {
+    let cfg = o.train.resolve(&train_defaults(&o.peft))?;
+    if o.num_generations < 2 {
+        bail!("num_generations must be at least 2: GRPO compares samples of the same prompt");
+    }
+    if o.num_iterations == 0 || !(o.epsilon >= 0.0) || o.epsilon_high.is_some_and(|e| !(e >= 0.0)) {
+        bail!("num_iterations must be positive and epsilon, epsilon_high non-negative");
+    }
+    let algo = Grpo {
+        k: o.num_generations,
+        beta: o.beta,
+        eps_low: o.epsilon,
+        eps_high: o.epsilon_high.unwrap_or(o.epsilon),
+        loss_type: o.loss_type,
+        scale: o.scale_rewards,
+        epochs: o.num_iterations,
+        max_new_tokens: o.rollout.max_new_tokens,
+    };
+    let c = Common {
+        model: o.model.as_deref(),
+        data: o.data.as_deref(),
+        eval_data: o.eval_data.as_deref(),
+        chat_template: o.chat_template.as_deref(),
+        rollout: &o.rollout,
+        reward: &o.reward,
+        peft: &o.peft,
+    };
+    super::run(c, algo, cfg, (&o, "grpo", &o.out), ctl)
+}

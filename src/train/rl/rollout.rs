@@ -1,0 +1,223 @@
+//! A rollout: responses sampled from the policy for a batch of prompts (k per prompt, in
+//! consecutive groups), their rewards, and per response token the log-probs the update needs —
+//! the policy's before the update ("old", from a forward pass with dropout off, as TRL computes
+//! them, not the sampler's), the reference's, and the value head's estimates.
+//!
+//! A rollout serves every optimizer step until the next one, so a checkpoint taken between
+//! those steps saves it (it cannot be re-sampled: the weights have moved since).
+
+use super::prompts::Prompt;
+use super::rewards::{Rewards, Sample};
+use crate::data::sft::Tokenized;
+use crate::generate::{generate_batch, Sampling, Stop};
+use crate::model::layers::Linear;
+use crate::model::DecoderModel;
+use crate::train::logps::{completion_states, token_logps, Reference, SeqBatch};
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct Rollout {
+    /// Which rollout of the run this is (0, 1, …).
+    pub index: u64,
+    /// Per row: the prompt's index.
+    pub prompt: Vec<usize>,
+    /// Per row: prompt tokens then response tokens.
+    pub seqs: Vec<Vec<u32>>,
+    pub prompt_len: Vec<usize>,
+    /// Ended with EOS (the EOS is the last response token).
+    pub eos: Vec<bool>,
+    pub texts: Vec<String>,
+    /// Total reward of each row (before any KL term), and each source's.
+    pub scores: Vec<f64>,
+    pub per_source: Vec<Vec<f64>>,
+    /// Per row, per response token: the sampler's log-probs; the policy's before the update
+    /// (empty when the rollout serves one step: the step's own forward gives them); the
+    /// reference's (empty without a reference); the values (PPO).
+    pub sampled: Vec<Vec<f32>>,
+    pub old: Vec<Vec<f32>>,
+    pub refs: Vec<Vec<f32>>,
+    pub values: Vec<Vec<f32>>,
+    /// Per row, per response token: advantages and value targets.
+    pub adv: Vec<Vec<f32>>,
+    pub returns: Vec<Vec<f32>>,
+}
+
+impl Rollout {
+    pub fn rows(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn response_len(&self, r: usize) -> usize {
+        self.seqs[r].len() - self.prompt_len[r]
+    }
+
+    /// Rows as right-padded sequences whose response tokens are scored.
+    pub fn batch(&self, rows: &[usize], pad: u32) -> SeqBatch {
+        let t: Vec<Tokenized> = rows
+            .iter()
+            .map(|&r| {
+                let (n, p) = (self.seqs[r].len(), self.prompt_len[r]);
+                Tokenized {
+                    ids: self.seqs[r].clone(),
+                    train: (0..n).map(|i| i >= p).collect(),
+                }
+            })
+            .collect();
+        let refs: Vec<&Tokenized> = t.iter().collect();
+        SeqBatch::new(&refs, pad)
+    }
+
+    /// A per-token field of `rows`, flattened in `batch` order, as a tensor (N,).
+    pub fn gather(
+        &self,
+        field: &[Vec<f32>],
+        rows: &[usize],
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let v: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| field[r].iter().copied())
+            .collect();
+        let n = v.len();
+        Ok(Tensor::from_vec(v, n, dev)?)
+    }
+}
+
+/// Samples the responses of `prompts` (indices into `ids`/`all`), `k` each, `chunk` rows per
+/// generation batch, and scores them with `rewards`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    model: &DecoderModel,
+    tok: &crate::tokenizer::Tok,
+    (all, ids): (&[Prompt], &[Vec<u32>]),
+    prompts: &[usize],
+    k: usize,
+    s: &Sampling,
+    eos: &[u32],
+    chunk: usize,
+    rewards: &Rewards,
+) -> Result<Rollout> {
+    let rows: Vec<usize> = prompts
+        .iter()
+        .flat_map(|&p| std::iter::repeat_n(p, k))
+        .collect();
+    let mut r = Rollout::default();
+    for (c, part) in rows.chunks(chunk.max(1)).enumerate() {
+        let ps: Vec<Vec<u32>> = part.iter().map(|&p| ids[p].clone()).collect();
+        let sc = Sampling {
+            seed: crate::rng::Rng::keyed(&[s.seed, c as u64]).next_u64(),
+            ..s.clone()
+        };
+        for (&p, o) in part.iter().zip(generate_batch(model, &ps, &sc, eos)?) {
+            let stop_eos = o.stop == Stop::Eos;
+            let text_ids = if stop_eos {
+                &o.tokens[..o.tokens.len() - 1]
+            } else {
+                &o.tokens[..]
+            };
+            r.texts.push(tok.decode(text_ids, true)?);
+            r.prompt.push(p);
+            r.prompt_len.push(ids[p].len());
+            r.seqs
+                .push(ids[p].iter().chain(&o.tokens).copied().collect());
+            r.eos.push(stop_eos);
+            r.sampled.push(o.logps);
+        }
+    }
+    let samples: Vec<Sample> = (0..r.rows())
+        .map(|i| Sample {
+            prompt: &all[r.prompt[i]],
+            response: &r.texts[i],
+            tokens: r.response_len(i),
+            eos: r.eos[i],
+        })
+        .collect();
+    let (total, each) = rewards.score(&samples)?;
+    r.scores = total;
+    r.per_source = each;
+    Ok(r)
+}
+
+/// The policy's per-token log-probs (N,) and values (N,) of a batch of rows, with a graph.
+pub struct Forward {
+    pub logps: Tensor,
+    pub values: Option<Tensor>,
+}
+
+pub fn forward(
+    model: &DecoderModel,
+    head: Option<&Linear>,
+    s: &SeqBatch,
+    temperature: f64,
+) -> Result<Forward> {
+    let h = completion_states(model, s)?; // (N, C)
+    let values = match head {
+        Some(l) => Some(l.forward(&h)?.squeeze(1)?),
+        None => None,
+    };
+    Ok(Forward {
+        logps: token_logps(model, &h, s, temperature)?,
+        values,
+    })
+}
+
+/// Splits a flat (N,) tensor back into rows of `counts` tokens.
+pub fn split_rows(t: &Tensor, counts: &[usize]) -> Result<Vec<Vec<f32>>> {
+    let v: Vec<f32> = t.detach().to_dtype(DType::F32)?.to_vec1()?;
+    let mut out = Vec::with_capacity(counts.len());
+    let mut k = 0;
+    for &c in counts {
+        out.push(v[k..k + c].to_vec());
+        k += c;
+    }
+    Ok(out)
+}
+
+/// Fills `old` (and `values`) with the policy's estimates, micro-batch by micro-batch in
+/// `groups` — the first epoch's micro-batches, so the first update's forward repeats each one
+/// exactly (ratio 1) — and `refs` with the reference's when there is one.
+#[allow(clippy::too_many_arguments)]
+pub fn score(
+    r: &mut Rollout,
+    model: &DecoderModel,
+    head: Option<&Linear>,
+    reference: Option<&Reference>,
+    groups: &[Vec<usize>],
+    pad: u32,
+    temperature: f64,
+    policy_pass: bool,
+) -> Result<()> {
+    let n = r.rows();
+    if policy_pass {
+        r.old = vec![Vec::new(); n];
+        if head.is_some() {
+            r.values = vec![Vec::new(); n];
+        }
+    }
+    if reference.is_some() {
+        r.refs = vec![Vec::new(); n];
+    }
+    for g in groups {
+        let s = r.batch(g, pad);
+        if policy_pass {
+            let f = forward(model, head, &s, temperature)?;
+            for (&row, v) in g.iter().zip(split_rows(&f.logps, &s.counts)?) {
+                r.old[row] = v;
+            }
+            if let Some(v) = &f.values {
+                for (&row, x) in g.iter().zip(split_rows(v, &s.counts)?) {
+                    r.values[row] = x;
+                }
+            }
+        }
+        if let Some(rf) = reference {
+            let t = rf.token_logps(model, &s, temperature)?;
+            for (&row, v) in g.iter().zip(split_rows(&t, &s.counts)?) {
+                r.refs[row] = v;
+            }
+        }
+    }
+    Ok(())
+}
