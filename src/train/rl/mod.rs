@@ -322,16 +322,6 @@ fn rollout_stats(r: &Rollout, names: &[&'static str]) -> Vec<(&'static str, f64)
     let lps = if r.old.is_empty() { &r.sampled } else { &r.old };
     let nll: f64 = lps.iter().flatten().map(|&x| -x as f64).sum();
     v.push(("entropy", nll / tokens.max(1) as f64));
-    if !r.refs.is_empty() && !r.old.is_empty() {
-        // Σ_t k1 per sequence, averaged over sequences (TRL's objective/kl).
-        let kl: f64 = r
-            .old
-            .iter()
-            .zip(&r.refs)
-            .map(|(o, f)| o.iter().zip(f).map(|(a, b)| (a - b) as f64).sum::<f64>())
-            .sum();
-        v.push(("kl", kl / n));
-    }
     v
 }
 

@@ -95,7 +95,9 @@ impl Algo for Rloo {
 
     fn advantages(&mut self, r: &mut Rollout) -> Result<Vec<(&'static str, f64)>> {
         let mut rewards = r.scores.clone();
+        let mut st = Vec::new();
         if self.beta != 0.0 {
+            let (mut total, mut tokens) = (0.0, 0usize);
             for (i, x) in rewards.iter_mut().enumerate() {
                 let kl: f64 = r.old[i]
                     .iter()
@@ -103,12 +105,17 @@ impl Algo for Rloo {
                     .map(|(&o, &f)| rl::kl(KlEstimator::K1, o, f) as f64)
                     .sum();
                 *x -= self.beta * kl;
+                total += kl;
+                tokens += r.old[i].len();
             }
+            // TRL's `kl`: the mean per token.
+            st.push(("kl", total / tokens.max(1) as f64));
         }
         let a = rl::rloo_advantages(&rewards, self.k, self.normalize)?;
         r.adv = spread(r, &a);
         let n = rewards.len().max(1) as f64;
-        Ok(vec![("rlhf_reward", rewards.iter().sum::<f64>() / n)])
+        st.push(("rlhf_reward", rewards.iter().sum::<f64>() / n));
+        Ok(st)
     }
 
     fn units(&self, _r: &Rollout, rows: &[usize]) -> usize {
