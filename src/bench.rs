@@ -216,10 +216,22 @@ pub fn gemm_shapes(a: &BenchArgs, reps: usize) -> Result<Vec<Value>> {
                 Ok(2.0 * (m * k * n) as f64 / t[t.len() / 2] / 1e9)
             };
             let gflops = time(&|| Ok(l.matmul(&r)?))?;
-            out.push(json!({
+            let mut line = json!({
                 "product": what, "m": m, "k": k, "n": n,
                 "gflops_per_s": (gflops * 10.0).round() / 10.0,
-            }));
+            });
+            if what.starts_with("forward") {
+                // The linear op the models run (a GEMV for few rows, else the GEMM).
+                let ours = time(&|| {
+                    Ok(crate::kernels::linear::linear(
+                        &x,
+                        &w,
+                        crate::kernels::linear::WeightLayout::OutIn,
+                    )?)
+                })?;
+                line["lmforge_linear_gflops_per_s"] = json!((ours * 10.0).round() / 10.0);
+            }
+            out.push(line);
         }
     }
     Ok(out)

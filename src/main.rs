@@ -161,9 +161,21 @@ struct GenerateArgs {
     /// An HF model directory or a .gguf file.
     #[arg(long)]
     model: PathBuf,
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// Instead of --prompt: every prompt of a JSONL file ({"prompt": …}, pairs, conversations),
+    /// decoded --batch-size rows at a time; one JSON line per response on stdout, throughput on
+    /// stderr.
     #[arg(long)]
-    prompt: String,
-    /// Send the prompt as a user message through the model's chat template.
+    prompts: Option<PathBuf>,
+    /// With --prompts: rows decoded together.
+    #[arg(long, default_value_t = 8, requires = "prompts")]
+    batch_size: usize,
+    /// With --prompts: responses per prompt.
+    #[arg(long, default_value_t = 1, requires = "prompts")]
+    samples: usize,
+    /// Send the prompt as a user message through the model's chat template (with --prompts:
+    /// every prompt).
     #[arg(long)]
     chat: bool,
     /// With --chat: a system message before the user's.
@@ -486,20 +498,6 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
         }
     }
     let load_s = t0.elapsed().as_secs_f64();
-    let prompt = if a.chat {
-        let mut msgs = Vec::new();
-        if let Some(sys) = &a.system {
-            msgs.push(Message::new("system", sys));
-        }
-        msgs.push(Message::new("user", &a.prompt));
-        let text = m
-            .chat(&a.model.display().to_string())?
-            .render(&msgs, true)?;
-        // The template already holds the special tokens transformers would add.
-        m.tok.encode(&text, false)?
-    } else {
-        m.tok.encode(&a.prompt, true)?
-    };
     let s = Sampling {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -507,9 +505,50 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
         top_p: a.top_p,
         seed: a.seed,
     };
+    if let Some(file) = &a.prompts {
+        let tpl = match a.chat {
+            true => Some(m.chat(&a.model.display().to_string())?),
+            false => None,
+        };
+        let ctx = m.model.cfg.max_position_embeddings;
+        let max_prompt = ctx.saturating_sub(a.max_new_tokens).max(1);
+        let mut stdout = std::io::stdout().lock();
+        let t = lmforge::generate::file::run(
+            &m,
+            file,
+            tpl.as_ref(),
+            &s,
+            a.batch_size,
+            a.samples,
+            max_prompt,
+            &mut stdout,
+        )?;
+        eprintln!(
+            "{}",
+            serde_json::json!({"summary": true, "responses": t.responses, "new_tokens": t.new_tokens,
+                "decode_s": t.seconds, "tokens_per_s": t.tokens_per_s(), "batch_size": a.batch_size,
+                "load_s": load_s})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let user = a.prompt.clone().unwrap_or_default();
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(sys) = &a.system {
+            msgs.push(Message::new("system", sys));
+        }
+        msgs.push(Message::new("user", &user));
+        let text = m
+            .chat(&a.model.display().to_string())?
+            .render(&msgs, true)?;
+        // The template already holds the special tokens transformers would add.
+        m.tok.encode(&text, false)?
+    } else {
+        m.tok.encode(&user, true)?
+    };
     let mut stdout = std::io::stdout().lock();
     if !a.chat {
-        write!(stdout, "{}", a.prompt)?;
+        write!(stdout, "{user}")?;
     }
     let mut stream = m.tok.inner.decode_stream(true);
     let t1 = std::time::Instant::now();

@@ -89,6 +89,12 @@ fn rows_stop_independently_and_do_not_depend_on_the_batch() {
     let other = vec![vec![3, 3, 3, 3, 3, 3, 3, 3, 3, 3], ps[1].clone()];
     let two = generate_batch(&m.model, &other, &s, &[]).unwrap();
     assert!(same(&two[1], &all[1]), "{:?} vs {:?}", two[1], all[1]);
+    // Rows of one prompt share its prefill: row 1 is the same with a copy of its prompt at
+    // row 0, and that copy samples something else.
+    let dup = vec![ps[1].clone(), ps[1].clone(), ps[0].clone()];
+    let d = generate_batch(&m.model, &dup, &s, &[]).unwrap();
+    assert!(same(&d[1], &all[1]), "{:?} vs {:?}", d[1], all[1]);
+    assert_ne!(d[0].tokens, d[1].tokens);
     // An EOS that is row 2's fourth token: row 2 stops there (EOS kept), the others go on
     // unchanged up to their own first EOS, after the batch shrank.
     let eos = all[2].tokens[3];

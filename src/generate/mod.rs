@@ -2,18 +2,18 @@
 //! Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus,
 //! Holtzman et al. 2020) filtering, drawn from a seeded stream (same seed → same text).
 //!
-//! `generate_batch` decodes many prompts at once (the rollouts of online RL, candidates to
-//! judge): prompts are left-padded so every row's next token lands in the same column, each row
-//! keeps its own positions (`Packing::left_padded`) and never attends to its padding, one KV
-//! cache serves the batch, and a row that stops leaves it (its cache rows are dropped), so the
-//! remaining rows cost what they would alone. Row i draws from its own stream keyed by
-//! (seed, i): its text does not depend on which other rows share the batch.
+//! `batch`: many prompts decoded at once (rollouts of online RL, candidates to judge); `file`:
+//! `lmforge generate --prompts FILE`, a prompt file to JSONL responses with throughput.
 
-use crate::model::{DecoderModel, ForwardOpts, KvCache, Packing};
+mod batch;
+pub mod file;
+
+pub use batch::{generate_batch, Sampled};
+
+use crate::model::{DecoderModel, ForwardOpts, KvCache};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 
 #[derive(Debug, Clone)]
 pub struct Sampling {
@@ -110,121 +110,13 @@ pub fn generate(
     }
 }
 
-fn check_finite(logits: &[f32], done: usize) -> Result<()> {
+pub(crate) fn check_finite(logits: &[f32], done: usize) -> Result<()> {
     if let Some(i) = logits.iter().position(|v| v.is_nan()) {
         bail!(
             "the model's logits are not finite (NaN at token id {i}, after {done} generated tokens): its weights or config (norm epsilon, RoPE base) are broken"
         );
     }
     Ok(())
-}
-
-/// One row of a batched generation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampled {
-    /// The new tokens; the EOS that ended the row is the last one (`stop == Eos`).
-    pub tokens: Vec<u32>,
-    /// Log-probability of each token under the distribution it was drawn from (after
-    /// temperature, top-k and top-p; 0 for greedy picks).
-    pub logps: Vec<f32>,
-    pub stop: Stop,
-}
-
-/// Generates after each of `prompts` in one batch (see the module doc). Row i samples from the
-/// stream keyed by (s.seed, i).
-pub fn generate_batch(
-    model: &DecoderModel,
-    prompts: &[Vec<u32>],
-    s: &Sampling,
-    eos: &[u32],
-) -> Result<Vec<Sampled>> {
-    s.check()?;
-    let ctx = model.cfg.max_position_embeddings;
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if let Some(i) = prompts.iter().position(Vec::is_empty) {
-        bail!("prompt {i} is empty after tokenization; give at least one token");
-    }
-    if width >= ctx {
-        bail!("a prompt has {width} tokens; the model's context is {ctx}");
-    }
-    let dev = model.device();
-    let mut out: Vec<Sampled> = prompts
-        .iter()
-        .map(|_| Sampled {
-            tokens: Vec::new(),
-            logps: Vec::new(),
-            stop: Stop::MaxTokens,
-        })
-        .collect();
-    if prompts.is_empty() || s.max_new_tokens == 0 {
-        return Ok(out);
-    }
-    let mut rngs: Vec<Rng> = (0..prompts.len())
-        .map(|i| Rng::keyed(&[s.seed, 0x5A3F, i as u64]))
-        .collect();
-    // Rows still generating (indices into `prompts`) and their left padding.
-    let mut live: Vec<usize> = (0..prompts.len()).collect();
-    let mut pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
-    let mut input: Vec<u32> = Vec::with_capacity(prompts.len() * width);
-    for p in prompts {
-        input.extend(std::iter::repeat_n(p[0], width - p.len()));
-        input.extend_from_slice(p);
-    }
-    let mut cols = width;
-    let mut cache = KvCache::new(model.cfg.num_layers);
-    let v = model.cfg.vocab_size;
-    while !live.is_empty() {
-        if cache.len() + cols > ctx {
-            for &r in &live {
-                out[r].stop = Stop::ContextFull;
-            }
-            break;
-        }
-        let ids = Tensor::from_vec(input, (live.len(), cols), dev)?;
-        let rows = Packing::left_padded(&pads, cache.len(), cols, dev)?;
-        let opts = ForwardOpts {
-            cache: Some(&mut cache),
-            packing: Some(&rows),
-            ..Default::default()
-        };
-        let h = model.hidden_states(&model.embed(&ids)?, opts)?;
-        let last = h.narrow(1, cols - 1, 1)?;
-        let logits: Vec<f32> = model
-            .logits(&last)?
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        check_finite(&logits, out[live[0]].tokens.len())?;
-        let mut row_rngs: Vec<Rng> = live.iter().map(|&r| rngs[r].clone()).collect();
-        let picks: Vec<(u32, f64)> = logits
-            .par_chunks(v)
-            .zip(row_rngs.par_iter_mut())
-            .map(|(l, rng)| sample_logp(l, s, rng))
-            .collect();
-        let (mut keep, mut next) = (Vec::new(), Vec::new());
-        for (k, (&r, (id, lp))) in live.iter().zip(picks).enumerate() {
-            rngs[r] = row_rngs[k].clone();
-            let o = &mut out[r];
-            o.tokens.push(id);
-            o.logps.push(lp as f32);
-            if eos.contains(&id) {
-                o.stop = Stop::Eos;
-            } else if o.tokens.len() >= s.max_new_tokens {
-                o.stop = Stop::MaxTokens;
-            } else {
-                keep.push(k as u32);
-                next.push(id);
-            }
-        }
-        if keep.len() < live.len() && !keep.is_empty() {
-            cache.keep_rows(&keep)?;
-        }
-        live = keep.iter().map(|&k| live[k as usize]).collect();
-        pads = keep.iter().map(|&k| pads[k as usize]).collect();
-        input = next;
-        cols = 1;
-    }
-    Ok(out)
 }
 
 /// Picks a token id from raw logits.
