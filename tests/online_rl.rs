@@ -91,11 +91,12 @@ fn run_method(d: &Path, name: &str, method: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
-/// Start value ≤ `start`, the last three rollouts' mean ≥ `target`, every KL ≤ `kl_max`.
+/// Start value ≤ `start`, the last ten rollouts' mean ≥ `target`, every KL ≤ `kl_max`.
 fn learned(run: &Path, what: &str, kl_key: &str, (start, target, kl_max): (f64, f64, f64)) {
     let r = per_rollout(run, "reward");
     let kl = per_rollout(run, kl_key);
-    let last: f64 = r[r.len() - 3..].iter().sum::<f64>() / 3.0;
+    let n = r.len().min(10);
+    let last: f64 = r[r.len() - n..].iter().sum::<f64>() / n as f64;
     assert!(
         r[0] <= start,
         "{what}: starts at {} (> {start}): {r:?}",
@@ -118,21 +119,21 @@ fn ppo_grpo_and_rloo_learn_a_rule_reward_with_bounded_kl() {
     // "contains a" starts near 0.1 on the random model (4 tokens of ~300), the maximum is 1.
     // Full fine-tunes at lr 2e-2, 40 steps of 16 responses.
     let ppo = run_method(&d, "ppo", "ppo", &["--lr", "2e-2"]);
-    learned(&ppo, "ppo", "objective/kl", (0.3, 0.8, 15.0));
+    learned(&ppo, "ppo", "objective/kl", (0.3, 0.75, 15.0));
     let grpo = run_method(
         &d,
         "grpo",
         "grpo",
         &["--lr", "2e-2", "--beta", "0.04", "--num-generations", "4"],
     );
-    learned(&grpo, "grpo", "kl", (0.3, 0.8, 5.0));
+    learned(&grpo, "grpo", "kl", (0.3, 0.75, 5.0));
     let rloo = run_method(
         &d,
         "rloo",
         "rloo",
         &["--lr", "2e-2", "--num-generations", "4"],
     );
-    learned(&rloo, "rloo", "kl", (0.3, 0.8, 5.0));
+    learned(&rloo, "rloo", "kl", (0.3, 0.75, 5.0));
     // LoRA (the reference is the policy with its adapters off): PPO with its value head and
     // GRPO with a KL term. The tiny model's output head must train for its distribution to move.
     let lora = [
@@ -144,14 +145,14 @@ fn ppo_grpo_and_rloo_learn_a_rule_reward_with_bounded_kl() {
         "5e-2",
     ];
     let ppo_l = run_method(&d, "ppo_lora", "ppo", &lora);
-    learned(&ppo_l, "ppo lora", "objective/kl", (0.3, 0.8, 15.0));
+    learned(&ppo_l, "ppo lora", "objective/kl", (0.3, 0.75, 15.0));
     assert!(ppo_l.join("adapter/adapter_model.safetensors").is_file());
     assert!(ppo_l.join("value_head.safetensors").is_file());
     let mut g = lora.to_vec();
     g.extend(["--beta", "0.04", "--num-generations", "4"]);
     let grpo_l = run_method(&d, "grpo_lora", "grpo", &g);
     // k3 per token spikes when a sampled token is near impossible under the reference.
-    learned(&grpo_l, "grpo lora", "kl", (0.3, 0.8, 60.0));
+    learned(&grpo_l, "grpo lora", "kl", (0.3, 0.75, 60.0));
 }
 
 #[test]

@@ -131,3 +131,88 @@ fn context_and_empty_prompts_are_errors_or_stops() {
         .iter()
         .all(|o| o.stop == Stop::ContextFull && o.tokens.len() == 4));
 }
+
+/// A prompt's samples packed into one row (the prompt once) score and differentiate exactly as
+/// the same sequences in separate rows.
+#[test]
+fn packed_samples_of_a_prompt_match_separate_rows() {
+    use lmforge::train::rl::rollout::{forward, Rollout};
+    for name in ["llama_tiny", "gpt2_tiny"] {
+        let m = lmforge::model::hf::load(&fixture(name), &Device::Cpu, &|_| false).unwrap();
+        let prompts = [vec![5u32, 9, 3, 7], vec![2u32, 8]];
+        let resps: [&[u32]; 5] = [&[4, 6, 1], &[11], &[3, 3, 9, 12], &[7, 7], &[1, 2, 3]];
+        let owner = [0usize, 0, 0, 1, 1];
+        let mut r = Rollout::default();
+        for (resp, &p) in resps.iter().zip(&owner) {
+            r.prompt.push(p);
+            r.prompt_len.push(prompts[p].len());
+            r.seqs
+                .push(prompts[p].iter().chain(resp.iter()).copied().collect());
+        }
+        let rows = [3usize, 0, 1, 4, 2];
+        let dev = Device::Cpu;
+        let packed = r.batch(&rows, 0, &dev).unwrap();
+        assert!(
+            packed.packing.is_some() && packed.b == 2,
+            "{name}: two packed rows"
+        );
+        let weights: Vec<f32> = (0..packed.targets.len())
+            .map(|i| 0.3 + 0.1 * i as f32)
+            .collect();
+        let run = |s: &lmforge::train::logps::SeqBatch| {
+            let f = forward(&m.model, None, s, 0.7).unwrap();
+            let w = Tensor::from_slice(&weights, weights.len(), &dev).unwrap();
+            let loss = (&f.logps * w).unwrap().sum_all().unwrap();
+            let g = m.store.grads(&loss.backward().unwrap());
+            (f.logps.to_vec1::<f32>().unwrap(), g)
+        };
+        let (lp_packed, g_packed) = run(&packed);
+        // The same rows one by one (no packing).
+        let mut lp_rows = Vec::new();
+        let mut g_rows: Option<lmforge::model::Grads> = None;
+        let mut k = 0;
+        for &row in &rows {
+            let s = r.batch(&[row], 0, &dev).unwrap();
+            assert!(s.packing.is_none());
+            let n = s.targets.len();
+            let f = forward(&m.model, None, &s, 0.7).unwrap();
+            let w = Tensor::from_slice(&weights[k..k + n], n, &dev).unwrap();
+            let loss = (&f.logps * w).unwrap().sum_all().unwrap();
+            let g = m.store.grads(&loss.backward().unwrap());
+            match g_rows.as_mut() {
+                Some(acc) => acc.accumulate(g).unwrap(),
+                None => g_rows = Some(g),
+            }
+            lp_rows.extend(f.logps.to_vec1::<f32>().unwrap());
+            k += n;
+        }
+        assert_eq!(lp_packed.len(), lp_rows.len());
+        for (a, b) in lp_packed.iter().zip(&lp_rows) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "{name}: log-prob {a} packed, {b} alone"
+            );
+        }
+        let gr = g_rows.unwrap();
+        let mut n = 0;
+        for ((p, a), b) in m.store.params().iter().zip(&g_packed.0).zip(&gr.0) {
+            let (Some(a), Some(b)) = (a, b) else {
+                assert!(
+                    a.is_none() && b.is_none(),
+                    "{name}: {} has a gradient in one layout only",
+                    p.name
+                );
+                continue;
+            };
+            let name_p = &p.name;
+            let d = common::max_abs_diff(a, b);
+            let scale = common::max_abs(b).max(1e-3);
+            assert!(
+                d <= 1e-4 * scale.max(1.0),
+                "{name}: gradient of {name_p} differs by {d}"
+            );
+            n += 1;
+        }
+        assert!(n > 5, "{name}: gradients compared: {n}");
+    }
+}

@@ -191,7 +191,7 @@ impl Attention {
             past,
             window: self.window,
         };
-        let starts = || ctx.packing.map(|p| p.starts.clone());
+        let starts = || ctx.packing.map(|p| p.segs());
         // (B, T, n, hd) views of the projections: no transposes, no copies.
         let (mut q, mut k, mut v) = match &self.qkv {
             Qkv::Fused(l) => {

@@ -15,6 +15,9 @@ pub struct Packing {
     pub positions: Tensor,
     /// Per (row, query): the key position where that token's example starts in the row.
     pub starts: std::sync::Arc<Vec<u32>>,
+    /// Per (row, query): keys before this many stay visible however late the example starts
+    /// (a prompt shared by the completions packed after it); None: 0 everywhere.
+    pub shared: Option<std::sync::Arc<Vec<u32>>>,
     t: usize,
     /// Positions already in the KV cache before these queries.
     past: usize,
@@ -43,6 +46,7 @@ impl Packing {
         Ok(Self {
             positions: Tensor::from_vec(pos, (segments.len(), t), dev)?,
             starts: std::sync::Arc::new(starts),
+            shared: None,
             t,
             past: 0,
         })
@@ -64,9 +68,63 @@ impl Packing {
         Ok(Self {
             positions: Tensor::from_vec(pos, (pads.len(), t), dev)?,
             starts: std::sync::Arc::new(starts),
+            shared: None,
             t,
             past,
         })
+    }
+
+    /// Groups of completions sharing a prompt, one group per row: `groups[b] = (prompt, lens)`,
+    /// the row holding the prompt's `prompt` tokens then each completion's `lens[i]` tokens. A
+    /// completion's tokens continue the prompt's positions and see the prompt and themselves,
+    /// not the completions before them; what follows the last one (padding) is one segment.
+    pub fn shared_prompts(groups: &[(usize, Vec<usize>)], t: usize, dev: &Device) -> Result<Self> {
+        let n = groups.len() * t;
+        let (mut starts, mut shared, mut pos) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (p, lens) in groups {
+            let used = p + lens.iter().sum::<usize>();
+            if used > t {
+                bail!("a prompt and its completions ({used} tokens) exceed the row length {t}");
+            }
+            for i in 0..*p {
+                starts.push(0);
+                shared.push(0);
+                pos.push(i as u32);
+            }
+            let mut s = *p;
+            for &l in lens {
+                for i in 0..l {
+                    starts.push(s as u32);
+                    shared.push(*p as u32);
+                    pos.push((p + i) as u32);
+                }
+                s += l;
+            }
+            for i in 0..t - used {
+                starts.push(used as u32);
+                shared.push(0);
+                pos.push(i as u32);
+            }
+        }
+        Ok(Self {
+            positions: Tensor::from_vec(pos, (groups.len(), t), dev)?,
+            starts: std::sync::Arc::new(starts),
+            shared: Some(std::sync::Arc::new(shared)),
+            t,
+            past: 0,
+        })
+    }
+
+    /// The kernel's view of the segments.
+    pub fn segs(&self) -> crate::kernels::attention::Segs {
+        crate::kernels::attention::Segs {
+            lo: self.starts.clone(),
+            shared: self.shared.clone(),
+        }
     }
 
     /// Positions already cached before these queries.
@@ -82,7 +140,13 @@ impl Packing {
         for bi in 0..b {
             for i in 0..t {
                 let lo = self.starts[bi * t + i] as usize;
-                m[(bi * t + i) * s + n_prefix..(bi * t + i) * s + n_prefix + lo].fill(f32::MIN);
+                let sh = self
+                    .shared
+                    .as_ref()
+                    .map_or(0, |v| v[bi * t + i] as usize)
+                    .min(lo);
+                m[(bi * t + i) * s + n_prefix + sh..(bi * t + i) * s + n_prefix + lo]
+                    .fill(f32::MIN);
             }
         }
         Ok(Tensor::from_vec(m, (b, 1, t, s), dev)?)

@@ -30,6 +30,8 @@ pub struct SeqBatch {
     pub targets: Vec<u32>,
     /// Completion tokens per row.
     pub counts: Vec<usize>,
+    /// Rows that pack several sequences (completions sharing their prompt, `train::rl`).
+    pub packing: Option<crate::model::Packing>,
 }
 
 impl SeqBatch {
@@ -47,6 +49,7 @@ impl SeqBatch {
             at: Vec::new(),
             targets: Vec::new(),
             counts: Vec::with_capacity(rows.len()),
+            packing: None,
         };
         for (i, r) in rows.iter().enumerate() {
             let n = r.ids.len() - 1;
@@ -82,11 +85,17 @@ pub fn completion_logps(model: &DecoderModel, s: &SeqBatch) -> Result<Tensor> {
     row_sums(&token_logps(model, &h, s, 1.0)?, &s.counts, model.device())
 }
 
-/// Final hidden states (N, C) at the N positions that predict a completion token, in row order.
+/// Final hidden states (N, C) at the N positions that predict a completion token, in `at` order
+/// (a position may appear more than once: a shared prompt's last token predicts every
+/// completion's first).
 pub fn completion_states(model: &DecoderModel, s: &SeqBatch) -> Result<Tensor> {
     let dev = model.device();
     let x = Tensor::from_slice(&s.x, (s.b, s.t), dev)?;
-    let h = model.hidden_states(&model.embed(&x)?, ForwardOpts::default())?; // (B, T, C)
+    let opts = ForwardOpts {
+        packing: s.packing.as_ref(),
+        ..Default::default()
+    };
+    let h = model.hidden_states(&model.embed(&x)?, opts)?; // (B, T, C)
     let c = model.cfg.hidden_size;
     let at = Tensor::from_slice(&s.at, s.at.len(), dev)?;
     Ok(h.reshape((s.b * s.t, c))?.index_select(&at, 0)?) // (N, C)

@@ -18,6 +18,7 @@ mod tiles;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
+pub use tiles::Segs;
 use tiles::{backward, check, f32s, forward, GradViews, Inputs, Starts, View};
 
 #[derive(Debug, Clone, Copy)]
@@ -43,17 +44,18 @@ impl Spec {
     }
 
     /// Writes `fill` over the keys of `row` that query position `qpos` must not see: the same
-    /// set as `!visible`, as two ranges (before the window, after the query). `seg_lo` hides
-    /// positions before the query's packed segment too.
+    /// set as `!visible`, as ranges (before the window, after the query). `(shared, lo)` of a
+    /// packed segment hides positions `shared..lo` too.
     #[inline]
-    fn mask_row(&self, row: &mut [f32], qpos: usize, seg_lo: usize, fill: f32) {
+    fn mask_row(&self, row: &mut [f32], qpos: usize, (shared, lo): (usize, usize), fill: f32) {
         let n = row.len();
-        let lo = self
-            .window
-            .map_or(0, |w| (qpos + 1).saturating_sub(w))
-            .max(seg_lo);
-        row[self.prefix.min(n)..(self.prefix + lo).min(n)].fill(fill);
-        row[(self.prefix + qpos + 1).min(n)..].fill(fill);
+        let p = self.prefix;
+        let wlo = self.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+        row[p.min(n)..(p + wlo).min(n)].fill(fill);
+        if lo > shared {
+            row[(p + shared).min(n)..(p + lo).min(n)].fill(fill);
+        }
+        row[(p + qpos + 1).min(n)..].fill(fill);
     }
 }
 
@@ -238,12 +240,12 @@ impl CustomOp1 for Saved {
 
 /// Fused attention on a (B, T, 3, H, D) projection (query, key and value heads alike; no KV
 /// cache or prefix, whose keys are not part of the projection): returns (B, T, H, D).
-pub fn attention_qkv(qkv: &Tensor, spec: Spec, starts: Option<Arc<Vec<u32>>>) -> Result<Tensor> {
+pub fn attention_qkv(qkv: &Tensor, spec: Spec, starts: Option<Segs>) -> Result<Tensor> {
     if spec.past != 0 || spec.prefix != 0 {
         bail!("fused attention: a fused qkv projection takes no cache or prefix keys");
     }
     if let Some(st) = &starts {
-        if st.len() != qkv.dim(0)? * qkv.dim(1)? {
+        if st.lo.len() != qkv.dim(0)? * qkv.dim(1)? {
             bail!("fused attention: packed segments need one start per query");
         }
     }
@@ -269,11 +271,11 @@ pub fn attention_packed(
     k: &Tensor,
     v: &Tensor,
     spec: Spec,
-    starts: Option<Arc<Vec<u32>>>,
+    starts: Option<Segs>,
 ) -> Result<Tensor> {
     if let Some(st) = &starts {
         let (b, t) = (q.dim(0)?, q.dim(1)?);
-        if st.len() != b * t {
+        if st.lo.len() != b * t || st.shared.as_ref().is_some_and(|v| v.len() != b * t) {
             bail!("fused attention: packed segments need one start per query");
         }
     }
@@ -309,11 +311,12 @@ mod tests {
                     };
                     for n in 0..prefix + past + 12 {
                         for qpos in 0..past + 12 {
-                            for seg in [0, 2, qpos] {
+                            for seg in [(0, 0), (0, 2), (0, qpos), (2, 5), (3, qpos), (4, 1)] {
                                 let mut row = vec![1f32; n];
                                 spec.mask_row(&mut row, qpos, seg, 0.0);
                                 for (j, v) in row.iter().enumerate() {
-                                    let in_seg = j < prefix || j - prefix >= seg;
+                                    let in_seg =
+                                        j < prefix || j - prefix < seg.0 || j - prefix >= seg.1;
                                     assert_eq!(
                                         *v == 1.0,
                                         spec.visible(j, qpos) && in_seg,

@@ -133,12 +133,27 @@ unsafe fn mm(
     )
 }
 
-/// For packed sequences: per (batch row, query position) the position where the query's
-/// segment starts; keys before it are hidden (no attention across packed examples).
-pub(super) type Starts = Option<Arc<Vec<u32>>>;
+/// For packed sequences, per (batch row, query): keys `shared..lo` are hidden (no attention
+/// across packed examples; a completion packed after its prompt and its siblings sees the prompt,
+/// `0..shared`, and itself, from `lo`).
+#[derive(Clone, Debug)]
+pub struct Segs {
+    pub lo: Arc<Vec<u32>>,
+    /// Per query, the keys before its segment it still sees (0 when None).
+    pub shared: Option<Arc<Vec<u32>>>,
+}
 
-pub(super) fn seg_lo(starts: &Starts, bi: usize, t: usize, i: usize) -> usize {
-    starts.as_ref().map_or(0, |s| s[bi * t + i] as usize)
+pub(super) type Starts = Option<Segs>;
+
+/// (shared, lo) of query i of row bi.
+pub(super) fn seg_lo(starts: &Starts, bi: usize, t: usize, i: usize) -> (usize, usize) {
+    starts.as_ref().map_or((0, 0), |s| {
+        let j = bi * t + i;
+        (
+            s.shared.as_ref().map_or(0, |v| v[j] as usize),
+            s.lo[j] as usize,
+        )
+    })
 }
 
 pub(super) fn check(q: &View, k: &View, v: &View, spec: &Spec) -> Result<()> {

@@ -238,14 +238,24 @@ impl<A: Algo> Online<A> {
         (self.algo.epochs() * self.rollout_rows() / self.rows_per_step) as u64
     }
 
-    /// Row order of pass `e` over rollout `g`.
-    fn order(&self, g: u64, e: usize) -> Vec<usize> {
+    /// The rows of step `mb` of pass `e` over rollout `r`, in micro-batch order: a seeded
+    /// shuffle per pass, then each step's rows grouped by prompt and the groups sorted by length,
+    /// so micro-batches pack a prompt's samples together and pad little (a step's loss is the
+    /// same however its rows are grouped).
+    fn step_rows(&self, r: &Rollout, e: usize, mb: usize) -> Vec<usize> {
         let key = self.seed ^ 0x5EED_0F_0A11;
-        crate::rng::permutation(
-            key,
-            g * self.algo.epochs() as u64 + e as u64,
-            self.rollout_rows(),
-        )
+        let n = self.rollout_rows();
+        let pass = r.index * self.algo.epochs() as u64 + e as u64;
+        let order = crate::rng::permutation(key, pass, n);
+        let m = self.rows_per_step;
+        let mut rows = order[mb * m..(mb + 1) * m].to_vec();
+        // Samples of one prompt side by side (they are packed together), groups by length.
+        let mut packed: std::collections::HashMap<usize, usize> = Default::default();
+        for &i in &rows {
+            *packed.entry(r.prompt[i]).or_insert(r.prompt_len[i]) += r.response_len(i);
+        }
+        rows.sort_by_key(|&i| (packed[&r.prompt[i]], r.prompt[i], i));
+        rows
     }
 
     /// Samples, scores and prepares rollout `g`.
@@ -274,8 +284,15 @@ impl<A: Algo> Online<A> {
         )?;
         r.index = g;
         let gen_s = t0.elapsed().as_secs_f64();
-        let order = self.order(g, 0);
-        let groups: Vec<Vec<usize>> = order.chunks(self.micro).map(|c| c.to_vec()).collect();
+        // The first pass's micro-batches, as `batch` will form them.
+        let groups: Vec<Vec<usize>> = (0..self.rollout_rows() / self.rows_per_step)
+            .flat_map(|mb| {
+                let rows = self.step_rows(&r, 0, mb);
+                rows.chunks(self.micro)
+                    .map(|c| c.to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let policy_pass =
             self.steps_per_rollout() > 1 || self.algo.needs_old() || self.algo.value_head();
         rollout::score(
@@ -347,8 +364,12 @@ impl<A: Algo> Method for Online<A> {
         let within = (step % spr) as usize;
         let per_epoch = self.rollout_rows() / m;
         let (e, mb) = (within / per_epoch, within % per_epoch);
-        let order = self.order(g, e);
-        Ok(draws.iter().map(|&d| order[mb * m + d % m]).collect())
+        let r = self
+            .rollout
+            .as_ref()
+            .context("internal error: no rollout")?;
+        let rows = self.step_rows(r, e, mb);
+        Ok(draws.iter().map(|&d| rows[d % m]).collect())
     }
 
     fn units(&self, b: &Vec<usize>) -> usize {
@@ -366,7 +387,7 @@ impl<A: Algo> Method for Online<A> {
             .rollout
             .as_ref()
             .context("internal error: no rollout")?;
-        let s = r.batch(b, self.pad);
+        let s = r.batch(b, self.pad, self.p.m.model.device())?;
         let model = &self.p.m.model;
         let f = rollout::forward(
             model,

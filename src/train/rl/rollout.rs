@@ -53,20 +53,86 @@ impl Rollout {
         self.seqs[r].len() - self.prompt_len[r]
     }
 
-    /// Rows as right-padded sequences whose response tokens are scored.
-    pub fn batch(&self, rows: &[usize], pad: u32) -> SeqBatch {
-        let t: Vec<Tokenized> = rows
+    /// Rows as model inputs whose response tokens are scored. The rows of one prompt are packed
+    /// into one sequence — the prompt once, then each response, seeing the prompt and itself
+    /// (`Packing::shared_prompts`) — so k samples pay for their prompt once; the prompt's last
+    /// token predicts every response's first. Without shared prompts: right-padded rows.
+    pub fn batch(&self, rows: &[usize], pad: u32, dev: &candle_core::Device) -> Result<SeqBatch> {
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut slot = std::collections::HashMap::new();
+        for &r in rows {
+            let g = *slot.entry(self.prompt[r]).or_insert_with(|| {
+                groups.push((self.prompt[r], Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(r);
+        }
+        if groups.iter().all(|g| g.1.len() == 1) {
+            let t: Vec<Tokenized> = rows
+                .iter()
+                .map(|&r| {
+                    let (n, p) = (self.seqs[r].len(), self.prompt_len[r]);
+                    Tokenized {
+                        ids: self.seqs[r].clone(),
+                        train: (0..n).map(|i| i >= p).collect(),
+                    }
+                })
+                .collect();
+            let refs: Vec<&Tokenized> = t.iter().collect();
+            return Ok(SeqBatch::new(&refs, pad));
+        }
+        // Each packed row: the prompt, then every member's response but its last token (which
+        // is only predicted). `offset[r]`: where row r's response inputs start in its row.
+        let mut offset = std::collections::HashMap::new();
+        let mut spec = Vec::with_capacity(groups.len());
+        for (_, members) in &groups {
+            let p = self.prompt_len[members[0]];
+            let mut at = p;
+            let mut lens = Vec::with_capacity(members.len());
+            for &r in members {
+                offset.insert(r, at);
+                let l = self.response_len(r) - 1;
+                lens.push(l);
+                at += l;
+            }
+            spec.push((p, lens));
+        }
+        let t = spec
             .iter()
-            .map(|&r| {
-                let (n, p) = (self.seqs[r].len(), self.prompt_len[r]);
-                Tokenized {
-                    ids: self.seqs[r].clone(),
-                    train: (0..n).map(|i| i >= p).collect(),
-                }
-            })
-            .collect();
-        let refs: Vec<&Tokenized> = t.iter().collect();
-        SeqBatch::new(&refs, pad)
+            .map(|(p, l)| p + l.iter().sum::<usize>())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut x = Vec::with_capacity(groups.len() * t);
+        for (_, members) in &groups {
+            let r0 = members[0];
+            x.extend_from_slice(&self.seqs[r0][..self.prompt_len[r0]]);
+            for &r in members {
+                let resp = &self.seqs[r][self.prompt_len[r]..];
+                x.extend_from_slice(&resp[..resp.len() - 1]);
+            }
+            x.resize(x.len().div_ceil(t) * t, pad);
+        }
+        let (mut at, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+        for &r in rows {
+            let base = slot[&self.prompt[r]] * t;
+            let (p, off) = (self.prompt_len[r], offset[&r]);
+            let resp = &self.seqs[r][p..];
+            for (j, &y) in resp.iter().enumerate() {
+                at.push((base + if j == 0 { p - 1 } else { off + j - 1 }) as u32);
+                targets.push(y);
+            }
+            counts.push(resp.len());
+        }
+        Ok(SeqBatch {
+            x,
+            b: groups.len(),
+            t,
+            at,
+            targets,
+            counts,
+            packing: Some(crate::model::Packing::shared_prompts(&spec, t, dev)?),
+        })
     }
 
     /// A per-token field of `rows`, flattened in `batch` order, as a tensor (N,).
@@ -200,7 +266,7 @@ pub fn score(
         r.refs = vec![Vec::new(); n];
     }
     for g in groups {
-        let s = r.batch(g, pad);
+        let s = r.batch(g, pad, model.device())?;
         if policy_pass {
             let f = forward(model, head, &s, temperature)?;
             for (&row, v) in g.iter().zip(split_rows(&f.logps, &s.counts)?) {
