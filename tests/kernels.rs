@@ -185,8 +185,8 @@ fn fused_qkv_attention_matches_split_projection() {
             window,
         };
         // two packed examples per row, the second starting at 23 (row 0) and 41 (row 1)
-        let starts = packed.then(|| {
-            std::sync::Arc::new(
+        let starts = packed.then(|| attention::Segs {
+            lo: std::sync::Arc::new(
                 (0..b * t)
                     .map(|i| {
                         let (row, pos) = (i / t, i % t);
@@ -198,7 +198,8 @@ fn fused_qkv_attention_matches_split_projection() {
                         }
                     })
                     .collect::<Vec<u32>>(),
-            )
+            ),
+            shared: None,
         });
         let run = |f: &dyn Fn(&Tensor) -> Tensor| {
             let o = f(qkv.as_tensor());

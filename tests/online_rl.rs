@@ -91,11 +91,11 @@ fn run_method(d: &Path, name: &str, method: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
-/// Start value ≤ `start`, the last ten rollouts' mean ≥ `target`, every KL ≤ `kl_max`.
+/// Start value ≤ `start`, the last third of the rollouts' mean ≥ `target`, every KL ≤ `kl_max`.
 fn learned(run: &Path, what: &str, kl_key: &str, (start, target, kl_max): (f64, f64, f64)) {
     let r = per_rollout(run, "reward");
     let kl = per_rollout(run, kl_key);
-    let n = r.len().min(10);
+    let n = (r.len() / 3).max(3);
     let last: f64 = r[r.len() - n..].iter().sum::<f64>() / n as f64;
     assert!(
         r[0] <= start,

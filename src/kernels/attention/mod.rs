@@ -320,7 +320,7 @@ mod tests {
                                     assert_eq!(
                                         *v == 1.0,
                                         spec.visible(j, qpos) && in_seg,
-                                        "{prefix} {past} {window:?} {n} {qpos} {seg} {j}"
+                                        "{prefix} {past} {window:?} {n} {qpos} {seg:?} {j}"
                                     );
                                 }
                             }
