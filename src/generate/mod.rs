@@ -131,21 +131,23 @@ pub fn sample_logp(logits: &[f32], s: &Sampling, rng: &mut Rng) -> (u32, f64) {
         return (argmax(logits), 0.0);
     }
     if s.top_k.is_none_or(|k| k == 0 || k >= logits.len()) && s.top_p.is_none_or(|p| p >= 1.0) {
-        // No filter: no sort of the vocabulary (a batch of 32 rows × 49k ids per step).
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-        let w = |x: f32| ((x as f64 - max) / s.temperature).exp();
-        let total: f64 = logits.iter().map(|&x| w(x)).sum();
+        // No filter: no sort of the vocabulary (a batch of 32 rows × 49k ids per step), and
+        // the exponentials vectorised in f32.
+        let inv = (1.0 / s.temperature) as f32;
+        let mut w: Vec<f32> = logits.iter().map(|&x| x * inv).collect();
+        let max = crate::kernels::vmath::max(&w);
+        let total = crate::kernels::vmath::exp_shift_sum(&mut w, max) as f64;
         let mut u = rng.next_f64() * total;
         let mut pick = argmax(logits) as usize;
-        for (i, &x) in logits.iter().enumerate() {
-            let p = w(x);
+        for (i, &p) in w.iter().enumerate() {
+            let p = p as f64;
             if u < p && p > 0.0 {
                 pick = i;
                 break;
             }
             u -= p;
         }
-        return (pick as u32, (w(logits[pick]) / total).ln());
+        return (pick as u32, (w[pick] as f64 / total).ln());
     }
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));

@@ -245,17 +245,29 @@ fn gemv(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     from_j_major(t, m, n)
 }
 
-/// (m, n) row-major from the j-major t[j·m + i] the GEMVs write.
+/// (m, n) row-major from the j-major t[j·m + i] the GEMVs write: blocks of columns whose
+/// j-major rows stay in L1 while every output row takes its share, rows split across threads.
 pub(crate) fn from_j_major(t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return t;
     }
+    const COLS: usize = 256;
     let mut y = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            y[i * n + j] = t[j * m + i];
-        }
-    }
+    let rows_per = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    y.par_chunks_mut(rows_per * n)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let i0 = c * rows_per;
+            for j0 in (0..n).step_by(COLS) {
+                let j1 = (j0 + COLS).min(n);
+                for (r, row) in out.chunks_mut(n).enumerate() {
+                    let i = i0 + r;
+                    for j in j0..j1 {
+                        row[j] = t[j * m + i];
+                    }
+                }
+            }
+        });
     y
 }
 
