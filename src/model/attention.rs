@@ -27,6 +27,7 @@ pub(super) struct LayerCtx<'a> {
     pub(super) packing: Option<&'a Packing>,
 }
 
+#[derive(Clone)]
 enum Qkv {
     /// GPT-2's `c_attn`: one (C, 3C) Conv1D.
     Fused(Linear),
@@ -157,6 +158,21 @@ impl Attention {
             hd,
             window: cfg.sliding_window.get(i).copied().flatten(),
         })
+    }
+
+    pub(super) fn detached(&self) -> Self {
+        Self {
+            qkv: match &self.qkv {
+                Qkv::Fused(l) => Qkv::Fused(l.detached()),
+                Qkv::Separate { q, k, v } => Qkv::Separate {
+                    q: q.detached(),
+                    k: k.detached(),
+                    v: v.detached(),
+                },
+            },
+            o: self.o.detached(),
+            ..*self
+        }
     }
 
     pub fn linears(&self) -> Vec<&Linear> {

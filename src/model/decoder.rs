@@ -85,6 +85,27 @@ impl Mlp {
         })
     }
 
+    fn detached(&self) -> Self {
+        match self {
+            Mlp::Plain { fc, proj, act } => Mlp::Plain {
+                fc: fc.detached(),
+                proj: proj.detached(),
+                act: *act,
+            },
+            Mlp::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => Mlp::Gated {
+                gate: gate.detached(),
+                up: up.detached(),
+                down: down.detached(),
+                act: *act,
+            },
+        }
+    }
+
     pub fn linears(&self) -> Vec<&Linear> {
         match self {
             Mlp::Plain { fc, proj, .. } => vec![fc, proj],
@@ -279,6 +300,30 @@ impl DecoderModel {
 
     pub fn device(&self) -> &Device {
         self.wte.weight.device()
+    }
+
+    /// The model on detached weights: the same storage (updates to the weights show), no
+    /// autograd graph. Decoding with it keeps no activations alive for a backward that never
+    /// comes (a batched prefill through trainable weights would hold every layer's).
+    pub fn detached(&self) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            wte: self.wte.detached(),
+            wpe: self.wpe.as_ref().map(Embedding::detached),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    norm1: b.norm1.detached(),
+                    attn: b.attn.detached(),
+                    norm2: b.norm2.detached(),
+                    mlp: b.mlp.detached(),
+                })
+                .collect(),
+            norm_f: self.norm_f.detached(),
+            lm_head: self.lm_head.as_ref().map(Linear::detached),
+            rope: self.rope.clone(),
+        }
     }
 
     /// Every linear layer, in order, for PEFT methods to find by name.

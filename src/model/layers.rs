@@ -51,6 +51,9 @@ pub trait LinearAdapter: Send + Sync {
     fn fused(&self, _lin: &Linear, _x: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
+
+    /// The same adapter on detached weights (shared storage, no gradient): decoding.
+    fn detached(&self) -> std::sync::Arc<dyn LinearAdapter>;
 }
 
 /// Everything a layer constructor needs: where weights come from and which ones train.
@@ -115,6 +118,16 @@ impl Linear {
             adapter: None,
             quant: None,
         })
+    }
+
+    /// This layer on detached weights: the same storage, no autograd graph (decoding).
+    pub fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            adapter: self.adapter.as_ref().map(|a| a.detached()),
+            ..self.clone()
+        }
     }
 
     /// The weight as an (in, out) matrix, transposed through strides when stored (out, in).
@@ -220,6 +233,13 @@ pub struct Embedding {
 }
 
 impl Embedding {
+    pub fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            ..self.clone()
+        }
+    }
+
     pub fn new(b: &mut Builder, name: &str, rows: usize, dim: usize, std: f64) -> Result<Self> {
         let weight = b.param(name, &[rows, dim], ParamKind::Embedding, Init::Normal(std))?;
         Ok(Self {
@@ -254,6 +274,20 @@ pub enum Norm {
 }
 
 impl Norm {
+    pub fn detached(&self) -> Self {
+        match self {
+            Norm::LayerNorm { weight, bias, eps } => Norm::LayerNorm {
+                weight: weight.detach(),
+                bias: bias.detach(),
+                eps: *eps,
+            },
+            Norm::RmsNorm { weight, eps } => Norm::RmsNorm {
+                weight: weight.detach(),
+                eps: *eps,
+            },
+        }
+    }
+
     pub fn layer_norm(b: &mut Builder, name: &str, dim: usize, eps: f64) -> Result<Self> {
         let weight = b.param(
             &format!("{name}.weight"),

@@ -106,6 +106,7 @@ pub fn key_b(module: &str) -> String {
 }
 
 /// One adapted layer.
+#[derive(Clone)]
 struct Layer {
     a: Tensor,
     b: Tensor,
@@ -128,6 +129,14 @@ impl Layer {
 }
 
 impl LinearAdapter for Layer {
+    fn detached(&self) -> std::sync::Arc<dyn LinearAdapter> {
+        std::sync::Arc::new(Layer {
+            a: self.a.detach(),
+            b: self.b.detach(),
+            ..self.clone()
+        })
+    }
+
     fn delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if !self.switch.enabled() {
             return Ok(None);

@@ -165,6 +165,8 @@ pub fn sample(
     chunk: usize,
     rewards: &Rewards,
 ) -> Result<Rollout> {
+    // Decoding needs no graph: a detached view of the same weights.
+    let model = &model.detached();
     let rows: Vec<usize> = prompts
         .iter()
         .flat_map(|&p| std::iter::repeat_n(p, k))
@@ -255,6 +257,10 @@ pub fn score(
     temperature: f64,
     policy_pass: bool,
 ) -> Result<()> {
+    // No gradient here either: detached views of the same weights.
+    let model = &model.detached();
+    let head = head.map(Linear::detached);
+    let head = head.as_ref();
     let n = r.rows();
     if policy_pass {
         r.old = vec![Vec::new(); n];
