@@ -6,7 +6,8 @@
 #
 # HF_MODEL_DIR: e.g. `lmforge convert SmolLM2-135M-Instruct.Q4_1.gguf --out DIR` (its chat template
 # kept: the prompts are conversations). TRAIN: scripts/arith_prompts.py's train.jsonl. Per step: 8
-# prompts × 4 samples × up to 48 new tokens, LoRA r=8 on all linear layers, β = 0, 2 threads.
+# prompts × 4 samples × up to 48 new tokens (lmforge: 4 micro-batches of 8 rows, the same step),
+# LoRA r=8 on all linear layers, β = 0, 2 threads.
 # Needs .venv-ref with torch, transformers, trl, peft, datasets. One JSON line per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ export RAYON_NUM_THREADS=2
 lf() {
   rm -rf "$TMP/run"
   $BIN grpo --model "$MODEL" --data "$DATA" --out "$TMP/run" --reward number --num-generations 4 \
-    --batch-size 32 --max-new-tokens 48 --temperature 1.0 --max-steps "$STEPS" \
+    --batch-size 8 --grad-accum 4 --max-new-tokens 48 --temperature 1.0 --max-steps "$STEPS" \
     --peft lora --lora-r 8 --lora-alpha 16 --lora-dropout 0 --lr 1e-5 --quiet
   python3 - "$TMP/run/metrics.jsonl" <<'PY'
 import json, statistics, sys

@@ -27,6 +27,7 @@ pub mod losses;
 pub mod model;
 pub mod outdir;
 pub mod peft;
+pub mod plot;
 pub mod rlaif;
 pub mod rng;
 pub mod tokenizer;

@@ -80,6 +80,8 @@ enum Cmd {
     Merge(MergeArgs),
     /// Time full training steps on random tokens (compare with scripts/torch_reference.py).
     Bench(BenchCli),
+    /// Line charts (PNG) of a run's metrics.jsonl: one panel per --metric, by step.
+    Plot(PlotArgs),
 }
 
 /// A training subcommand: the method's options (its flags and config keys) and the run flags.
@@ -119,6 +121,21 @@ struct MergeArgs {
     #[arg(long)]
     out: PathBuf,
     /// Replace an earlier lmforge output in --out (only the files lmforge wrote there).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// A run directory (with metrics.jsonl).
+    run: PathBuf,
+    /// A metric to plot (repeatable), e.g. reward, objective/kl, loss, eval_reward.
+    #[arg(long = "metric", required = true)]
+    metrics: Vec<String>,
+    /// The PNG file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing --out file.
     #[arg(long)]
     overwrite: bool,
 }
@@ -370,6 +387,13 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 m.store.num_params() as f64 / 1e6,
                 t.elapsed().as_secs_f64()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Plot(a) => {
+            lmforge::outdir::check_file(&a.out, a.overwrite)?;
+            let panels = lmforge::plot::from_metrics(&a.run, &a.metrics)?;
+            lmforge::plot::chart(&panels, "step", &a.out)?;
+            eprintln!("wrote {}", a.out.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(a) => {

@@ -260,6 +260,20 @@ pub struct LabelArgs {
     pub overwrite: bool,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Instead of given responses: sample this many per prompt of --data (prompt records, as
+    /// `grpo` reads them) from --policy; the judge compares every two of them and the best and
+    /// the worst become a pair.
+    #[arg(long, requires = "policy")]
+    pub candidates: Option<usize>,
+    /// With --candidates: the model to sample from (HF directory or .gguf).
+    #[arg(long, requires = "candidates")]
+    pub policy: Option<PathBuf>,
+    /// With --candidates: sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// With --candidates: longest response, in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
 }
 
 /// One record to label: the prompt, two responses, and which one people chose (if known).
@@ -380,11 +394,12 @@ pub fn label(a: &LabelArgs, say: &dyn Fn(&str)) -> Result<LabelReport> {
     if !(0.0..0.5).contains(&a.min_margin) {
         bail!("--min-margin must be in [0, 0.5), got {}", a.min_margin);
     }
+    if let Some(n) = a.candidates {
+        return label_candidates(a, n, say);
+    }
     let mut items = read_items(&a.data, say)?;
-    if let Some(n) = a.sample {
-        let keep = crate::rng::permutation(a.seed, 0, items.len());
-        let mut keep: Vec<usize> = keep.into_iter().take(n).collect();
-        keep.sort_unstable();
+    if a.sample.is_some() {
+        let keep = sampled(a, items.len());
         let mut all: Vec<Option<Item>> = items.into_iter().map(Some).collect();
         items = keep.into_iter().filter_map(|i| all[i].take()).collect();
     }
@@ -438,6 +453,143 @@ pub fn label(a: &LabelArgs, say: &dyn Fn(&str)) -> Result<LabelReport> {
         if let Some(h) = it.human_first {
             line["human_agrees"] = json!(h == judge_first);
         }
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    rep.seconds = t0.elapsed().as_secs_f64();
+    crate::fsutil::write_file(&a.out, lines.as_bytes())?;
+    Ok(rep)
+}
+
+/// The indices a seeded `--sample` keeps of `n` records, in file order.
+fn sampled(a: &LabelArgs, n: usize) -> Vec<usize> {
+    match a.sample {
+        Some(k) => {
+            let mut keep: Vec<usize> = crate::rng::permutation(a.seed, 0, n)
+                .into_iter()
+                .take(k)
+                .collect();
+            keep.sort_unstable();
+            keep
+        }
+        None => (0..n).collect(),
+    }
+}
+
+/// `--candidates N`: N responses per prompt from the policy (batched), every two judged in both
+/// orders; a candidate's score is its mean probability of beating the others (a Borda count),
+/// and the best and worst of each prompt become a pair when the judge separates them by more
+/// than `--min-margin`.
+fn label_candidates(a: &LabelArgs, n: usize, say: &dyn Fn(&str)) -> Result<LabelReport> {
+    use crate::generate::{generate_batch, Sampling, Stop};
+    use crate::train::rl::prompts;
+    if n < 2 {
+        bail!("--candidates must be at least 2, got {n}");
+    }
+    let policy = a
+        .policy
+        .as_ref()
+        .context("--candidates needs --policy MODEL")?;
+    let all = prompts::read(&a.data)?;
+    let ps: Vec<prompts::Prompt> = sampled(a, all.len())
+        .into_iter()
+        .map(|i| all[i].clone())
+        .collect();
+    let dev = crate::device(&a.device)?;
+    let t0 = std::time::Instant::now();
+    // 1. Candidates, the policy freed before the judge loads.
+    let responses: Vec<Vec<String>> = {
+        let pm = hf::load(policy, &dev, &|_| true)?;
+        let tpl = match &pm.chat_template {
+            Some(_) => Some(pm.chat(&policy.display().to_string())?),
+            None => None,
+        };
+        let ctx = pm.model.cfg.max_position_embeddings;
+        let max_prompt = ctx.saturating_sub(a.max_new_tokens).max(1);
+        let mut rows = Vec::with_capacity(ps.len() * n);
+        for p in &ps {
+            let (ids, _) = prompts::tokenize(p, &pm.tok, tpl.as_ref(), max_prompt)?;
+            rows.extend(std::iter::repeat_n(ids, n));
+        }
+        let s = Sampling {
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_k: None,
+            top_p: None,
+            seed: a.seed,
+        };
+        let mut texts = Vec::with_capacity(rows.len());
+        for (c, chunk) in rows.chunks(32).enumerate() {
+            let sc = Sampling {
+                seed: crate::rng::Rng::keyed(&[a.seed, c as u64]).next_u64(),
+                ..s.clone()
+            };
+            for o in generate_batch(&pm.model, chunk, &sc, &pm.eos_ids)? {
+                let end = o.tokens.len() - usize::from(o.stop == Stop::Eos);
+                texts.push(pm.tok.decode(&o.tokens[..end], true)?);
+            }
+        }
+        texts.chunks(n).map(<[String]>::to_vec).collect()
+    };
+    say(&format!(
+        "sampled {} candidates for {} prompts in {:.1}s",
+        ps.len() * n,
+        ps.len(),
+        t0.elapsed().as_secs_f64()
+    ));
+    // 2. Every two candidates of a prompt, judged.
+    let rubric = match &a.rubric {
+        Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
+        None => None,
+    };
+    let judge = Judge::new(hf::load(&a.judge, &dev, &|_| true)?, rubric)?;
+    let mut triples = Vec::new();
+    let mut which = Vec::new();
+    for (k, (p, rs)) in ps.iter().zip(&responses).enumerate() {
+        for i in 0..n {
+            for j in i + 1..n {
+                triples.push((plain(&p.text), rs[i].clone(), rs[j].clone()));
+                which.push((k, i, j));
+            }
+        }
+    }
+    let verdicts = judge.judge(&triples, a.max_len, a.batch_size)?;
+    let mut wins = vec![vec![0f64; n]; ps.len()];
+    let mut pair = std::collections::HashMap::new();
+    let mut rep = LabelReport {
+        judged: triples.len(),
+        ..Default::default()
+    };
+    for (&(k, i, j), v) in which.iter().zip(&verdicts) {
+        wins[k][i] += v.p_first;
+        wins[k][j] += 1.0 - v.p_first;
+        pair.insert((k, i, j), v.p_first);
+        rep.mean_p_a += (v.p_a_first_shown_a + v.p_a_second_shown_a) / (2 * verdicts.len()) as f64;
+    }
+    // 3. Best against worst.
+    let mut lines = String::new();
+    for (k, p) in ps.iter().enumerate() {
+        let w = &wins[k];
+        let best = (0..n).max_by(|&x, &y| w[x].total_cmp(&w[y])).unwrap_or(0);
+        let worst = (0..n).min_by(|&x, &y| w[x].total_cmp(&w[y])).unwrap_or(0);
+        let p_best = match (best.min(worst), best.max(worst)) {
+            (i, j) if i == best => pair.get(&(k, i, j)).copied(),
+            (i, j) => pair.get(&(k, i, j)).map(|q| 1.0 - q),
+        }
+        .unwrap_or(0.5);
+        let (c, r) = (&responses[k][best], &responses[k][worst]);
+        if best == worst || c == r || (p_best - 0.5).abs() < a.min_margin {
+            rep.ties += 1;
+            continue;
+        }
+        rep.kept += 1;
+        let answer = |t: &String| match &p.text {
+            Text::Plain(_) => json!(t),
+            Text::Messages(_) => json!([{"role": "assistant", "content": t}]),
+        };
+        let scores: Vec<f64> = w.iter().map(|x| x / (n - 1) as f64).collect();
+        let line = json!({"prompt": to_json(&p.text), "chosen": answer(c), "rejected": answer(r),
+            "judge_p_chosen": p_best, "candidate_scores": scores, "candidates": n, "source": p.at});
         lines.push_str(&line.to_string());
         lines.push('\n');
     }

@@ -379,3 +379,93 @@ fn bad_reward_settings_are_errors() {
     let e = fails(&a);
     assert!(e.contains("bad.jsonl:2"), "{e}");
 }
+
+#[test]
+fn label_ranks_candidates_sampled_from_a_policy() {
+    let d = tmpdir("rl_candidates");
+    let data = prompts(&d);
+    let model = fixture("llama_tiny");
+    let m = model.to_str().unwrap();
+    let out = d.join("pairs.jsonl");
+    // The tiny judge's context is 64 tokens: a short rubric.
+    let rubric = d.join("rubric.jinja");
+    std::fs::write(
+        &rubric,
+        "{{ prompt }} A:{{ response_a }} B:{{ response_b }} Better:",
+    )
+    .unwrap();
+    let err = ok(&[
+        "label",
+        "--rubric",
+        rubric.to_str().unwrap(),
+        "--judge",
+        m,
+        "--policy",
+        m,
+        "--candidates",
+        "3",
+        "--data",
+        data.to_str().unwrap(),
+        "--sample",
+        "6",
+        "--max-new-tokens",
+        "6",
+        "--min-margin",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("sampled 18 candidates for 6 prompts"), "{err}");
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!lines.is_empty() && lines.len() <= 6, "{}", lines.len());
+    for l in &lines {
+        assert_eq!(l["candidates"], 3);
+        assert_ne!(l["chosen"], l["rejected"]);
+        let p = l["judge_p_chosen"].as_f64().unwrap();
+        assert!((0.5..=1.0).contains(&p), "{p}");
+        let s: Vec<f64> = l["candidate_scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(s.len(), 3);
+        // The three scores are each candidate's mean P(beats another): they sum to 3/2.
+        assert!((s.iter().sum::<f64>() - 1.5).abs() < 1e-9, "{s:?}");
+    }
+    // The pairs train DPO as they are.
+    let run = d.join("dpo");
+    ok(&[
+        "dpo",
+        "--model",
+        m,
+        "--data",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+        "--quiet",
+    ]);
+    // --candidates needs a policy.
+    let e = fails(&[
+        "label",
+        "--judge",
+        m,
+        "--candidates",
+        "3",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        d.join("x.jsonl").to_str().unwrap(),
+    ]);
+    assert!(e.contains("--policy"), "{e}");
+}

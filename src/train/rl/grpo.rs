@@ -217,9 +217,7 @@ pub fn run(o: GrpoOptions, ctl: Control) -> Result<Summary> {
     if o.num_generations < 2 {
         bail!("num_generations must be at least 2: GRPO compares samples of the same prompt");
     }
-    if o.num_iterations == 0 || !(o.epsilon >= 0.0) || o.epsilon_high.is_some_and(|e| !(e >= 0.0)) {
-        bail!("num_iterations must be positive and epsilon, epsilon_high non-negative");
-    }
+    super::check_clip(o.num_iterations, o.epsilon, o.epsilon_high)?;
     let algo = Grpo {
         k: o.num_generations,
         beta: o.beta,

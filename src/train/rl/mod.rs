@@ -183,6 +183,17 @@ pub trait Algo {
     }
 }
 
+/// PPO-style clipping settings every method checks the same way.
+pub fn check_clip(passes: usize, eps: f64, eps_high: Option<f64>) -> Result<()> {
+    let ok = |x: f64| x.is_finite() && x >= 0.0;
+    if passes == 0 || !ok(eps) || eps_high.is_some_and(|e| !ok(e)) {
+        bail!(
+            "the passes over a rollout must be positive, epsilon and epsilon_high finite and >= 0"
+        );
+    }
+    Ok(())
+}
+
 /// The inputs every online method reads from its options.
 pub struct Common<'a> {
     pub model: Option<&'a Path>,
@@ -243,7 +254,7 @@ impl<A: Algo> Online<A> {
     /// so micro-batches pack a prompt's samples together and pad little (a step's loss is the
     /// same however its rows are grouped).
     fn step_rows(&self, r: &Rollout, e: usize, mb: usize) -> Vec<usize> {
-        let key = self.seed ^ 0x5EED_0F_0A11;
+        let key = self.seed ^ 0x005E_ED0F_0A11;
         let n = self.rollout_rows();
         let pass = r.index * self.algo.epochs() as u64 + e as u64;
         let order = crate::rng::permutation(key, pass, n);

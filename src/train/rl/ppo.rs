@@ -251,7 +251,8 @@ pub fn run(o: PpoOptions, ctl: Control) -> Result<Summary> {
             "kl_coef, gamma, lam, cliprange, cliprange_value and vf_coef must be finite and >= 0"
         );
     }
-    if o.target_kl.is_some_and(|t| !(t > 0.0)) || !(o.kl_horizon > 0.0) {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if o.target_kl.is_some_and(|t| !positive(t)) || !positive(o.kl_horizon) {
         bail!("target_kl and kl_horizon must be positive");
     }
     let algo = Ppo {
