@@ -196,7 +196,7 @@ struct GenerateArgs {
     #[arg(long)]
     chat: bool,
     /// With --chat: a system message before the user's.
-    #[arg(long, requires = "chat")]
+    #[arg(long, requires = "chat", conflicts_with = "prompts")]
     system: Option<String>,
     #[arg(long, default_value_t = 100)]
     max_new_tokens: usize,

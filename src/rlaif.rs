@@ -505,7 +505,13 @@ fn label_candidates(a: &LabelArgs, n: usize, say: &dyn Fn(&str)) -> Result<Label
             None => None,
         };
         let ctx = pm.model.cfg.max_position_embeddings;
-        let max_prompt = ctx.saturating_sub(a.max_new_tokens).max(1);
+        if a.max_new_tokens == 0 || a.max_new_tokens >= ctx {
+            bail!(
+                "--max-new-tokens {} leaves no room for a prompt in the policy's context of {ctx}",
+                a.max_new_tokens
+            );
+        }
+        let max_prompt = ctx - a.max_new_tokens;
         let mut rows = Vec::with_capacity(ps.len() * n);
         for p in &ps {
             let (ids, _) = prompts::tokenize(p, &pm.tok, tpl.as_ref(), max_prompt)?;
@@ -524,7 +530,7 @@ fn label_candidates(a: &LabelArgs, n: usize, say: &dyn Fn(&str)) -> Result<Label
                 seed: crate::rng::Rng::keyed(&[a.seed, c as u64]).next_u64(),
                 ..s.clone()
             };
-            for o in generate_batch(&pm.model, chunk, &sc, &pm.eos_ids)? {
+            for o in generate_batch(&pm.model, chunk, &sc, &pm.stop_ids())? {
                 let end = o.tokens.len() - usize::from(o.stop == Stop::Eos);
                 texts.push(pm.tok.decode(&o.tokens[..end], true)?);
             }

@@ -254,6 +254,16 @@ fn a_run_stopped_inside_a_rollout_resumes_exactly() {
         // the resumed step 7 makes a fresh one from the restored weights.
         a.extend(["--stop-at-step".to_string(), "6".to_string()]);
         ok(&refs(&a));
+        // The saved rollout belongs to this run's shape: another is refused, not misread.
+        let e = fails(&[
+            method,
+            "--resume",
+            split.to_str().unwrap(),
+            "--grad-accum",
+            "1",
+            "--quiet",
+        ]);
+        assert!(e.contains("resume with the settings"), "{e}");
         ok(&[method, "--resume", split.to_str().unwrap(), "--quiet"]);
         let strip = |run: &Path| -> Vec<Value> {
             steps(run)

@@ -133,15 +133,34 @@ fn context_and_empty_prompts_are_errors_or_stops() {
 }
 
 /// A prompt's samples packed into one row (the prompt once) score and differentiate exactly as
-/// the same sequences in separate rows.
+/// the same sequences in separate rows, also when the packed row is longer than the context
+/// (each sequence is not); a sliding-window model is not packed.
 #[test]
 fn packed_samples_of_a_prompt_match_separate_rows() {
-    use lmforge::train::rl::rollout::{forward, Rollout};
-    for name in ["llama_tiny", "gpt2_tiny"] {
+    use lmforge::train::rl::rollout::{forward, packs, Rollout};
+    let long: Vec<u32> = (0..18).map(|i| (i * 7 % 50 + 1) as u32).collect();
+    let cases: [(&str, Vec<&[u32]>, Vec<usize>); 3] = [
+        (
+            "llama_tiny",
+            vec![&[4, 6, 1], &[11], &[3, 3, 9, 12], &[7, 7], &[1, 2, 3]],
+            vec![0, 0, 0, 1, 1],
+        ),
+        (
+            "gpt2_tiny",
+            vec![&[4, 6, 1], &[11], &[3, 3, 9, 12], &[7, 7], &[1, 2, 3]],
+            vec![0, 0, 0, 1, 1],
+        ),
+        // 4 + 4 × 17 = 72 packed columns; the tiny llama's context is 64.
+        (
+            "llama_tiny",
+            vec![&long, &long[1..], &long[2..], &long[..17]],
+            vec![0, 0, 0, 0],
+        ),
+    ];
+    for (name, resps, owner) in cases {
         let m = lmforge::model::hf::load(&fixture(name), &Device::Cpu, &|_| false).unwrap();
+        assert!(packs(&m.model));
         let prompts = [vec![5u32, 9, 3, 7], vec![2u32, 8]];
-        let resps: [&[u32]; 5] = [&[4, 6, 1], &[11], &[3, 3, 9, 12], &[7, 7], &[1, 2, 3]];
-        let owner = [0usize, 0, 0, 1, 1];
         let mut r = Rollout::default();
         for (resp, &p) in resps.iter().zip(&owner) {
             r.prompt.push(p);
@@ -149,13 +168,24 @@ fn packed_samples_of_a_prompt_match_separate_rows() {
             r.seqs
                 .push(prompts[p].iter().chain(resp.iter()).copied().collect());
         }
-        let rows = [3usize, 0, 1, 4, 2];
+        let rows: Vec<usize> = if owner.len() == 5 {
+            vec![3, 0, 1, 4, 2]
+        } else {
+            vec![2, 0, 3, 1]
+        };
         let dev = Device::Cpu;
-        let packed = r.batch(&rows, 0, &dev).unwrap();
+        let packed = r.batch(&rows, 0, &dev, true).unwrap();
+        let groups = if owner.len() == 5 { 2 } else { 1 };
         assert!(
-            packed.packing.is_some() && packed.b == 2,
-            "{name}: two packed rows"
+            packed.packing.is_some() && packed.b == groups,
+            "{name}: {groups} packed rows"
         );
+        if groups == 1 {
+            assert!(
+                packed.t > m.model.cfg.max_position_embeddings,
+                "the row is longer than the context"
+            );
+        }
         let weights: Vec<f32> = (0..packed.targets.len())
             .map(|i| 0.3 + 0.1 * i as f32)
             .collect();
@@ -172,7 +202,7 @@ fn packed_samples_of_a_prompt_match_separate_rows() {
         let mut g_rows: Option<lmforge::model::Grads> = None;
         let mut k = 0;
         for &row in &rows {
-            let s = r.batch(&[row], 0, &dev).unwrap();
+            let s = r.batch(&[row], 0, &dev, true).unwrap();
             assert!(s.packing.is_none());
             let n = s.targets.len();
             let f = forward(&m.model, None, &s, 0.7).unwrap();
@@ -215,4 +245,10 @@ fn packed_samples_of_a_prompt_match_separate_rows() {
         }
         assert!(n > 5, "{name}: gradients compared: {n}");
     }
+    let mistral =
+        lmforge::model::hf::load(&fixture("mistral_tiny"), &Device::Cpu, &|_| true).unwrap();
+    assert!(
+        !packs(&mistral.model),
+        "a sliding window must not be packed"
+    );
 }

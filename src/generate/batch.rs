@@ -25,7 +25,10 @@ pub struct Sampled {
 }
 
 /// Generates after each of `prompts` in one batch (see the module doc). Row i samples from the
-/// stream keyed by (s.seed, i).
+/// stream keyed by (s.seed, i). The batch's columns (the longest prompt, then one per step) must
+/// fit the context: when they no longer do, every live row stops with `ContextFull`, so with
+/// prompts of very different lengths a short one can stop before its own context is full
+/// (callers that cap prompts at context − max_new_tokens never see it).
 pub fn generate_batch(
     model: &DecoderModel,
     prompts: &[Vec<u32>],

@@ -56,7 +56,7 @@ pub fn run(
             ..s.clone()
         };
         let t0 = std::time::Instant::now();
-        let res = generate_batch(&m.model, &ids, &sc, &m.eos_ids)?;
+        let res = generate_batch(&m.model, &ids, &sc, &m.stop_ids())?;
         t.seconds += t0.elapsed().as_secs_f64();
         for ((i, k, _), o) in chunk.iter().zip(res) {
             t.responses += 1;

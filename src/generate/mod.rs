@@ -183,7 +183,7 @@ pub fn sample_logp(logits: &[f32], s: &Sampling, rng: &mut Rng) -> (u32, f64) {
         u -= p;
     }
     let last = probs.len() - 1;
-    (idx[last] as u32, probs[last].ln())
+    (idx[last] as u32, probs[last].max(f64::MIN_POSITIVE).ln())
 }
 
 fn argmax(xs: &[f32]) -> u32 {

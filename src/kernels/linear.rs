@@ -122,7 +122,7 @@ unsafe fn block_avx2(x: &[f32], w: &[f32], k: usize, m: usize, j0: usize, out: &
     }
 }
 
-/// `block` on AVX-512: tiles of 2 input rows × 8 weight rows (16 accumulators of 16 lanes; 32
+/// `block` on AVX-512: tiles of 4 input rows × 4 weight rows (16 accumulators of 16 lanes; 32
 /// registers leave room for the loads), the row tails through masked loads.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -230,7 +230,12 @@ fn block(x: &[f32], w: &[f32], k: usize, m: usize, j0: usize, out: &mut [f32]) {
         // SAFETY: the CPU has the features the kernel was compiled for.
         return unsafe { block_avx2(x, w, k, m, j0, out) };
     }
-    block_generic(x, w, k, m, j0, out)
+    block_plain(x, w, k, m, j0, out)
+}
+
+super::vmath::dispatch! {
+    /// The plain dots (one row: bound by reading W), compiled for AVX2 + FMA where available.
+    fn block_plain(x: &[f32], w: &[f32], k: usize, m: usize, j0: usize, out: &mut [f32]) -> () = block_generic;
 }
 
 /// y (m, n) = x (m, k) · wᵀ for w (n, k), parallel over blocks of weight rows.

@@ -371,11 +371,14 @@ impl DecoderModel {
             bail!("per-row positions were built for a cache of another length");
         }
         let max = self.cfg.max_position_embeddings;
-        if past + t > max {
-            bail!(
-                "sequence of {} positions exceeds the model's context of {max}",
-                past + t
-            );
+        // Packed rows without a cache hold several sequences: their positions bound the
+        // context, not the row's length.
+        let span = match (packing, cache.is_some()) {
+            (Some(p), false) => p.max_position() + 1,
+            _ => past + t,
+        };
+        if span > max {
+            bail!("sequence of {span} positions exceeds the model's context of {max}");
         }
         if let Some(p) = prefix {
             if p.len() != self.blocks.len() {

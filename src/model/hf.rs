@@ -28,6 +28,15 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The ids that end a response: the model's EOS ids, else the tokenizer's EOS.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        if self.eos_ids.is_empty() {
+            self.tok.eos_id.into_iter().collect()
+        } else {
+            self.eos_ids.clone()
+        }
+    }
+
     /// The chat template with this model's special tokens, or an error naming `what`.
     pub fn chat(&self, what: &str) -> Result<ChatTemplate> {
         let src = self

@@ -21,6 +21,8 @@ pub struct Packing {
     t: usize,
     /// Positions already in the KV cache before these queries.
     past: usize,
+    /// The largest position of any token.
+    max_pos: usize,
 }
 
 impl Packing {
@@ -43,12 +45,14 @@ impl Packing {
                 s += n;
             }
         }
+        let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
         Ok(Self {
             positions: Tensor::from_vec(pos, (segments.len(), t), dev)?,
             starts: std::sync::Arc::new(starts),
             shared: None,
             t,
             past: 0,
+            max_pos,
         })
     }
 
@@ -65,12 +69,14 @@ impl Packing {
                 pos.push(x as u32);
             }
         }
+        let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
         Ok(Self {
             positions: Tensor::from_vec(pos, (pads.len(), t), dev)?,
             starts: std::sync::Arc::new(starts),
             shared: None,
             t,
             past,
+            max_pos,
         })
     }
 
@@ -104,18 +110,21 @@ impl Packing {
                 }
                 s += l;
             }
-            for i in 0..t - used {
+            // Padding: its own segment, at position 0 (no position beyond the packed ones).
+            for _ in used..t {
                 starts.push(used as u32);
                 shared.push(0);
-                pos.push(i as u32);
+                pos.push(0);
             }
         }
+        let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
         Ok(Self {
             positions: Tensor::from_vec(pos, (groups.len(), t), dev)?,
             starts: std::sync::Arc::new(starts),
             shared: Some(std::sync::Arc::new(shared)),
             t,
             past: 0,
+            max_pos,
         })
     }
 
@@ -130,6 +139,11 @@ impl Packing {
     /// Positions already cached before these queries.
     pub fn past(&self) -> usize {
         self.past
+    }
+
+    /// The largest position of any token.
+    pub fn max_position(&self) -> usize {
+        self.max_pos
     }
 
     /// Additive (B, 1, T, n_prefix + past + T) mask hiding keys of other examples.

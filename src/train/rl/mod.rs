@@ -103,6 +103,9 @@ impl RewardArgs {
             bail!("no reward: give --reward RULE (number, contains:TEXT, …) and/or --reward-model DIR");
         }
         let w = &self.reward_weights;
+        if w.iter().any(|x| !x.is_finite()) {
+            bail!("reward_weights must be finite numbers, got {w:?}");
+        }
         if !w.is_empty() && w.len() != sources.len() {
             bail!(
                 "reward_weights has {} values for {} rewards",
@@ -398,8 +401,8 @@ impl<A: Algo> Method for Online<A> {
             .rollout
             .as_ref()
             .context("internal error: no rollout")?;
-        let s = r.batch(b, self.pad, self.p.m.model.device())?;
         let model = &self.p.m.model;
+        let s = r.batch(b, self.pad, model.device(), rollout::packs(model))?;
         let f = rollout::forward(
             model,
             self.value_head.as_ref(),
@@ -459,14 +462,27 @@ impl<A: Algo> Method for Online<A> {
     }
 
     fn state(&self) -> serde_json::Value {
-        // The rollout in use when more steps will use it; the method's own state.
-        json!({"rollout": self.rollout, "algo": self.algo.state()})
+        // The rollout in use (more steps may use it), the shape it was made for, and the
+        // method's own state.
+        json!({"rollout": self.rollout, "algo": self.algo.state(),
+            "shape": [self.per_rollout, self.algo.k(), self.rows_per_step]})
     }
 
     fn restore_state(&mut self, v: &serde_json::Value) -> Result<()> {
         if let Some(r) = v.get("rollout").filter(|r| !r.is_null()) {
-            self.rollout =
-                Some(serde_json::from_value(r.clone()).context("checkpoint: the saved rollout")?);
+            let shape = [self.per_rollout, self.algo.k(), self.rows_per_step];
+            let saved: Option<[usize; 3]> = serde_json::from_value(v["shape"].clone()).ok();
+            if saved != Some(shape) {
+                bail!(
+                    "checkpoint: its rollout was made for {saved:?} (prompts per rollout, samples per prompt, \
+                     rows per step), this run has {shape:?}; resume with the settings it was started with"
+                );
+            }
+            let r: Rollout =
+                serde_json::from_value(r.clone()).context("checkpoint: the saved rollout")?;
+            r.check(self.per_rollout * self.algo.k(), self.prompts.len())
+                .context("checkpoint: the saved rollout")?;
+            self.rollout = Some(r);
         }
         if let Some(a) = v.get("algo") {
             self.algo.restore(a)?;
@@ -635,12 +651,7 @@ pub fn run<A: Algo, O: Serialize>(
     } else {
         None
     };
-    let eos = p.m.eos_ids.clone();
-    let eos = if eos.is_empty() {
-        p.eos().into_iter().collect()
-    } else {
-        eos
-    };
+    let eos = p.m.stop_ids();
     if eos.is_empty() {
         ctl.say("warning: the tokenizer has no EOS token: every response runs to max_new_tokens");
     }

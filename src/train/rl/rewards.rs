@@ -270,6 +270,14 @@ impl Rewards {
                 Source::Model(m) => m.score(samples)?,
                 Source::Custom { f, .. } => samples.iter().map(f).collect(),
             };
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                bail!(
+                    "{}: the reward {} is not finite ({}) for this prompt's response",
+                    samples[i].prompt.at,
+                    src.name(),
+                    v[i]
+                );
+            }
             for (t, x) in total.iter_mut().zip(&v) {
                 *t += w * x;
             }

@@ -49,15 +49,63 @@ impl Rollout {
         self.seqs.len()
     }
 
+    /// Rejects a rollout (read from a checkpoint) whose parts do not fit together: `rows` rows
+    /// over `prompts` prompts, every per-token field empty or one value per response token.
+    pub fn check(&self, rows: usize, prompts: usize) -> Result<()> {
+        let n = self.seqs.len();
+        let per_row = [
+            self.prompt.len(),
+            self.prompt_len.len(),
+            self.eos.len(),
+            self.texts.len(),
+            self.scores.len(),
+            self.sampled.len(),
+        ];
+        if n != rows || per_row.iter().any(|&l| l != n) {
+            anyhow::bail!("{n} rows where {rows} are expected, or fields of other lengths");
+        }
+        for i in 0..n {
+            let p = self.prompt_len[i];
+            if self.prompt[i] >= prompts || p == 0 || p >= self.seqs[i].len() {
+                anyhow::bail!("row {i} has no response or an unknown prompt");
+            }
+            let len = self.response_len(i);
+            let fields = [
+                &self.sampled,
+                &self.old,
+                &self.refs,
+                &self.values,
+                &self.adv,
+                &self.returns,
+            ];
+            for f in fields {
+                if !f.is_empty() && (f.len() != n || f[i].len() != len) {
+                    anyhow::bail!(
+                        "row {i}: per-token values do not match its {len} response tokens"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn response_len(&self, r: usize) -> usize {
         self.seqs[r].len() - self.prompt_len[r]
     }
 
-    /// Rows as model inputs whose response tokens are scored. The rows of one prompt are packed
-    /// into one sequence — the prompt once, then each response, seeing the prompt and itself
-    /// (`Packing::shared_prompts`) — so k samples pay for their prompt once; the prompt's last
-    /// token predicts every response's first. Without shared prompts: right-padded rows.
-    pub fn batch(&self, rows: &[usize], pad: u32, dev: &candle_core::Device) -> Result<SeqBatch> {
+    /// Rows as model inputs whose response tokens are scored. With `pack`, the rows of one
+    /// prompt are packed into one sequence — the prompt once, then each response, seeing the
+    /// prompt and itself (`Packing::shared_prompts`) — so k samples pay for their prompt once;
+    /// the prompt's last token predicts every response's first. Otherwise (or without shared
+    /// prompts): right-padded rows. Models with a sliding window must not pack: the window
+    /// counts columns, and a later response sits further from its prompt than its positions say.
+    pub fn batch(
+        &self,
+        rows: &[usize],
+        pad: u32,
+        dev: &candle_core::Device,
+        pack: bool,
+    ) -> Result<SeqBatch> {
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         let mut slot = std::collections::HashMap::new();
         for &r in rows {
@@ -67,7 +115,7 @@ impl Rollout {
             });
             groups[g].1.push(r);
         }
-        if groups.iter().all(|g| g.1.len() == 1) {
+        if !pack || groups.iter().all(|g| g.1.len() == 1) {
             let t: Vec<Tokenized> = rows
                 .iter()
                 .map(|&r| {
@@ -231,6 +279,11 @@ pub fn forward(
     })
 }
 
+/// Whether a model's update batches may pack a prompt's samples (no sliding window).
+pub fn packs(model: &DecoderModel) -> bool {
+    model.cfg.sliding_window.iter().all(Option::is_none)
+}
+
 /// Splits a flat (N,) tensor back into rows of `counts` tokens.
 pub fn split_rows(t: &Tensor, counts: &[usize]) -> Result<Vec<Vec<f32>>> {
     let v: Vec<f32> = t.detach().to_dtype(DType::F32)?.to_vec1()?;
@@ -272,7 +325,7 @@ pub fn score(
         r.refs = vec![Vec::new(); n];
     }
     for g in groups {
-        let s = r.batch(g, pad, model.device())?;
+        let s = r.batch(g, pad, model.device(), packs(model))?;
         if policy_pass {
             let f = forward(model, head, &s, temperature)?;
             for (&row, v) in g.iter().zip(split_rows(&f.logps, &s.counts)?) {
