@@ -139,7 +139,8 @@ fn context_and_empty_prompts_are_errors_or_stops() {
 fn packed_samples_of_a_prompt_match_separate_rows() {
     use lmforge::train::rl::rollout::{forward, packs, Rollout};
     let long: Vec<u32> = (0..18).map(|i| (i * 7 % 50 + 1) as u32).collect();
-    let cases: [(&str, Vec<&[u32]>, Vec<usize>); 3] = [
+    type Case<'a> = (&'a str, Vec<&'a [u32]>, Vec<usize>);
+    let cases: [Case; 3] = [
         (
             "llama_tiny",
             vec![&[4, 6, 1], &[11], &[3, 3, 9, 12], &[7, 7], &[1, 2, 3]],
