@@ -326,6 +326,12 @@ fn reward_models_and_held_out_prompts() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // The baseline is evaluated before the first update, logged as step 0.
+    assert!(
+        lines[0]["step"] == 0 && lines[0]["eval_reward"].is_number(),
+        "{}",
+        lines[0]
+    );
     let summary = lines.last().unwrap();
     assert!(summary["before_eval_reward"].is_number() && summary["eval_reward"].is_number());
 }

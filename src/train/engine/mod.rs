@@ -64,6 +64,10 @@ pub trait Method {
     fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
         Ok(Vec::new())
     }
+    /// Evaluate once before the first step of a fresh run too (logged as step 0).
+    fn eval_on_start(&self) -> bool {
+        false
+    }
     /// Files a user can load (an HF model directory, …) written into each checkpoint.
     fn export(&mut self, _dir: &Path) -> Result<()> {
         Ok(())

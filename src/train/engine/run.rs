@@ -136,6 +136,8 @@ pub struct Outcome {
     pub losses: Vec<(u64, f32)>,
     /// The last evaluation's metrics.
     pub eval: Vec<(&'static str, f64)>,
+    /// The evaluation before the first step (`Method::eval_on_start`).
+    pub eval_start: Vec<(&'static str, f64)>,
     pub skipped: u64,
     /// Stopped by Ctrl-C before the last step (a checkpoint was written).
     pub interrupted: bool,
@@ -216,6 +218,21 @@ pub fn run<M: Method>(
         total_steps: total,
         ..Default::default()
     };
+    if ctl.resume.is_none() && m.eval_on_start() {
+        // Before any update (TRL's eval_on_start): the baseline, logged as step 0.
+        let ev = m.evaluate()?;
+        if !ev.is_empty() {
+            let mut line = json!({"step": 0});
+            let mut text = "step      0 ".to_string();
+            for (k, v) in &ev {
+                line[*k] = finite(*v);
+                text.push_str(&format!("  {k} {v:.4}"));
+            }
+            metrics.line(&line)?;
+            ctl.say(&text);
+            out.eval_start = ev;
+        }
+    }
     let mut times = Vec::new();
     let started = Instant::now();
     let elapsed_before = t.state.elapsed_s;

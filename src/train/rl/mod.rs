@@ -430,6 +430,10 @@ impl<A: Algo> Method for Online<A> {
         v
     }
 
+    fn eval_on_start(&self) -> bool {
+        self.prompts.len() > self.n_train
+    }
+
     fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
         if self.prompts.len() == self.n_train {
             return Ok(Vec::new());
@@ -681,17 +685,8 @@ pub fn run<A: Algo, O: Serialize>(
         stats: StepStats::default(),
         pending: Vec::new(),
     };
-    let eval_before = if ctl.resume.is_none() {
-        let e = method.evaluate()?;
-        if !e.is_empty() {
-            Metrics::open(&run_dir)?.line(&json!({"step": 0, "eval": true,
-                "metrics": e.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()}))?;
-        }
-        e
-    } else {
-        Vec::new()
-    };
     let outcome = engine::run(&mut method, cfg, &ctl, &files)?;
+    let eval_before = outcome.eval_start.clone();
     let mut s = Summary {
         run_dir: run_dir.clone(),
         outcome,
