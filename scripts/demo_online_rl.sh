@@ -36,7 +36,7 @@ echo "# $(date -u +%FT%TZ) lmforge $(git rev-parse --short HEAD)" >> "$LOG"
 step grpo "$OUT/grpo/adapter" "$BIN" grpo --model "$M" --data "$OUT/arith/train.jsonl" \
   --eval-data "$OUT/arith/eval.jsonl" --reward number --num-generations 8 --batch-size 8 \
   --grad-accum 4 --max-new-tokens 48 --temperature 0.7 --beta 0.02 --peft lora --lora-dropout 0 \
-  --lr 5e-5 --max-steps 60 --eval-every 30 --out "$OUT/grpo"
+  --lr 2e-4 --max-steps 60 --eval-every 30 --out "$OUT/grpo"
 step grpo_plot "$OUT/grpo.png" "$BIN" plot "$OUT/grpo" --metric reward --metric kl \
   --metric eval_reward --out "$OUT/grpo.png"
 

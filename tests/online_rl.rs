@@ -485,3 +485,56 @@ fn label_ranks_candidates_sampled_from_a_policy() {
     ]);
     assert!(e.contains("--policy"), "{e}");
 }
+
+/// Conversations as prompts: the policy renders them through its template and the reward model
+/// scores the reply as an assistant turn through its own.
+#[test]
+fn conversations_reach_the_reward_model_as_conversations() {
+    let d = tmpdir("rl_chat_rm");
+    let rm = d.join("rm");
+    std::fs::create_dir_all(&rm).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let src = fixture("preference/llama_tiny_rm/adapter").join(f);
+        std::fs::copy(src, rm.join(f)).unwrap();
+    }
+    // Short templates: the tiny models' context is 64 tokens.
+    let tpl = "{% for m in messages %}{{ m.role[0] }}:{{ m.content }};{% endfor %}{% if add_generation_prompt %}a:{% endif %}";
+    std::fs::write(rm.join("chat_template.jinja"), tpl).unwrap();
+    let policy_tpl = d.join("policy.jinja");
+    std::fs::write(&policy_tpl, tpl).unwrap();
+    let data = d.join("chat.jsonl");
+    let rows: Vec<Value> = (0..8)
+        .map(|i| json!({"prompt": [{"role": "user", "content": format!("q{i}")}]}))
+        .collect();
+    write_jsonl(&data, &rows);
+    let model = fixture("llama_tiny");
+    let out = d.join("run");
+    ok(&[
+        "grpo",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat-template",
+        policy_tpl.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--reward-model",
+        rm.to_str().unwrap(),
+        "--reward-model-base",
+        model.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let s = steps(&out);
+    assert!(
+        s[0]["reward"].as_f64().is_some_and(f64::is_finite),
+        "{}",
+        s[0]
+    );
+}

@@ -192,12 +192,14 @@ impl RewardModel {
                     self.path
                 );
             }
-            let ex = example(
-                &s.prompt.text,
-                &Text::Plain(s.response.to_string()),
-                tpl.is_some(),
-                at,
-            )?;
+            // The response as the prompt's kind: a reply to a conversation, or more text.
+            let response = match &s.prompt.text {
+                Text::Messages(_) => {
+                    Text::Messages(vec![crate::chat::Message::new("assistant", s.response)])
+                }
+                Text::Plain(_) => Text::Plain(s.response.to_string()),
+            };
+            let ex = example(&s.prompt.text, &response, tpl.is_some(), at)?;
             let mut ids = match fmt.tokenize(&ex, usize::MAX, at)? {
                 Outcome::Kept(t) | Outcome::Truncated(t) => t.ids,
                 Outcome::Dropped => bail!("{at}: nothing to score"),
