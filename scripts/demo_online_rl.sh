@@ -93,5 +93,6 @@ vs = [json.loads(l) for l in open(f"{out}/vs.jsonl")]
 j = [json.loads(l) for l in open(f"{out}/judged.jsonl")]
 ppo = {(r["prompt"], r["responses"][0]) for r in vs}
 wins = sum((r["prompt"], r["chosen"]) in ppo for r in j)
-print(f"# judge: PPO response preferred in {wins} of {len(j)} changed answers ({len(vs)} differ of 48)")
+n = sum(1 for _ in open(f"{out}/hh/heldout.jsonl"))
+print(f"# judge: PPO response preferred in {wins} of {len(j)} changed answers ({len(vs)} differ of {n})")
 PY

@@ -21,6 +21,9 @@ pub enum ParamKind {
     Embedding,
     /// A PEFT method's weight (LoRA A/B): trained, decayed, saved apart from the base model.
     Adapter,
+    /// A training method's own weight outside the model (PPO's value head): trained, not
+    /// decayed, saved by the method, in neither the model nor an adapter.
+    Aux,
 }
 
 impl ParamKind {
@@ -185,7 +188,7 @@ impl ParamStore {
         let tensors: Vec<(String, Tensor)> = self
             .params
             .iter()
-            .filter(|p| p.kind != ParamKind::Adapter && keep(&p.name))
+            .filter(|p| !matches!(p.kind, ParamKind::Adapter | ParamKind::Aux) && keep(&p.name))
             .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
             .collect();
         save_tensors(&tensors, path)
