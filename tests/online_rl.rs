@@ -152,7 +152,12 @@ fn ppo_grpo_and_rloo_learn_a_rule_reward_with_bounded_kl() {
     let adapter = ppo_l.join("adapter");
     let full = ppo.join("model");
     for extra in [
-        vec!["--model", tiny.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()],
+        vec![
+            "--model",
+            tiny.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ],
         vec!["--model", full.to_str().unwrap()],
     ] {
         let mut a = vec!["generate", "--prompt", "x", "--max-new-tokens", "2"];

@@ -243,14 +243,7 @@ pub fn run<A: Algo, O: Serialize>(
             Init::Zeros,
             true,
         )?;
-        let b = store.add(
-            &src,
-            "v_head.bias",
-            &[1],
-            ParamKind::Aux,
-            Init::Zeros,
-            true,
-        )?;
+        let b = store.add(&src, "v_head.bias", &[1], ParamKind::Aux, Init::Zeros, true)?;
         Some(Linear {
             name: "v_head".into(),
             weight: w,
