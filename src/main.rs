@@ -535,7 +535,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
             false => None,
         };
         let ctx = m.model.cfg.max_position_embeddings;
-        let max_prompt = ctx.saturating_sub(a.max_new_tokens).max(1);
+        let max_prompt = lmforge::train::rl::prompts::room(ctx, a.max_new_tokens, usize::MAX)?;
         let mut stdout = std::io::stdout().lock();
         let t = lmforge::generate::file::run(
             &m,

@@ -404,12 +404,7 @@ pub fn label(a: &LabelArgs, say: &dyn Fn(&str)) -> Result<LabelReport> {
         items = keep.into_iter().filter_map(|i| all[i].take()).collect();
     }
     let dev = crate::device(&a.device)?;
-    let m = hf::load(&a.judge, &dev, &|_| true)?;
-    let rubric = match &a.rubric {
-        Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
-        None => None,
-    };
-    let judge = Judge::new(m, rubric)?;
+    let judge = load_judge(a, &dev)?;
     let t0 = std::time::Instant::now();
     let triples: Vec<(String, String, String)> = items
         .iter()
@@ -461,6 +456,15 @@ pub fn label(a: &LabelArgs, say: &dyn Fn(&str)) -> Result<LabelReport> {
     Ok(rep)
 }
 
+/// The judge of `--judge` with the rubric of `--rubric` (or the default).
+fn load_judge(a: &LabelArgs, dev: &candle_core::Device) -> Result<Judge> {
+    let rubric = match &a.rubric {
+        Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
+        None => None,
+    };
+    Judge::new(hf::load(&a.judge, dev, &|_| true)?, rubric)
+}
+
 /// The indices a seeded `--sample` keeps of `n` records, in file order.
 fn sampled(a: &LabelArgs, n: usize) -> Vec<usize> {
     match a.sample {
@@ -481,7 +485,7 @@ fn sampled(a: &LabelArgs, n: usize) -> Vec<usize> {
 /// and the best and worst of each prompt become a pair when the judge separates them by more
 /// than `--min-margin`.
 fn label_candidates(a: &LabelArgs, n: usize, say: &dyn Fn(&str)) -> Result<LabelReport> {
-    use crate::generate::{generate_batch, Sampling, Stop};
+    use crate::generate::{generate_chunked, Sampling};
     use crate::train::rl::prompts;
     if n < 2 {
         bail!("--candidates must be at least 2, got {n}");
@@ -505,13 +509,7 @@ fn label_candidates(a: &LabelArgs, n: usize, say: &dyn Fn(&str)) -> Result<Label
             None => None,
         };
         let ctx = pm.model.cfg.max_position_embeddings;
-        if a.max_new_tokens == 0 || a.max_new_tokens >= ctx {
-            bail!(
-                "--max-new-tokens {} leaves no room for a prompt in the policy's context of {ctx}",
-                a.max_new_tokens
-            );
-        }
-        let max_prompt = ctx - a.max_new_tokens;
+        let max_prompt = prompts::room(ctx, a.max_new_tokens, usize::MAX)?;
         let mut rows = Vec::with_capacity(ps.len() * n);
         for p in &ps {
             let (ids, _) = prompts::tokenize(p, &pm.tok, tpl.as_ref(), max_prompt)?;
@@ -525,15 +523,8 @@ fn label_candidates(a: &LabelArgs, n: usize, say: &dyn Fn(&str)) -> Result<Label
             seed: a.seed,
         };
         let mut texts = Vec::with_capacity(rows.len());
-        for (c, chunk) in rows.chunks(32).enumerate() {
-            let sc = Sampling {
-                seed: crate::rng::Rng::keyed(&[a.seed, c as u64]).next_u64(),
-                ..s.clone()
-            };
-            for o in generate_batch(&pm.model, chunk, &sc, &pm.stop_ids())? {
-                let end = o.tokens.len() - usize::from(o.stop == Stop::Eos);
-                texts.push(pm.tok.decode(&o.tokens[..end], true)?);
-            }
+        for o in generate_chunked(&pm.model, &rows, &s, &pm.stop_ids(), 32)? {
+            texts.push(pm.tok.decode(o.text_tokens(), true)?);
         }
         texts.chunks(n).map(<[String]>::to_vec).collect()
     };
@@ -544,11 +535,7 @@ fn label_candidates(a: &LabelArgs, n: usize, say: &dyn Fn(&str)) -> Result<Label
         t0.elapsed().as_secs_f64()
     ));
     // 2. Every two candidates of a prompt, judged.
-    let rubric = match &a.rubric {
-        Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
-        None => None,
-    };
-    let judge = Judge::new(hf::load(&a.judge, &dev, &|_| true)?, rubric)?;
+    let judge = load_judge(a, &dev)?;
     let mut triples = Vec::new();
     let mut which = Vec::new();
     for (k, (p, rs)) in ps.iter().zip(&responses).enumerate() {

@@ -7,35 +7,11 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn lmforge(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lmforge"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = lmforge(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(o.status.success(), "lmforge {args:?} failed:\n{err}");
-    err
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = lmforge(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success(), "lmforge {args:?} should fail");
-    err
-}
 
 /// The metrics lines of the run's steps.
 fn steps(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    metrics(run)
+        .into_iter()
         .filter(|m| m.get("loss").is_some())
         .collect()
 }
@@ -337,11 +313,7 @@ fn reward_models_and_held_out_prompts() {
     assert!(m.is_finite());
     // reward = rule + model, as logged.
     assert!((s[0]["reward"].as_f64().unwrap() - (r + m)).abs() < 1e-9);
-    let lines: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = metrics(&run);
     // The baseline is evaluated before the first update, logged as step 0.
     assert!(
         lines[0]["step"] == 0 && lines[0]["eval_reward"].is_number(),

@@ -24,6 +24,33 @@ pub struct Sampled {
     pub stop: Stop,
 }
 
+impl Sampled {
+    /// The tokens of the response's text: without the EOS that ended it.
+    pub fn text_tokens(&self) -> &[u32] {
+        &self.tokens[..self.tokens.len() - usize::from(self.stop == Stop::Eos)]
+    }
+}
+
+/// `generate_batch` over `chunk` rows at a time (memory bounds the batch), chunk c sampling from
+/// the streams of seed (s.seed, c).
+pub fn generate_chunked(
+    model: &DecoderModel,
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+    eos: &[u32],
+    chunk: usize,
+) -> Result<Vec<Sampled>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for (c, part) in prompts.chunks(chunk.max(1)).enumerate() {
+        let sc = Sampling {
+            seed: Rng::keyed(&[s.seed, c as u64]).next_u64(),
+            ..s.clone()
+        };
+        out.extend(generate_batch(model, part, &sc, eos)?);
+    }
+    Ok(out)
+}
+
 /// Generates after each of `prompts` in one batch (see the module doc). Row i samples from the
 /// stream keyed by (s.seed, i). The batch's columns (the longest prompt, then one per step) must
 /// fit the context: when they no longer do, every live row stops with `ContextFull`, so with

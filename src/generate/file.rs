@@ -2,7 +2,7 @@
 //! RL: `{"prompt": …}`, pairs, conversations) decoded `batch` rows at a time, `samples` each;
 //! one JSON line per response, and the decoding throughput (new tokens per second of decoding).
 
-use super::{generate_batch, Sampling, Stop};
+use super::{generate_chunked, Sampling};
 use crate::chat::ChatTemplate;
 use crate::model::LoadedModel;
 use crate::train::rl::prompts;
@@ -44,39 +44,21 @@ pub fn run(
             rows.push((i, k, ids.clone()));
         }
     }
-    let mut t = Throughput {
-        responses: 0,
-        new_tokens: 0,
-        seconds: 0.0,
+    let ids: Vec<Vec<u32>> = rows.iter().map(|r| r.2.clone()).collect();
+    let t0 = std::time::Instant::now();
+    let res = generate_chunked(&m.model, &ids, s, &m.stop_ids(), batch)?;
+    let t = Throughput {
+        responses: res.len(),
+        new_tokens: res.iter().map(|o| o.tokens.len()).sum(),
+        seconds: t0.elapsed().as_secs_f64(),
     };
-    for (c, chunk) in rows.chunks(batch.max(1)).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|r| r.2.clone()).collect();
-        let sc = Sampling {
-            seed: crate::rng::Rng::keyed(&[s.seed, c as u64]).next_u64(),
-            ..s.clone()
-        };
-        let t0 = std::time::Instant::now();
-        let res = generate_batch(&m.model, &ids, &sc, &m.stop_ids())?;
-        t.seconds += t0.elapsed().as_secs_f64();
-        for ((i, k, _), o) in chunk.iter().zip(res) {
-            t.responses += 1;
-            t.new_tokens += o.tokens.len();
-            let text_ids = match o.stop {
-                Stop::Eos => &o.tokens[..o.tokens.len() - 1],
-                _ => &o.tokens[..],
-            };
-            let stop = match o.stop {
-                Stop::Eos => "eos",
-                Stop::MaxTokens => "max_tokens",
-                Stop::ContextFull => "context_full",
-            };
-            writeln!(
-                out,
-                "{}",
-                json!({"at": ps[*i].at, "sample": k, "response": m.tok.decode(text_ids, true)?,
-                    "tokens": o.tokens.len(), "stop": stop})
-            )?;
-        }
+    for ((i, k, _), o) in rows.iter().zip(&res) {
+        writeln!(
+            out,
+            "{}",
+            json!({"at": ps[*i].at, "sample": k, "response": m.tok.decode(o.text_tokens(), true)?,
+                "tokens": o.tokens.len(), "stop": o.stop.name()})
+        )?;
     }
     Ok(t)
 }

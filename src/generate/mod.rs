@@ -8,7 +8,7 @@
 mod batch;
 pub mod file;
 
-pub use batch::{generate_batch, Sampled};
+pub use batch::{generate_batch, generate_chunked, Sampled};
 
 use crate::model::{DecoderModel, ForwardOpts, KvCache};
 use crate::rng::Rng;
@@ -42,6 +42,16 @@ pub enum Stop {
     Eos,
     MaxTokens,
     ContextFull,
+}
+
+impl Stop {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stop::Eos => "eos",
+            Stop::MaxTokens => "max_tokens",
+            Stop::ContextFull => "context_full",
+        }
+    }
 }
 
 impl Sampling {

@@ -45,15 +45,7 @@ impl Packing {
                 s += n;
             }
         }
-        let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
-        Ok(Self {
-            positions: Tensor::from_vec(pos, (segments.len(), t), dev)?,
-            starts: std::sync::Arc::new(starts),
-            shared: None,
-            t,
-            past: 0,
-            max_pos,
-        })
+        Self::from_parts(pos, starts, None, (segments.len(), t, 0), dev)
     }
 
     /// Left-padded rows, `pads[b]` padding tokens before row b's sequence, for the `t` columns
@@ -69,15 +61,7 @@ impl Packing {
                 pos.push(x as u32);
             }
         }
-        let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
-        Ok(Self {
-            positions: Tensor::from_vec(pos, (pads.len(), t), dev)?,
-            starts: std::sync::Arc::new(starts),
-            shared: None,
-            t,
-            past,
-            max_pos,
-        })
+        Self::from_parts(pos, starts, None, (pads.len(), t, past), dev)
     }
 
     /// Groups of completions sharing a prompt, one group per row: `groups[b] = (prompt, lens)`,
@@ -117,13 +101,25 @@ impl Packing {
                 pos.push(0);
             }
         }
+        Self::from_parts(pos, starts, Some(shared), (groups.len(), t, 0), dev)
+    }
+
+    /// Per (row, column) positions, segment starts and shared prefixes of `rows` rows of `t`
+    /// columns after `past` cached ones.
+    fn from_parts(
+        pos: Vec<u32>,
+        starts: Vec<u32>,
+        shared: Option<Vec<u32>>,
+        (rows, t, past): (usize, usize, usize),
+        dev: &Device,
+    ) -> Result<Self> {
         let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
         Ok(Self {
-            positions: Tensor::from_vec(pos, (groups.len(), t), dev)?,
+            positions: Tensor::from_vec(pos, (rows, t), dev)?,
             starts: std::sync::Arc::new(starts),
-            shared: Some(std::sync::Arc::new(shared)),
+            shared: shared.map(std::sync::Arc::new),
             t,
-            past: 0,
+            past,
             max_pos,
         })
     }

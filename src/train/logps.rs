@@ -227,6 +227,25 @@ impl Reference {
         })
     }
 
+    /// `f` run on the reference model: the policy with its adapters switched off, or the frozen
+    /// copy; None for a precomputed reference.
+    fn with_live<T>(
+        &self,
+        policy: &DecoderModel,
+        f: impl Fn(&DecoderModel) -> Result<T>,
+    ) -> Option<Result<T>> {
+        match self {
+            Reference::Cached(_) => None,
+            Reference::AdaptersOff(switch) => {
+                switch.set_enabled(false);
+                let r = f(policy);
+                switch.set_enabled(true);
+                Some(r)
+            }
+            Reference::Copy(m) => Some(f(m)),
+        }
+    }
+
     /// Per-token log-probs (N,) of a batch's completion tokens under logits / `temperature`,
     /// without a graph (a live reference only).
     pub fn token_logps(
@@ -235,41 +254,23 @@ impl Reference {
         s: &SeqBatch,
         temperature: f64,
     ) -> Result<Tensor> {
-        let run = |m: &DecoderModel| -> Result<Tensor> {
+        self.with_live(policy, |m| {
             Ok(token_logps(m, &completion_states(m, s)?, s, temperature)?.detach())
-        };
-        match self {
-            Reference::Cached(_) => {
-                anyhow::bail!("internal error: per-token log-probs of a cached reference")
-            }
-            Reference::AdaptersOff(switch) => {
-                switch.set_enabled(false);
-                let r = run(policy);
-                switch.set_enabled(true);
-                r
-            }
-            Reference::Copy(m) => run(m),
-        }
+        })
+        .unwrap_or_else(|| {
+            anyhow::bail!("internal error: per-token log-probs of a cached reference")
+        })
     }
 
     /// The reference's completion log-prob sums of a batch's rows, without a graph; `ids` are
     /// the rows' indices in the cache order.
     pub fn logps(&self, policy: &DecoderModel, s: &SeqBatch, ids: &[usize]) -> Result<Tensor> {
-        let dev = policy.device();
-        let live = |m: &DecoderModel| -> Result<Tensor> { Ok(completion_logps(m, s)?.detach()) };
-        match self {
-            Reference::Cached(v) => {
-                let r: Vec<f32> = ids.iter().map(|&i| v[i]).collect();
-                Ok(Tensor::from_vec(r, ids.len(), dev)?)
-            }
-            Reference::AdaptersOff(switch) => {
-                switch.set_enabled(false);
-                let r = live(policy);
-                switch.set_enabled(true);
-                r
-            }
-            Reference::Copy(m) => live(m),
+        if let Reference::Cached(v) = self {
+            let r: Vec<f32> = ids.iter().map(|&i| v[i]).collect();
+            return Ok(Tensor::from_vec(r, ids.len(), policy.device())?);
         }
+        self.with_live(policy, |m| Ok(completion_logps(m, s)?.detach()))
+            .unwrap_or_else(|| anyhow::bail!("internal error: no reference"))
     }
 }
 

@@ -182,3 +182,36 @@ pub fn tiny_pairs(d: &Path, n: usize) -> PathBuf {
     write_jsonl(&p, &rows);
     p
 }
+
+/// Runs the lmforge binary.
+pub fn lmforge(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lmforge"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs lmforge, asserts it succeeded; its stderr.
+pub fn ok(args: &[&str]) -> String {
+    let o = lmforge(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "lmforge {args:?} failed:\n{err}");
+    err
+}
+
+/// Runs lmforge, asserts it failed; its stderr.
+pub fn fails(args: &[&str]) -> String {
+    let o = lmforge(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "lmforge {args:?} should fail");
+    err
+}
+
+/// Every line of a run's metrics.jsonl.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

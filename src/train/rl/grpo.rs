@@ -12,13 +12,13 @@
 //! does not depend on how it is split (TRL's `grpo` and `dr_grpo` average per-micro-batch values).
 
 use super::rollout::{Forward, Rollout};
-use super::{Algo, Common, RewardArgs, RolloutArgs, StepStats, Summary};
+use super::{spread, Algo, Common, RewardArgs, RolloutArgs, StepStats, Summary};
 use crate::losses::rl::{self, ScaleRewards};
 use crate::peft::PeftArgs;
-use crate::train::engine::{Control, Schedule, TrainArgs, TrainConfig};
+use crate::train::engine::{Control, TrainArgs};
 use crate::train::logps::row_sums;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -91,18 +91,6 @@ pub struct GrpoOptions {
 
 crate::clap_default!(GrpoOptions);
 
-/// TRL's `GRPOConfig` habits where they fit a CPU: lr 1e-6 full (1e-5 LoRA), linear decay.
-pub fn train_defaults(peft: &PeftArgs) -> TrainConfig {
-    TrainConfig {
-        lr: peft.lr(1e-6, 1e-5),
-        schedule: Schedule::Linear,
-        max_steps: 100,
-        batch_size: 8,
-        grad_accum: 1,
-        ..TrainConfig::base()
-    }
-}
-
 pub struct Grpo {
     pub k: usize,
     pub beta: f64,
@@ -114,31 +102,7 @@ pub struct Grpo {
     pub max_new_tokens: usize,
 }
 
-/// Region clip fractions of PPO-style clipping: (low, high) counts over tokens.
-pub fn clip_counts(ratio: &[f32], adv: &[f32], lo: f64, hi: f64) -> (f64, f64) {
-    let (mut l, mut h) = (0.0, 0.0);
-    for (&r, &a) in ratio.iter().zip(adv) {
-        if (r as f64) < 1.0 - lo && a < 0.0 {
-            l += 1.0;
-        }
-        if (r as f64) > 1.0 + hi && a > 0.0 {
-            h += 1.0;
-        }
-    }
-    (l, h)
-}
-
-/// Per-row advantages repeated over each row's response tokens.
-pub fn spread(r: &Rollout, adv: &[f64]) -> Vec<Vec<f32>> {
-    (0..r.rows())
-        .map(|i| vec![adv[i] as f32; r.response_len(i)])
-        .collect()
-}
-
 impl Algo for Grpo {
-    fn name(&self) -> &'static str {
-        "grpo"
-    }
     fn needs_reference(&self) -> bool {
         self.beta != 0.0
     }
@@ -189,17 +153,7 @@ impl Algo for Grpo {
             st.add_mean("kl", &kl.detach())?;
             per_token = (per_token + (kl * self.beta)?)?;
         }
-        let ratio: Vec<f32> = (&f.logps - old)?
-            .exp()?
-            .detach()
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        let a: Vec<f32> = adv.to_vec1()?;
-        let (lo, hi) = clip_counts(&ratio, &a, self.eps_low, self.eps_high);
-        let n = ratio.len() as f64;
-        st.add("clip_ratio/low_mean", lo, n);
-        st.add("clip_ratio/high_mean", hi, n);
-        st.add("clip_ratio/region_mean", lo + hi, n);
+        st.add_clip_ratios(&f.logps, old, &adv, (self.eps_low, self.eps_high))?;
         match self.loss_type {
             GrpoLoss::Grpo => {
                 let counts: Vec<usize> = rows.iter().map(|&i| r.response_len(i)).collect();
@@ -213,7 +167,8 @@ impl Algo for Grpo {
 }
 
 pub fn run(o: GrpoOptions, ctl: Control) -> Result<Summary> {
-    let cfg = o.train.resolve(&train_defaults(&o.peft))?;
+    // TRL's GRPOConfig: lr 1e-6 for a full fine-tune.
+    let cfg = o.train.resolve(&super::train_defaults(&o.peft, 1e-6))?;
     if o.num_generations < 2 {
         bail!("num_generations must be at least 2: GRPO compares samples of the same prompt");
     }

@@ -25,7 +25,7 @@ pub mod rloo;
 pub mod rollout;
 mod setup;
 
-pub use setup::{check_clip, run, Common, RewardArgs, RolloutArgs, Summary};
+pub use setup::{check_clip, run, train_defaults, Common, RewardArgs, RolloutArgs, Summary};
 
 use crate::generate::Sampling;
 use crate::losses::sum_f64;
@@ -35,7 +35,7 @@ use crate::train::engine::Method;
 use crate::train::lm::Policy;
 use crate::train::logps::Reference;
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use prompts::Prompt;
 use rewards::Rewards;
 use rollout::{Forward, Rollout};
@@ -62,11 +62,45 @@ impl StepStats {
         self.add(name, sum_f64(t)?, n);
         Ok(())
     }
+
+    /// TRL's clip ratios of a PPO-style clipped surrogate: the share of ratios ρ = e^(logp − old)
+    /// (per token or per sequence) clipped below (ρ < 1 − lo with A < 0), above (ρ > 1 + hi with
+    /// A > 0), and either.
+    pub fn add_clip_ratios(
+        &mut self,
+        logp: &Tensor,
+        old: &Tensor,
+        adv: &Tensor,
+        (lo, hi): (f64, f64),
+    ) -> Result<()> {
+        let ratio: Vec<f32> = (logp - old)?
+            .exp()?
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        let adv: Vec<f32> = adv.detach().to_dtype(DType::F32)?.to_vec1()?;
+        let (mut l, mut h) = (0.0, 0.0);
+        for (&r, &a) in ratio.iter().zip(&adv) {
+            l += f64::from(u8::from((r as f64) < 1.0 - lo && a < 0.0));
+            h += f64::from(u8::from((r as f64) > 1.0 + hi && a > 0.0));
+        }
+        let n = ratio.len() as f64;
+        self.add("clip_ratio/low_mean", l, n);
+        self.add("clip_ratio/high_mean", h, n);
+        self.add("clip_ratio/region_mean", l + h, n);
+        Ok(())
+    }
+}
+
+/// Per-row advantages repeated over each row's response tokens (GRPO, RLOO).
+pub fn spread(r: &Rollout, adv: &[f64]) -> Vec<Vec<f32>> {
+    (0..r.rows())
+        .map(|i| vec![adv[i] as f32; r.response_len(i)])
+        .collect()
 }
 
 /// What one online method adds to the shared loop.
 pub trait Algo {
-    fn name(&self) -> &'static str;
     /// Reference log-probs of every response token are needed at rollout time.
     fn needs_reference(&self) -> bool;
     /// The policy's own log-probs are needed at rollout time even when the rollout serves a

@@ -19,9 +19,9 @@
 
 use super::rollout::{Forward, Rollout};
 use super::{Algo, Common, RewardArgs, RolloutArgs, StepStats, Summary};
-use crate::losses::rl::{self, KlController, KlEstimator};
+use crate::losses::rl::{self, KlController};
 use crate::peft::PeftArgs;
-use crate::train::engine::{Control, Schedule, TrainArgs, TrainConfig};
+use crate::train::engine::{Control, TrainArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
@@ -102,9 +102,6 @@ pub struct Ppo {
 }
 
 impl Algo for Ppo {
-    fn name(&self) -> &'static str {
-        "ppo"
-    }
     fn needs_reference(&self) -> bool {
         true
     }
@@ -127,11 +124,7 @@ impl Algo for Ppo {
         let mut rewards: Vec<Vec<f32>> = Vec::with_capacity(n);
         let (mut kl_sum, mut score_sum) = (0.0, 0.0);
         for i in 0..n {
-            let kl: Vec<f32> = r.old[i]
-                .iter()
-                .zip(&r.refs[i])
-                .map(|(&o, &f)| rl::kl(KlEstimator::K1, o, f))
-                .collect();
+            let kl = r.k1(i);
             kl_sum += kl.iter().map(|&x| x as f64).sum::<f64>();
             let mut score = r.scores[i];
             if let (Some(p), false) = (self.missing_eos_penalty, r.eos[i]) {
@@ -226,15 +219,8 @@ impl Algo for Ppo {
 }
 
 pub fn run(o: PpoOptions, ctl: Control) -> Result<Summary> {
-    let defaults = TrainConfig {
-        lr: o.peft.lr(3e-6, 1e-5),
-        schedule: Schedule::Linear,
-        max_steps: 100,
-        batch_size: 8,
-        grad_accum: 1,
-        ..TrainConfig::base()
-    };
-    let cfg = o.train.resolve(&defaults)?;
+    // TRL 0.x's PPOConfig: lr 3e-6 for a full fine-tune.
+    let cfg = o.train.resolve(&super::train_defaults(&o.peft, 3e-6))?;
     if o.ppo_epochs == 0 {
         bail!("ppo_epochs must be positive");
     }

@@ -101,6 +101,17 @@ pub fn messages(t: &Text) -> Vec<Message> {
     }
 }
 
+/// The longest prompt (at most `cap` tokens) that leaves `max_new` tokens of a `ctx`-token
+/// context for the response.
+pub fn room(ctx: usize, max_new: usize, cap: usize) -> Result<usize> {
+    if max_new == 0 || max_new >= ctx {
+        bail!(
+            "max_new_tokens {max_new} leaves no room for a prompt in the model's context of {ctx}"
+        );
+    }
+    Ok((ctx - max_new).min(cap))
+}
+
 /// The prompt's tokens for a model: through `template` with the generation prompt, or the plain
 /// text with the tokenizer's special tokens; the last `max_len` kept. Returns (ids, truncated).
 pub fn tokenize(

@@ -8,15 +8,14 @@
 //!
 //! averaged over sequences.
 
-use super::grpo::spread;
 use super::rollout::{Forward, Rollout};
-use super::{Algo, Common, RewardArgs, RolloutArgs, StepStats, Summary};
-use crate::losses::rl::{self, KlEstimator};
+use super::{spread, Algo, Common, RewardArgs, RolloutArgs, StepStats, Summary};
+use crate::losses::rl;
 use crate::peft::PeftArgs;
-use crate::train::engine::{Control, Schedule, TrainArgs, TrainConfig};
+use crate::train::engine::{Control, TrainArgs};
 use crate::train::logps::row_sums;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -77,9 +76,6 @@ pub struct Rloo {
 }
 
 impl Algo for Rloo {
-    fn name(&self) -> &'static str {
-        "rloo"
-    }
     fn needs_reference(&self) -> bool {
         self.beta != 0.0
     }
@@ -99,11 +95,7 @@ impl Algo for Rloo {
         if self.beta != 0.0 {
             let (mut total, mut tokens) = (0.0, 0usize);
             for (i, x) in rewards.iter_mut().enumerate() {
-                let kl: f64 = r.old[i]
-                    .iter()
-                    .zip(&r.refs[i])
-                    .map(|(&o, &f)| rl::kl(KlEstimator::K1, o, f) as f64)
-                    .sum();
+                let kl: f64 = r.k1(i).iter().map(|&x| x as f64).sum();
                 *x -= self.beta * kl;
                 total += kl;
                 tokens += r.old[i].len();
@@ -135,32 +127,16 @@ impl Algo for Rloo {
         let lp = row_sums(&f.logps, &counts, dev)?; // (B,)
         let old = row_sums(old, &counts, dev)?;
         let a: Vec<f32> = rows.iter().map(|&i| r.adv[i][0]).collect();
-        let adv = Tensor::from_vec(a.clone(), rows.len(), dev)?;
+        let adv = Tensor::from_vec(a, rows.len(), dev)?;
         let l = rl::clipped_surrogate(&lp, &old, &adv, self.eps_low, self.eps_high)?;
-        let ratio: Vec<f32> = (&lp - &old)?
-            .exp()?
-            .detach()
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        let (lo, hi) = super::grpo::clip_counts(&ratio, &a, self.eps_low, self.eps_high);
-        let n = rows.len() as f64;
-        st.add("clip_ratio/low_mean", lo, n);
-        st.add("clip_ratio/high_mean", hi, n);
-        st.add("clip_ratio/region_mean", lo + hi, n);
+        st.add_clip_ratios(&lp, &old, &adv, (self.eps_low, self.eps_high))?;
         Ok(l.sum_all()?)
     }
 }
 
 pub fn run(o: RlooOptions, ctl: Control) -> Result<Summary> {
-    let defaults = TrainConfig {
-        lr: o.peft.lr(1e-6, 1e-5),
-        schedule: Schedule::Linear,
-        max_steps: 100,
-        batch_size: 8,
-        grad_accum: 1,
-        ..TrainConfig::base()
-    };
-    let cfg = o.train.resolve(&defaults)?;
+    // TRL's RLOOConfig: lr 1e-6 for a full fine-tune.
+    let cfg = o.train.resolve(&super::train_defaults(&o.peft, 1e-6))?;
     if o.num_generations < 2 {
         bail!("num_generations must be at least 2: RLOO's baseline is the other samples' mean");
     }

@@ -9,7 +9,7 @@
 use super::prompts::Prompt;
 use super::rewards::{Rewards, Sample};
 use crate::data::sft::Tokenized;
-use crate::generate::{generate_batch, Sampling, Stop};
+use crate::generate::{generate_chunked, Sampling, Stop};
 use crate::model::layers::Linear;
 use crate::model::DecoderModel;
 use crate::train::logps::{completion_states, token_logps, Reference, SeqBatch};
@@ -87,6 +87,16 @@ impl Rollout {
             }
         }
         Ok(())
+    }
+
+    /// Row r's per-token k1 estimate of KL(π_old ‖ π_ref): log π_old − log π_ref.
+    pub fn k1(&self, r: usize) -> Vec<f32> {
+        let k1 = crate::losses::rl::KlEstimator::K1;
+        self.old[r]
+            .iter()
+            .zip(&self.refs[r])
+            .map(|(&o, &f)| crate::losses::rl::kl(k1, o, f))
+            .collect()
     }
 
     pub fn response_len(&self, r: usize) -> usize {
@@ -219,28 +229,19 @@ pub fn sample(
         .iter()
         .flat_map(|&p| std::iter::repeat_n(p, k))
         .collect();
+    let ps: Vec<Vec<u32>> = rows.iter().map(|&p| ids[p].clone()).collect();
     let mut r = Rollout::default();
-    for (c, part) in rows.chunks(chunk.max(1)).enumerate() {
-        let ps: Vec<Vec<u32>> = part.iter().map(|&p| ids[p].clone()).collect();
-        let sc = Sampling {
-            seed: crate::rng::Rng::keyed(&[s.seed, c as u64]).next_u64(),
-            ..s.clone()
-        };
-        for (&p, o) in part.iter().zip(generate_batch(model, &ps, &sc, eos)?) {
-            let stop_eos = o.stop == Stop::Eos;
-            let text_ids = if stop_eos {
-                &o.tokens[..o.tokens.len() - 1]
-            } else {
-                &o.tokens[..]
-            };
-            r.texts.push(tok.decode(text_ids, true)?);
-            r.prompt.push(p);
-            r.prompt_len.push(ids[p].len());
-            r.seqs
-                .push(ids[p].iter().chain(&o.tokens).copied().collect());
-            r.eos.push(stop_eos);
-            r.sampled.push(o.logps);
-        }
+    for (&p, o) in rows
+        .iter()
+        .zip(generate_chunked(model, &ps, s, eos, chunk)?)
+    {
+        r.texts.push(tok.decode(o.text_tokens(), true)?);
+        r.prompt.push(p);
+        r.prompt_len.push(ids[p].len());
+        r.seqs
+            .push(ids[p].iter().chain(&o.tokens).copied().collect());
+        r.eos.push(o.stop == Stop::Eos);
+        r.sampled.push(o.logps);
     }
     let samples: Vec<Sample> = (0..r.rows())
         .map(|i| Sample {

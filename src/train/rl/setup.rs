@@ -98,6 +98,19 @@ impl RewardArgs {
     }
 }
 
+/// The engine settings the online methods start from: `full_lr` for a full fine-tune (TRL's
+/// default of each trainer), 1e-5 with LoRA, linear decay, 100 steps of 8 rows.
+pub fn train_defaults(peft: &PeftArgs, full_lr: f64) -> TrainConfig {
+    TrainConfig {
+        lr: peft.lr(full_lr, 1e-5),
+        schedule: crate::train::engine::Schedule::Linear,
+        max_steps: 100,
+        batch_size: 8,
+        grad_accum: 1,
+        ..TrainConfig::base()
+    }
+}
+
 /// PPO-style clipping settings every method checks the same way.
 pub fn check_clip(passes: usize, eps: f64, eps_high: Option<f64>) -> Result<()> {
     let ok = |x: f64| x.is_finite() && x >= 0.0;
@@ -156,11 +169,13 @@ pub fn run<A: Algo, O: Serialize>(
              set prompts_per_rollout (rollout rows = prompts × samples must be a multiple of {m})"
         ),
     };
-    if per_rollout == 0 || !(per_rollout * k).is_multiple_of(m) {
+    if per_rollout
+        .checked_mul(k)
+        .is_none_or(|r| r == 0 || !r.is_multiple_of(m))
+    {
         bail!(
-            "a rollout of {per_rollout} prompts × {k} samples = {} rows does not split into steps of \
-             batch_size × grad_accum = {m} rows",
-            per_rollout * k
+            "a rollout of {per_rollout} prompts × {k} samples does not split into steps of \
+             batch_size × grad_accum = {m} rows"
         );
     }
     if ro.max_new_tokens == 0 || ro.max_prompt_len == 0 {
@@ -197,15 +212,11 @@ pub fn run<A: Algo, O: Serialize>(
         ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
-    let max_prompt = ro.max_prompt_len.min(
-        p.m.model
-            .cfg
-            .max_position_embeddings
-            .saturating_sub(ro.max_new_tokens),
-    );
-    if max_prompt == 0 {
-        bail!("max_new_tokens leaves no room for a prompt in the model's context");
-    }
+    let max_prompt = prompts::room(
+        p.m.model.cfg.max_position_embeddings,
+        ro.max_new_tokens,
+        ro.max_prompt_len,
+    )?;
     let mut ids = Vec::with_capacity(prompts.len());
     let mut cut = 0;
     for x in &prompts {
