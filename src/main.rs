@@ -82,6 +82,10 @@ enum Cmd {
     Bench(BenchCli),
     /// Line charts (PNG) of a run's metrics.jsonl: one panel per --metric, by step.
     Plot(PlotArgs),
+    /// Evaluate on tasks without weight updates: zero/one/few-shot multiple choice by
+    /// log-likelihood, generation (exact match, F1, BLEU, chrF, ROUGE-L), rolling perplexity,
+    /// classifier heads, the bias probe; --baseline for a forgetting table.
+    Eval(lmforge::eval::harness::EvalArgs),
 }
 
 /// A training subcommand: the method's options (its flags and config keys) and the run flags.
@@ -341,6 +345,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             .context("starting the thread pool")?
             .install(|| cmd_generate(a)),
         Cmd::Score(a) => cmd_score(a),
+        Cmd::Eval(a) => report::cmd_eval(a),
         Cmd::Sft(a) => report::cmd_sft(a, &given),
         Cmd::Finetune(a) => report::cmd_finetune(a, &given),
         Cmd::Dpo(a) => report::cmd_dpo(a, &given),

@@ -243,3 +243,24 @@ pub fn cmd_finetune(a: Train<FinetuneOptions>, given: &HashSet<String>) -> Resul
     eprintln!("output: {}", s.run_dir.display());
     Ok(exit_code(o))
 }
+
+pub fn cmd_eval(a: lmforge::eval::harness::EvalArgs) -> Result<ExitCode> {
+    use lmforge::eval::harness;
+    let (rs, base) = harness::run(&a)?;
+    println!("{}", harness::markdown(&rs));
+    for r in &rs {
+        if let Some(sig) = r.extra.get("bleu_signature").and_then(|v| v.as_str()) {
+            println!("{} BLEU signature: {sig}", r.task);
+        }
+    }
+    if let Some(b) = base {
+        println!(
+            "\nChange from the baseline (forgetting where negative for accuracy-like metrics):\n"
+        );
+        println!("{}", harness::delta_table(&b, &rs));
+    }
+    if let Some(out) = &a.out {
+        eprintln!("wrote {}/results.json and samples.jsonl", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -106,16 +106,18 @@ pub fn entity_prf(gold: &[Vec<&str>], pred: &[Vec<&str>]) -> Prf {
     }
 }
 
-/// SQuAD's `normalize_answer`.
+/// SQuAD's `normalize_answer`: lower-case, drop ASCII punctuation, replace the articles (as
+/// whole words, Unicode word boundaries as Python's `\b`) by spaces, collapse whitespace.
 pub fn normalize_answer(s: &str) -> String {
+    static ARTICLES: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\b(a|an|the)\b").expect("a fixed pattern compiles")
+    });
     let lower = s.to_lowercase();
     let no_punct: String = lower
         .chars()
         .filter(|c| !c.is_ascii_punctuation())
         .collect();
-    no_punct
-        .split_whitespace()
-        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+    crate::eval::bleu::py_split(&ARTICLES.replace_all(&no_punct, " "))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -151,9 +153,7 @@ pub fn squad_f1(pred: &str, golds: &[String]) -> f64 {
                     }
                 }
             }
-            if pt.is_empty() || gt.is_empty() {
-                return if pt == gt { 1.0 } else { 0.0 };
-            }
+            // v1.1's script: no shared token, F1 0 — also when both normalise to nothing.
             if same == 0 {
                 return 0.0;
             }

@@ -2,6 +2,8 @@
 //! windows of the model's context advance by `stride`; each window scores only the tokens no
 //! earlier window scored, with the tokens before them as context. With `stride = ctx` windows
 //! share one token (fast, pessimistic); smaller strides give each token more context.
+//! `score_rolling` is lm-evaluation-harness's rolling windows (the eval harness's perplexity
+//! tasks) on the same window scorer.
 
 use crate::model::{DecoderModel, ForwardOpts};
 use anyhow::{bail, Result};
@@ -37,10 +39,9 @@ pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize
             ids.len()
         );
     }
-    if stride == 0 || stride > window {
-        bail!("stride must be in 1..={window}");
+    if stride == 0 || stride > window || window < 2 {
+        bail!("window must be at least 2 and stride in 1..={window}");
     }
-    let dev = model.device();
     let mut total = 0f64;
     let mut count = 0usize;
     // `done` = index of the last token already scored (token 0 is never predicted).
@@ -48,25 +49,10 @@ pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize
     let mut begin = 0usize;
     loop {
         let end = (begin + window).min(ids.len());
-        let x = Tensor::from_slice(&ids[begin..end], (1, end - begin), dev)?;
-        let lp: Vec<f32> = model
-            .token_logprobs(&x, ForwardOpts::default())?
-            .squeeze(0)?
-            .to_vec1()?;
-        if let Some(j) = lp.iter().position(|v| !v.is_finite()) {
-            bail!(
-                "the model's log-probability of token {} is not finite ({}): its weights or config (norm epsilon, RoPE base) are broken",
-                begin + j + 1,
-                lp[j]
-            );
-        }
-        // lp[j] is log p(ids[begin + j + 1]); score the targets after `done`.
-        for (j, v) in lp.iter().enumerate() {
-            if begin + j + 1 > done {
-                total -= *v as f64;
-                count += 1;
-            }
-        }
+        // Score the targets after `done`: the window's last end − 1 − done tokens.
+        let lp = window_logps(model, &ids[begin..end], end - 1 - done, begin)?;
+        total -= lp.iter().map(|&v| v as f64).sum::<f64>();
+        count += lp.len();
         done = end - 1;
         if end == ids.len() {
             break;
@@ -79,6 +65,62 @@ pub fn score_ids(model: &DecoderModel, ids: &[u32], window: usize, stride: usize
         tokens: count,
         nll: total / count as f64,
     })
+}
+
+/// lm-evaluation-harness's `loglikelihood_rolling`: every token of `ids` predicted once, the
+/// first after `prefix` (BOS/EOS), in windows of the model's context; each later window is full
+/// length, reaching back as far as it can, and scores only tokens no window scored before.
+pub fn score_rolling(model: &DecoderModel, ids: &[u32], prefix: u32) -> Result<Score> {
+    if ids.is_empty() {
+        bail!("the document has no tokens");
+    }
+    let len = model.cfg.max_position_embeddings;
+    let first = len.min(ids.len());
+    let mut x = Vec::with_capacity(first + 1);
+    x.push(prefix);
+    x.extend_from_slice(&ids[..first]);
+    let lp = window_logps(model, &x, first, 0)?;
+    let mut total = -lp.iter().map(|&v| v as f64).sum::<f64>();
+    let mut done = first;
+    while done < ids.len() {
+        let n = (ids.len() - done).min(len);
+        let end = done + n;
+        // Input ids[end − len − 1 .. end − 1] predicts ids[end − len .. end]; keep the last n.
+        let lp = window_logps(model, &ids[end - len - 1..end], n, end - len - 1)?;
+        total -= lp.iter().map(|&v| v as f64).sum::<f64>();
+        done = end;
+    }
+    Ok(Score {
+        tokens: ids.len(),
+        nll: total / ids.len() as f64,
+    })
+}
+
+/// log p(x[j] | x[..j]) for the last `last` tokens of `x`; `x` minus its final token is fed
+/// (nothing is predicted from it), so a window may hold the model's context + 1 tokens.
+/// `offset` places the window in the text, for errors.
+fn window_logps(model: &DecoderModel, x: &[u32], last: usize, offset: usize) -> Result<Vec<f32>> {
+    let n = x.len();
+    if last == 0 {
+        return Ok(Vec::new());
+    }
+    let dev = model.device();
+    let input = Tensor::from_slice(&x[..n - 1], (1, n - 1), dev)?;
+    let h = model.hidden_states(&model.embed(&input)?, ForwardOpts::default())?;
+    let logits = model.logits(&h.narrow(1, n - 1 - last, last)?)?;
+    let targets = Tensor::from_slice(&x[n - last..], (1, last), dev)?;
+    let lp: Vec<f32> = crate::losses::gather_logprobs(&logits, &targets)?
+        .squeeze(0)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
+    if let Some(j) = lp.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "the model's log-probability of token {} is not finite ({}): its weights or config (norm epsilon, RoPE base) are broken",
+            offset + n - last + j,
+            lp[j]
+        );
+    }
+    Ok(lp)
 }
 
 /// `--forgetting-eval`: a text's perplexity under the model before training, then after. The

@@ -62,6 +62,18 @@ pub fn generate_batch(
     s: &Sampling,
     eos: &[u32],
 ) -> Result<Vec<Sampled>> {
+    generate_batch_until(model, prompts, s, eos, &|_, _| false)
+}
+
+/// `generate_batch` where row i also stops (`Stop::Sequence`) once `until(i, tokens so far)`
+/// holds — stop strings of evaluation tasks.
+pub fn generate_batch_until(
+    model: &DecoderModel,
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+    eos: &[u32],
+    until: &(dyn Fn(usize, &[u32]) -> bool + Sync),
+) -> Result<Vec<Sampled>> {
     s.check()?;
     let ctx = model.cfg.max_position_embeddings;
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -147,6 +159,8 @@ pub fn generate_batch(
             o.logps.push(lp as f32);
             if eos.contains(&id) {
                 o.stop = Stop::Eos;
+            } else if until(r, &o.tokens) {
+                o.stop = Stop::Sequence;
             } else if o.tokens.len() >= s.max_new_tokens {
                 o.stop = Stop::MaxTokens;
             } else {

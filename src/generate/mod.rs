@@ -8,7 +8,7 @@
 mod batch;
 pub mod file;
 
-pub use batch::{generate_batch, generate_chunked, Sampled};
+pub use batch::{generate_batch, generate_batch_until, generate_chunked, Sampled};
 
 use crate::model::{DecoderModel, ForwardOpts, KvCache};
 use crate::rng::Rng;
@@ -42,6 +42,8 @@ pub enum Stop {
     Eos,
     MaxTokens,
     ContextFull,
+    /// A caller's stop condition (a stop string appeared).
+    Sequence,
 }
 
 impl Stop {
@@ -50,6 +52,7 @@ impl Stop {
             Stop::Eos => "eos",
             Stop::MaxTokens => "max_tokens",
             Stop::ContextFull => "context_full",
+            Stop::Sequence => "stop_sequence",
         }
     }
 }

@@ -69,6 +69,17 @@ impl Packing {
     /// completion's tokens continue the prompt's positions and see the prompt and themselves,
     /// not the completions before them; what follows the last one (padding) is one segment.
     pub fn shared_prompts(groups: &[(usize, Vec<usize>)], t: usize, dev: &Device) -> Result<Self> {
+        Self::shared_prompts_after(0, groups, t, dev)
+    }
+
+    /// `shared_prompts` after `past` cached positions every row shares (a few-shot prefix run
+    /// once): positions and key columns start at `past`, and every token sees the cache.
+    pub fn shared_prompts_after(
+        past: usize,
+        groups: &[(usize, Vec<usize>)],
+        t: usize,
+        dev: &Device,
+    ) -> Result<Self> {
         let n = groups.len() * t;
         let (mut starts, mut shared, mut pos) = (
             Vec::with_capacity(n),
@@ -83,25 +94,25 @@ impl Packing {
             for i in 0..*p {
                 starts.push(0);
                 shared.push(0);
-                pos.push(i as u32);
+                pos.push((past + i) as u32);
             }
             let mut s = *p;
             for &l in lens {
                 for i in 0..l {
-                    starts.push(s as u32);
-                    shared.push(*p as u32);
-                    pos.push((p + i) as u32);
+                    starts.push((past + s) as u32);
+                    shared.push((past + p) as u32);
+                    pos.push((past + p + i) as u32);
                 }
                 s += l;
             }
-            // Padding: its own segment, at position 0 (no position beyond the packed ones).
+            // Padding: its own segment, at the first free position (none beyond the packed ones).
             for _ in used..t {
-                starts.push(used as u32);
+                starts.push((past + used) as u32);
                 shared.push(0);
-                pos.push(0);
+                pos.push(past as u32);
             }
         }
-        Self::from_parts(pos, starts, Some(shared), (groups.len(), t, 0), dev)
+        Self::from_parts(pos, starts, Some(shared), (groups.len(), t, past), dev)
     }
 
     /// Per (row, column) positions, segment starts and shared prefixes of `rows` rows of `t`

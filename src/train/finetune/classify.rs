@@ -17,7 +17,7 @@ use crate::eval::metrics::{accuracy, macro_f1};
 use crate::model::backbone::argmax_rows;
 use crate::model::ParamStore;
 use crate::train::engine::{Control, Method, TrainConfig};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::json;
 
@@ -96,23 +96,26 @@ impl TaskMethod for Classify {
 
 fn encode(tok: &crate::tokenizer::Tok, rows: &[Labeled], max_len: usize) -> Result<Vec<Vec<u32>>> {
     rows.iter()
-        .map(|r| {
-            let (mut ids, offs) = tok.encode_with_offsets(&r.text, true)?;
-            if ids.len() > max_len {
-                // Keep a closing special token ([SEP], EOS) the way transformers truncates.
-                let tail = match offs.last() {
-                    Some(None) => ids.last().copied(),
-                    _ => None,
-                };
-                ids.truncate(max_len - usize::from(tail.is_some()));
-                ids.extend(tail);
-            }
-            if ids.is_empty() {
-                bail!("{}: the text tokenizes to nothing", r.at);
-            }
-            Ok(ids)
-        })
+        .map(|r| encode_text(tok, &r.text, max_len).with_context(|| r.at.clone()))
         .collect()
+}
+
+/// A classifier's input ids: special tokens added, cut to `max_len` the way transformers
+/// truncates (a closing special token — [SEP], EOS — kept).
+pub fn encode_text(tok: &crate::tokenizer::Tok, text: &str, max_len: usize) -> Result<Vec<u32>> {
+    let (mut ids, offs) = tok.encode_with_offsets(text, true)?;
+    if ids.len() > max_len {
+        let tail = match offs.last() {
+            Some(None) => ids.last().copied(),
+            _ => None,
+        };
+        ids.truncate(max_len - usize::from(tail.is_some()));
+        ids.extend(tail);
+    }
+    if ids.is_empty() {
+        bail!("the text tokenizes to nothing");
+    }
+    Ok(ids)
 }
 
 pub fn run(o: FinetuneOptions, cfg: TrainConfig, ctl: Control) -> Result<Summary> {

@@ -1,0 +1,513 @@
+//! The eval harness against lm-evaluation-harness's own numbers
+//! (scripts/make_eval_ref_fixtures.py: lm_eval 0.4.13's HF backend on the tiny fixtures, the
+//! CrowS-Pairs paper's pseudo-log-likelihood on the tiny BERT), KV reuse against none, the
+//! few-shot sampler, task-file errors and the `eval` command end to end.
+
+mod common;
+
+use common::{fails, fixture, ok, tmpdir};
+use lmforge::eval::loglik::{loglikelihoods, Opts, Request};
+use lmforge::eval::runners::{cut_at_stop, encode_pair, prefix_token};
+use lmforge::eval::task::Task;
+use lmforge::generate::{generate_batch_until, Sampling};
+use lmforge::model::hf;
+use serde_json::Value;
+use std::path::Path;
+
+fn refs() -> Value {
+    let p = fixture("eval").join("lm_eval_ref.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn load(name: &str) -> hf::LoadedModel {
+    hf::load(&fixture(name), &candle_core::Device::Cpu, &|_| true).unwrap()
+}
+
+#[test]
+fn loglikelihoods_match_lm_eval() {
+    let r = refs();
+    for name in ["gpt2_tiny", "llama_tiny"] {
+        let m = load(name);
+        let want = &r[name];
+        assert_eq!(
+            prefix_token(&m).unwrap() as u64,
+            want["prefix_token_id"].as_u64().unwrap()
+        );
+        let cases = want["loglikelihood"].as_array().unwrap();
+        let reqs: Vec<Request> = cases
+            .iter()
+            .map(|c| {
+                let (ctx, cont) = encode_pair(
+                    &m,
+                    c["context"].as_str().unwrap(),
+                    c["continuation"].as_str().unwrap(),
+                )
+                .unwrap();
+                Request {
+                    context: ctx,
+                    continuations: vec![cont],
+                    prefix_len: 0,
+                }
+            })
+            .collect();
+        let (got, _) = loglikelihoods(&m.model, &reqs, &Opts::default()).unwrap();
+        for (c, g) in cases.iter().zip(&got) {
+            let w = c["logp"].as_f64().unwrap();
+            assert!(
+                (g[0].logp - w).abs() < 1e-4,
+                "{name} {c}: {} vs lm-eval {w}",
+                g[0].logp
+            );
+            assert_eq!(g[0].greedy, c["greedy"].as_bool().unwrap(), "{name} {c}");
+        }
+    }
+}
+
+#[test]
+fn kv_reuse_and_shared_contexts_give_the_same_loglikelihoods() {
+    for name in ["gpt2_tiny", "llama_tiny"] {
+        let m = load(name);
+        let enc = |s: &str| m.tok.encode(s, true).unwrap();
+        let prefix = enc("Demonstration one. Answer: yes\n\nDemonstration two. Answer: no\n\n");
+        let mut reqs = Vec::new();
+        for (i, q) in [
+            "Is it?",
+            "What about this one",
+            "And the last question here ok",
+            "x",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut ctx = prefix.clone();
+            ctx.extend(enc(&format!("{q} Answer:")));
+            let conts = vec![enc(" yes"), enc(" no"), enc(" maybe not at all")];
+            // Two of the requests share the prefix hint, one claims none, one shares all.
+            let prefix_len = if i == 2 { 0 } else { prefix.len() };
+            reqs.push(Request {
+                context: ctx,
+                continuations: conts,
+                prefix_len,
+            });
+        }
+        let plain = Opts {
+            batch_tokens: 1 << 16,
+            reuse_prefix: false,
+            share_context: false,
+        };
+        let (base, s0) = loglikelihoods(&m.model, &reqs, &plain).unwrap();
+        for o in [
+            Opts::default(),
+            Opts {
+                batch_tokens: 24,
+                ..Opts::default()
+            },
+            Opts {
+                reuse_prefix: false,
+                ..Opts::default()
+            },
+            Opts {
+                share_context: false,
+                ..Opts::default()
+            },
+        ] {
+            let (got, s) = loglikelihoods(&m.model, &reqs, &o).unwrap();
+            for (a, b) in base.iter().flatten().zip(got.iter().flatten()) {
+                assert!(
+                    (a.logp - b.logp).abs() < 1e-5,
+                    "{name} {o:?}: {} vs {}",
+                    a.logp,
+                    b.logp
+                );
+                assert_eq!(a.greedy, b.greedy);
+            }
+            if o.reuse_prefix && o.share_context {
+                assert!(
+                    s.tokens < s0.tokens,
+                    "{name}: reuse ran {} tokens, plain {}",
+                    s.tokens,
+                    s0.tokens
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn contexts_longer_than_the_window_are_cut_from_the_left() {
+    let m = load("llama_tiny");
+    let long: Vec<u32> = (0..100).map(|i| 5 + (i % 50)).collect();
+    let cont = vec![7u32, 8, 9];
+    let req = Request {
+        context: long.clone(),
+        continuations: vec![cont.clone()],
+        prefix_len: 0,
+    };
+    let (got, s) = loglikelihoods(&m.model, &[req], &Opts::default()).unwrap();
+    assert_eq!(s.truncated, 1);
+    // The window holds 64 + 1 tokens: the last 62 of the context, then the continuation.
+    let cut = Request {
+        context: long[100 - 62..].to_vec(),
+        continuations: vec![cont],
+        prefix_len: 0,
+    };
+    let (want, s) = loglikelihoods(&m.model, &[cut], &Opts::default()).unwrap();
+    assert_eq!(s.truncated, 0);
+    assert!((got[0][0].logp - want[0][0].logp).abs() < 1e-6);
+}
+
+#[test]
+fn rolling_loglikelihood_matches_lm_eval() {
+    let r = refs();
+    for name in ["gpt2_tiny", "llama_tiny"] {
+        let m = load(name);
+        let p = prefix_token(&m).unwrap();
+        for c in r[name]["rolling"].as_array().unwrap() {
+            let ids = m.tok.encode(c["text"].as_str().unwrap(), true).unwrap();
+            assert_eq!(ids.len() as u64, c["tokens"].as_u64().unwrap());
+            let s = lmforge::eval::score::score_rolling(&m.model, &ids, p).unwrap();
+            let got = -s.nll * s.tokens as f64;
+            let w = c["logp"].as_f64().unwrap();
+            assert!(
+                (got - w).abs() < 2e-4,
+                "{name} ({} tokens): {got} vs lm-eval {w}",
+                ids.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_until_stop_strings_matches_lm_eval() {
+    let r = refs();
+    for name in ["gpt2_tiny", "llama_tiny"] {
+        let m = load(name);
+        for c in r[name]["generate"].as_array().unwrap() {
+            let until: Vec<String> = c["until"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u.as_str().unwrap().to_string())
+                .collect();
+            let s = Sampling {
+                max_new_tokens: c["max_gen_toks"].as_u64().unwrap() as usize,
+                temperature: 0.0,
+                ..Sampling::default()
+            };
+            let prompt = m.tok.encode(c["context"].as_str().unwrap(), true).unwrap();
+            let stop = |_: usize, t: &[u32]| {
+                m.tok
+                    .decode(t, true)
+                    .is_ok_and(|x| until.iter().any(|u| x.contains(u.as_str())))
+            };
+            let o = generate_batch_until(&m.model, &[prompt], &s, &m.stop_ids(), &stop).unwrap();
+            let text = m.tok.decode(o[0].text_tokens(), true).unwrap();
+            assert_eq!(
+                cut_at_stop(&text, &until),
+                c["text"].as_str().unwrap(),
+                "{name} {c}"
+            );
+        }
+    }
+}
+
+#[test]
+fn crows_pairs_pseudo_loglikelihood_matches_the_paper() {
+    let r = refs();
+    let heads = lmforge::model::encoder::Heads {
+        mlm: true,
+        pooler: false,
+    };
+    let e = hf::load_encoder(
+        &fixture("bert_tiny"),
+        &candle_core::Device::Cpu,
+        heads,
+        &|_| true,
+    )
+    .unwrap();
+    for c in r["crows_pll_bert_tiny"].as_array().unwrap() {
+        let (a, b) = lmforge::eval::bias::pseudo_pair(
+            &e,
+            c["sent_more"].as_str().unwrap(),
+            c["sent_less"].as_str().unwrap(),
+        )
+        .unwrap();
+        for (g, k) in [(a, "score_more"), (b, "score_less")] {
+            let w = c[k].as_f64().unwrap();
+            assert!((g - w).abs() < 1e-4, "{c}: {k} {g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn difflib_matching_blocks() {
+    use lmforge::eval::bias::matching_blocks;
+    // difflib.SequenceMatcher(None, "abxcd", "abcd").get_matching_blocks() → (0,0,2), (3,2,2).
+    let s = |x: &str| x.bytes().map(u32::from).collect::<Vec<_>>();
+    assert_eq!(
+        matching_blocks(&s("abxcd"), &s("abcd")),
+        vec![(0, 0, 2), (3, 2, 2)]
+    );
+    // Ties: the earliest block in a, then in b.
+    assert_eq!(matching_blocks(&s("ab"), &s("ba")), vec![(0, 1, 1)]);
+}
+
+fn write_task(dir: &Path, name: &str, toml: &str, items: &[Value]) -> String {
+    common::write_jsonl(&dir.join(format!("{name}.jsonl")), items);
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, toml.replace("DATA", &format!("{name}.jsonl"))).unwrap();
+    p.display().to_string()
+}
+
+fn mc_items(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| serde_json::json!({"q": format!("Question {i}: is {i} even?"), "choices": ["yes", "no"], "gold": i % 2}))
+        .collect()
+}
+
+const MC: &str = "kind = \"multiple_choice\"\ndata = \"DATA\"\ndoc_to_text = \"{{ q }}\\nAnswer:\"\ndoc_to_choice = \"choices\"\ndoc_to_target = \"gold\"\nmetrics = [\"acc\", \"acc_norm\", \"acc_bytes\"]\n";
+
+#[test]
+fn a_demonstration_is_never_the_evaluated_item() {
+    let d = tmpdir("eval_shots");
+    let p = write_task(&d, "mc", MC, &mc_items(7));
+    let t = Task::resolve(&p, &d).unwrap();
+    for seed in [0, 1, 2] {
+        for i in 0..7 {
+            let s = t.shots(i, 6, seed).unwrap();
+            assert_eq!(s.len(), 6);
+            assert!(!s.contains(&i), "item {i} got itself: {s:?}");
+            let mut u = s.clone();
+            u.sort_unstable();
+            u.dedup();
+            assert_eq!(u.len(), 6, "repeated demonstration {s:?}");
+        }
+    }
+    assert_ne!(t.shots(0, 3, 1).unwrap(), t.shots(0, 3, 2).unwrap());
+    let e = t.shots(0, 7, 0).unwrap_err().to_string();
+    assert!(e.contains("pool has 6"), "{e}");
+    let first = write_task(
+        &d,
+        "mc_first",
+        &format!("{MC}fewshot_sampler = \"first_n\"\n"),
+        &mc_items(7),
+    );
+    let t = Task::resolve(&first, &d).unwrap();
+    assert_eq!(t.shots(0, 3, 9).unwrap(), vec![1, 2, 3]);
+    assert_eq!(t.shots(2, 3, 9).unwrap(), vec![0, 1, 3]);
+}
+
+#[test]
+fn task_file_errors_name_the_file_and_the_key() {
+    let d = tmpdir("eval_task_errors");
+    let items = mc_items(3);
+    for (toml, want) in [
+        (format!("{MC}colour = 1\n"), "unknown field `colour`"),
+        (
+            MC.replace("[\"acc\", \"acc_norm\", \"acc_bytes\"]", "[\"bleu\"]"),
+            "key `metrics`: bleu does not apply",
+        ),
+        (
+            MC.replace("doc_to_text = \"{{ q }}\\nAnswer:\"\n", ""),
+            "key `doc_to_text` is required",
+        ),
+        (MC.replace("{{ q }}", "{{ q "), "key `doc_to_text`"),
+        (MC.replace("\"gold\"", "\"nope\""), "no field \"nope\""),
+        (MC.replace("multiple_choice", "quiz"), "key `kind`"),
+    ] {
+        let p = write_task(&d, "bad", &toml, &items);
+        let e = format!("{:#}", Task::resolve(&p, &d).unwrap_err());
+        assert!(e.contains("bad.toml") && e.contains(want), "{want}: {e}");
+    }
+    std::fs::write(d.join("broken.jsonl"), "{\"q\": 1}\nnot json\n").unwrap();
+    std::fs::write(d.join("broken.toml"), MC.replace("DATA", "broken.jsonl")).unwrap();
+    let e = format!(
+        "{:#}",
+        Task::resolve(d.join("broken.toml").to_str().unwrap(), &d).unwrap_err()
+    );
+    assert!(e.contains("broken.jsonl:2"), "{e}");
+    let e = format!("{:#}", Task::resolve("no_such_task", &d).unwrap_err());
+    assert!(e.contains("built-in") && e.contains("mmlu"), "{e}");
+}
+
+#[test]
+fn eval_command_runs_every_kind_and_writes_results() {
+    let d = tmpdir("eval_cli");
+    let mc = write_task(&d, "mc", MC, &mc_items(6));
+    let gen_items: Vec<Value> = (0..4)
+        .map(|i| serde_json::json!({"prompt": format!("Say {i}:"), "refs": [format!("{i}"), "zero"]}))
+        .collect();
+    let gen = write_task(
+        &d,
+        "gen",
+        "kind = \"generate\"\ndata = \"DATA\"\ndoc_to_text = \"{{ prompt }}\"\ndoc_to_target = \"refs\"\nuntil = [\"\\n\"]\nmax_gen_toks = 6\nmetrics = [\"exact_match\", \"squad_f1\", \"bleu\", \"chrf\", \"rouge_l\"]\n",
+        &gen_items,
+    );
+    let docs: Vec<Value> = (0..3)
+        .map(|i| serde_json::json!({"text": "word ".repeat(40 + 30 * i)}))
+        .collect();
+    let roll = write_task(
+        &d,
+        "roll",
+        "kind = \"rolling\"\ndata = \"DATA\"\ndoc_to_text = \"{{ text }}\"\n",
+        &docs,
+    );
+    let model = fixture("llama_tiny");
+    let out = d.join("out");
+    let tasks = format!("{mc},{gen},{roll},bias_templates");
+    let o = common::lmforge(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tasks",
+        &tasks,
+        "--shots",
+        "0,2",
+        "--out",
+        out.to_str().unwrap(),
+        "--baseline",
+        model.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("| mc | acc |") && stdout.contains("0-shot") && stdout.contains("2-shot"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("BLEU signature: nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("+0.0000"),
+        "the baseline is the model itself: {stdout}"
+    );
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let res = r["results"].as_object().unwrap();
+    for key in [
+        "mc|0-shot",
+        "mc|2-shot",
+        "gen|0-shot",
+        "gen|2-shot",
+        "roll|0-shot",
+        "bias_templates|0-shot",
+    ] {
+        assert!(res.contains_key(key), "{key} missing: {:?}", res.keys());
+    }
+    assert_eq!(res["mc|2-shot"]["n"], 6);
+    assert!(res["mc|0-shot"]["metrics"]["acc_stderr"].is_number());
+    assert!(
+        res["roll|0-shot"]["metrics"]["bits_per_byte"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let cats = res["bias_templates|0-shot"]["extra"]["categories"]
+        .as_object()
+        .unwrap();
+    for c in ["gender", "race", "religion", "age", "nationality"] {
+        let ci = &cats[c]["pct_stereotype"]["ci95"];
+        assert!(
+            ci[0].as_f64().unwrap() <= ci[1].as_f64().unwrap(),
+            "{c}: {ci}"
+        );
+    }
+    assert!(r["model_hash"].as_str().unwrap().len() == 16 && r["baseline"].is_object());
+    let samples = std::fs::read_to_string(out.join("samples.jsonl")).unwrap();
+    // 6 + 6 mc, 4 + 4 gen, 3 documents, 37 pairs.
+    assert_eq!(samples.lines().count(), 6 + 6 + 4 + 4 + 3 + 37);
+    // The written metrics are the samples' means.
+    let accs: Vec<f64> = samples
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["task"] == "mc" && v["shots"] == 2)
+        .map(|v| v["acc"].as_f64().unwrap())
+        .collect();
+    let mean = accs.iter().sum::<f64>() / accs.len() as f64;
+    assert!((mean - res["mc|2-shot"]["metrics"]["acc"].as_f64().unwrap()).abs() < 1e-12);
+    // An earlier output is not replaced without --overwrite; a classifier-only task fails clearly.
+    let e = fails(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tasks",
+        &mc,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--overwrite") || e.contains("exists"), "{e}");
+    ok(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tasks",
+        &mc,
+        "--out",
+        out.to_str().unwrap(),
+        "--overwrite",
+        "--limit",
+        "2",
+    ]);
+}
+
+#[test]
+fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
+    let d = tmpdir("eval_classify");
+    let (tr, te) = common::classify_data(&d);
+    let out = d.join("ft");
+    ok(&[
+        "finetune",
+        "--task",
+        "classify",
+        "--model",
+        fixture("bert_tiny").to_str().unwrap(),
+        "--data",
+        &tr,
+        "--eval-data",
+        &te,
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--lr",
+        "3e-3",
+        "--quiet",
+    ]);
+    let summary = common::metrics(&out)
+        .into_iter()
+        .find(|v| v["summary"] == true)
+        .unwrap();
+    let task = d.join("cls.toml");
+    std::fs::write(&task, format!("kind = \"classify\"\ndata = \"{te}\"\ndoc_to_text = \"{{{{ text }}}}\"\ndoc_to_target = \"label\"\n")).unwrap();
+    let ev = d.join("ev");
+    ok(&[
+        "eval",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--tasks",
+        task.to_str().unwrap(),
+        "--out",
+        ev.to_str().unwrap(),
+    ]);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(ev.join("results.json")).unwrap()).unwrap();
+    let m = &r["results"]["cls|0-shot"]["metrics"];
+    assert!(
+        (m["acc"].as_f64().unwrap() - summary["accuracy"].as_f64().unwrap()).abs() < 1e-9,
+        "{m} vs {summary}"
+    );
+    assert!(
+        (m["macro_f1"].as_f64().unwrap() - summary["macro_f1"].as_f64().unwrap()).abs() < 1e-9,
+        "{m} vs {summary}"
+    );
+    // A causal-LM task on a classifier fails naming the mismatch.
+    let e = fails(&[
+        "eval",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--tasks",
+        "bias_templates",
+    ]);
+    assert!(e.contains("classifier"), "{e}");
+}
