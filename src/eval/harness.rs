@@ -434,6 +434,18 @@ pub fn run(a: &EvalArgs) -> Result<(Vec<TaskResult>, Option<Vec<TaskResult>>)> {
         .iter()
         .map(|t| Task::resolve(t.trim(), &a.data_dir))
         .collect::<Result<_>>()?;
+    // Every task × shot count is checked before any model runs: a run of many tasks must not
+    // fail at its last one.
+    for t in &tasks {
+        let limit = a.limit.map_or(t.items.len(), |l| l.min(t.items.len()));
+        for &k in &a.shots {
+            if k > 0 && matches!(t.kind, Kind::MultipleChoice | Kind::Generate) {
+                for i in 0..limit.min(2) {
+                    t.shots(i, k, a.seed)?;
+                }
+            }
+        }
+    }
     let dev = crate::device(&a.device)?;
     let base = match &a.baseline {
         Some(b) => {

@@ -35,6 +35,7 @@ pub const BUILTIN: &[(&str, &str, Option<&str>)] = &[
         include_str!("../../tasks/crows_pairs.toml"),
         None,
     ),
+    ("winobias", include_str!("../../tasks/winobias.toml"), None),
     (
         "bias_templates",
         include_str!("../../tasks/bias_templates.toml"),

@@ -40,6 +40,17 @@ pub struct RunArgs {
     /// manifest) are removed first; files lmforge did not write are kept.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// After training, run these evaluation tasks (built-in names or task files, comma-
+    /// separated) on the base model and on the result, print the change per task and write it
+    /// to RUN/eval_suite/ (`lmforge eval --baseline`; causal-LM trainers).
+    #[arg(long, value_delimiter = ',')]
+    pub eval_suite: Vec<String>,
+    /// With --eval-suite: the first N items of each task.
+    #[arg(long, requires = "eval_suite")]
+    pub eval_suite_limit: Option<usize>,
+    /// With --eval-suite: where built-in tasks find their data.
+    #[arg(long, default_value = "data/eval")]
+    pub eval_data_dir: PathBuf,
 }
 
 /// How a run is driven from outside: device, resume, when to stop, how much to say.
