@@ -44,6 +44,11 @@ pub fn recover_siblings(dir: &Path, owned: impl Fn(&str) -> bool) -> Result<()> 
     Ok(())
 }
 
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Writes a file atomically.
 pub fn write_file(dest: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = sibling(dest, "tmp");

@@ -313,9 +313,13 @@ pub fn cmd_eval(a: lmforge::eval::harness::EvalArgs) -> Result<ExitCode> {
     use lmforge::eval::harness;
     let (rs, base) = harness::run(&a)?;
     println!("{}", harness::markdown(&rs));
+    let mut shown = Vec::new();
     for r in &rs {
         if let Some(sig) = r.extra.get("bleu_signature").and_then(|v| v.as_str()) {
-            println!("{} BLEU signature: {sig}", r.task);
+            if !shown.contains(&(&r.task, sig)) {
+                println!("{} BLEU signature: {sig}", r.task);
+                shown.push((&r.task, sig));
+            }
         }
     }
     if let Some(b) = base {

@@ -1,18 +1,16 @@
 //! The eval harness against lm-evaluation-harness's own numbers
 //! (scripts/make_eval_ref_fixtures.py: lm_eval 0.4.13's HF backend on the tiny fixtures, the
-//! CrowS-Pairs paper's pseudo-log-likelihood on the tiny BERT), KV reuse against none, the
-//! few-shot sampler, task-file errors and the `eval` command end to end.
+//! CrowS-Pairs paper's pseudo-log-likelihood on the tiny BERT), and KV reuse against none.
+//! Task files and the `eval` command: tests/eval_tasks.rs.
 
 mod common;
 
-use common::{fails, fixture, ok, tmpdir};
+use common::fixture;
 use lmforge::eval::loglik::{loglikelihoods, Opts, Request};
 use lmforge::eval::runners::{cut_at_stop, encode_pair, prefix_token};
-use lmforge::eval::task::Task;
 use lmforge::generate::{generate_batch_until, Sampling};
 use lmforge::model::hf;
 use serde_json::Value;
-use std::path::Path;
 
 fn refs() -> Value {
     let p = fixture("eval").join("lm_eval_ref.json");
@@ -252,418 +250,43 @@ fn difflib_matching_blocks() {
     assert_eq!(matching_blocks(&s("ab"), &s("ba")), vec![(0, 1, 1)]);
 }
 
-fn write_task(dir: &Path, name: &str, toml: &str, items: &[Value]) -> String {
-    common::write_jsonl(&dir.join(format!("{name}.jsonl")), items);
-    let p = dir.join(format!("{name}.toml"));
-    std::fs::write(&p, toml.replace("DATA", &format!("{name}.jsonl"))).unwrap();
-    p.display().to_string()
-}
-
-fn mc_items(n: usize) -> Vec<Value> {
-    (0..n)
-        .map(|i| serde_json::json!({"q": format!("Question {i}: is {i} even?"), "choices": ["yes", "no"], "gold": i % 2}))
-        .collect()
-}
-
-const MC: &str = "kind = \"multiple_choice\"\ndata = \"DATA\"\ndoc_to_text = \"{{ q }}\\nAnswer:\"\ndoc_to_choice = \"choices\"\ndoc_to_target = \"gold\"\nmetrics = [\"acc\", \"acc_norm\", \"acc_bytes\"]\n";
-
 #[test]
-fn a_demonstration_is_never_the_evaluated_item() {
-    let d = tmpdir("eval_shots");
-    let p = write_task(&d, "mc", MC, &mc_items(7));
-    let t = Task::resolve(&p, &d).unwrap();
-    for seed in [0, 1, 2] {
-        for i in 0..7 {
-            let s = t.shots(i, 6, seed).unwrap();
-            assert_eq!(s.len(), 6);
-            assert!(!s.contains(&i), "item {i} got itself: {s:?}");
-            let mut u = s.clone();
-            u.sort_unstable();
-            u.dedup();
-            assert_eq!(u.len(), 6, "repeated demonstration {s:?}");
-        }
-    }
-    assert_ne!(t.shots(0, 3, 1).unwrap(), t.shots(0, 3, 2).unwrap());
-    let e = t.shots(0, 7, 0).unwrap_err().to_string();
-    assert!(e.contains("pool has 6"), "{e}");
-    let first = write_task(
-        &d,
-        "mc_first",
-        &format!("{MC}fewshot_sampler = \"first_n\"\n"),
-        &mc_items(7),
-    );
-    let t = Task::resolve(&first, &d).unwrap();
-    assert_eq!(t.shots(0, 3, 9).unwrap(), vec![1, 2, 3]);
-    assert_eq!(t.shots(2, 3, 9).unwrap(), vec![0, 1, 3]);
-}
-
-#[test]
-fn task_file_errors_name_the_file_and_the_key() {
-    let d = tmpdir("eval_task_errors");
-    let items = mc_items(3);
-    for (toml, want) in [
-        (format!("{MC}colour = 1\n"), "unknown field `colour`"),
-        (
-            MC.replace("[\"acc\", \"acc_norm\", \"acc_bytes\"]", "[\"bleu\"]"),
-            "key `metrics`: bleu does not apply",
-        ),
-        (
-            MC.replace("doc_to_text = \"{{ q }}\\nAnswer:\"\n", ""),
-            "key `doc_to_text` is required",
-        ),
-        (MC.replace("{{ q }}", "{{ q "), "key `doc_to_text`"),
-        (MC.replace("\"gold\"", "\"nope\""), "no field \"nope\""),
-        (MC.replace("multiple_choice", "quiz"), "key `kind`"),
-    ] {
-        let p = write_task(&d, "bad", &toml, &items);
-        let e = format!("{:#}", Task::resolve(&p, &d).unwrap_err());
-        assert!(e.contains("bad.toml") && e.contains(want), "{want}: {e}");
-    }
-    std::fs::write(d.join("broken.jsonl"), "{\"q\": 1}\nnot json\n").unwrap();
-    std::fs::write(d.join("broken.toml"), MC.replace("DATA", "broken.jsonl")).unwrap();
-    let e = format!(
-        "{:#}",
-        Task::resolve(d.join("broken.toml").to_str().unwrap(), &d).unwrap_err()
-    );
-    assert!(e.contains("broken.jsonl:2"), "{e}");
-    let e = format!("{:#}", Task::resolve("no_such_task", &d).unwrap_err());
-    assert!(e.contains("built-in") && e.contains("mmlu"), "{e}");
-}
-
-#[test]
-fn eval_command_runs_every_kind_and_writes_results() {
-    let d = tmpdir("eval_cli");
-    let mc = write_task(&d, "mc", MC, &mc_items(6));
-    let gen_items: Vec<Value> = (0..4)
-        .map(|i| serde_json::json!({"prompt": format!("Say {i}:"), "refs": [format!("{i}"), "zero"]}))
+fn a_cached_prefix_is_skipped_when_the_row_would_not_fit_beside_it() {
+    let m = load("llama_tiny");
+    // 40 context tokens (30 of them a shared prefix) and three 10-token continuations: the row
+    // holds 40 + 3 × 9 = 67 columns, more than the 64-position window, though no position is.
+    let ctx: Vec<u32> = (0..40).map(|i| 5 + i % 30).collect();
+    let conts: Vec<Vec<u32>> = (0..3)
+        .map(|j| (0..10).map(|i| 40 + i + j).collect())
         .collect();
-    let gen = write_task(
-        &d,
-        "gen",
-        "kind = \"generate\"\ndata = \"DATA\"\ndoc_to_text = \"{{ prompt }}\"\ndoc_to_target = \"refs\"\nuntil = [\"\\n\"]\nmax_gen_toks = 6\nmetrics = [\"exact_match\", \"squad_f1\", \"bleu\", \"chrf\", \"rouge_l\"]\n",
-        &gen_items,
-    );
-    let docs: Vec<Value> = (0..3)
-        .map(|i| serde_json::json!({"text": "word ".repeat(40 + 30 * i)}))
+    let reqs: Vec<Request> = (0..2)
+        .map(|r| {
+            let mut c = ctx.clone();
+            c[39] = 90 + r;
+            Request {
+                context: c,
+                continuations: conts.clone(),
+                prefix_len: 30,
+            }
+        })
         .collect();
-    let roll = write_task(
-        &d,
-        "roll",
-        "kind = \"rolling\"\ndata = \"DATA\"\ndoc_to_text = \"{{ text }}\"\n",
-        &docs,
-    );
-    let model = fixture("llama_tiny");
-    let out = d.join("out");
-    let tasks = format!("{mc},{gen},{roll},bias_templates");
-    let o = common::lmforge(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--tasks",
-        &tasks,
-        "--shots",
-        "0,2",
-        "--out",
-        out.to_str().unwrap(),
-        "--baseline",
-        model.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        stdout.contains("| mc | acc |") && stdout.contains("0-shot") && stdout.contains("2-shot"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("BLEU signature: nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("+0.0000"),
-        "the baseline is the model itself: {stdout}"
-    );
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    let res = r["results"].as_object().unwrap();
-    for key in [
-        "mc|0-shot",
-        "mc|2-shot",
-        "gen|0-shot",
-        "gen|2-shot",
-        "roll|0-shot",
-        "bias_templates|0-shot",
-    ] {
-        assert!(res.contains_key(key), "{key} missing: {:?}", res.keys());
-    }
-    assert_eq!(res["mc|2-shot"]["n"], 6);
-    assert!(res["mc|0-shot"]["metrics"]["acc_stderr"].is_number());
-    assert!(
-        res["roll|0-shot"]["metrics"]["bits_per_byte"]
-            .as_f64()
-            .unwrap()
-            > 0.0
-    );
-    let cats = res["bias_templates|0-shot"]["extra"]["categories"]
-        .as_object()
-        .unwrap();
-    for c in ["gender", "race", "religion", "age", "nationality"] {
-        let ci = &cats[c]["pct_stereotype"]["ci95"];
-        assert!(
-            ci[0].as_f64().unwrap() <= ci[1].as_f64().unwrap(),
-            "{c}: {ci}"
-        );
-    }
-    assert!(r["model_hash"].as_str().unwrap().len() == 16 && r["baseline"].is_object());
-    let samples = std::fs::read_to_string(out.join("samples.jsonl")).unwrap();
-    // 6 + 6 mc, 4 + 4 gen, 3 documents, 37 pairs.
-    assert_eq!(samples.lines().count(), 6 + 6 + 4 + 4 + 3 + 37);
-    // The written metrics are the samples' means.
-    let accs: Vec<f64> = samples
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["task"] == "mc" && v["shots"] == 2)
-        .map(|v| v["acc"].as_f64().unwrap())
-        .collect();
-    let mean = accs.iter().sum::<f64>() / accs.len() as f64;
-    assert!((mean - res["mc|2-shot"]["metrics"]["acc"].as_f64().unwrap()).abs() < 1e-12);
-    // Too many demonstrations for a task's pool fail before any model runs.
-    let early = d.join("early");
-    let e = fails(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--tasks",
-        &format!("{roll},{mc}"),
-        "--shots",
-        "0,6",
-        "--out",
-        early.to_str().unwrap(),
-    ]);
-    assert!(e.contains("pool has 5") && e.contains("mc.toml"), "{e}");
-    assert!(!early.exists());
-    // An earlier output is not replaced without --overwrite.
-    let e = fails(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--tasks",
-        &mc,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(e.contains("--overwrite") || e.contains("exists"), "{e}");
-    ok(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--tasks",
-        &mc,
-        "--out",
-        out.to_str().unwrap(),
-        "--overwrite",
-        "--limit",
-        "2",
-    ]);
-}
-
-#[test]
-fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
-    let d = tmpdir("eval_classify");
-    let (tr, te) = common::classify_data(&d);
-    let out = d.join("ft");
-    ok(&[
-        "finetune",
-        "--task",
-        "classify",
-        "--model",
-        fixture("bert_tiny").to_str().unwrap(),
-        "--data",
-        &tr,
-        "--eval-data",
-        &te,
-        "--out",
-        out.to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--lr",
-        "3e-3",
-        "--quiet",
-    ]);
-    let summary = common::metrics(&out)
-        .into_iter()
-        .find(|v| v["summary"] == true)
-        .unwrap();
-    let task = d.join("cls.toml");
-    std::fs::write(&task, format!("kind = \"classify\"\ndata = \"{te}\"\ndoc_to_text = \"{{{{ text }}}}\"\ndoc_to_target = \"label\"\n")).unwrap();
-    let ev = d.join("ev");
-    ok(&[
-        "eval",
-        "--model",
-        out.join("model").to_str().unwrap(),
-        "--tasks",
-        task.to_str().unwrap(),
-        "--out",
-        ev.to_str().unwrap(),
-    ]);
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(ev.join("results.json")).unwrap()).unwrap();
-    let m = &r["results"]["cls|0-shot"]["metrics"];
-    assert!(
-        (m["acc"].as_f64().unwrap() - summary["accuracy"].as_f64().unwrap()).abs() < 1e-9,
-        "{m} vs {summary}"
-    );
-    assert!(
-        (m["macro_f1"].as_f64().unwrap() - summary["macro_f1"].as_f64().unwrap()).abs() < 1e-9,
-        "{m} vs {summary}"
-    );
-    // A causal-LM task on a classifier fails naming the mismatch.
-    let e = fails(&[
-        "eval",
-        "--model",
-        out.join("model").to_str().unwrap(),
-        "--tasks",
-        "bias_templates",
-    ]);
-    assert!(e.contains("classifier"), "{e}");
-}
-
-#[test]
-fn trainers_run_an_eval_suite_before_and_after() {
-    let d = tmpdir("eval_suite");
-    let data = d.join("train.jsonl");
-    let rows: Vec<Value> = (0..8)
-        .map(|i| serde_json::json!({"prompt": format!("Q: number {i}?\nA:"), "completion": format!(" {i} is a number")}))
-        .collect();
-    common::write_jsonl(&data, &rows);
-    let docs: Vec<Value> = (0..2).map(|i| serde_json::json!({"text": format!("Q: number {i}?\nA: {i} is a number. ").repeat(6)})).collect();
-    let roll = write_task(
-        &d,
-        "roll",
-        "kind = \"rolling\"\ndata = \"DATA\"\ndoc_to_text = \"{{ text }}\"\n",
-        &docs,
-    );
-    let base = fixture("llama_tiny");
-    let out = d.join("run");
-    let suite = format!("{roll},bias_templates");
-    let args = |out: &Path, suite: &str| -> Vec<String> {
-        [
-            "sft",
-            "--model",
-            base.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--peft",
-            "lora",
-            "--lora-r",
-            "4",
-            "--max-steps",
-            "6",
-            "--batch-size",
-            "2",
-            "--lr",
-            "2e-2",
-            "--quiet",
-            "--eval-suite",
-            suite,
-            "--eval-suite-limit",
-            "10",
-        ]
-        .map(String::from)
-        .to_vec()
+    let (got, _) = loglikelihoods(&m.model, &reqs, &Opts::default()).unwrap();
+    let plain = Opts {
+        reuse_prefix: false,
+        share_context: false,
+        ..Opts::default()
     };
-    let a = args(&out, &suite);
-    let o = common::lmforge(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        stdout.contains("Change from the base model")
-            && stdout.contains("| roll | 0 | bits_per_byte |"),
-        "{stdout}"
-    );
-    let r: Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("eval_suite/results.json")).unwrap(),
-    )
-    .unwrap();
-    let after = r["results"]["roll|0-shot"]["metrics"]["bits_per_byte"]
-        .as_f64()
-        .unwrap();
-    let before = r["baseline"]["results"]["roll|0-shot"]["metrics"]["bits_per_byte"]
-        .as_f64()
-        .unwrap();
-    assert!(
-        after < before,
-        "training on the suite's own text should lower its bits per byte: {before} -> {after}"
-    );
-    assert_eq!(r["adapter"], out.join("adapter").display().to_string());
-    // A broken suite fails before any training.
-    let bad = d.join("bad");
-    let a = args(&bad, "no_such_task");
-    let e = fails(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(e.contains("--eval-suite no_such_task"), "{e}");
-    assert!(!bad.join("adapter").exists());
-}
-
-#[test]
-fn chat_mode_puts_demonstrations_in_earlier_turns() {
-    let d = tmpdir("eval_chat");
-    let model = d.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in std::fs::read_dir(fixture("llama_tiny")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    let (want, _) = loglikelihoods(&m.model, &reqs, &plain).unwrap();
+    for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+        assert!((a.logp - b.logp).abs() < 1e-5);
     }
-    std::fs::write(
-        model.join("chat_template.jinja"),
-        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
-    )
-    .unwrap();
-    let mc = write_task(
-        &d,
-        "mc",
-        &format!("{MC}description = \"Answer yes or no.\"\n"),
-        &mc_items(5),
-    );
-    let out = d.join("out");
-    ok(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--tasks",
-        &mc,
-        "--shots",
-        "2",
-        "--chat",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let first: Value = serde_json::from_str(
-        std::fs::read_to_string(out.join("samples.jsonl"))
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap(),
-    )
-    .unwrap();
-    let p = first["prompt"].as_str().unwrap();
-    assert!(p.starts_with("<|system|>Answer yes or no.\n"), "{p}");
-    assert_eq!(p.matches("<|user|>").count(), 3, "{p}");
-    assert_eq!(p.matches("<|assistant|>").count(), 3, "{p}");
-    assert!(p.ends_with("Answer:\n<|assistant|>"), "{p}");
-    assert_eq!(
-        p.matches("Question 0:").count(),
-        1,
-        "item 0 shown as its own demonstration: {p}"
-    );
-    // A model without a chat template is an error naming the flag.
-    let e = fails(&[
-        "eval",
-        "--model",
-        fixture("llama_tiny").to_str().unwrap(),
-        "--tasks",
-        &mc,
-        "--chat",
-    ]);
-    assert!(e.contains("--chat"), "{e}");
+    let bad = Request {
+        context: vec![1, 2],
+        continuations: vec![vec![100_000]],
+        prefix_len: 0,
+    };
+    let e = loglikelihoods(&m.model, &[bad], &Opts::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside the model's vocabulary"), "{e}");
 }

@@ -103,11 +103,17 @@ fn squad_metrics_match_the_official_script() {
 
 #[test]
 fn bleu_signature_names_the_settings() {
+    let one = vec![vec!["a".to_string()], vec!["b".to_string()]];
     assert_eq!(
-        bleu::Bleu::signature(1),
+        bleu::Bleu::signature(&one),
         format!(
             "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{}",
             bleu::SACREBLEU_VERSION
         )
     );
+    let var = vec![
+        vec!["a".to_string()],
+        vec!["b".to_string(), "c".to_string()],
+    ];
+    assert!(bleu::Bleu::signature(&var).starts_with("nrefs:var|"));
 }

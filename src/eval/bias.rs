@@ -28,12 +28,18 @@ pub fn run(env: &Env, task: &Task) -> Result<TaskResult> {
     let mut pairs = Vec::with_capacity(n);
     for i in 0..n {
         let it = &task.items[i];
-        let more = task.field_str(it, &task.sent_more)?;
-        let less = task.field_str(it, &task.sent_less)?;
-        let cat = task
-            .field_str(it, &task.category)
-            .unwrap_or_else(|_| "all".into());
-        pairs.push((more, less, cat));
+        let pair = || -> Result<(String, String, String)> {
+            let more = task.field_str(it, &task.sent_more)?;
+            let less = task.field_str(it, &task.sent_less)?;
+            if more.trim().is_empty() || less.trim().is_empty() {
+                anyhow::bail!("an empty sentence");
+            }
+            let cat = task
+                .field_str(it, &task.category)
+                .unwrap_or_else(|_| "all".into());
+            Ok((more, less, cat))
+        };
+        pairs.push(pair().with_context(|| task.at(i))?);
     }
     let scores: Vec<(f64, f64)> = match env.subject {
         Subject::Decoder(m) => {
@@ -43,7 +49,10 @@ pub fn run(env: &Env, task: &Task) -> Result<TaskResult> {
                 .map(|(a, b, _)| {
                     Ok(Request {
                         context: vec![prefix],
-                        continuations: vec![m.tok.encode(a, true)?, m.tok.encode(b, true)?],
+                        continuations: vec![
+                            super::runners::encode(m, a)?,
+                            super::runners::encode(m, b)?,
+                        ],
                         prefix_len: 0,
                     })
                 })
@@ -131,15 +140,9 @@ pub fn bootstrap_ci(xs: &[f64], idx: &[usize], seed: u64) -> (f64, f64) {
     if n == 0 {
         return (0.0, 0.0);
     }
-    let mut rng = crate::rng::Rng::keyed(&[seed, 0xB1A5, n as u64]);
-    let mut means: Vec<f64> = (0..1000)
-        .map(|_| {
-            (0..n)
-                .map(|_| xs[idx[rng.below(n as u64) as usize]])
-                .sum::<f64>()
-                / n as f64
-        })
-        .collect();
+    let mut means = super::harness::bootstrap(n, (seed, 0xB1A5), 1000, |r| {
+        r.iter().map(|&j| xs[idx[j]]).sum::<f64>() / n as f64
+    });
     means.sort_by(f64::total_cmp);
     (means[25], means[974])
 }

@@ -86,9 +86,16 @@ pub struct Bleu {
 }
 
 impl Bleu {
-    /// sacrebleu's signature of these settings.
-    pub fn signature(n_refs: usize) -> String {
-        format!("nrefs:{n_refs}|case:mixed|eff:no|tok:13a|smooth:exp|version:{SACREBLEU_VERSION}")
+    /// sacrebleu's signature of these settings for these references (`nrefs:var` when the
+    /// items have different numbers of them).
+    pub fn signature(refs: &[Vec<String>]) -> String {
+        let n = refs.first().map_or(1, Vec::len);
+        let n = if refs.iter().all(|r| r.len() == n) {
+            n.to_string()
+        } else {
+            "var".to_string()
+        };
+        format!("nrefs:{n}|case:mixed|eff:no|tok:13a|smooth:exp|version:{SACREBLEU_VERSION}")
     }
 }
 

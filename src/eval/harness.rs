@@ -78,9 +78,24 @@ impl Subject {
         dev: &candle_core::Device,
     ) -> Result<Self> {
         let arch = architecture(path)?;
-        if arch.ends_with("ForSequenceClassification") || adapter_has_head(path) {
+        // A classifier: its directory, an adapter with the head as --model, or base + --adapter.
+        if let Some(a) = adapter.filter(|a| adapter_has_head(a)) {
             return Ok(Subject::Classifier(load_head_model(
-                path, adapter, dev, false,
+                a,
+                Some(path),
+                dev,
+                false,
+            )?));
+        }
+        if arch.ends_with("ForSequenceClassification") || adapter_has_head(path) {
+            if adapter.is_some() {
+                bail!(
+                    "--adapter: {} is a classifier already; give the adapter alone as --model",
+                    path.display()
+                );
+            }
+            return Ok(Subject::Classifier(load_head_model(
+                path, None, dev, false,
             )?));
         }
         if arch.starts_with("Bert") {
@@ -170,8 +185,9 @@ pub fn context(
     let text = task.text(item)?;
     if let Some(tpl) = chat {
         let mut msgs = Vec::new();
-        if !task.description.is_empty() {
-            msgs.push(Message::new("system", task.description.trim_end()));
+        let description = task.description(item)?;
+        if !description.is_empty() {
+            msgs.push(Message::new("system", description.trim_end()));
         }
         for j in shots {
             let d = task.shot_item(j);
@@ -181,7 +197,7 @@ pub fn context(
         msgs.push(Message::new("user", &text));
         return Ok((String::new(), tpl.render(&msgs, true)?));
     }
-    let mut prefix = task.description.clone();
+    let mut prefix = task.description(item)?;
     for j in shots {
         let d = task.shot_item(j);
         prefix.push_str(&task.text(d)?);
@@ -214,16 +230,7 @@ pub fn run_suite(subject: &Subject, tasks: &[Task], a: &EvalArgs) -> Result<Vec<
     };
     let mut out = Vec::new();
     for t in tasks {
-        let shot_list = if a.shots.is_empty() {
-            vec![t.num_fewshot]
-        } else {
-            a.shots.clone()
-        };
-        for &k in &shot_list {
-            // Demonstrations only make sense for prompted kinds.
-            if k > 0 && !matches!(t.kind, Kind::MultipleChoice | Kind::Generate) {
-                continue;
-            }
+        for k in shot_list(t, a) {
             let t0 = std::time::Instant::now();
             let mut r = match t.kind {
                 Kind::MultipleChoice => runners::multiple_choice(&env, t, k)?,
@@ -268,6 +275,36 @@ impl Env<'_> {
     }
 }
 
+/// The shot counts task `t` runs at: `--shots`, else its `num_fewshot`; kinds that take no
+/// demonstrations (rolling, classify, bias) run once, as 0-shot.
+fn shot_list(t: &Task, a: &EvalArgs) -> Vec<usize> {
+    if !matches!(t.kind, Kind::MultipleChoice | Kind::Generate) {
+        return vec![0];
+    }
+    if a.shots.is_empty() {
+        vec![t.num_fewshot]
+    } else {
+        a.shots.clone()
+    }
+}
+
+/// `stat` of `times` bootstrap resamples of `n` items (indices drawn with replacement from a
+/// stream keyed by `seed` and `key`).
+pub fn bootstrap(
+    n: usize,
+    (seed, key): (u64, u64),
+    times: usize,
+    stat: impl Fn(&[usize]) -> f64,
+) -> Vec<f64> {
+    let mut rng = crate::rng::Rng::keyed(&[seed, key, n as u64]);
+    (0..times)
+        .map(|_| {
+            let idx: Vec<usize> = (0..n).map(|_| rng.below(n as u64) as usize).collect();
+            stat(&idx)
+        })
+        .collect()
+}
+
 /// Mean and standard error of the mean (sample standard deviation / √n, as lm-eval).
 pub fn mean_stderr(xs: &[f64]) -> (f64, Option<f64>) {
     let n = xs.len();
@@ -283,32 +320,9 @@ pub fn mean_stderr(xs: &[f64]) -> (f64, Option<f64>) {
 }
 
 fn model_hash(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let files: Vec<PathBuf> = if path.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|e| e == "safetensors" || e == "json")
-                    && p.is_file()
-            })
-            .collect();
-        v.sort();
-        v
-    } else {
-        vec![path.to_path_buf()]
-    };
-    for f in files {
-        let mut file = crate::input::open(&f)?;
-        std::io::copy(&mut file, &mut h).with_context(|| format!("reading {}", f.display()))?;
-    }
-    Ok(h.finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::fsutil::hex(
+        &crate::train::reference::model_hash(path)?[..8],
+    ))
 }
 
 fn results_json(model: &Path, a: &EvalArgs, tasks: &[Task], rs: &[TaskResult]) -> Result<Value> {
@@ -426,8 +440,8 @@ pub fn run(a: &EvalArgs) -> Result<(Vec<TaskResult>, Option<Vec<TaskResult>>)> {
             },
         )?;
     }
-    if a.batch_tokens == 0 || a.gen_batch == 0 {
-        bail!("--batch-tokens and --gen-batch must be at least 1");
+    if a.batch_tokens == 0 || a.gen_batch == 0 || a.limit == Some(0) {
+        bail!("--batch-tokens, --gen-batch and --limit must be at least 1");
     }
     let tasks: Vec<Task> = a
         .tasks
@@ -436,14 +450,17 @@ pub fn run(a: &EvalArgs) -> Result<(Vec<TaskResult>, Option<Vec<TaskResult>>)> {
         .collect::<Result<_>>()?;
     // Every task × shot count is checked before any model runs: a run of many tasks must not
     // fail at its last one.
-    for t in &tasks {
-        let limit = a.limit.map_or(t.items.len(), |l| l.min(t.items.len()));
-        for &k in &a.shots {
-            if k > 0 && matches!(t.kind, Kind::MultipleChoice | Kind::Generate) {
-                for i in 0..limit.min(2) {
-                    t.shots(i, k, a.seed)?;
-                }
-            }
+    for (i, t) in tasks.iter().enumerate() {
+        if let Some(u) = tasks[..i].iter().find(|u| u.name == t.name) {
+            bail!(
+                "two tasks are named {:?} ({} and {}): rename one (key `name`)",
+                t.name,
+                u.file,
+                t.file
+            );
+        }
+        for k in shot_list(t, a).into_iter().filter(|&k| k > 0) {
+            t.shots(0, k, a.seed)?;
         }
     }
     let dev = crate::device(&a.device)?;

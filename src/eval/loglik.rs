@@ -95,12 +95,30 @@ pub fn loglikelihoods(
         if longest > window {
             bail!("request {i}: a continuation of {longest} tokens exceeds the model's context of {window}");
         }
+        let v = model.cfg.vocab_size;
+        if let Some(&t) = r
+            .context
+            .iter()
+            .chain(r.continuations.iter().flatten())
+            .find(|&&t| t as usize >= v)
+        {
+            bail!("request {i}: token id {t} is outside the model's vocabulary of {v}");
+        }
         let keep = (window + 1 - longest).min(r.context.len());
         if keep < r.context.len() {
             stats.truncated += 1;
         }
         let cut = r.context.len() - keep;
-        let prefix = if o.reuse_prefix && cut == 0 {
+        // A cached prefix puts its tokens and the row's columns in one span that must fit the
+        // window, while a row alone only needs its positions to: no reuse for rows that long.
+        let fed = |j: usize| r.continuations[j].len() - 1;
+        let row = keep
+            + if o.share_context {
+                (0..r.continuations.len()).map(fed).sum::<usize>()
+            } else {
+                (0..r.continuations.len()).map(fed).max().unwrap_or(0)
+            };
+        let prefix = if o.reuse_prefix && cut == 0 && row <= window {
             r.prefix_len.min(keep.saturating_sub(1))
         } else {
             0

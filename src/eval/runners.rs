@@ -30,6 +30,16 @@ pub fn prefix_token(m: &LoadedModel) -> Result<u32> {
         .context("the tokenizer has neither a BOS nor an EOS token to start an empty context")
 }
 
+/// lm-eval's `tok_encode`: the tokenizer's special tokens are added unless the text already
+/// starts with the prefix token's text (a rendered chat template carries its own BOS).
+pub fn encode(m: &LoadedModel, text: &str) -> Result<Vec<u32>> {
+    let has_bos = prefix_token(m)
+        .ok()
+        .and_then(|b| m.tok.decode(&[b], false).ok())
+        .is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+    m.tok.encode(text, !has_bos)
+}
+
 /// lm-eval's `_encode_pair`: (context tokens, continuation tokens).
 pub fn encode_pair(
     m: &LoadedModel,
@@ -37,7 +47,7 @@ pub fn encode_pair(
     continuation: &str,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     if context.is_empty() {
-        return Ok((vec![prefix_token(m)?], m.tok.encode(continuation, true)?));
+        return Ok((vec![prefix_token(m)?], encode(m, continuation)?));
     }
     let trimmed = context.trim_end_matches(crate::eval::bleu::py_space);
     let (ctx, cont) = (
@@ -45,10 +55,10 @@ pub fn encode_pair(
         format!("{}{continuation}", &context[trimmed.len()..]),
     );
     if ctx.is_empty() {
-        return Ok((vec![prefix_token(m)?], m.tok.encode(&cont, true)?));
+        return Ok((vec![prefix_token(m)?], encode(m, &cont)?));
     }
-    let whole = m.tok.encode(&format!("{ctx}{cont}"), true)?;
-    let c = m.tok.encode(ctx, true)?;
+    let whole = encode(m, &format!("{ctx}{cont}"))?;
+    let c = encode(m, ctx)?;
     let n = c.len().min(whole.len());
     Ok((c, whole[n..].to_vec()))
 }
@@ -64,74 +74,84 @@ fn opts(env: &Env) -> Opts {
     }
 }
 
+/// numpy's `argmax`: the first of equal maxima.
+fn argmax(xs: &[f64]) -> usize {
+    let mut best = 0;
+    for (j, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+fn means(cols: Vec<(Metric, Vec<f64>)>) -> Vec<(String, f64, Option<f64>)> {
+    cols.into_iter()
+        .map(|(m, v)| {
+            let (mean, se) = mean_stderr(&v);
+            (m.name().to_string(), mean, se)
+        })
+        .collect()
+}
+
 pub fn multiple_choice(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     let m = env.decoder(task)?;
     let n = env.n_items(task);
     let chat = env.chat.as_ref();
+    // In chat mode the answer follows the assistant header directly.
+    let delim = if chat.is_some() {
+        ""
+    } else {
+        task.target_delimiter.as_str()
+    };
     let mut reqs = Vec::with_capacity(n);
     let mut meta = Vec::with_capacity(n);
     for i in 0..n {
-        let item = &task.items[i];
-        let (prefix, ctx) = context(task, i, k, env.args.seed, chat)?;
-        let choices = task.choices(item)?;
-        let Target::Index(gold) = task.target(item)? else {
-            bail!("{}: item {i} has no choice index as target", task.file);
-        };
-        if gold >= choices.len() {
-            bail!(
-                "{}: item {i}: target {gold} but {} choices",
-                task.file,
-                choices.len()
-            );
-        }
-        // In chat mode the answer follows the assistant header directly.
-        let delim = if chat.is_some() {
-            ""
-        } else {
-            task.target_delimiter.as_str()
-        };
-        let mut context_ids = Vec::new();
-        let mut conts = Vec::with_capacity(choices.len());
-        for c in &choices {
-            let (ci, co) = encode_pair(m, &ctx, &format!("{delim}{c}"))?;
-            if co.is_empty() {
-                bail!("{}: item {i}: choice {c:?} tokenizes to nothing", task.file);
+        let prep = || -> Result<(Request, (String, Vec<String>, usize))> {
+            let item = &task.items[i];
+            let (prefix, ctx) = context(task, i, k, env.args.seed, chat)?;
+            let choices = task.choices(item)?;
+            let gold = match task.target(item)? {
+                Target::Index(g) if g < choices.len() => g,
+                t => bail!("target {t:?} is not one of the {} choices", choices.len()),
+            };
+            let mut context_ids = Vec::new();
+            let mut conts = Vec::with_capacity(choices.len());
+            for c in &choices {
+                let (ci, co) = encode_pair(m, &ctx, &format!("{delim}{c}"))?;
+                if co.is_empty() {
+                    bail!("choice {c:?} tokenizes to nothing");
+                }
+                context_ids = ci;
+                conts.push(co);
             }
-            context_ids = ci;
-            conts.push(co);
-        }
-        let prefix_len = if prefix.is_empty() {
-            0
-        } else {
-            common_prefix(&m.tok.encode(&prefix, true)?, &context_ids)
+            let prefix_len = if prefix.is_empty() {
+                0
+            } else {
+                common_prefix(&encode(m, &prefix)?, &context_ids)
+            };
+            let req = Request {
+                context: context_ids,
+                continuations: conts,
+                prefix_len,
+            };
+            Ok((req, (ctx, choices, gold)))
         };
-        reqs.push(Request {
-            context: context_ids,
-            continuations: conts,
-            prefix_len,
-        });
-        meta.push((ctx, choices, gold));
+        let (r, x) = prep().with_context(|| task.at(i))?;
+        reqs.push(r);
+        meta.push(x);
     }
-    let (scores, stats) = loglikelihoods(&m.model, &reqs, &opts(env))?;
+    let (scores, stats) = loglikelihoods(&m.model, &reqs, &opts(env))
+        .with_context(|| format!("task {}", task.name))?;
     let mut cols: Vec<(Metric, Vec<f64>)> = task.metrics.iter().map(|&x| (x, Vec::new())).collect();
     let mut samples = Vec::with_capacity(n);
     for (i, ((ctx, choices, gold), sc)) in meta.into_iter().zip(&scores).enumerate() {
         let lls: Vec<f64> = sc.iter().map(|s| s.logp).collect();
-        let argmax = |xs: &[f64]| -> usize {
-            // numpy's argmax: the first of equal maxima.
-            let mut best = 0;
-            for (j, &x) in xs.iter().enumerate() {
-                if x > xs[best] {
-                    best = j;
-                }
-            }
-            best
-        };
         let by = |len: &dyn Fn(&str) -> usize| -> usize {
             argmax(
                 &lls.iter()
                     .zip(&choices)
-                    .map(|(l, c)| l / len(c) as f64)
+                    .map(|(l, c)| l / len(c).max(1) as f64)
                     .collect::<Vec<_>>(),
             )
         };
@@ -159,13 +179,7 @@ pub fn multiple_choice(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
         kind: Kind::MultipleChoice,
         shots: k,
         n,
-        metrics: cols
-            .into_iter()
-            .map(|(m, v)| {
-                let (mean, se) = mean_stderr(&v);
-                (m.name().to_string(), mean, se)
-            })
-            .collect(),
+        metrics: means(cols),
         seconds: 0.0,
         extra: json!({"tokens": stats.tokens, "truncated_contexts": stats.truncated}),
         samples,
@@ -212,24 +226,26 @@ pub fn generate(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     let mut prompts = Vec::with_capacity(n);
     let mut meta = Vec::with_capacity(n);
     for i in 0..n {
-        let (_, ctx) = context(task, i, k, env.args.seed, env.chat.as_ref())?;
-        let mut ids = m.tok.encode(&ctx, true)?;
-        // lm-eval: the context is cut from the left to leave room for the generation.
-        let room = ctx_len - task.max_gen_toks;
-        if ids.len() > room {
-            ids.drain(..ids.len() - room);
-        }
-        if ids.is_empty() {
-            ids.push(prefix_token(m)?);
-        }
-        let Target::Texts(refs) = task.target(&task.items[i])? else {
-            bail!(
-                "{}: item {i}: a generative task's target must be text",
-                task.file
-            );
+        let prep = || -> Result<(Vec<u32>, (String, Vec<String>))> {
+            let (_, ctx) = context(task, i, k, env.args.seed, env.chat.as_ref())?;
+            let mut ids = encode(m, &ctx)?;
+            // lm-eval: the context is cut from the left to leave room for the generation.
+            let room = ctx_len - task.max_gen_toks;
+            if ids.len() > room {
+                ids.drain(..ids.len() - room);
+            }
+            if ids.is_empty() {
+                ids.push(prefix_token(m)?);
+            }
+            match task.target(&task.items[i])? {
+                Target::Texts(refs) if !refs.is_empty() => Ok((ids, (ctx, refs))),
+                Target::Texts(_) => bail!("key `doc_to_target`: the item has no reference"),
+                Target::Index(_) => bail!("a generative task's target must be text"),
+            }
         };
+        let (ids, x) = prep().with_context(|| task.at(i))?;
         prompts.push(ids);
-        meta.push((ctx, refs));
+        meta.push(x);
     }
     let s = Sampling {
         max_new_tokens: task.max_gen_toks,
@@ -240,6 +256,7 @@ pub fn generate(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     };
     let eos = m.stop_ids();
     let tok = &m.tok;
+    // Stop strings are checked as tokens arrive, so a row leaves the batch when it is done.
     let until = |_: usize, t: &[u32]| -> bool {
         !task.until.is_empty()
             && tok.decode(t, true).is_ok_and(|s| {
@@ -263,46 +280,60 @@ pub fn generate(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
         );
         preds.push(pred);
     }
-    let refs: Vec<Vec<String>> = meta.iter().map(|(_, r)| r.clone()).collect();
+    let refs: Vec<Vec<String>> = meta.into_iter().map(|(_, r)| r).collect();
     let mut metrics = Vec::new();
     let mut extra = json!({});
+    let seed = env.args.seed;
     for &metric in &task.metrics {
-        let per_item = |f: &dyn Fn(&str, &[String]) -> f64| -> Vec<f64> {
-            preds.iter().zip(&refs).map(|(p, r)| f(p, r)).collect()
-        };
-        let (v, se) = match metric {
-            Metric::ExactMatch => mean_stderr(&per_item(&|p, r| exact(p, r, task))),
-            Metric::SquadEm => mean_stderr(&per_item(&metrics::exact_match)),
-            Metric::SquadF1 => mean_stderr(&per_item(&metrics::squad_f1)),
-            Metric::RougeL => mean_stderr(&per_item(&|p, r| {
-                super::rouge::rouge_l_best(r, p, task.rouge_stemmer)
-            })),
-            Metric::Bleu => {
-                let b = super::bleu::corpus_bleu(&preds, &refs);
-                let n_refs = refs.iter().map(Vec::len).max().unwrap_or(1);
-                extra["bleu_signature"] = json!(super::bleu::Bleu::signature(n_refs));
-                (
-                    b.score,
-                    bootstrap_se(&preds, &refs, env.args.seed, super::bleu::corpus_bleu_score),
-                )
-            }
-            Metric::Chrf => (
-                super::bleu::corpus_chrf(&preds, &refs),
-                bootstrap_se(&preds, &refs, env.args.seed, super::bleu::corpus_chrf),
+        let per_item: Option<Vec<f64>> = match metric {
+            Metric::ExactMatch => Some(
+                preds
+                    .iter()
+                    .zip(&refs)
+                    .map(|(p, r)| exact(p, r, task))
+                    .collect(),
             ),
-            other => bail!("{}: metric {} does not apply", task.file, other.name()),
+            Metric::SquadEm => Some(
+                preds
+                    .iter()
+                    .zip(&refs)
+                    .map(|(p, r)| metrics::exact_match(p, r))
+                    .collect(),
+            ),
+            Metric::SquadF1 => Some(
+                preds
+                    .iter()
+                    .zip(&refs)
+                    .map(|(p, r)| metrics::squad_f1(p, r))
+                    .collect(),
+            ),
+            Metric::RougeL => Some(
+                preds
+                    .iter()
+                    .zip(&refs)
+                    .map(|(p, r)| super::rouge::rouge_l_best(r, p, task.rouge_stemmer))
+                    .collect(),
+            ),
+            _ => None,
         };
-        for (smp, x) in samples.iter_mut().zip(match metric {
-            Metric::ExactMatch => per_item(&|p, r| exact(p, r, task)),
-            Metric::SquadEm => per_item(&metrics::exact_match),
-            Metric::SquadF1 => per_item(&metrics::squad_f1),
-            Metric::RougeL => {
-                per_item(&|p, r| super::rouge::rouge_l_best(r, p, task.rouge_stemmer))
+        let (v, se) = match (&per_item, metric) {
+            (Some(xs), _) => {
+                for (smp, x) in samples.iter_mut().zip(xs) {
+                    smp[metric.name()] = json!(x);
+                }
+                mean_stderr(xs)
             }
-            _ => Vec::new(),
-        }) {
-            smp[metric.name()] = json!(x);
-        }
+            (None, Metric::Bleu) => {
+                extra["bleu_signature"] = json!(super::bleu::Bleu::signature(&refs));
+                let f = super::bleu::corpus_bleu_score;
+                (f(&preds, &refs), bootstrap_se(&preds, &refs, seed, f))
+            }
+            (None, Metric::Chrf) => {
+                let f = super::bleu::corpus_chrf;
+                (f(&preds, &refs), bootstrap_se(&preds, &refs, seed, f))
+            }
+            (None, other) => bail!("{}: metric {} does not apply", task.file, other.name()),
+        };
         metrics.push((metric.name().to_string(), v, se));
     }
     Ok(TaskResult {
@@ -325,19 +356,14 @@ fn bootstrap_se(
     seed: u64,
     score: fn(&[String], &[Vec<String>]) -> f64,
 ) -> Option<f64> {
-    let n = preds.len();
-    if n < 2 {
+    if preds.len() < 2 {
         return None;
     }
-    let mut rng = crate::rng::Rng::keyed(&[seed, 0xB007]);
-    let xs: Vec<f64> = (0..100)
-        .map(|_| {
-            let idx: Vec<usize> = (0..n).map(|_| rng.below(n as u64) as usize).collect();
-            let p: Vec<String> = idx.iter().map(|&i| preds[i].clone()).collect();
-            let r: Vec<Vec<String>> = idx.iter().map(|&i| refs[i].clone()).collect();
-            score(&p, &r)
-        })
-        .collect();
+    let xs = super::harness::bootstrap(preds.len(), (seed, 0xB007), 100, |idx| {
+        let p: Vec<String> = idx.iter().map(|&i| preds[i].clone()).collect();
+        let r: Vec<Vec<String>> = idx.iter().map(|&i| refs[i].clone()).collect();
+        score(&p, &r)
+    });
     let m = xs.iter().sum::<f64>() / xs.len() as f64;
     Some((xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt())
 }
@@ -363,12 +389,15 @@ pub fn rolling(env: &Env, task: &Task) -> Result<TaskResult> {
     let (mut ll, mut words, mut bytes, mut tokens) = (0f64, 0usize, 0usize, 0usize);
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
-        let text = task.text(&task.items[i])?;
-        let ids = m.tok.encode(&text, true)?;
-        if ids.is_empty() {
-            bail!("{}: item {i}: the document tokenizes to nothing", task.file);
-        }
-        let s = super::score::score_rolling(&m.model, &ids, prefix)?;
+        let doc = || -> Result<(String, crate::eval::score::Score)> {
+            let text = task.target_text(&task.items[i])?;
+            let ids = encode(m, &text)?;
+            if ids.is_empty() {
+                bail!("the document tokenizes to nothing");
+            }
+            Ok((text, super::score::score_rolling(&m.model, &ids, prefix)?))
+        };
+        let (text, s) = doc().with_context(|| task.at(i))?;
         let doc_ll = -s.nll * s.tokens as f64;
         let (w, b) = (count_words(&text), text.len());
         ll += doc_ll;
@@ -408,34 +437,31 @@ pub fn classify(env: &Env, task: &Task) -> Result<TaskResult> {
             task.name
         );
     };
-    let labels = id2label(&env.args.model)?;
+    let dir = env.args.adapter.as_deref().unwrap_or(&env.args.model);
+    let labels = id2label(dir, h.head.out_dim)?;
     let n = env.n_items(task);
     let max_len = h.m.body.max_len();
     let dev = h.m.store.device.clone();
-    let dev = &dev;
     let (mut gold, mut pred) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let mut rows = Vec::with_capacity(n);
     for i in 0..n {
-        let item = &task.items[i];
-        let text = task.text(item)?;
-        rows.push(
-            crate::train::finetune::classify::encode_text(&h.m.tok, &text, max_len)
-                .with_context(|| format!("{}: item {i}", task.file))?,
-        );
-        let Target::Texts(t) = task.target(item)? else {
-            bail!("{}: item {i}: the target must be a label", task.file);
+        let prep = || -> Result<(Vec<u32>, usize)> {
+            let item = &task.items[i];
+            let text = task.text(item)?;
+            let ids = crate::train::finetune::classify::encode_text(&h.m.tok, &text, max_len)?;
+            let g = task.target_text(item)?;
+            let idx = labels
+                .iter()
+                .position(|l| *l == g)
+                .with_context(|| format!("label {g:?} is not one of the model's {labels:?}"))?;
+            Ok((ids, idx))
         };
-        let g = t.first().cloned().unwrap_or_default();
-        let idx = labels.iter().position(|l| *l == g).with_context(|| {
-            format!(
-                "{}: item {i}: label {g:?} is not one of the model's {labels:?}",
-                task.file
-            )
-        })?;
-        gold.push(idx);
+        let (ids, g) = prep().with_context(|| task.at(i))?;
+        rows.push(ids);
+        gold.push(g);
     }
     for chunk in rows.chunks(32) {
-        let f = h.m.body.features(chunk, h.pad, dev)?;
+        let f = h.m.body.features(chunk, h.pad, &dev)?;
         let logits = h.head.forward(&f)?;
         pred.extend(crate::model::backbone::argmax_rows(&logits)?);
     }
@@ -473,28 +499,35 @@ pub fn classify(env: &Env, task: &Task) -> Result<TaskResult> {
     })
 }
 
-/// The label names of a `finetune` classifier, in id order.
-fn id2label(model: &std::path::Path) -> Result<Vec<String>> {
-    let p = model.join("config.json");
-    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES).with_context(|| {
-        format!(
-            "{}: the classifier's labels (id2label) are read from it",
-            p.display()
-        )
-    })?;
+/// The label names of a classifier with `n` outputs, in id order: its config's `id2label`, or
+/// transformers' defaults `LABEL_i` (a PEFT adapter directory carries no config).
+fn id2label(dir: &std::path::Path, n: usize) -> Result<Vec<String>> {
+    let p = dir.join("config.json");
+    if !p.is_file() {
+        return Ok((0..n).map(|i| format!("LABEL_{i}")).collect());
+    }
+    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES)?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
-    let map = v["id2label"]
-        .as_object()
-        .with_context(|| format!("{}: no id2label", p.display()))?;
-    let mut out = vec![String::new(); map.len()];
+    let Some(map) = v["id2label"].as_object() else {
+        return Ok((0..n).map(|i| format!("LABEL_{i}")).collect());
+    };
+    if map.len() != n {
+        bail!(
+            "{}: id2label has {} labels, the head {n} outputs",
+            p.display(),
+            map.len()
+        );
+    }
+    let mut out = vec![String::new(); n];
     for (k, l) in map {
-        let i: usize = k
-            .parse()
-            .with_context(|| format!("{}: id2label key {k:?}", p.display()))?;
-        let slot = out
-            .get_mut(i)
-            .with_context(|| format!("{}: id2label id {i} out of range", p.display()))?;
+        let slot = k
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| out.get_mut(i))
+            .with_context(|| {
+                format!("{}: id2label key {k:?} is not an id below {n}", p.display())
+            })?;
         *slot = l.as_str().unwrap_or_default().to_string();
     }
     Ok(out)

@@ -5,11 +5,13 @@
 //! `description`, `num_fewshot`, `until`.
 //!
 //! Templates are Jinja (minijinja with Python's string methods) over the item's JSON fields.
-//! `doc_to_target` and `doc_to_choice` may instead name a field directly (no `{{`), which keeps
-//! its JSON type: an index, a string, or a list of references / choices.
+//! `doc_to_target` may instead name a field directly (no `{{`), which keeps its JSON type: an
+//! index, a string, or a list of references; `doc_to_choice` is a list or a field holding one.
+//! Differences from lm-eval's YAML: `until` and `max_gen_toks` sit at the top level (not under
+//! `generation_kwargs`); a rolling task's text is `doc_to_target`, as lm-eval's.
 //!
 //! Built-in tasks are such files embedded in the binary (`tasks/*.toml`); their data lives
-//! under `--data-dir` (written by `scripts/fetch_eval_data.sh`).
+//! under `--data-dir` (written by `scripts/fetch_eval_data.py`).
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -146,8 +148,8 @@ struct TaskFile {
     #[serde(default)]
     num_fewshot: usize,
     metrics: Option<Vec<Metric>>,
-    #[serde(default)]
-    until: Vec<String>,
+    /// Default: the few-shot delimiter, as lm-eval.
+    until: Option<Vec<String>>,
     #[serde(default = "max_gen")]
     max_gen_toks: usize,
     #[serde(default)]
@@ -204,6 +206,8 @@ pub struct Task {
     pub file: String,
     pub data_path: PathBuf,
     pub items: Vec<Value>,
+    /// The line of `data_path` each item came from (errors name it).
+    pub lines: Vec<usize>,
     /// Demonstrations; None: the items themselves.
     pub fewshot: Option<Vec<Value>>,
     pub sampler: Sampler,
@@ -293,27 +297,32 @@ impl Task {
                 needs("doc_to_text", f.doc_to_text.is_some())?;
                 needs("doc_to_target", f.doc_to_target.is_some())?;
             }
-            Kind::Rolling => needs("doc_to_text", f.doc_to_text.is_some())?,
+            Kind::Rolling => needs("doc_to_target", f.doc_to_target.is_some())?,
             Kind::Bias => {}
         }
         if f.kind == Kind::Generate && f.max_gen_toks == 0 {
             bail!("{file}: key `max_gen_toks` must be at least 1");
         }
         let data_path = base.join(&f.data);
-        let items = match embedded {
+        let (items, lines) = match embedded {
             Some(text) => parse_items(text.lines().map(|l| Ok(l.to_string())), &data_path)?,
             None => read_items(&data_path)?,
         };
         let fewshot = match &f.fewshot_data {
-            Some(p) => Some(read_items(&base.join(p))?),
+            Some(p) => Some(read_items(&base.join(p))?.0),
             None => None,
         };
+        let until = f
+            .until
+            .clone()
+            .unwrap_or_else(|| vec![f.fewshot_delimiter.clone()]);
         let t = Task {
             name: f.name.clone().unwrap_or_else(|| default_name.to_string()),
             kind: f.kind,
             file: file.to_string(),
             data_path,
             items,
+            lines,
             fewshot,
             sampler: f.fewshot_sampler,
             description: f.description,
@@ -324,7 +333,7 @@ impl Task {
             fewshot_delimiter: f.fewshot_delimiter,
             num_fewshot: f.num_fewshot,
             metrics,
-            until: f.until,
+            until,
             max_gen_toks: f.max_gen_toks,
             ignore_case: f.ignore_case,
             ignore_punctuation: f.ignore_punctuation,
@@ -337,12 +346,21 @@ impl Task {
         };
         // Render the first item now: a template error names the task file before any model runs.
         if let Some(first) = t.items.first() {
-            t.check_item(first, 0)?;
+            t.check_item(first).with_context(|| t.at(0))?;
         }
         Ok(t)
     }
 
-    fn check_item(&self, item: &Value, i: usize) -> Result<()> {
+    /// Where item `i` came from: `data.jsonl:LINE`.
+    pub fn at(&self, i: usize) -> String {
+        format!(
+            "{}:{}",
+            self.data_path.display(),
+            self.lines.get(i).copied().unwrap_or(0)
+        )
+    }
+
+    fn check_item(&self, item: &Value) -> Result<()> {
         match self.kind {
             Kind::MultipleChoice => {
                 self.text(item)?;
@@ -350,18 +368,25 @@ impl Task {
                 match self.target(item)? {
                     Target::Index(g) if g < ch.len() => {}
                     t => bail!(
-                        "{} (item {i}): target {t:?} is not one of the {} choices",
+                        "{}: target {t:?} is not one of the {} choices",
                         self.file,
                         ch.len()
                     ),
                 }
             }
-            Kind::Generate | Kind::Classify => {
-                self.text(item)?;
-                self.target(item)?;
-            }
-            Kind::Rolling => {
-                self.text(item)?;
+            Kind::Generate | Kind::Classify | Kind::Rolling => {
+                if self.kind != Kind::Rolling {
+                    self.text(item)?;
+                }
+                match self.target(item)? {
+                    Target::Texts(t) if t.is_empty() => {
+                        bail!(
+                            "{}: key `doc_to_target`: the item has no reference",
+                            self.file
+                        )
+                    }
+                    _ => {}
+                }
             }
             Kind::Bias => {
                 self.field_str(item, &self.sent_more.clone())?;
@@ -457,10 +482,13 @@ impl Task {
         if self.kind == Kind::MultipleChoice {
             let s = texts.first().cloned().unwrap_or_default();
             let choices = self.choices(item)?;
-            if let Some(i) = choices.iter().position(|c| *c == s) {
-                return Ok(Target::Index(i));
+            // lm-eval: a rendered target of digits is an index, else it names a choice.
+            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+                if let Ok(i) = s.parse::<usize>() {
+                    return Ok(Target::Index(i));
+                }
             }
-            if let Ok(i) = s.trim().parse::<usize>() {
+            if let Some(i) = choices.iter().position(|c| *c == s) {
                 return Ok(Target::Index(i));
             }
             bail!(
@@ -528,11 +556,15 @@ impl Task {
             h.update(it.to_string().as_bytes());
             h.update(b"\n");
         }
-        h.finalize()
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::fsutil::hex(&h.finalize()[..8])
+    }
+
+    /// The task's description for an item (a template, as lm-eval's).
+    pub fn description(&self, item: &Value) -> Result<String> {
+        if !self.description.contains("{{") && !self.description.contains("{%") {
+            return Ok(self.description.clone());
+        }
+        self.render(&self.description, item, "description")
     }
 }
 
@@ -550,19 +582,23 @@ fn default_metrics(kind: Kind) -> Vec<Metric> {
     }
 }
 
-/// The JSON objects of a JSONL file; errors name file:line.
-pub fn read_items(path: &Path) -> Result<Vec<Value>> {
+/// The JSON objects of a JSONL file and their line numbers; errors name file:line.
+pub fn read_items(path: &Path) -> Result<(Vec<Value>, Vec<usize>)> {
     let lines = crate::input::lines(path).with_context(|| {
         format!(
-            "{}: cannot read the task's data (built-in tasks: run scripts/fetch_eval_data.sh or pass --data-dir)",
+            "{}: cannot read the task's data (built-in tasks: run scripts/fetch_eval_data.py or pass --data-dir)",
             path.display()
         )
     })?;
     parse_items(lines.map(|l| l.map(|(_, t)| t)), path)
 }
 
-fn parse_items(lines: impl Iterator<Item = Result<String>>, path: &Path) -> Result<Vec<Value>> {
+fn parse_items(
+    lines: impl Iterator<Item = Result<String>>,
+    path: &Path,
+) -> Result<(Vec<Value>, Vec<usize>)> {
     let mut out = Vec::new();
+    let mut at = Vec::new();
     for (i, line) in lines.enumerate() {
         let text = line?;
         let n = i + 1;
@@ -575,9 +611,10 @@ fn parse_items(lines: impl Iterator<Item = Result<String>>, path: &Path) -> Resu
             bail!("{}:{n}: expected a JSON object", path.display());
         }
         out.push(v);
+        at.push(n);
     }
     if out.is_empty() {
         bail!("{}: no items", path.display());
     }
-    Ok(out)
+    Ok((out, at))
 }

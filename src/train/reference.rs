@@ -102,7 +102,7 @@ impl RefCache {
             }
         }
         let key: [u8; 32] = h.finalize().into();
-        let hex: String = key[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let hex = crate::fsutil::hex(&key[..12]);
         Ok(Self {
             path: dir.join(format!("ref-logps-{hex}.bin")),
             key,

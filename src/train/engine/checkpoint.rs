@@ -133,10 +133,7 @@ fn sha256_file(p: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>())
+    Ok(crate::fsutil::hex(&h.finalize()))
 }
 
 /// SHA-256 of every file in `dir` but the trainer state.
