@@ -189,7 +189,12 @@ pub fn loglikelihoods(
         let mut start = 0;
         while start < rows.len() {
             let t = width(&rows[start]).max(1);
-            let n = (o.batch_tokens / t).clamp(1, 64).min(rows.len() - start);
+            // Each row also holds a copy of the cached prefix's keys and values: count them
+            // (at a discount, they are not run through the layers) so memory stays bounded.
+            let n = (o.batch_tokens / t)
+                .min(2 * o.batch_tokens / (t + p))
+                .clamp(1, 64)
+                .min(rows.len() - start);
             let batch = &rows[start..start + n];
             start += n;
             stats.tokens += n * t;

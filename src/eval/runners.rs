@@ -94,6 +94,11 @@ fn means(cols: Vec<(Metric, Vec<f64>)>) -> Vec<(String, f64, Option<f64>)> {
         .collect()
 }
 
+/// A multiple-choice item as scored: (prompt, choices, gold index).
+type McItem = (String, Vec<String>, usize);
+/// A generative item: (prompt, references).
+type GenItem = (String, Vec<String>);
+
 pub fn multiple_choice(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     let m = env.decoder(task)?;
     let n = env.n_items(task);
@@ -107,7 +112,7 @@ pub fn multiple_choice(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     let mut reqs = Vec::with_capacity(n);
     let mut meta = Vec::with_capacity(n);
     for i in 0..n {
-        let prep = || -> Result<(Request, (String, Vec<String>, usize))> {
+        let prep = || -> Result<(Request, McItem)> {
             let item = &task.items[i];
             let (prefix, ctx) = context(task, i, k, env.args.seed, chat)?;
             let choices = task.choices(item)?;
@@ -226,7 +231,7 @@ pub fn generate(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     let mut prompts = Vec::with_capacity(n);
     let mut meta = Vec::with_capacity(n);
     for i in 0..n {
-        let prep = || -> Result<(Vec<u32>, (String, Vec<String>))> {
+        let prep = || -> Result<(Vec<u32>, GenItem)> {
             let (_, ctx) = context(task, i, k, env.args.seed, env.chat.as_ref())?;
             let mut ids = encode(m, &ctx)?;
             // lm-eval: the context is cut from the left to leave room for the generation.
