@@ -485,3 +485,51 @@ fn chat_mode_puts_demonstrations_in_earlier_turns() {
     ]);
     assert!(e.contains("--chat"), "{e}");
 }
+
+#[test]
+fn sampled_generation_is_seeded() {
+    let d = tmpdir("eval_sampled");
+    let items: Vec<Value> = (0..6)
+        .map(|i| serde_json::json!({"prompt": format!("Tell {i}:"), "refs": ["x"]}))
+        .collect();
+    let body = "kind = \"generate\"\ndata = \"DATA\"\ndoc_to_text = \"{{ prompt }}\"\ndoc_to_target = \"refs\"\nuntil = []\nmax_gen_toks = 8\ntemperature = 1.0\ntop_p = 0.95\n";
+    let task = write_task(&d, "gen", body, &items);
+    let model = fixture("llama_tiny");
+    let texts = |seed: &str, out: &str| -> Vec<String> {
+        let o = d.join(out);
+        ok(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--tasks",
+            &task,
+            "--seed",
+            seed,
+            "--gen-batch",
+            "4",
+            "--out",
+            o.to_str().unwrap(),
+        ]);
+        std::fs::read_to_string(o.join("samples.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["generation"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let a = texts("7", "a");
+    assert_eq!(a, texts("7", "b"), "same seed, same samples");
+    assert_ne!(a, texts("8", "c"), "another seed, other samples");
+    let bad = write_task(
+        &d,
+        "bad",
+        &body.replace("temperature = 1.0", "temperature = -1.0"),
+        &items,
+    );
+    let e = fails(&["eval", "--model", model.to_str().unwrap(), "--tasks", &bad]);
+    assert!(e.contains("bad.toml") && e.contains("temperature"), "{e}");
+}

@@ -16,7 +16,7 @@ use super::harness::{context, mean_stderr, Env, TaskResult};
 use super::loglik::{loglikelihoods, Opts, Request};
 use super::metrics;
 use super::task::{Kind, Metric, Target, Task};
-use crate::generate::{generate_batch_until, Sampling};
+use crate::generate::{generate_chunked_until, Sampling};
 use crate::model::hf::LoadedModel;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -254,9 +254,9 @@ pub fn generate(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     }
     let s = Sampling {
         max_new_tokens: task.max_gen_toks,
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
+        temperature: task.temperature,
+        top_k: task.top_k,
+        top_p: task.top_p,
         seed: env.args.seed,
     };
     let eos = m.stop_ids();
@@ -270,10 +270,7 @@ pub fn generate(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
                     .any(|u| !u.is_empty() && s.contains(u.as_str()))
             })
     };
-    let mut outs = Vec::with_capacity(n);
-    for chunk in prompts.chunks(env.args.gen_batch) {
-        outs.extend(generate_batch_until(&m.model, chunk, &s, &eos, &until)?);
-    }
+    let outs = generate_chunked_until(&m.model, &prompts, &s, &eos, env.args.gen_batch, &until)?;
     let mut preds = Vec::with_capacity(n);
     let mut samples = Vec::with_capacity(n);
     for (i, (o, (ctx, refs))) in outs.iter().zip(&meta).enumerate() {

@@ -152,6 +152,12 @@ struct TaskFile {
     until: Option<Vec<String>>,
     #[serde(default = "max_gen")]
     max_gen_toks: usize,
+    /// Sampling of generative tasks (lm-eval's `do_sample`, `temperature`, `top_k`, `top_p`):
+    /// 0 = greedy; seeded by `--seed`.
+    #[serde(default)]
+    temperature: f64,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
     #[serde(default)]
     ignore_case: bool,
     #[serde(default)]
@@ -221,6 +227,10 @@ pub struct Task {
     pub metrics: Vec<Metric>,
     pub until: Vec<String>,
     pub max_gen_toks: usize,
+    /// Generation sampling (temperature 0: greedy).
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
     pub ignore_case: bool,
     pub ignore_punctuation: bool,
     pub rouge_stemmer: bool,
@@ -303,6 +313,15 @@ impl Task {
         if f.kind == Kind::Generate && f.max_gen_toks == 0 {
             bail!("{file}: key `max_gen_toks` must be at least 1");
         }
+        let sampling = crate::generate::Sampling {
+            temperature: f.temperature,
+            top_k: f.top_k,
+            top_p: f.top_p,
+            ..Default::default()
+        };
+        if let Err(e) = sampling.check() {
+            bail!("{file}: keys `temperature` / `top_p`: {e}");
+        }
         let data_path = base.join(&f.data);
         let (items, lines) = match embedded {
             Some(text) => parse_items(text.lines().map(|l| Ok(l.to_string())), &data_path)?,
@@ -335,6 +354,9 @@ impl Task {
             metrics,
             until,
             max_gen_toks: f.max_gen_toks,
+            temperature: f.temperature,
+            top_k: f.top_k,
+            top_p: f.top_p,
             ignore_case: f.ignore_case,
             ignore_punctuation: f.ignore_punctuation,
             rouge_stemmer: f.rouge_stemmer,

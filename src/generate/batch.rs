@@ -40,13 +40,26 @@ pub fn generate_chunked(
     eos: &[u32],
     chunk: usize,
 ) -> Result<Vec<Sampled>> {
+    generate_chunked_until(model, prompts, s, eos, chunk, &|_, _| false)
+}
+
+/// `generate_chunked` with a stop condition per row (`generate_batch_until`; row indices are
+/// within the chunk).
+pub fn generate_chunked_until(
+    model: &DecoderModel,
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+    eos: &[u32],
+    chunk: usize,
+    until: &(dyn Fn(usize, &[u32]) -> bool + Sync),
+) -> Result<Vec<Sampled>> {
     let mut out = Vec::with_capacity(prompts.len());
     for (c, part) in prompts.chunks(chunk.max(1)).enumerate() {
         let sc = Sampling {
             seed: Rng::keyed(&[s.seed, c as u64]).next_u64(),
             ..s.clone()
         };
-        out.extend(generate_batch(model, part, &sc, eos)?);
+        out.extend(generate_batch_until(model, part, &sc, eos, until)?);
     }
     Ok(out)
 }

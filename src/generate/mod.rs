@@ -8,7 +8,9 @@
 mod batch;
 pub mod file;
 
-pub use batch::{generate_batch, generate_batch_until, generate_chunked, Sampled};
+pub use batch::{
+    generate_batch, generate_batch_until, generate_chunked, generate_chunked_until, Sampled,
+};
 
 use crate::model::{DecoderModel, ForwardOpts, KvCache};
 use crate::rng::Rng;
