@@ -46,8 +46,29 @@ GEN = [
 ]
 
 
+def bos_variant():
+    """The tiny Llama with a tokenizer that adds BOS (<|endoftext|>, id 0) to every text, as
+    Llama-family tokenizers do: lm-eval's special-token rules only show with one."""
+    import shutil
+    src, dst = os.path.join(FIX, "llama_tiny"), os.path.join(FIX, "eval", "llama_bos")
+    os.makedirs(dst, exist_ok=True)
+    for f in ("config.json", "model.safetensors", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(src, f), dst)
+    tok = json.load(open(os.path.join(src, "tokenizer.json")))
+    bos = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+    seq = {"Sequence": {"id": "A", "type_id": 0}}
+    tok["post_processor"] = {"type": "Sequence", "processors": [
+        tok["post_processor"],
+        {"type": "TemplateProcessing", "single": [bos, seq], "pair": [bos, seq, {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}},
+    ]}
+    json.dump(tok, open(os.path.join(dst, "tokenizer.json"), "w"), indent=1)
+    return "eval/llama_bos"
+
+
 def lm_eval_refs(name):
     lm = HFLM(pretrained=os.path.join(FIX, name), dtype="float32", batch_size=1, device="cpu")
+    assert name != "eval/llama_bos" or lm.tok_encode("hi")[0] == 0, "the BOS variant adds no BOS"
     ll = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)])
     roll = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(DOCS)])
     gen = lm.generate_until([Instance("generate_until", {}, g, i) for i, g in enumerate(GEN)])
@@ -99,7 +120,7 @@ def crows_pll():
 
 
 def main():
-    refs = {name: lm_eval_refs(name) for name in ("gpt2_tiny", "llama_tiny")}
+    refs = {name: lm_eval_refs(name) for name in ("gpt2_tiny", "llama_tiny", bos_variant())}
     refs["crows_pll_bert_tiny"] = crows_pll()
     path = os.path.join(FIX, "eval", "lm_eval_ref.json")
     with open(path, "w", encoding="utf-8") as f:

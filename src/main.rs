@@ -488,11 +488,16 @@ fn setup<T: Serialize + DeserializeOwned + Args>(
                 "--eval-suite compares a trained causal LM with its base (sft, dpo, kto, ppo, grpo, rloo); evaluate a {command} output with `lmforge eval`"
             );
         }
-        // Task files are checked before hours of training, not after.
-        for t in &a.run.eval_suite {
-            lmforge::eval::task::Task::resolve(t.trim(), &a.run.eval_data_dir)
-                .with_context(|| format!("--eval-suite {t}"))?;
-        }
+        // The suite is checked (task files, shots, limits) before hours of training, not after.
+        let r = &a.run;
+        let suite = lmforge::eval::harness::EvalArgs::suite(
+            &r.eval_suite,
+            r.eval_suite_limit,
+            &r.eval_data_dir,
+            &r.device,
+        );
+        lmforge::eval::harness::resolve_suite(&suite)
+            .with_context(|| format!("--eval-suite {}", r.eval_suite.join(",")))?;
     }
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();

@@ -64,19 +64,14 @@ fn eval_suite(run: &RunArgs, base: Option<PathBuf>, run_dir: &Path, output: &Pat
     let args = EvalArgs {
         model,
         adapter,
-        tasks: run.eval_suite.clone(),
-        shots: Vec::new(),
-        limit: run.eval_suite_limit,
         out: Some(lmforge::outdir::entry(run_dir, "eval_suite")?),
-        overwrite: true,
-        chat: false,
         baseline: Some(base),
-        seed: 1234,
-        batch_tokens: 4096,
-        gen_batch: 16,
-        data_dir: run.eval_data_dir.clone(),
-        dequantize: false,
-        device: run.device.clone(),
+        ..EvalArgs::suite(
+            &run.eval_suite,
+            run.eval_suite_limit,
+            &run.eval_data_dir,
+            &run.device,
+        )
     };
     let (rs, b) = harness::run(&args)?;
     println!("{}", harness::markdown(&rs));

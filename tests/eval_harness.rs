@@ -7,7 +7,7 @@ mod common;
 
 use common::fixture;
 use lmforge::eval::loglik::{loglikelihoods, Opts, Request};
-use lmforge::eval::runners::{cut_at_stop, encode_pair, prefix_token};
+use lmforge::eval::runners::{cut_at_stop, encode, encode_pair, prefix_token};
 use lmforge::generate::{generate_batch_until, Sampling};
 use lmforge::model::hf;
 use serde_json::Value;
@@ -24,7 +24,7 @@ fn load(name: &str) -> hf::LoadedModel {
 #[test]
 fn loglikelihoods_match_lm_eval() {
     let r = refs();
-    for name in ["gpt2_tiny", "llama_tiny"] {
+    for name in ["gpt2_tiny", "llama_tiny", "eval/llama_bos"] {
         let m = load(name);
         let want = &r[name];
         assert_eq!(
@@ -157,11 +157,11 @@ fn contexts_longer_than_the_window_are_cut_from_the_left() {
 #[test]
 fn rolling_loglikelihood_matches_lm_eval() {
     let r = refs();
-    for name in ["gpt2_tiny", "llama_tiny"] {
+    for name in ["gpt2_tiny", "llama_tiny", "eval/llama_bos"] {
         let m = load(name);
         let p = prefix_token(&m).unwrap();
         for c in r[name]["rolling"].as_array().unwrap() {
-            let ids = m.tok.encode(c["text"].as_str().unwrap(), true).unwrap();
+            let ids = encode(&m, c["text"].as_str().unwrap()).unwrap();
             assert_eq!(ids.len() as u64, c["tokens"].as_u64().unwrap());
             let s = lmforge::eval::score::score_rolling(&m.model, &ids, p).unwrap();
             let got = -s.nll * s.tokens as f64;
@@ -178,7 +178,7 @@ fn rolling_loglikelihood_matches_lm_eval() {
 #[test]
 fn greedy_generation_until_stop_strings_matches_lm_eval() {
     let r = refs();
-    for name in ["gpt2_tiny", "llama_tiny"] {
+    for name in ["gpt2_tiny", "llama_tiny", "eval/llama_bos"] {
         let m = load(name);
         for c in r[name]["generate"].as_array().unwrap() {
             let until: Vec<String> = c["until"]
@@ -192,7 +192,7 @@ fn greedy_generation_until_stop_strings_matches_lm_eval() {
                 temperature: 0.0,
                 ..Sampling::default()
             };
-            let prompt = m.tok.encode(c["context"].as_str().unwrap(), true).unwrap();
+            let prompt = encode(&m, c["context"].as_str().unwrap()).unwrap();
             let stop = |_: usize, t: &[u32]| {
                 m.tok
                     .decode(t, true)

@@ -51,6 +51,36 @@ fn a_demonstration_is_never_the_evaluated_item() {
     let t = Task::resolve(&first, &d).unwrap();
     assert_eq!(t.shots(0, 3, 9).unwrap(), vec![1, 2, 3]);
     assert_eq!(t.shots(2, 3, 9).unwrap(), vec![0, 1, 3]);
+    // A duplicated row is the item too (lm-eval compares by value).
+    let mut dup = mc_items(4);
+    dup.push(dup[0].clone());
+    let p = write_task(&d, "mc_dup", MC, &dup);
+    let t = Task::resolve(&p, &d).unwrap();
+    assert_eq!(t.shots(0, 3, 1).unwrap().len(), 3);
+    for seed in 0..5 {
+        let s = t.shots(0, 3, seed).unwrap();
+        assert!(!s.contains(&0) && !s.contains(&4), "{s:?}");
+    }
+    assert!(t.shots(4, 4, 0).is_err(), "only 3 others exist");
+    // A field's string names a choice even when it is digits; a rendered one is an index.
+    let items = vec![serde_json::json!({"q": "pick", "choices": ["1", "2"], "gold": "2"})];
+    let p = write_task(&d, "mc_digits", MC, &items);
+    let t = Task::resolve(&p, &d).unwrap();
+    assert_eq!(
+        t.target(&t.items[0]).unwrap(),
+        lmforge::eval::task::Target::Index(1)
+    );
+    let p = write_task(
+        &d,
+        "mc_digits2",
+        &MC.replace("\"gold\"", "\"{{ gold }}\""),
+        &items,
+    );
+    let e = format!("{:#}", Task::resolve(&p, &d).unwrap_err());
+    assert!(
+        e.contains("not one of the"),
+        "rendered \"2\" is index 2 of 2 choices: {e}"
+    );
 }
 
 #[test]
@@ -134,10 +164,18 @@ fn eval_command_runs_every_kind_and_writes_results() {
         stdout.contains("BLEU signature: nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("+0.0000"),
-        "the baseline is the model itself: {stdout}"
-    );
+    // The baseline is the model itself: every change is zero.
+    let deltas: Vec<&str> = stdout
+        .split("Change from the baseline")
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| task"))
+        .collect();
+    assert!(deltas.len() >= 10, "{stdout}");
+    for l in &deltas {
+        assert!(l.trim_end().ends_with("| +0.0000 |"), "{l}");
+    }
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let res = r["results"].as_object().unwrap();
@@ -415,12 +453,27 @@ fn trainers_run_an_eval_suite_before_and_after() {
         "training on the suite's own text should lower its bits per byte: {before} -> {after}"
     );
     assert_eq!(r["adapter"], out.join("adapter").display().to_string());
-    // A broken suite fails before any training.
-    let bad = d.join("bad");
-    let a = args(&bad, "no_such_task");
-    let e = fails(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(e.contains("--eval-suite no_such_task"), "{e}");
-    assert!(!bad.join("adapter").exists());
+    // A broken suite fails before any training: an unknown task, demonstrations its pool cannot
+    // give, a limit of 0.
+    let shots = write_task(&d, "shots", &format!("{MC}num_fewshot = 5\n"), &mc_items(3));
+    for (suite, extra, want) in [
+        ("no_such_task", None, "no_such_task"),
+        (shots.as_str(), None, "pool has 2"),
+        (roll.as_str(), Some("0"), "--limit must be at least 1"),
+    ] {
+        let bad = d.join("bad");
+        let mut a = args(&bad, suite);
+        if let Some(l) = extra {
+            let i = a.iter().position(|x| x == "--eval-suite-limit").unwrap();
+            a[i + 1] = l.to_string();
+        }
+        let e = fails(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            e.contains("--eval-suite") && e.contains(want),
+            "{want}: {e}"
+        );
+        assert!(!bad.join("adapter").exists());
+    }
 }
 
 #[test]

@@ -43,16 +43,18 @@ pub fn run(env: &Env, task: &Task) -> Result<TaskResult> {
     }
     let scores: Vec<(f64, f64)> = match env.subject {
         Subject::Decoder(m) => {
-            let prefix = super::runners::prefix_token(m)?;
+            // lm-eval's `crows_pairs`: each sentence as a continuation of an empty context.
             let reqs = pairs
                 .iter()
                 .map(|(a, b, _)| {
+                    let (ca, a) = super::runners::encode_pair(m, "", a)?;
+                    let (cb, b) = super::runners::encode_pair(m, "", b)?;
+                    if ca != cb {
+                        anyhow::bail!("the pair's sentences start differently at the prefix token");
+                    }
                     Ok(Request {
-                        context: vec![prefix],
-                        continuations: vec![
-                            super::runners::encode(m, a)?,
-                            super::runners::encode(m, b)?,
-                        ],
+                        context: ca,
+                        continuations: vec![a, b],
                         prefix_len: 0,
                     })
                 })

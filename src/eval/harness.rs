@@ -53,7 +53,7 @@ pub struct EvalArgs {
     /// Rows decoded together by generative tasks.
     #[arg(long, default_value_t = 16)]
     pub gen_batch: usize,
-    /// Where built-in tasks find their data (scripts/fetch_eval_data.sh writes it).
+    /// Where built-in tasks find their data (scripts/fetch_eval_data.py writes it).
     #[arg(long, default_value = "data/eval")]
     pub data_dir: PathBuf,
     /// Decode GGUF weights to f32 instead of running their quantized blocks.
@@ -61,6 +61,30 @@ pub struct EvalArgs {
     pub dequantize: bool,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+impl EvalArgs {
+    /// A trainer's `--eval-suite`: these tasks with the defaults of `lmforge eval`; the model,
+    /// adapter, baseline and output are filled in once training has written its result.
+    pub fn suite(tasks: &[String], limit: Option<usize>, data_dir: &Path, device: &str) -> Self {
+        EvalArgs {
+            model: PathBuf::new(),
+            adapter: None,
+            tasks: tasks.to_vec(),
+            shots: Vec::new(),
+            limit,
+            out: None,
+            overwrite: true,
+            chat: false,
+            baseline: None,
+            seed: 1234,
+            batch_tokens: 4096,
+            gen_batch: 16,
+            data_dir: data_dir.to_path_buf(),
+            dequantize: false,
+            device: device.to_string(),
+        }
+    }
 }
 
 /// What is evaluated.
@@ -187,7 +211,7 @@ pub fn context(
         let mut msgs = Vec::new();
         let description = task.description(item)?;
         if !description.is_empty() {
-            msgs.push(Message::new("system", description.trim_end()));
+            msgs.push(Message::new("system", &description));
         }
         for j in shots {
             let d = task.shot_item(j);
@@ -282,10 +306,12 @@ fn shot_list(t: &Task, a: &EvalArgs) -> Vec<usize> {
         return vec![0];
     }
     if a.shots.is_empty() {
-        vec![t.num_fewshot]
-    } else {
-        a.shots.clone()
+        return vec![t.num_fewshot];
     }
+    let mut v = a.shots.clone();
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|k| seen.insert(*k));
+    v
 }
 
 /// `stat` of `times` bootstrap resamples of `n` items (indices drawn with replacement from a
@@ -325,7 +351,13 @@ fn model_hash(path: &Path) -> Result<String> {
     ))
 }
 
-fn results_json(model: &Path, a: &EvalArgs, tasks: &[Task], rs: &[TaskResult]) -> Result<Value> {
+/// results.json of one model (`adapter`: the adapter it ran with).
+fn results_json(
+    (model, adapter): (&Path, Option<&PathBuf>),
+    a: &EvalArgs,
+    tasks: &[Task],
+    rs: &[TaskResult],
+) -> Result<Value> {
     let mut per = serde_json::Map::new();
     for r in rs {
         let t = tasks.iter().find(|t| t.name == r.task);
@@ -352,7 +384,7 @@ fn results_json(model: &Path, a: &EvalArgs, tasks: &[Task], rs: &[TaskResult]) -
         "lmforge_version": env!("CARGO_PKG_VERSION"),
         "model": model.display().to_string(),
         "model_hash": model_hash(model)?,
-        "adapter": a.adapter.as_ref().map(|p| p.display().to_string()),
+        "adapter": adapter.map(|p| p.display().to_string()),
         "seed": a.seed, "limit": a.limit, "chat": a.chat,
         "results": per,
     }))
@@ -428,18 +460,9 @@ pub fn delta_table(base: &[TaskResult], model: &[TaskResult]) -> String {
     s
 }
 
-/// The `eval` command: load, run, write, print. Returns the model's (and baseline's) results.
-pub fn run(a: &EvalArgs) -> Result<(Vec<TaskResult>, Option<Vec<TaskResult>>)> {
-    if let Some(out) = &a.out {
-        crate::outdir::check(
-            out,
-            crate::outdir::Claim {
-                kind: "eval",
-                overwrite: a.overwrite,
-                resumable: false,
-            },
-        )?;
-    }
+/// The tasks of `a`, resolved and checked against its flags before any model loads: a run of
+/// many tasks (or the suite after hours of training) must not fail at its last one.
+pub fn resolve_suite(a: &EvalArgs) -> Result<Vec<Task>> {
     if a.batch_tokens == 0 || a.gen_batch == 0 || a.limit == Some(0) {
         bail!("--batch-tokens, --gen-batch and --limit must be at least 1");
     }
@@ -463,6 +486,22 @@ pub fn run(a: &EvalArgs) -> Result<(Vec<TaskResult>, Option<Vec<TaskResult>>)> {
             t.shots(0, k, a.seed)?;
         }
     }
+    Ok(tasks)
+}
+
+/// The `eval` command: load, run, write, print. Returns the model's (and baseline's) results.
+pub fn run(a: &EvalArgs) -> Result<(Vec<TaskResult>, Option<Vec<TaskResult>>)> {
+    if let Some(out) = &a.out {
+        crate::outdir::check(
+            out,
+            crate::outdir::Claim {
+                kind: "eval",
+                overwrite: a.overwrite,
+                resumable: false,
+            },
+        )?;
+    }
+    let tasks = resolve_suite(a)?;
     let dev = crate::device(&a.device)?;
     let base = match &a.baseline {
         Some(b) => {
@@ -475,9 +514,9 @@ pub fn run(a: &EvalArgs) -> Result<(Vec<TaskResult>, Option<Vec<TaskResult>>)> {
     let subject = Subject::load(&a.model, a.adapter.as_deref(), a.dequantize, &dev)?;
     let rs = run_suite(&subject, &tasks, a)?;
     if let Some(out) = &a.out {
-        let results = results_json(&a.model, a, &tasks, &rs)?;
+        let results = results_json((&a.model, a.adapter.as_ref()), a, &tasks, &rs)?;
         let baseline = match (&base, &a.baseline) {
-            (Some(b), Some(p)) => Some(results_json(p, a, &tasks, b)?),
+            (Some(b), Some(p)) => Some(results_json((p, None), a, &tasks, b)?),
             _ => None,
         };
         crate::outdir::write_output(out, "eval", |dir| {

@@ -192,7 +192,7 @@ pub fn loglikelihoods(
             // Each row also holds a copy of the cached prefix's keys and values: count them
             // (at a discount, they are not run through the layers) so memory stays bounded.
             let n = (o.batch_tokens / t)
-                .min(2 * o.batch_tokens / (t + p))
+                .min(o.batch_tokens.saturating_mul(2) / (t + p))
                 .clamp(1, 64)
                 .min(rows.len() - start);
             let batch = &rows[start..start + n];

@@ -5,6 +5,7 @@
 pub mod bias;
 pub mod bleu;
 pub mod harness;
+pub mod kinds;
 pub mod loglik;
 pub mod metrics;
 pub mod porter;

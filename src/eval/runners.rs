@@ -47,7 +47,7 @@ pub fn encode_pair(
     continuation: &str,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     if context.is_empty() {
-        return Ok((vec![prefix_token(m)?], encode(m, continuation)?));
+        return empty_context(m, continuation);
     }
     let trimmed = context.trim_end_matches(crate::eval::bleu::py_space);
     let (ctx, cont) = (
@@ -55,12 +55,23 @@ pub fn encode_pair(
         format!("{}{continuation}", &context[trimmed.len()..]),
     );
     if ctx.is_empty() {
-        return Ok((vec![prefix_token(m)?], encode(m, &cont)?));
+        return empty_context(m, &cont);
     }
     let whole = encode(m, &format!("{ctx}{cont}"))?;
     let c = encode(m, ctx)?;
     let n = c.len().min(whole.len());
     Ok((c, whole[n..].to_vec()))
+}
+
+/// lm-eval's empty context: the continuation without special tokens after the prefix token —
+/// or, when the continuation starts with that token itself, its first token as the context.
+fn empty_context(m: &LoadedModel, continuation: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let p = prefix_token(m)?;
+    let cont = m.tok.encode(continuation, false)?;
+    Ok(match cont.split_first() {
+        Some((&first, rest)) if first == p => (vec![first], rest.to_vec()),
+        _ => (vec![p], cont),
+    })
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {

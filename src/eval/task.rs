@@ -18,6 +18,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+use super::kinds::default_metrics;
+pub use super::kinds::{Kind, Metric};
+
 /// Built-in task files: (name, TOML source, the items when they ship with lmforge).
 pub const BUILTIN: &[(&str, &str, Option<&str>)] = &[
     ("mmlu", include_str!("../../tasks/mmlu.toml"), None),
@@ -44,77 +47,6 @@ pub const BUILTIN: &[(&str, &str, Option<&str>)] = &[
         Some(include_str!("../../tasks/bias_templates.jsonl")),
     ),
 ];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// Pick the choice with the highest log-likelihood after the context.
-    MultipleChoice,
-    /// Generate after the context, score the text against references.
-    Generate,
-    /// Log-likelihood of whole documents in the model's context windows.
-    Rolling,
-    /// A trained sequence-classification head (a `finetune` output) labels each text.
-    Classify,
-    /// Counterfactual sentence pairs: does the model prefer the stereotyped one?
-    Bias,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    Acc,
-    AccNorm,
-    AccBytes,
-    /// Exact string match after trimming (and the task's `ignore_case` / `ignore_punctuation`).
-    ExactMatch,
-    /// SQuAD v1.1's normalised exact match / token F1.
-    SquadEm,
-    SquadF1,
-    Bleu,
-    Chrf,
-    RougeL,
-    WordPerplexity,
-    BytePerplexity,
-    BitsPerByte,
-    MacroF1,
-    PctStereotype,
-    MeanAbsDelta,
-}
-
-impl Metric {
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Acc => "acc",
-            Metric::AccNorm => "acc_norm",
-            Metric::AccBytes => "acc_bytes",
-            Metric::ExactMatch => "exact_match",
-            Metric::SquadEm => "squad_em",
-            Metric::SquadF1 => "squad_f1",
-            Metric::Bleu => "bleu",
-            Metric::Chrf => "chrf",
-            Metric::RougeL => "rouge_l",
-            Metric::WordPerplexity => "word_perplexity",
-            Metric::BytePerplexity => "byte_perplexity",
-            Metric::BitsPerByte => "bits_per_byte",
-            Metric::MacroF1 => "macro_f1",
-            Metric::PctStereotype => "pct_stereotype",
-            Metric::MeanAbsDelta => "mean_abs_delta",
-        }
-    }
-
-    /// Whether this metric suits a task of `kind`.
-    fn fits(self, kind: Kind) -> bool {
-        use Metric::*;
-        match kind {
-            Kind::MultipleChoice => matches!(self, Acc | AccNorm | AccBytes | ExactMatch),
-            Kind::Generate => matches!(self, ExactMatch | SquadEm | SquadF1 | Bleu | Chrf | RougeL),
-            Kind::Rolling => matches!(self, WordPerplexity | BytePerplexity | BitsPerByte),
-            Kind::Classify => matches!(self, Acc | MacroF1),
-            Kind::Bias => matches!(self, PctStereotype | MeanAbsDelta),
-        }
-    }
-}
 
 /// A literal list, or the name of a field holding one.
 #[derive(Debug, Clone, Deserialize)]
@@ -407,7 +339,12 @@ impl Task {
                             self.file
                         )
                     }
-                    _ => {}
+                    Target::Index(i) => bail!(
+                        "{}: key `doc_to_target`: a {:?} task's target is text, not the index {i}",
+                        self.file,
+                        self.kind
+                    ),
+                    Target::Texts(_) => {}
                 }
             }
             Kind::Bias => {
@@ -471,7 +408,8 @@ impl Task {
             .doc_to_target
             .as_deref()
             .with_context(|| format!("{}: key `doc_to_target` is missing", self.file))?;
-        let v = if spec.contains("{{") {
+        let rendered = spec.contains("{{");
+        let v = if rendered {
             Value::String(self.render(spec, item, "doc_to_target")?)
         } else {
             item.get(spec).cloned().with_context(|| {
@@ -504,8 +442,9 @@ impl Task {
         if self.kind == Kind::MultipleChoice {
             let s = texts.first().cloned().unwrap_or_default();
             let choices = self.choices(item)?;
-            // lm-eval: a rendered target of digits is an index, else it names a choice.
-            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            // lm-eval: a rendered target of digits is an index, else it names a choice (a
+            // field's string always names a choice).
+            if rendered && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
                 if let Ok(i) = s.parse::<usize>() {
                     return Ok(Target::Index(i));
                 }
@@ -537,20 +476,25 @@ impl Task {
     /// itself when the pool is the evaluated data. `random`: a stream keyed by (seed, i), so an
     /// item's demonstrations do not depend on the order or subset evaluated.
     pub fn shots(&self, i: usize, k: usize, seed: u64) -> Result<Vec<usize>> {
-        let pool = self.fewshot.as_ref().map_or(self.items.len(), Vec::len);
-        let exclude = self.fewshot.is_none().then_some(i);
-        let avail = pool - usize::from(exclude.is_some_and(|e| e < pool));
-        if k > avail {
+        let pool = self.fewshot.as_ref().unwrap_or(&self.items);
+        // lm-eval drops demonstrations equal to the evaluated item (by value: a duplicated
+        // row cannot show its own answer either).
+        let item = self
+            .items
+            .get(i)
+            .with_context(|| format!("{}: no item {i}", self.file))?;
+        let candidates: Vec<usize> = (0..pool.len()).filter(|&j| pool[j] != *item).collect();
+        if k > candidates.len() {
             bail!(
-                "{}: {k} demonstrations asked for, the pool has {avail} (give fewshot_data or fewer --shots)",
-                self.file
+                "{}: {k} demonstrations asked for, the pool has {} (give fewshot_data or fewer --shots)",
+                self.file,
+                candidates.len()
             );
         }
-        let candidates = (0..pool).filter(|&j| Some(j) != exclude);
         Ok(match self.sampler {
-            Sampler::FirstN => candidates.take(k).collect(),
+            Sampler::FirstN => candidates.into_iter().take(k).collect(),
             Sampler::Random => {
-                let mut all: Vec<usize> = candidates.collect();
+                let mut all = candidates;
                 let mut rng = crate::rng::Rng::keyed(&[seed, 0xFE57, i as u64]);
                 // Partial Fisher–Yates: the first k are a uniform sample.
                 for a in 0..k {
@@ -587,20 +531,6 @@ impl Task {
             return Ok(self.description.clone());
         }
         self.render(&self.description, item, "description")
-    }
-}
-
-fn default_metrics(kind: Kind) -> Vec<Metric> {
-    match kind {
-        Kind::MultipleChoice => vec![Metric::Acc, Metric::AccNorm],
-        Kind::Generate => vec![Metric::ExactMatch],
-        Kind::Rolling => vec![
-            Metric::WordPerplexity,
-            Metric::BytePerplexity,
-            Metric::BitsPerByte,
-        ],
-        Kind::Classify => vec![Metric::Acc, Metric::MacroF1],
-        Kind::Bias => vec![Metric::PctStereotype, Metric::MeanAbsDelta],
     }
 }
 
