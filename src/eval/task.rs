@@ -42,6 +42,11 @@ pub const BUILTIN: &[(&str, &str, Option<&str>)] = &[
     ),
     ("winobias", include_str!("../../tasks/winobias.toml"), None),
     (
+        "stereoset",
+        include_str!("../../tasks/stereoset.toml"),
+        None,
+    ),
+    (
         "bias_templates",
         include_str!("../../tasks/bias_templates.toml"),
         Some(include_str!("../../tasks/bias_templates.jsonl")),
