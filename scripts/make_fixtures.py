@@ -226,6 +226,29 @@ def gguf_fixtures():
     save_file(deq, str(d / "quants_reference.safetensors"))
     print("gguf fixtures:", sorted(p.name for p in d.iterdir()))
 
+def save_peft_fixture(m, name, kind):
+    """Saves a peft model's adapter as tests/fixtures/peft/<name>_<kind> (base path made
+    relative) with reference.safetensors: the logits with the adapter on and off, the loss and
+    the gradient of every adapter weight."""
+    d = OUT / "peft" / f"{name}_{kind}"
+    d.mkdir(parents=True, exist_ok=True)
+    m.save_pretrained(d)
+    (d / "README.md").unlink(missing_ok=True)
+    c = json.load(open(d / "adapter_config.json"))
+    c["base_model_name_or_path"] = f"tests/fixtures/{name}"
+    json.dump(c, open(d / "adapter_config.json", "w"), indent=2)
+    ids = load_file(str(OUT / name / "reference.safetensors"))["input_ids"]
+    out = m(input_ids=ids, labels=ids)
+    out.loss.backward()
+    ref = {"input_ids": ids, "logits": out.logits.detach().contiguous(), "loss": out.loss.detach().reshape(1)}
+    with m.disable_adapter(), torch.no_grad():
+        ref["logits_base"] = m(input_ids=ids).logits.contiguous()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            ref["grad." + n.replace(".default", "")] = p.grad.detach().contiguous()
+    save_file(ref, str(d / "reference.safetensors"))
+    print("peft", name, kind, "params", sum(p.numel() for p in m.parameters() if p.requires_grad))
+
 def peft_fixtures():
     """LoRA adapters written by Python peft (random A and B, alpha != r) on llama_tiny and on
     gpt2_tiny (Conv1D layers: fan_in_fan_out), with logits with the adapter on and off, the loss,
@@ -238,24 +261,26 @@ def peft_fixtures():
         cfg = LoraConfig(r=4, lora_alpha=6, target_modules=targets, lora_dropout=0.0, init_lora_weights=False,
                          fan_in_fan_out=fan, task_type="CAUSAL_LM")
         m = get_peft_model(base, cfg).eval()
-        d = OUT / "peft" / f"{name}_lora"
-        d.mkdir(parents=True, exist_ok=True)
-        m.save_pretrained(d)
-        (d / "README.md").unlink(missing_ok=True)
-        c = json.load(open(d / "adapter_config.json"))
-        c["base_model_name_or_path"] = f"tests/fixtures/{name}"
-        json.dump(c, open(d / "adapter_config.json", "w"), indent=2)
-        ids = load_file(str(OUT / name / "reference.safetensors"))["input_ids"]
-        out = m(input_ids=ids, labels=ids)
-        out.loss.backward()
-        ref = {"input_ids": ids, "logits": out.logits.detach().contiguous(), "loss": out.loss.detach().reshape(1)}
-        with m.disable_adapter(), torch.no_grad():
-            ref["logits_base"] = m(input_ids=ids).logits.contiguous()
-        for n, p in m.named_parameters():
-            if p.requires_grad:
-                ref["grad." + n.replace(".default", "")] = p.grad.detach().contiguous()
-        save_file(ref, str(d / "reference.safetensors"))
-        print("peft", name, "lora params", sum(p.numel() for p in m.parameters() if p.requires_grad))
+        save_peft_fixture(m, name, "lora")
+
+def ia3_fixtures():
+    """IA³ adapters written by Python peft on llama_tiny (k_proj, v_proj, down_proj
+    feed-forward) and gpt2_tiny (c_attn, mlp.c_proj feed-forward; Conv1D), their vectors moved
+    off 1 so they change the model, with logits on and off, the loss and every vector's
+    gradient."""
+    from peft import IA3Config, get_peft_model
+    for name, cls, targets, ff, fan in [
+            ("llama_tiny", LlamaForCausalLM, ["k_proj", "v_proj", "down_proj"], ["down_proj"], False),
+            ("gpt2_tiny", GPT2LMHeadModel, ["c_attn", "mlp.c_proj"], ["mlp.c_proj"], True)]:
+        torch.manual_seed(7)
+        base = cls.from_pretrained(OUT / name, attn_implementation="eager").eval()
+        cfg = IA3Config(target_modules=targets, feedforward_modules=ff, fan_in_fan_out=fan, task_type="CAUSAL_LM")
+        m = get_peft_model(base, cfg).eval()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "ia3_l" in n:
+                    p.uniform_(0.5, 1.5)
+        save_peft_fixture(m, name, "ia3")
 
 def bert_fixture():
     """A tiny random BertForMaskedLM with a WordPiece tokenizer; reference: hidden states, MLM
@@ -310,5 +335,7 @@ if __name__ == "__main__":
         bert_fixture()
     elif sys.argv[1:] == ["peft"]:
         peft_fixtures()
+    elif sys.argv[1:] == ["ia3"]:
+        ia3_fixtures()
     else:
         main()

@@ -76,7 +76,8 @@ enum Cmd {
     /// RLAIF: a local judge model labels which of two responses is better (both orders,
     /// answer-token probabilities) and writes preference pairs.
     Label(lmforge::rlaif::LabelArgs),
-    /// Fold a LoRA adapter (PEFT directory) into its base model and write a plain HF directory.
+    /// Fold a LoRA or IA³ adapter (PEFT directory) into its base model and write a plain HF
+    /// directory.
     Merge(MergeArgs),
     /// Time full training steps on random tokens (compare with scripts/torch_reference.py).
     Bench(BenchCli),
@@ -118,7 +119,7 @@ struct MergeArgs {
     /// Base model: an HF directory or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
+    /// PEFT LoRA or IA³ directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     adapter: PathBuf,
     /// The HF directory to write: new or empty (or, with --overwrite, an earlier lmforge output).
@@ -366,15 +367,13 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             lmforge::outdir::check(&a.out, claim("merge", a.overwrite))?;
             let mut m = hf::load(&a.model, &lmforge::device("cpu")?, &|_| true)?;
             let switch = lmforge::peft::AdapterSwitch::default();
-            let lora = lmforge::peft::lora::load(&a.adapter, &mut m.model, &mut m.store, &switch)
+            let adapters = lmforge::peft::load(&a.adapter, &mut m.model, &mut m.store, &switch)
                 .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
-            lora.merge(&mut m.model, &m.store)?;
+            adapters.merge(&mut m.model, &m.store)?;
             hf::save_loaded(&a.out, &m)?;
             eprintln!(
-                "merged {} LoRA layers (r={}, alpha={}) into {}",
-                lora.modules.len(),
-                lora.cfg.r,
-                lora.cfg.alpha,
+                "merged{} into {}",
+                adapters.describe().trim_start_matches(','),
                 a.out.display()
             );
             Ok(ExitCode::SUCCESS)
@@ -537,7 +536,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let mut m = hf::load_with_blocks(&a.model, &dev, &|_| true, !a.dequantize)?;
     if let Some(dir) = &a.adapter {
         let switch = lmforge::peft::AdapterSwitch::default();
-        lmforge::peft::lora::load(dir, &mut m.model, &mut m.store, &switch)
+        lmforge::peft::load(dir, &mut m.model, &mut m.store, &switch)
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         if let Some(t) = lmforge::chat::template_from_dir(dir)? {
             m.chat_template = Some(t);

@@ -5,27 +5,18 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use lmforge::losses::cross_entropy;
 use lmforge::model::hf;
 
 fn check(name: &str, frozen: &dyn Fn(&str) -> bool) {
     let m = hf::load_dir(&fixture(name), &Device::Cpu, frozen).unwrap();
     let r = reference(name);
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
-    let (b, t) = ids.dims2().unwrap();
     let logits = m.model.forward(&ids).unwrap();
     let d = max_abs_diff(&logits, &r["logits"]);
     println!("{name}: max |logits - transformers| = {d:e}");
     assert!(d < 1e-4, "{name}: logits differ by {d}");
 
-    let v = m.model.cfg.vocab_size;
-    let pred = logits
-        .narrow(1, 0, t - 1)
-        .unwrap()
-        .reshape((b * (t - 1), v))
-        .unwrap();
-    let tgt = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
-    let loss = cross_entropy(&pred, &tgt).unwrap();
+    let loss = lm_loss(&logits, &ids);
     let ref_loss = r["loss"].to_vec1::<f32>().unwrap()[0];
     let l = loss.to_scalar::<f32>().unwrap();
     assert!(

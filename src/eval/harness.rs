@@ -140,7 +140,7 @@ impl Subject {
         let mut m = hf::load_with_blocks(path, dev, &|_| true, !dequantize)?;
         if let Some(dir) = adapter {
             let switch = crate::peft::AdapterSwitch::default();
-            crate::peft::lora::load(dir, &mut m.model, &mut m.store, &switch)
+            crate::peft::load(dir, &mut m.model, &mut m.store, &switch)
                 .with_context(|| format!("loading adapter {}", dir.display()))?;
             if let Some(t) = crate::chat::template_from_dir(dir)? {
                 m.chat_template = Some(t);

@@ -138,6 +138,30 @@ impl Linear {
         })
     }
 
+    /// The layer without its adapter: x (N, in) -> W·x + b (N, out), through the fused linear
+    /// kernel (no weight-gradient GEMM for a frozen weight). Multiplicative adapters (IA³)
+    /// wrap it.
+    pub fn base(&self, x2: &Tensor) -> Result<Tensor> {
+        let mut ts = vec![x2, &self.weight];
+        ts.extend(self.bias.as_ref());
+        Ok(
+            if self.weight.is_contiguous() && crate::kernels::fusable(&ts) {
+                crate::kernels::linear::linear_bias(
+                    x2,
+                    &self.weight,
+                    self.bias.as_ref(),
+                    self.layout,
+                )?
+            } else {
+                let y = x2.matmul(&self.weight_in_out()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            },
+        )
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // (..., in) -> (N, in) @ (in, out) -> (..., out)
         let dims = x.dims().to_vec();
@@ -161,17 +185,7 @@ impl Linear {
                 return Ok(y.reshape(out)?);
             }
         }
-        let mut ts = vec![&x2, &self.weight];
-        ts.extend(self.bias.as_ref());
-        let y = if self.weight.is_contiguous() && crate::kernels::fusable(&ts) {
-            crate::kernels::linear::linear_bias(&x2, &self.weight, self.bias.as_ref(), self.layout)?
-        } else {
-            let y = x2.matmul(&self.weight_in_out()?)?;
-            match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            }
-        };
+        let y = self.base(&x2)?;
         let y = match self.adapter.as_ref().map(|a| a.delta(&x2)).transpose()? {
             Some(Some(d)) => (y + d)?,
             _ => y,

@@ -51,7 +51,7 @@ impl Targets {
         Ok(Targets::Names(names))
     }
 
-    fn matches(&self, module: &str) -> bool {
+    pub(crate) fn matches(&self, module: &str) -> bool {
         match self {
             Targets::AllLinear => module != "lm_head",
             Targets::Names(ns) => ns
@@ -211,7 +211,7 @@ pub struct Lora {
 }
 
 /// Every linear layer's name, for error messages that list what a target could have been.
-fn available(names: &[String]) -> String {
+pub(crate) fn available(names: &[String]) -> String {
     let mut short: Vec<String> = names
         .iter()
         .map(|l| l.rsplit('.').next().unwrap_or(l).to_string())
@@ -366,27 +366,7 @@ impl Lora {
             &dir.join("adapter_config.json"),
             &self.config_json(base, head),
         )?;
-        // PEFT's matching: a module whose path is, or ends with, a listed name.
-        let saved = |name: &str| {
-            head.modules
-                .iter()
-                .any(|m| name.starts_with(&format!("{m}.")) || name.contains(&format!(".{m}.")))
-        };
-        let tensors: Vec<(String, Tensor)> = store
-            .params()
-            .iter()
-            .filter_map(|p| {
-                let name = if p.kind == ParamKind::Adapter {
-                    p.name.clone()
-                } else if saved(&p.name) {
-                    format!("base_model.model.{}", p.name)
-                } else {
-                    return None;
-                };
-                Some((name, p.var.as_detached_tensor()))
-            })
-            .collect();
-        save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
+        save_adapter_tensors(store, head, dir)
     }
 
     /// A complete causal-LM PEFT adapter directory, written atomically.
@@ -429,6 +409,32 @@ impl Lora {
         }
         Ok(())
     }
+}
+
+/// Writes `dir/adapter_model.safetensors`: every adapter parameter under its PEFT name (the
+/// store's), and the parameters of `head.modules` under `base_model.model.<name>`.
+pub(crate) fn save_adapter_tensors(store: &ParamStore, head: &Head, dir: &Path) -> Result<()> {
+    // PEFT's matching: a module whose path is, or ends with, a listed name.
+    let saved = |name: &str| {
+        head.modules
+            .iter()
+            .any(|m| name.starts_with(&format!("{m}.")) || name.contains(&format!(".{m}.")))
+    };
+    let tensors: Vec<(String, Tensor)> = store
+        .params()
+        .iter()
+        .filter_map(|p| {
+            let name = if p.kind == ParamKind::Adapter {
+                p.name.clone()
+            } else if saved(&p.name) {
+                format!("base_model.model.{}", p.name)
+            } else {
+                return None;
+            };
+            Some((name, p.var.as_detached_tensor()))
+        })
+        .collect();
+    save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
 }
 
 /// Reads a PEFT LoRA directory's `adapter_config.json` (causal LM: no `modules_to_save`).

@@ -6,10 +6,13 @@
 //! `AdapterSwitch::set_enabled(false)` turns every adapter off at once: the same model is then
 //! the base model, which DPO and PPO use as their reference.
 
+pub mod ia3;
 pub mod lora;
 
+use crate::model::{DecoderModel, ParamStore};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -49,6 +52,7 @@ impl AdapterSwitch {
 #[serde(rename_all = "lowercase")]
 pub enum PeftKind {
     Lora,
+    Ia3,
 }
 
 /// The PEFT options of every fine-tuning method: flags and the `[peft]` config section.
@@ -64,9 +68,14 @@ pub struct PeftArgs {
     pub lora_alpha: f64,
     #[arg(long, default_value_t = 0.05)]
     pub lora_dropout: f32,
-    /// Comma-separated module names (q_proj,v_proj) or all-linear.
+    /// Comma-separated module names (q_proj,v_proj) or all-linear (IA³: the architecture's
+    /// keys, values and down projection, as PEFT).
     #[arg(long, default_value = "all-linear")]
     pub target_modules: String,
+    /// IA³: the targets whose input, not output, is rescaled (all-linear: the MLP's down
+    /// projection).
+    #[arg(long, default_value = "all-linear")]
+    pub feedforward_modules: String,
     /// LoRA scaling α/√r instead of α/r.
     #[arg(long)]
     pub use_rslora: bool,
@@ -87,21 +96,132 @@ impl PeftArgs {
         }
     }
 
-    /// The LoRA configuration, or None for a full fine-tune.
+    /// The LoRA configuration, or None for a full fine-tune; other methods are refused (the
+    /// trainers that take them use `config`).
     pub fn lora(&self) -> Result<Option<lora::LoraConfig>> {
+        match self.config()? {
+            None => Ok(None),
+            Some(PeftConfig::Lora(c)) => Ok(Some(c)),
+            Some(other) => bail!(
+                "--peft {}: this command supports LoRA only so far",
+                other.name()
+            ),
+        }
+    }
+
+    /// The method's configuration, or None for a full fine-tune.
+    pub fn config(&self) -> Result<Option<PeftConfig>> {
         let cfg = match self.method {
-            Some(PeftKind::Lora) => Some(lora::LoraConfig {
+            Some(PeftKind::Lora) => Some(PeftConfig::Lora(lora::LoraConfig {
                 r: self.lora_r,
                 alpha: self.lora_alpha,
                 dropout: self.lora_dropout,
                 targets: lora::Targets::parse(&self.target_modules)?,
                 use_rslora: self.use_rslora,
-            }),
+            })),
+            Some(PeftKind::Ia3) => Some(PeftConfig::Ia3(ia3::Ia3Config::new(
+                lora::Targets::parse(&self.target_modules)?,
+                lora::Targets::parse(&self.feedforward_modules)?,
+            ))),
             None => None,
         };
         if self.merge && cfg.is_none() {
-            bail!("peft.merge (--merge) needs peft.method = \"lora\" (--peft lora)");
+            bail!("peft.merge (--merge) needs a PEFT method (--peft lora|ia3)");
         }
         Ok(cfg)
+    }
+}
+
+/// A PEFT method's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeftConfig {
+    Lora(lora::LoraConfig),
+    Ia3(ia3::Ia3Config),
+}
+
+impl PeftConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeftConfig::Lora(_) => "lora",
+            PeftConfig::Ia3(_) => "ia3",
+        }
+    }
+}
+
+/// The adapters attached to a model, whichever the method.
+pub enum Adapters {
+    Lora(lora::Lora),
+    Ia3(ia3::Ia3),
+}
+
+impl Adapters {
+    /// Attaches `cfg`'s adapters to a decoder (fresh: LoRA's A from `seed`, IA³'s vectors at 1).
+    pub fn attach(
+        model: &mut DecoderModel,
+        store: &mut ParamStore,
+        cfg: &PeftConfig,
+        seed: u64,
+        switch: &AdapterSwitch,
+    ) -> Result<Self> {
+        Ok(match cfg {
+            PeftConfig::Lora(c) => {
+                Adapters::Lora(lora::attach(model, store, c, None, seed, switch)?)
+            }
+            PeftConfig::Ia3(c) => {
+                Adapters::Ia3(ia3::attach_to(model.linears_mut(), store, c, None, switch)?)
+            }
+        })
+    }
+
+    /// ", LoRA r=8 on 28 layers" for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Adapters::Lora(a) => format!(", LoRA r={} on {} layers", a.cfg.r, a.modules.len()),
+            Adapters::Ia3(a) => format!(
+                ", IA³ on {} layers ({} feed-forward)",
+                a.modules.len(),
+                a.modules.iter().filter(|(_, f)| *f).count()
+            ),
+        }
+    }
+
+    /// The PEFT directory's files (`adapter_config.json`, `adapter_model.safetensors`).
+    pub fn write_files(
+        &self,
+        dir: &Path,
+        store: &ParamStore,
+        base: &str,
+        head: &lora::Head,
+    ) -> Result<()> {
+        match self {
+            Adapters::Lora(a) => a.write_files(dir, store, base, head),
+            Adapters::Ia3(a) => a.write_files(dir, store, base, head),
+        }
+    }
+
+    /// Folds the adapters into the base weights (the model is then a plain model).
+    pub fn merge(&self, model: &mut DecoderModel, store: &ParamStore) -> Result<()> {
+        match self {
+            Adapters::Lora(a) => a.merge(model, store),
+            Adapters::Ia3(a) => a.merge(model, store),
+        }
+    }
+}
+
+/// Loads a PEFT adapter directory onto a decoder, the method read from its
+/// `adapter_config.json` (`peft_type`).
+pub fn load(
+    dir: &Path,
+    model: &mut DecoderModel,
+    store: &mut ParamStore,
+    switch: &AdapterSwitch,
+) -> Result<Adapters> {
+    let path = dir.join("adapter_config.json");
+    let text = crate::input::read_text(&path, crate::input::MAX_CONFIG_BYTES)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+    match v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("") {
+        "IA3" => Ok(Adapters::Ia3(ia3::load(dir, &v, model, store, switch)?)),
+        _ => Ok(Adapters::Lora(lora::load(dir, model, store, switch)?)),
     }
 }

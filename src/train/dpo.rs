@@ -378,7 +378,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
     let cfg = o.train.resolve(&o.train_defaults())?;
     let params = o.params();
     params.check(o.loss)?;
-    let lora_cfg = o.peft.lora()?;
+    let lora_cfg = o.peft.config()?;
     let model_path = o
         .model
         .clone()
@@ -466,7 +466,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
         score_text_ids(&p.m.model, ids)
     })?;
     if let Some(c) = &lora_cfg {
-        p.attach_lora(c, cfg.seed)?;
+        p.attach_peft(c, cfg.seed)?;
     }
     ctl.say(&p.describe());
     let reference = if o.loss.needs_reference() {

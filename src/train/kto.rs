@@ -276,7 +276,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
         cache: o.ref_cache.as_deref(),
     };
     plan.check()?;
-    let lora_cfg = o.peft.lora()?;
+    let lora_cfg = o.peft.config()?;
     let model_path = o
         .model
         .clone()
@@ -341,7 +341,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
         score_text_ids(&p.m.model, ids)
     })?;
     if let Some(c) = &lora_cfg {
-        p.attach_lora(c, cfg.seed)?;
+        p.attach_peft(c, cfg.seed)?;
     }
     ctl.say(&p.describe());
     let seqs: Vec<&Tokenized> = data.iter().map(|d| &d.seq).chain(&mismatched).collect();

@@ -6,8 +6,8 @@
 use crate::chat::ChatTemplate;
 use crate::model::hf;
 use crate::outdir::{self, write_output};
-use crate::peft::lora::{self, Lora, LoraConfig};
-use crate::peft::AdapterSwitch;
+use crate::peft::lora;
+use crate::peft::{AdapterSwitch, Adapters, PeftConfig};
 use crate::train::engine::Control;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub struct Policy {
     pub m: hf::LoadedModel,
     pub switch: AdapterSwitch,
-    pub adapters: Option<Lora>,
+    pub adapters: Option<Adapters>,
     /// The template used (the model's own, `--chat-template`, or none).
     pub template: Option<String>,
     pub model_path: PathBuf,
@@ -71,12 +71,12 @@ impl Policy {
         self.m.eos_ids.first().copied().or(self.m.tok.eos_id)
     }
 
-    pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
-        let a = lora::attach(
+    /// Attaches the PEFT method's adapters (the base was loaded frozen).
+    pub fn attach_peft(&mut self, cfg: &PeftConfig, seed: u64) -> Result<()> {
+        let a = Adapters::attach(
             &mut self.m.model,
             &mut self.m.store,
             cfg,
-            None,
             seed,
             &self.switch,
         )?;
@@ -90,10 +90,9 @@ impl Policy {
         format!(
             "trainable parameters: {t} of {n} ({:.3}%){}",
             100.0 * t as f64 / n as f64,
-            match &self.adapters {
-                Some(a) => format!(", LoRA r={} on {} layers", a.cfg.r, a.modules.len()),
-                None => String::new(),
-            }
+            self.adapters
+                .as_ref()
+                .map_or(String::new(), Adapters::describe)
         )
     }
 

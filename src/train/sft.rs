@@ -129,7 +129,7 @@ impl Method for Sft {
 
 pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     let cfg = o.train.resolve(&o.train_defaults())?;
-    let lora_cfg = o.peft.lora()?;
+    let lora_cfg = o.peft.config()?;
     let model_path = o
         .model
         .clone()
@@ -187,7 +187,7 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
 
     // 4. Adapters.
     if let Some(c) = &lora_cfg {
-        p.attach_lora(c, cfg.seed)?;
+        p.attach_peft(c, cfg.seed)?;
     }
     let (trainable, total) = (p.m.store.num_trainable(), p.m.store.num_params());
     ctl.say(&p.describe());

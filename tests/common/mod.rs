@@ -215,3 +215,51 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Next-token cross-entropy of logits (B, T, V) on ids (B, T): the loss the reference
+/// fixtures' gradients are of.
+pub fn lm_loss(logits: &Tensor, ids: &Tensor) -> Tensor {
+    let (b, t) = ids.dims2().unwrap();
+    let v = logits.dim(2).unwrap();
+    let pred = logits
+        .narrow(1, 0, t - 1)
+        .unwrap()
+        .reshape((b * (t - 1), v))
+        .unwrap();
+    let tgt = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
+    lmforge::losses::cross_entropy(&pred, &tgt).unwrap()
+}
+
+/// Every parameter `compared` selects has the reference's gradient (`grad.<name>`, relative
+/// 2e-4) and every reference gradient was compared; the others got none (frozen).
+pub fn check_grads(
+    store: &lmforge::model::ParamStore,
+    grads: &lmforge::model::params::Grads,
+    r: &HashMap<String, Tensor>,
+    label: &str,
+    compared: impl Fn(&lmforge::model::params::Param) -> bool,
+) {
+    let mut n = 0;
+    for (p, g) in store.params().iter().zip(&grads.0) {
+        if !compared(p) {
+            assert!(g.is_none(), "{label}: frozen {} got a gradient", p.name);
+            continue;
+        }
+        let want = &r[&format!("grad.{}", p.name)];
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|| panic!("{label}: {} got no gradient", p.name));
+        let d = max_abs_diff(g, want);
+        assert!(
+            d <= 2e-4 * max_abs(want).max(1e-3) + 1e-7,
+            "{label}: gradient of {} differs by {d}",
+            p.name
+        );
+        n += 1;
+    }
+    assert_eq!(
+        n,
+        r.keys().filter(|k| k.starts_with("grad.")).count(),
+        "{label}"
+    );
+}

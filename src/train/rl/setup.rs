@@ -194,7 +194,7 @@ pub fn run<A: Algo, O: Serialize>(
             "temperature 0 (greedy) gives a rollout nothing to compare: use a positive temperature"
         );
     }
-    let lora_cfg = c.peft.lora()?;
+    let lora_cfg = c.peft.config()?;
     let files = RunFiles::create(&ctl, out, opts, command)?;
     let run_dir = files.run_dir.clone();
 
@@ -240,7 +240,7 @@ pub fn run<A: Algo, O: Serialize>(
 
     // 2. Adapters, value head, reference.
     if let Some(lc) = &lora_cfg {
-        p.attach_lora(lc, cfg.seed)?;
+        p.attach_peft(lc, cfg.seed)?;
     }
     let value_head = if algo.value_head() {
         let h = p.m.model.cfg.hidden_size;

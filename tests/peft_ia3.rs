@@ -1,0 +1,181 @@
+//! IA³ against Python peft (adapters written by `scripts/make_fixtures.py ia3`): logits with the
+//! vectors on and off, the loss and every vector's gradient, no gradient for the frozen base; a
+//! fresh adapter is the base exactly; merged = unmerged; save → load round trip; `sft --peft
+//! ia3`, `generate --adapter` and `merge` on its output.
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use lmforge::model::hf;
+use lmforge::model::params::ParamKind;
+use lmforge::peft::ia3::Ia3Config;
+use lmforge::peft::lora::{Head, Targets};
+use lmforge::peft::{AdapterSwitch, Adapters, PeftConfig};
+
+fn loss_of(m: &hf::LoadedModel, ids: &Tensor) -> (Tensor, Tensor) {
+    let logits = m.model.forward(ids).unwrap();
+    let loss = lm_loss(&logits, ids);
+    (logits, loss)
+}
+
+#[test]
+fn ia3_matches_python_peft_logits_and_gradients() {
+    for base in ["llama_tiny", "gpt2_tiny"] {
+        let dir = fixture(&format!("peft/{base}_ia3"));
+        let r = reference(&format!("peft/{base}_ia3"));
+        let mut m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
+        let switch = AdapterSwitch::default();
+        let a = lmforge::peft::load(&dir, &mut m.model, &mut m.store, &switch).unwrap();
+        assert!(matches!(a, Adapters::Ia3(_)));
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let (logits, loss) = loss_of(&m, &ids);
+        let d = max_abs_diff(&logits, &r["logits"]);
+        assert!(d < 1e-4, "{base}: logits differ from peft by {d}");
+        assert!(
+            max_abs_diff(&r["logits"], &r["logits_base"]) > 1e-3,
+            "{base}: the fixture changes nothing"
+        );
+        let want = r["loss"].to_vec1::<f32>().unwrap()[0];
+        assert!((loss.to_scalar::<f32>().unwrap() - want).abs() < 1e-5);
+        let grads = m.store.grads(&loss.backward().unwrap());
+        check_grads(&m.store, &grads, &r, base, |p| p.kind == ParamKind::Adapter);
+        switch.set_enabled(false);
+        let d0 = max_abs_diff(&m.model.forward(&ids).unwrap(), &r["logits_base"]);
+        assert!(
+            d0 < 1e-4,
+            "{base}: vectors off differ from the base by {d0}"
+        );
+    }
+}
+
+#[test]
+fn fresh_ia3_is_the_base_and_merge_and_round_trip_agree() {
+    for base in ["llama_tiny", "gpt2_tiny"] {
+        let ids = reference(base)["input_ids"].to_dtype(DType::U32).unwrap();
+        let plain = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
+        let want = plain.model.forward(&ids).unwrap();
+        let mut m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
+        let cfg = PeftConfig::Ia3(Ia3Config::new(Targets::AllLinear, Targets::AllLinear));
+        let switch = AdapterSwitch::default();
+        let a = Adapters::attach(&mut m.model, &mut m.store, &cfg, 0, &switch).unwrap();
+        assert_eq!(
+            max_abs_diff(&m.model.forward(&ids).unwrap(), &want),
+            0.0,
+            "{base}"
+        );
+        // The PEFT adapter: saved and loaded back, then merged.
+        let mut m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
+        let a2 = lmforge::peft::load(
+            &fixture(&format!("peft/{base}_ia3")),
+            &mut m.model,
+            &mut m.store,
+            &switch,
+        )
+        .unwrap();
+        let adapted = m.model.forward(&ids).unwrap();
+        let d = tmpdir(&format!("ia3_{base}"));
+        a2.write_files(&d, &m.store, "base", &Head::causal_lm())
+            .unwrap();
+        let cfgj: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfgj["peft_type"], "IA3");
+        assert!(!cfgj["feedforward_modules"].as_array().unwrap().is_empty());
+        let mut m2 = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
+        lmforge::peft::load(&d, &mut m2.model, &mut m2.store, &switch).unwrap();
+        assert_eq!(
+            max_abs_diff(&m2.model.forward(&ids).unwrap(), &adapted),
+            0.0,
+            "{base}: round trip"
+        );
+        a2.merge(&mut m.model, &m.store).unwrap();
+        let merged = m.model.forward(&ids).unwrap();
+        let dm = max_abs_diff(&merged, &adapted);
+        assert!(dm < 1e-4, "{base}: merged differs from unmerged by {dm}");
+        drop(a);
+    }
+}
+
+#[test]
+fn sft_with_ia3_trains_saves_generates_and_merges() {
+    let d = tmpdir("ia3_cli");
+    let data = d.join("train.jsonl");
+    let rows: Vec<serde_json::Value> = (0..8)
+        .map(|i| serde_json::json!({"prompt": format!("Q: {i}?\nA:"), "completion": " yes"}))
+        .collect();
+    write_jsonl(&data, &rows);
+    let base = fixture("llama_tiny");
+    let out = d.join("run");
+    let err = ok(&[
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--peft",
+        "ia3",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--lr",
+        "5e-2",
+    ]);
+    assert!(err.contains("IA³ on 6 layers (2 feed-forward)"), "{err}");
+    let adapter = out.join("adapter");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "IA3");
+    let merged = d.join("merged");
+    ok(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--prompt",
+            "Q: 3?\nA:",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+        ];
+        a.extend_from_slice(extra);
+        let o = lmforge(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let with = gen(&[
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    assert_eq!(with, gen(&["--model", merged.to_str().unwrap()]));
+    // Commands that do not support IA³ yet say so.
+    let (tr, _) = classify_data(&d);
+    let e = fails(&[
+        "finetune",
+        "--task",
+        "classify",
+        "--model",
+        fixture("bert_tiny").to_str().unwrap(),
+        "--data",
+        &tr,
+        "--out",
+        d.join("ft").to_str().unwrap(),
+        "--peft",
+        "ia3",
+    ]);
+    assert!(e.contains("--peft ia3") && e.contains("LoRA only"), "{e}");
+}
