@@ -245,7 +245,8 @@ def save_peft_fixture(m, name, kind):
         ref["logits_base"] = m(input_ids=ids).logits.contiguous()
     for n, p in m.named_parameters():
         if p.requires_grad:
-            ref["grad." + n.replace(".default", "")] = p.grad.detach().contiguous()
+            key = n.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+            ref["grad." + key] = p.grad.detach().contiguous()
     save_file(ref, str(d / "reference.safetensors"))
     print("peft", name, kind, "params", sum(p.numel() for p in m.parameters() if p.requires_grad))
 
@@ -281,6 +282,23 @@ def ia3_fixtures():
                 if "ia3_l" in n:
                     p.uniform_(0.5, 1.5)
         save_peft_fixture(m, name, "ia3")
+
+def dora_fixtures():
+    """DoRA (LoRA with use_dora) adapters written by Python peft on llama_tiny and gpt2_tiny
+    (Conv1D): random A and B, magnitudes moved off their initial norms."""
+    from peft import LoraConfig, get_peft_model
+    for name, cls, targets, fan in [("llama_tiny", LlamaForCausalLM, ["q_proj", "v_proj", "down_proj"], False),
+                                    ("gpt2_tiny", GPT2LMHeadModel, ["c_attn", "c_fc"], True)]:
+        torch.manual_seed(11)
+        base = cls.from_pretrained(OUT / name, attn_implementation="eager").eval()
+        cfg = LoraConfig(r=4, lora_alpha=6, target_modules=targets, lora_dropout=0.0, init_lora_weights=False,
+                         fan_in_fan_out=fan, use_dora=True, task_type="CAUSAL_LM")
+        m = get_peft_model(base, cfg).eval()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.mul_(torch.empty_like(p).uniform_(0.8, 1.2))
+        save_peft_fixture(m, name, "dora")
 
 def bert_fixture():
     """A tiny random BertForMaskedLM with a WordPiece tokenizer; reference: hidden states, MLM
@@ -337,5 +355,7 @@ if __name__ == "__main__":
         peft_fixtures()
     elif sys.argv[1:] == ["ia3"]:
         ia3_fixtures()
+    elif sys.argv[1:] == ["dora"]:
+        dora_fixtures()
     else:
         main()

@@ -68,6 +68,7 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
             dropout: 0.0,
             targets: crate::peft::lora::Targets::AllLinear,
             use_rslora: false,
+            use_dora: false,
         };
         let sw = crate::peft::AdapterSwitch::default();
         crate::peft::lora::attach(&mut model, &mut store, &c, None, 0, &sw)?;

@@ -62,6 +62,7 @@ fn cfg(r: usize, alpha: f64, targets: &str) -> LoraConfig {
         dropout: 0.0,
         targets: Targets::parse(targets).unwrap(),
         use_rslora: false,
+        use_dora: false,
     }
 }
 
@@ -200,12 +201,12 @@ fn bad_targets_and_configs_are_named() {
     let d = tmpdir("peft_bad_cfg");
     std::fs::write(
         d.join("adapter_config.json"),
-        r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"use_dora":true}"#,
+        r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"lora_bias":true}"#,
     )
     .unwrap();
     let e = format!("{:#}", lora::read_config(&d).unwrap_err());
     assert!(
-        e.contains("use_dora") && e.contains("adapter_config.json"),
+        e.contains("lora_bias") && e.contains("adapter_config.json"),
         "{e}"
     );
     std::fs::write(

@@ -9,6 +9,13 @@
 //! parameter store *is* the adapter file. Merging folds s·B·A into W₀ (transposed for GPT-2's
 //! Conv1D layout, PEFT's `fan_in_fan_out`).
 //!
+//! DoRA (Liu et al. 2024, `use_dora`): the adapted weight is split into a direction and a learned
+//! magnitude m ∈ ℝ^out,  h = m ⊙ (W₀ + s·B·A)x / ‖W₀ + s·B·A‖_row + b,  m starting at the row
+//! norms of W₀ (so training starts at the base model). As PEFT (and the paper, §4.3), the norm is
+//! treated as a constant in the backward; it is computed from W₀'s row norms, W₀·Aᵀ and A·Aᵀ
+//! without forming W₀ + s·B·A. The base + adapter product stays the fused LoRA op; the
+//! rescaling is element-wise. Saved as PEFT's `lora_magnitude_vector`.
+//!
 //! Deviation: dropout masks come from lmforge's keyed RNG (reproducible per step), not torch's.
 
 use super::AdapterSwitch;
@@ -75,6 +82,8 @@ pub struct LoraConfig {
     pub dropout: f32,
     pub targets: Targets,
     pub use_rslora: bool,
+    /// DoRA: a learned magnitude per output row.
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -104,12 +113,26 @@ pub fn key_a(module: &str) -> String {
 pub fn key_b(module: &str) -> String {
     format!("base_model.model.{module}.lora_B.weight")
 }
+pub fn key_m(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
+}
+
+/// A layer's weight as (out, in), detached, whatever its layout.
+fn out_in(lin: &Linear) -> Result<Tensor> {
+    Ok(match lin.layout {
+        Layout::OutIn => lin.weight.detach(),
+        Layout::InOut => lin.weight.detach().t()?,
+    })
+}
 
 /// One adapted layer.
 #[derive(Clone)]
 struct Layer {
     a: Tensor,
     b: Tensor,
+    /// DoRA's magnitude (1, out) and ‖W₀‖²_row (out): the frozen part of the norm, once.
+    m: Option<Tensor>,
+    w_sq: Option<Tensor>,
     scale: f64,
     dropout: f32,
     key: u64,
@@ -133,12 +156,14 @@ impl LinearAdapter for Layer {
         std::sync::Arc::new(Layer {
             a: self.a.detach(),
             b: self.b.detach(),
+            m: self.m.as_ref().map(Tensor::detach),
             ..self.clone()
         })
     }
 
     fn delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if !self.switch.enabled() {
+        // DoRA rescales the whole output: `fused` computes it.
+        if !self.switch.enabled() || self.m.is_some() {
             return Ok(None);
         }
         let x = match self.dropout_spec() {
@@ -153,10 +178,23 @@ impl LinearAdapter for Layer {
     /// One op for base + adapter on the CPU when the base is frozen (`kernels::lora`): only the
     /// output is kept for the backward instead of base output, adapter output and their sum.
     fn fused(&self, lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.switch.enabled() {
+            return Ok(None);
+        }
+        if let (Some(m), Some(w_sq)) = (&self.m, &self.w_sq) {
+            return Ok(Some(self.dora(lin, x, m, w_sq)?));
+        }
+        self.base_plus_adapter(lin, x)
+    }
+}
+
+impl Layer {
+    /// W₀x + b + s·B·A·dropout(x) as the fused op, when it applies.
+    fn base_plus_adapter(&self, lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
         let frozen = !lin.weight.track_op() && lin.bias.as_ref().is_none_or(|b| !b.track_op());
         let mut ts = vec![x, &lin.weight, &self.a, &self.b];
         ts.extend(lin.bias.as_ref());
-        if !self.switch.enabled() || !frozen || !crate::kernels::fusable(&ts) {
+        if !frozen || !crate::kernels::fusable(&ts) {
             return Ok(None);
         }
         let op = crate::kernels::lora::LoraLinear {
@@ -167,6 +205,36 @@ impl LinearAdapter for Layer {
             dropout: self.dropout_spec(),
         };
         Ok(Some(x.contiguous()?.apply_op3(&self.a, &self.b, op)?))
+    }
+
+    /// DoRA: m/‖W₀ + s·B·A‖ (norm held constant) times the adapted product, plus the bias.
+    fn dora(&self, lin: &Linear, x: &Tensor, m: &Tensor, w_sq: &Tensor) -> Result<Tensor> {
+        let w = out_in(lin)?; // (out, in)
+        let (a, b) = (self.a.detach(), self.b.detach());
+        // ‖w_i + s·b_i·A‖² = ‖w_i‖² + 2s·(w_i·Aᵀ)·b_i + s²·b_i·(A·Aᵀ)·b_i
+        let wa = w.matmul(&a.t()?)?; // (out, r)
+        let aat = a.matmul(&a.t()?)?; // (r, r)
+        let sq = ((w_sq + ((wa * &b)?.sum(1)? * (2.0 * self.scale))?)?
+            + ((b.matmul(&aat)? * &b)?.sum(1)? * (self.scale * self.scale))?)?;
+        let g = m.broadcast_div(&sq.sqrt()?.unsqueeze(0)?)?; // (1, out)
+        let y = match self.base_plus_adapter(lin, x)? {
+            Some(y) => y,
+            None => {
+                let xd = match self.dropout_spec() {
+                    Some((p, key)) => dropout(x, p, key)?,
+                    None => x.clone(),
+                };
+                let h = (xwt(&xd, &self.a)? * self.scale)?;
+                (lin.base(x)? + xwt(&h, &self.b)?)?
+            }
+        };
+        Ok(match &lin.bias {
+            Some(bias) => y
+                .broadcast_sub(bias)?
+                .broadcast_mul(&g)?
+                .broadcast_add(bias)?,
+            None => y.broadcast_mul(&g)?,
+        })
     }
 }
 
@@ -285,10 +353,35 @@ pub fn attach_to(
             Init::Zeros,
             true,
         )?;
+        let (m, w_sq) = if cfg.use_dora {
+            let k = key_m(&lin.name);
+            let t = store.add(
+                &src,
+                &k,
+                &[lin.out_dim],
+                ParamKind::Adapter,
+                Init::Ones,
+                true,
+            )?;
+            let w_sq = out_in(lin)?.sqr()?.sum(1)?;
+            if weights.is_none() {
+                // m starts at ‖W₀ + s·B·A‖_row = ‖W₀‖_row (B = 0): the base model.
+                store
+                    .get(&k)
+                    .context("the magnitude just created")?
+                    .var
+                    .set(&w_sq.sqrt()?)?;
+            }
+            (Some(t.reshape((1, lin.out_dim))?), Some(w_sq))
+        } else {
+            (None, None)
+        };
         fan_in_fan_out |= lin.layout == Layout::InOut;
         lin.adapter = Some(Arc::new(Layer {
             a,
             b,
+            m,
+            w_sq,
             scale: cfg.scale(),
             dropout: cfg.dropout,
             key: fnv1a(lin.name.as_bytes()),
@@ -347,7 +440,7 @@ impl Lora {
             "inference_mode": true,
             "init_lora_weights": true,
             "modules_to_save": if head.modules.is_empty() { Value::Null } else { json!(head.modules) },
-            "use_dora": false,
+            "use_dora": self.cfg.use_dora,
             "revision": null,
         })
     }
@@ -398,12 +491,19 @@ impl Lora {
             let a = var(&key_a(&lin.name))?.as_detached_tensor();
             let b = var(&key_b(&lin.name))?.as_detached_tensor();
             let delta = (b.matmul(&a)? * s)?; // (out, in)
-            let delta = match lin.layout {
-                Layout::OutIn => delta,
-                Layout::InOut => delta.t()?.contiguous()?,
-            };
             let w = var(&format!("{}.weight", lin.name))?;
-            w.set(&(w.as_detached_tensor() + delta)?)?;
+            let mut merged = (out_in(lin)? + delta)?; // (out, in)
+            if self.cfg.use_dora {
+                // W = m ⊙ (W₀ + s·B·A) / ‖W₀ + s·B·A‖_row
+                let m = var(&key_m(&lin.name))?.as_detached_tensor();
+                let norms = merged.sqr()?.sum(1)?.sqrt()?;
+                merged = merged.broadcast_mul(&(m / norms)?.unsqueeze(1)?)?;
+            }
+            let merged = match lin.layout {
+                Layout::OutIn => merged,
+                Layout::InOut => merged.t()?.contiguous()?,
+            };
+            w.set(&merged)?;
             // GGUF blocks of the old weight would now decode a different model.
             lin.quant = None;
         }
@@ -466,7 +566,6 @@ pub fn read_config_with_heads(dir: &Path) -> Result<(LoraConfig, Option<String>,
     }
     // Features that change what the weights mean: refuse rather than load them wrongly.
     for k in [
-        "use_dora",
         "lora_bias",
         "use_qalora",
         "layers_to_transform",
@@ -524,6 +623,7 @@ pub fn read_config_with_heads(dir: &Path) -> Result<(LoraConfig, Option<String>,
         use_rslora: field("use_rslora")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        use_dora: field("use_dora").and_then(Value::as_bool).unwrap_or(false),
     };
     let base = field("base_model_name_or_path")
         .and_then(Value::as_str)

@@ -79,6 +79,9 @@ pub struct PeftArgs {
     /// LoRA scaling α/√r instead of α/r.
     #[arg(long)]
     pub use_rslora: bool,
+    /// DoRA: LoRA with a learned magnitude per output row (PEFT's `use_dora`).
+    #[arg(long)]
+    pub use_dora: bool,
     /// With --peft: also write the merged model to OUT/model.
     #[arg(long)]
     pub merge: bool,
@@ -118,6 +121,7 @@ impl PeftArgs {
                 dropout: self.lora_dropout,
                 targets: lora::Targets::parse(&self.target_modules)?,
                 use_rslora: self.use_rslora,
+                use_dora: self.use_dora,
             })),
             Some(PeftKind::Ia3) => Some(PeftConfig::Ia3(ia3::Ia3Config::new(
                 lora::Targets::parse(&self.target_modules)?,
@@ -127,6 +131,9 @@ impl PeftArgs {
         };
         if self.merge && cfg.is_none() {
             bail!("peft.merge (--merge) needs a PEFT method (--peft lora|ia3)");
+        }
+        if self.use_dora && self.method != Some(PeftKind::Lora) {
+            bail!("peft.use_dora (--use-dora) is a LoRA option: give --peft lora");
         }
         Ok(cfg)
     }
@@ -176,7 +183,12 @@ impl Adapters {
     /// ", LoRA r=8 on 28 layers" for the log.
     pub fn describe(&self) -> String {
         match self {
-            Adapters::Lora(a) => format!(", LoRA r={} on {} layers", a.cfg.r, a.modules.len()),
+            Adapters::Lora(a) => format!(
+                ", {} r={} on {} layers",
+                if a.cfg.use_dora { "DoRA" } else { "LoRA" },
+                a.cfg.r,
+                a.modules.len()
+            ),
             Adapters::Ia3(a) => format!(
                 ", IA³ on {} layers ({} feed-forward)",
                 a.modules.len(),

@@ -1,7 +1,8 @@
-//! IA³ against Python peft (adapters written by `scripts/make_fixtures.py ia3`): logits with the
-//! vectors on and off, the loss and every vector's gradient, no gradient for the frozen base; a
-//! fresh adapter is the base exactly; merged = unmerged; save → load round trip; `sft --peft
-//! ia3`, `generate --adapter` and `merge` on its output.
+//! PEFT methods beyond plain LoRA against Python peft (adapters written by
+//! `scripts/make_fixtures.py ia3|dora`): IA³ and DoRA logits with the adapter on and off, the
+//! loss and every adapter weight's gradient, no gradient for the frozen base; a fresh adapter is
+//! the base; merged = unmerged; save → load round trip; `sft --peft ia3`, `sft --peft lora
+//! --use-dora`, `generate --adapter` and `merge` on their outputs.
 
 mod common;
 use candle_core::{DType, Device, Tensor};
@@ -19,14 +20,23 @@ fn loss_of(m: &hf::LoadedModel, ids: &Tensor) -> (Tensor, Tensor) {
 }
 
 #[test]
-fn ia3_matches_python_peft_logits_and_gradients() {
-    for base in ["llama_tiny", "gpt2_tiny"] {
-        let dir = fixture(&format!("peft/{base}_ia3"));
-        let r = reference(&format!("peft/{base}_ia3"));
+fn ia3_and_dora_match_python_peft_logits_and_gradients() {
+    for (kind, base) in [
+        ("ia3", "llama_tiny"),
+        ("ia3", "gpt2_tiny"),
+        ("dora", "llama_tiny"),
+        ("dora", "gpt2_tiny"),
+    ] {
+        let dir = fixture(&format!("peft/{base}_{kind}"));
+        let r = reference(&format!("peft/{base}_{kind}"));
         let mut m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
         let switch = AdapterSwitch::default();
         let a = lmforge::peft::load(&dir, &mut m.model, &mut m.store, &switch).unwrap();
-        assert!(matches!(a, Adapters::Ia3(_)));
+        match (kind, &a) {
+            ("ia3", Adapters::Ia3(_)) => {}
+            ("dora", Adapters::Lora(l)) => assert!(l.cfg.use_dora),
+            _ => panic!("{kind}: loaded as another method"),
+        }
         let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
         let (logits, loss) = loss_of(&m, &ids);
         let d = max_abs_diff(&logits, &r["logits"]);
@@ -49,55 +59,73 @@ fn ia3_matches_python_peft_logits_and_gradients() {
 }
 
 #[test]
-fn fresh_ia3_is_the_base_and_merge_and_round_trip_agree() {
-    for base in ["llama_tiny", "gpt2_tiny"] {
+fn fresh_adapters_are_the_base_and_merge_and_round_trip_agree() {
+    let dora = lmforge::peft::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Targets::AllLinear,
+        use_rslora: false,
+        use_dora: true,
+    };
+    for (kind, base) in [
+        ("ia3", "llama_tiny"),
+        ("ia3", "gpt2_tiny"),
+        ("dora", "llama_tiny"),
+        ("dora", "gpt2_tiny"),
+    ] {
         let ids = reference(base)["input_ids"].to_dtype(DType::U32).unwrap();
         let plain = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
         let want = plain.model.forward(&ids).unwrap();
         let mut m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
-        let cfg = PeftConfig::Ia3(Ia3Config::new(Targets::AllLinear, Targets::AllLinear));
+        let cfg = match kind {
+            "ia3" => PeftConfig::Ia3(Ia3Config::new(Targets::AllLinear, Targets::AllLinear)),
+            _ => PeftConfig::Lora(dora.clone()),
+        };
         let switch = AdapterSwitch::default();
-        let a = Adapters::attach(&mut m.model, &mut m.store, &cfg, 0, &switch).unwrap();
-        assert_eq!(
-            max_abs_diff(&m.model.forward(&ids).unwrap(), &want),
-            0.0,
-            "{base}"
+        Adapters::attach(&mut m.model, &mut m.store, &cfg, 0, &switch).unwrap();
+        // IA³'s vectors of 1 change nothing; DoRA's (W₀x + b − b)·1 + b may round.
+        let fresh = max_abs_diff(&m.model.forward(&ids).unwrap(), &want);
+        assert!(
+            fresh <= if kind == "ia3" { 0.0 } else { 1e-6 },
+            "{kind} {base}: fresh differs by {fresh}"
         );
         // The PEFT adapter: saved and loaded back, then merged.
         let mut m = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
-        let a2 = lmforge::peft::load(
-            &fixture(&format!("peft/{base}_ia3")),
-            &mut m.model,
-            &mut m.store,
-            &switch,
-        )
-        .unwrap();
+        let dir = fixture(&format!("peft/{base}_{kind}"));
+        let a2 = lmforge::peft::load(&dir, &mut m.model, &mut m.store, &switch).unwrap();
         let adapted = m.model.forward(&ids).unwrap();
-        let d = tmpdir(&format!("ia3_{base}"));
+        let d = tmpdir(&format!("{kind}_{base}"));
         a2.write_files(&d, &m.store, "base", &Head::causal_lm())
             .unwrap();
         let cfgj: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
                 .unwrap();
-        assert_eq!(cfgj["peft_type"], "IA3");
-        assert!(!cfgj["feedforward_modules"].as_array().unwrap().is_empty());
+        match kind {
+            "ia3" => {
+                assert_eq!(cfgj["peft_type"], "IA3");
+                assert!(!cfgj["feedforward_modules"].as_array().unwrap().is_empty());
+            }
+            _ => assert_eq!(cfgj["use_dora"], true),
+        }
         let mut m2 = hf::load_dir(&fixture(base), &Device::Cpu, &|_| true).unwrap();
         lmforge::peft::load(&d, &mut m2.model, &mut m2.store, &switch).unwrap();
         assert_eq!(
             max_abs_diff(&m2.model.forward(&ids).unwrap(), &adapted),
             0.0,
-            "{base}: round trip"
+            "{kind} {base}: round trip"
         );
         a2.merge(&mut m.model, &m.store).unwrap();
-        let merged = m.model.forward(&ids).unwrap();
-        let dm = max_abs_diff(&merged, &adapted);
-        assert!(dm < 1e-4, "{base}: merged differs from unmerged by {dm}");
-        drop(a);
+        let dm = max_abs_diff(&m.model.forward(&ids).unwrap(), &adapted);
+        assert!(
+            dm < 1e-4,
+            "{kind} {base}: merged differs from unmerged by {dm}"
+        );
     }
 }
 
 #[test]
-fn sft_with_ia3_trains_saves_generates_and_merges() {
+fn sft_with_ia3_and_dora_trains_saves_generates_and_merges() {
     let d = tmpdir("ia3_cli");
     let data = d.join("train.jsonl");
     let rows: Vec<serde_json::Value> = (0..8)
@@ -106,23 +134,19 @@ fn sft_with_ia3_trains_saves_generates_and_merges() {
     write_jsonl(&data, &rows);
     let base = fixture("llama_tiny");
     let out = d.join("run");
-    let err = ok(&[
-        "sft",
-        "--model",
-        base.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--peft",
-        "ia3",
-        "--max-steps",
-        "6",
-        "--batch-size",
-        "2",
-        "--lr",
-        "5e-2",
-    ]);
+    // `sft` on the tiny Llama with these PEFT flags; its stderr.
+    let sft = |out: &std::path::Path, peft: &[&str]| -> String {
+        let (b, dt, o) = (
+            base.to_str().unwrap(),
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        let mut a = vec!["sft", "--model", b, "--data", dt, "--out", o];
+        a.extend_from_slice(peft);
+        a.extend(["--max-steps", "6", "--batch-size", "2", "--lr", "5e-2"]);
+        ok(&a)
+    };
+    let err = sft(&out, &["--peft", "ia3"]);
     assert!(err.contains("IA³ on 6 layers (2 feed-forward)"), "{err}");
     let adapter = out.join("adapter");
     let cfg: serde_json::Value = serde_json::from_str(
@@ -162,6 +186,43 @@ fn sft_with_ia3_trains_saves_generates_and_merges() {
         adapter.to_str().unwrap(),
     ]);
     assert_eq!(with, gen(&["--model", merged.to_str().unwrap()]));
+    // DoRA through the same commands.
+    let dout = d.join("dora");
+    let err = sft(
+        &dout,
+        &[
+            "--peft",
+            "lora",
+            "--use-dora",
+            "--lora-dropout",
+            "0",
+            "--merge",
+        ],
+    );
+    assert!(err.contains("DoRA r=8"), "{err}");
+    let with = gen(&[
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        dout.join("adapter").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        with,
+        gen(&["--model", dout.join("model").to_str().unwrap()])
+    );
+    let e = fails(&[
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        d.join("x").to_str().unwrap(),
+        "--peft",
+        "ia3",
+        "--use-dora",
+    ]);
+    assert!(e.contains("--use-dora"), "{e}");
     // Commands that do not support IA³ yet say so.
     let (tr, _) = classify_data(&d);
     let e = fails(&[
