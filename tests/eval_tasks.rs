@@ -264,96 +264,41 @@ fn eval_command_runs_every_kind_and_writes_results() {
 fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
     let d = tmpdir("eval_classify");
     let (tr, te) = common::classify_data(&d);
-    let out = d.join("ft");
-    ok(&[
-        "finetune",
-        "--task",
-        "classify",
-        "--model",
-        fixture("bert_tiny").to_str().unwrap(),
-        "--data",
-        &tr,
-        "--eval-data",
-        &te,
-        "--out",
-        out.to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--lr",
-        "3e-3",
-        "--quiet",
-    ]);
-    let summary = common::metrics(&out)
-        .into_iter()
-        .find(|v| v["summary"] == true)
-        .unwrap();
-    let task = d.join("cls.toml");
-    std::fs::write(&task, format!("kind = \"classify\"\ndata = \"{te}\"\ndoc_to_text = \"{{{{ text }}}}\"\ndoc_to_target = \"label\"\n")).unwrap();
-    let ev = d.join("ev");
-    ok(&[
-        "eval",
-        "--model",
-        out.join("model").to_str().unwrap(),
-        "--tasks",
-        task.to_str().unwrap(),
-        "--out",
-        ev.to_str().unwrap(),
-    ]);
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(ev.join("results.json")).unwrap()).unwrap();
-    let m = &r["results"]["cls|0-shot"]["metrics"];
-    assert!(
-        (m["acc"].as_f64().unwrap() - summary["accuracy"].as_f64().unwrap()).abs() < 1e-9,
-        "{m} vs {summary}"
-    );
-    assert!(
-        (m["macro_f1"].as_f64().unwrap() - summary["macro_f1"].as_f64().unwrap()).abs() < 1e-9,
-        "{m} vs {summary}"
-    );
-    // A LoRA classifier: the adapter alone or on its base; labels are LABEL_i in sorted order.
-    let lora = d.join("lora");
-    ok(&[
-        "finetune",
-        "--task",
-        "classify",
-        "--model",
-        fixture("bert_tiny").to_str().unwrap(),
-        "--data",
-        &tr,
-        "--eval-data",
-        &te,
-        "--out",
-        lora.to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--lr",
-        "3e-3",
-        "--quiet",
-        "--peft",
-        "lora",
-        "--lora-r",
-        "4",
-        "--lora-dropout",
-        "0",
-    ]);
-    let summary = common::metrics(&lora)
-        .into_iter()
-        .find(|v| v["summary"] == true)
-        .unwrap();
-    let task = d.join("cls_ids.toml");
-    std::fs::write(&task, format!("name = \"cls\"\nkind = \"classify\"\ndata = \"{te}\"\ndoc_to_text = \"{{{{ text }}}}\"\ndoc_to_target = \"{{{{ 'LABEL_1' if label == 'pos' else 'LABEL_0' }}}}\"\n")).unwrap();
-    let adapter = lora.join("adapter");
     let bert = fixture("bert_tiny");
-    for args in [
-        vec!["--model", adapter.to_str().unwrap()],
-        vec![
+    let bs = bert.to_str().unwrap();
+    // `finetune` into d/name with these extra flags: its summary line.
+    let train = |name: &str, extra: &[&str]| -> Value {
+        let out = d.join(name);
+        let mut a = vec![
+            "finetune",
+            "--task",
+            "classify",
             "--model",
-            bert.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-        ],
-    ] {
-        let ev = d.join(format!("ev_lora{}", args.len()));
+            bs,
+            "--data",
+            &tr,
+            "--eval-data",
+            &te,
+        ];
+        a.extend([
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "3",
+            "--lr",
+            "3e-3",
+            "--quiet",
+        ]);
+        a.extend_from_slice(extra);
+        ok(&a);
+        common::metrics(&out)
+            .into_iter()
+            .find(|v| v["summary"] == true)
+            .unwrap()
+    };
+    // `eval` of a task on these model flags: its metrics.
+    let eval = |task: &Path, name: &str, model: &[&str]| -> Value {
+        let ev = d.join(name);
         let mut a = vec![
             "eval",
             "--tasks",
@@ -361,22 +306,52 @@ fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
             "--out",
             ev.to_str().unwrap(),
         ];
-        a.extend(args);
+        a.extend_from_slice(model);
         ok(&a);
         let r: Value =
             serde_json::from_str(&std::fs::read_to_string(ev.join("results.json")).unwrap())
                 .unwrap();
-        let m = &r["results"]["cls|0-shot"]["metrics"];
-        assert!(
-            (m["acc"].as_f64().unwrap() - summary["accuracy"].as_f64().unwrap()).abs() < 1e-9,
-            "{a:?}: {m} vs {summary}"
-        );
+        r["results"]["cls|0-shot"]["metrics"].clone()
+    };
+    let close = |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-9;
+    // A full fine-tune: its directory's id2label names the labels.
+    let summary = train("ft", &[]);
+    let task = d.join("cls.toml");
+    std::fs::write(&task, format!("kind = \"classify\"\ndata = \"{te}\"\ndoc_to_text = \"{{{{ text }}}}\"\ndoc_to_target = \"label\"\n")).unwrap();
+    let model = d.join("ft/model");
+    let m = eval(&task, "ev", &["--model", model.to_str().unwrap()]);
+    assert!(
+        close(&m["acc"], &summary["accuracy"]) && close(&m["macro_f1"], &summary["macro_f1"]),
+        "full: {m} vs {summary}"
+    );
+    // LoRA and DoRA: the adapter alone or on its base; labels are LABEL_i in sorted order.
+    let ids = d.join("cls_ids.toml");
+    std::fs::write(&ids, format!("name = \"cls\"\nkind = \"classify\"\ndata = \"{te}\"\ndoc_to_text = \"{{{{ text }}}}\"\ndoc_to_target = \"{{{{ 'LABEL_1' if label == 'pos' else 'LABEL_0' }}}}\"\n")).unwrap();
+    for (name, extra) in [
+        ("lora", vec!["--lora-r", "4"]),
+        ("dora", vec!["--use-dora"]),
+    ] {
+        let mut flags = vec!["--peft", "lora", "--lora-dropout", "0"];
+        flags.extend(extra);
+        let summary = train(name, &flags);
+        let adapter = d.join(name).join("adapter");
+        let a = adapter.to_str().unwrap();
+        for (i, model) in [vec!["--model", a], vec!["--model", bs, "--adapter", a]]
+            .iter()
+            .enumerate()
+        {
+            let m = eval(&ids, &format!("ev_{name}{i}"), model);
+            assert!(
+                close(&m["acc"], &summary["accuracy"]),
+                "{name} {model:?}: {m} vs {summary}"
+            );
+        }
     }
     // A causal-LM task on a classifier fails naming the mismatch.
     let e = fails(&[
         "eval",
         "--model",
-        out.join("model").to_str().unwrap(),
+        model.to_str().unwrap(),
         "--tasks",
         "bias_templates",
     ]);

@@ -382,7 +382,8 @@ fn load_head_adapter(
     for k in w.names() {
         let shape = w.shape(&k).with_context(|| format!("{label}: {k}"))?;
         let t = w.load(&k, &shape, dev)?;
-        if k.contains(".lora_A.") || k.contains(".lora_B.") {
+        if k.contains(".lora_A.") || k.contains(".lora_B.") || k.ends_with(".lora_magnitude_vector")
+        {
             lora.insert(k, t);
         } else {
             rest.insert(
