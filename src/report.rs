@@ -39,10 +39,22 @@ fn base_model<T: serde::Serialize>(opts: &T) -> Option<PathBuf> {
     v.get("model")?.as_str().map(PathBuf::from)
 }
 
+/// The base model an adapter directory names (`base_model_name_or_path`), any PEFT method.
+fn adapter_base(dir: &Path) -> Result<PathBuf> {
+    use anyhow::Context;
+    let p = dir.join("adapter_config.json");
+    let text = lmforge::input::read_text(&p, lmforge::input::MAX_CONFIG_BYTES)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    v["base_model_name_or_path"]
+        .as_str()
+        .map(PathBuf::from)
+        .with_context(|| format!("--eval-suite: {} names no base model", p.display()))
+}
+
 /// `--eval-suite`: the tasks on the base model and on what training wrote (base + adapter, or
 /// the full model), the change per task printed and written to RUN/eval_suite/.
 fn eval_suite(run: &RunArgs, base: Option<PathBuf>, run_dir: &Path, output: &Path) -> Result<()> {
-    use anyhow::Context;
     use lmforge::eval::harness::{self, EvalArgs};
     if run.eval_suite.is_empty() {
         return Ok(());
@@ -50,10 +62,7 @@ fn eval_suite(run: &RunArgs, base: Option<PathBuf>, run_dir: &Path, output: &Pat
     let adapter = output.join("adapter_config.json").is_file();
     let base = match base {
         Some(b) => b,
-        None if adapter => lmforge::peft::lora::read_config(output)?
-            .1
-            .map(PathBuf::from)
-            .context("--eval-suite: the adapter names no base model")?,
+        None if adapter => adapter_base(output)?,
         None => anyhow::bail!("--eval-suite: no base model to compare with"),
     };
     let (model, adapter) = if adapter {

@@ -195,7 +195,7 @@ fn sft_with_ia3_and_dora_trains_saves_generates_and_merges() {
             "lora",
             "--use-dora",
             "--lora-dropout",
-            "0",
+            "0.1",
             "--merge",
         ],
     );

@@ -9,10 +9,12 @@
 //! `peft_type = "IA3"`, `target_modules` and `feedforward_modules`. Merging scales W₀'s rows and
 //! the bias (output vectors) or its columns (feed-forward vectors), exactly.
 //!
-//! `--target-modules all-linear` (the default) means the architecture's IA³ modules as PEFT
-//! defines them: keys, values and the MLP's down projection (GPT-2: `c_attn`, `mlp.c_proj`).
-//! The base layer runs through the fused linear kernel (no weight-gradient work for the frozen
-//! W₀); the rescaling is one element-wise product. Deviation: none.
+//! `--target-modules all-linear` (the default) means the architecture's IA³ modules from PEFT's
+//! table: keys (Qwen2: queries), values and the MLP's down projection; GPT-2: `c_attn` (queries,
+//! keys and values) and `mlp.c_proj`. The base layer runs through the fused linear kernel (no
+//! weight-gradient work for the frozen W₀); the rescaling is one element-wise product.
+//! Deviation: PEFT's `all-linear` for IA³ means every linear layer; here it means the table's
+//! modules (give the names to rescale others).
 
 use super::lora::{available, Targets};
 use super::AdapterSwitch;
@@ -27,9 +29,15 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
 
-/// PEFT's IA³ modules per architecture, and which of them are feed-forward (input-scaled).
-const DEFAULT_TARGETS: &[&str] = &["k_proj", "v_proj", "down_proj", "c_attn", "mlp.c_proj"];
-const DEFAULT_FEEDFORWARD: &[&str] = &["down_proj", "mlp.c_proj"];
+/// PEFT's IA³ modules for an architecture (`model_type`), and which of them are feed-forward
+/// (input-scaled): `TRANSFORMERS_MODELS_TO_IA3_*_MODULES_MAPPING`.
+fn defaults(model_type: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    match model_type {
+        "gpt2" => (&["c_attn", "mlp.c_proj"], &["mlp.c_proj"]),
+        "qwen2" => (&["q_proj", "v_proj", "down_proj"], &["down_proj"]),
+        _ => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ia3Config {
@@ -48,17 +56,16 @@ impl Ia3Config {
         }
     }
 
-    fn is_target(&self, module: &str) -> bool {
-        match &self.targets {
-            Targets::AllLinear => Targets::Names(names(DEFAULT_TARGETS)).matches(module),
-            t => t.matches(module),
-        }
-    }
-
-    fn is_feedforward(&self, module: &str) -> bool {
-        match &self.feedforward {
-            Targets::AllLinear => Targets::Names(names(DEFAULT_FEEDFORWARD)).matches(module),
-            t => t.matches(module),
+    /// The configuration with `all-linear` replaced by the architecture's defaults.
+    pub fn resolve(&self, model_type: &str) -> Self {
+        let (t, f) = defaults(model_type);
+        let pick = |x: &Targets, d: &[&str]| match x {
+            Targets::AllLinear => Targets::Names(names(d)),
+            other => other.clone(),
+        };
+        Ia3Config {
+            targets: pick(&self.targets, t),
+            feedforward: pick(&self.feedforward, f),
         }
     }
 }
@@ -143,10 +150,10 @@ pub fn attach_to(
     let mut modules = Vec::new();
     let mut fan_in_fan_out = false;
     for lin in linears {
-        if lin.name == "lm_head" || !cfg.is_target(&lin.name) {
+        if lin.name == "lm_head" || !cfg.targets.matches(&lin.name) {
             continue;
         }
-        let ff = cfg.is_feedforward(&lin.name);
+        let ff = cfg.feedforward.matches(&lin.name);
         let shape = if ff {
             [1, lin.in_dim]
         } else {
@@ -243,7 +250,10 @@ impl Ia3 {
             let Some((_, ff)) = self.modules.iter().find(|(n, _)| *n == lin.name) else {
                 continue;
             };
-            lin.adapter = None;
+            // Merged already: the vector is in the weight.
+            if lin.adapter.take().is_none() {
+                continue;
+            }
             let k = key(&lin.name);
             let l = store
                 .get(&k)
@@ -341,5 +351,6 @@ pub fn load(
         bail!("{}: adapter_model.safetensors is missing", dir.display());
     }
     let w = WeightSource::open_files(&[file])?;
+    let cfg = cfg.resolve(&model.cfg.model_type);
     attach_to(model.linears_mut(), store, &cfg, Some(&w), switch)
 }

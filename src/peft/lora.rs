@@ -14,7 +14,8 @@
 //! norms of W₀ (so training starts at the base model). As PEFT (and the paper, §4.3), the norm is
 //! treated as a constant in the backward; it is computed from W₀'s row norms, W₀·Aᵀ and A·Aᵀ
 //! without forming W₀ + s·B·A. The base + adapter product stays the fused LoRA op; the
-//! rescaling is element-wise. Saved as PEFT's `lora_magnitude_vector`.
+//! rescaling is element-wise. With dropout the magnitude's correction also sees the dropped input,
+//! as PEFT computes it. Saved as PEFT's `lora_magnitude_vector`.
 //!
 //! Deviation: dropout masks come from lmforge's keyed RNG (reproducible per step), not torch's.
 
@@ -217,6 +218,20 @@ impl Layer {
         let sq = ((w_sq + ((wa * &b)?.sum(1)? * (2.0 * self.scale))?)?
             + ((b.matmul(&aat)? * &b)?.sum(1)? * (self.scale * self.scale))?)?;
         let g = m.broadcast_div(&sq.sqrt()?.unsqueeze(0)?)?; // (1, out)
+                                                             // With dropout, PEFT's DoRA applies the magnitude's correction to the dropped input too:
+                                                             // W₀x + b + (g − 1)·W₀·drop(x) + g·s·B·A·drop(x) — one more product, as PEFT pays.
+        if let Some((p, key)) = self.dropout_spec() {
+            let xd = dropout(x, p, key)?;
+            let base_x = lin.base(x)?;
+            let base_d = match &lin.bias {
+                Some(bias) => lin.base(&xd)?.broadcast_sub(bias)?,
+                None => lin.base(&xd)?,
+            };
+            let lora_d = xwt(&(xwt(&xd, &self.a)? * self.scale)?, &self.b)?;
+            return Ok((base_x
+                + base_d.broadcast_mul(&(&g - 1.0)?)?
+                + lora_d.broadcast_mul(&g)?)?);
+        }
         let y = match self.base_plus_adapter(lin, x)? {
             Some(y) => y,
             None => {
@@ -560,7 +575,7 @@ pub fn read_config_with_heads(dir: &Path) -> Result<(LoraConfig, Option<String>,
     let peft_type = field("peft_type").and_then(Value::as_str).unwrap_or("");
     if peft_type != "LORA" {
         bail!(
-            "{}: peft_type {peft_type:?} is not supported (LORA only)",
+            "{}: peft_type {peft_type:?} is not a LoRA adapter (lmforge reads LORA and IA3)",
             path.display()
         );
     }

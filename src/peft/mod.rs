@@ -68,8 +68,8 @@ pub struct PeftArgs {
     pub lora_alpha: f64,
     #[arg(long, default_value_t = 0.05)]
     pub lora_dropout: f32,
-    /// Comma-separated module names (q_proj,v_proj) or all-linear (IA³: the architecture's
-    /// keys, values and down projection, as PEFT).
+    /// Comma-separated module names (q_proj,v_proj) or all-linear (IA³: PEFT's modules for the
+    /// architecture, e.g. Llama's k_proj, v_proj, down_proj).
     #[arg(long, default_value = "all-linear")]
     pub target_modules: String,
     /// IA³: the targets whose input, not output, is rescaled (all-linear: the MLP's down
@@ -175,7 +175,14 @@ impl Adapters {
                 Adapters::Lora(lora::attach(model, store, c, None, seed, switch)?)
             }
             PeftConfig::Ia3(c) => {
-                Adapters::Ia3(ia3::attach_to(model.linears_mut(), store, c, None, switch)?)
+                let c = c.resolve(&model.cfg.model_type);
+                Adapters::Ia3(ia3::attach_to(
+                    model.linears_mut(),
+                    store,
+                    &c,
+                    None,
+                    switch,
+                )?)
             }
         })
     }
