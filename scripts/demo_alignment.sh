@@ -20,19 +20,7 @@ G=$(realpath "$1"); HH=$(realpath "$2"); OUT=$3; HHH=${4:+$(realpath "$4")}
 MIN_MARGIN=${MIN_MARGIN:-0}
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
-# A copy, so a rebuild during the run cannot change the binary half-way.
-[ -e "$OUT/lmforge" ] || cp target/release/lmforge "$OUT/lmforge"
-BIN=$OUT/lmforge
-LOG=$OUT/demo.log
-step() { # name, output that marks it done, command...
-  local name=$1 done=$2; shift 2
-  if [ -e "$done" ]; then echo "# $name: done before" >> "$LOG"; return; fi
-  echo "\$ $*" >> "$LOG"
-  local t0=$(date +%s)
-  "$@" 2> >(tee -a "$OUT/$name.err" >&2)
-  echo "# $name: $(( $(date +%s) - t0 )) s" >> "$LOG"
-}
-echo "# $(date -u +%FT%TZ) lmforge $(git rev-parse --short HEAD)" >> "$LOG"
+source scripts/demo_lib.sh
 step convert "$OUT/smol-hf" "$BIN" convert "$G" --out "$OUT/smol-hf"
 [ -e "$OUT/pairs/train.jsonl" ] || "${PYTHON:-python3}" scripts/hh_pairs.py --hh "$HH" \
   --tokenizer "$OUT/smol-hf/tokenizer.json" --max-tokens 256 --train 400 --heldout 100 \

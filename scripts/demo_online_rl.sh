@@ -18,18 +18,7 @@ cd "$(dirname "$0")/.."
 M=$(realpath "$1"); PAIRS=$(realpath "$2"); RM=$(realpath "$3"); OUT=$4
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
-[ -e "$OUT/lmforge" ] || cp target/release/lmforge "$OUT/lmforge"
-BIN=$OUT/lmforge
-LOG=$OUT/demo.log
-step() { # name, output that marks it done, command...
-  local name=$1 done=$2; shift 2
-  if [ -e "$done" ]; then echo "# $name: done before" >> "$LOG"; return; fi
-  echo "\$ $*" >> "$LOG"
-  local t0=$(date +%s)
-  "$@" 2> >(tee -a "$OUT/$name.err" >&2)
-  echo "# $name: $(( $(date +%s) - t0 )) s" >> "$LOG"
-}
-echo "# $(date -u +%FT%TZ) lmforge $(git rev-parse --short HEAD)" >> "$LOG"
+source scripts/demo_lib.sh
 
 # A. GRPO on arithmetic.
 [ -e "$OUT/arith/train.jsonl" ] || python3 scripts/arith_prompts.py "$OUT/arith" 2000 200 0 >> "$LOG"

@@ -87,6 +87,12 @@ pub struct Lines {
     done: bool,
 }
 
+/// A JSON file (a model or adapter config) read within `MAX_CONFIG_BYTES`; errors name it.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = read_text(path, MAX_CONFIG_BYTES)?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
 pub fn lines(path: &Path) -> Result<Lines> {
     lines_capped(path, max_line_bytes())
 }

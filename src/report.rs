@@ -43,10 +43,7 @@ fn base_model<T: serde::Serialize>(opts: &T) -> Option<PathBuf> {
 fn adapter_base(dir: &Path) -> Result<PathBuf> {
     use anyhow::Context;
     let p = dir.join("adapter_config.json");
-    let text = lmforge::input::read_text(&p, lmforge::input::MAX_CONFIG_BYTES)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
-    v["base_model_name_or_path"]
+    lmforge::input::read_json(&p)?["base_model_name_or_path"]
         .as_str()
         .map(PathBuf::from)
         .with_context(|| format!("--eval-suite: {} names no base model", p.display()))

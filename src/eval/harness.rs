@@ -13,6 +13,11 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
+/// `eval`'s defaults, shared by the flags and by trainers' `--eval-suite`.
+const DEFAULT_SEED: u64 = 1234;
+const DEFAULT_BATCH_TOKENS: usize = 4096;
+const DEFAULT_GEN_BATCH: usize = 16;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
     /// The model: an HF directory or .gguf (causal LM), a `finetune` classifier, or a BERT
@@ -45,13 +50,13 @@ pub struct EvalArgs {
     #[arg(long)]
     pub baseline: Option<PathBuf>,
     /// Seed of the demonstration sampler and the bootstrap.
-    #[arg(long, default_value_t = 1234)]
+    #[arg(long, default_value_t = DEFAULT_SEED)]
     pub seed: u64,
     /// Tokens per forward batch.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
     pub batch_tokens: usize,
     /// Rows decoded together by generative tasks.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULT_GEN_BATCH)]
     pub gen_batch: usize,
     /// Where built-in tasks find their data (scripts/fetch_eval_data.py writes it).
     #[arg(long, default_value = "data/eval")]
@@ -77,9 +82,9 @@ impl EvalArgs {
             overwrite: true,
             chat: false,
             baseline: None,
-            seed: 1234,
-            batch_tokens: 4096,
-            gen_batch: 16,
+            seed: DEFAULT_SEED,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            gen_batch: DEFAULT_GEN_BATCH,
             data_dir: data_dir.to_path_buf(),
             dequantize: false,
             device: device.to_string(),
@@ -163,9 +168,7 @@ fn architecture(path: &Path) -> Result<String> {
     if !path.is_dir() || !p.is_file() {
         return Ok(String::new());
     }
-    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES)?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    let v = crate::input::read_json(&p)?;
     Ok(v["architectures"][0].as_str().unwrap_or("").to_string())
 }
 

@@ -19,7 +19,7 @@ use super::task::{Kind, Metric, Target, Task};
 use crate::generate::{generate_chunked_until, Sampling};
 use crate::model::hf::LoadedModel;
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// lm-eval's `prefix_token_id`: what an empty context becomes.
 pub fn prefix_token(m: &LoadedModel) -> Result<u32> {
@@ -273,13 +273,25 @@ pub fn generate(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     let eos = m.stop_ids();
     let tok = &m.tok;
     // Stop strings are checked as tokens arrive, so a row leaves the batch when it is done.
+    // A stop string first appears when the newest token completes it, so only the tail needs
+    // decoding each step (every token is at least one character; the margin covers skipped
+    // special tokens). Missing one would only delay the stop: the text is cut at the end.
+    let tail = task
+        .until
+        .iter()
+        .map(|u| u.chars().count())
+        .max()
+        .unwrap_or(0)
+        + 8;
     let until = |_: usize, t: &[u32]| -> bool {
         !task.until.is_empty()
-            && tok.decode(t, true).is_ok_and(|s| {
-                task.until
-                    .iter()
-                    .any(|u| !u.is_empty() && s.contains(u.as_str()))
-            })
+            && tok
+                .decode(&t[t.len().saturating_sub(tail)..], true)
+                .is_ok_and(|s| {
+                    task.until
+                        .iter()
+                        .any(|u| !u.is_empty() && s.contains(u.as_str()))
+                })
     };
     let outs = generate_chunked_until(&m.model, &prompts, &s, &eos, env.args.gen_batch, &until)?;
     let mut preds = Vec::with_capacity(n);
@@ -519,9 +531,7 @@ fn id2label(dir: &std::path::Path, n: usize) -> Result<Vec<String>> {
     if !p.is_file() {
         return Ok((0..n).map(|i| format!("LABEL_{i}")).collect());
     }
-    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES)?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    let v = crate::input::read_json(&p)?;
     let Some(map) = v["id2label"].as_object() else {
         return Ok((0..n).map(|i| format!("LABEL_{i}")).collect());
     };

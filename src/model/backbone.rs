@@ -50,10 +50,7 @@ fn is_encoder(path: &Path) -> Result<bool> {
     if !path.is_dir() {
         return Ok(false);
     }
-    let p = path.join("config.json");
-    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES)?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", p.display()))?;
+    let v = crate::input::read_json(&path.join("config.json"))?;
     Ok(v.get("model_type").and_then(Value::as_str) == Some("bert"))
 }
 
@@ -299,9 +296,7 @@ pub fn load_head_model(
         return load_head_adapter(path, base, dev, trainable);
     }
     let cfg_path = path.join("config.json");
-    let text = crate::input::read_text(&cfg_path, crate::input::MAX_CONFIG_BYTES)?;
-    let v: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let v = crate::input::read_json(&cfg_path)?;
     let arch = v["architectures"][0].as_str().unwrap_or("");
     if !arch.ends_with("ForSequenceClassification") {
         anyhow::bail!(

@@ -312,22 +312,17 @@ pub fn read_config(dir: &Path, v: &Value) -> Result<(Ia3Config, Option<String>)>
             _ => bail!("{}: key {k} missing", path.display()),
         }
     };
-    // Features that change what the weights mean: refuse rather than load them wrongly.
-    for k in [
-        "modules_to_save",
-        "exclude_modules",
-        "layers_to_transform",
-        "layers_pattern",
-    ] {
-        let set = match v.get(k) {
-            None | Some(Value::Null) => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(_) => true,
-        };
-        if set {
-            bail!("{}: {k} is not supported with IA³", path.display());
-        }
-    }
+    super::refuse_set(
+        v,
+        &[
+            "modules_to_save",
+            "exclude_modules",
+            "layers_to_transform",
+            "layers_pattern",
+        ],
+        dir,
+        "IA³",
+    )?;
 
     let cfg = Ia3Config::new(list("target_modules")?, list("feedforward_modules")?);
     let base = v

@@ -554,7 +554,14 @@ pub(crate) fn save_adapter_tensors(store: &ParamStore, head: &Head, dir: &Path) 
 
 /// Reads a PEFT LoRA directory's `adapter_config.json` (causal LM: no `modules_to_save`).
 pub fn read_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
-    let (cfg, base, heads) = read_config_with_heads(dir)?;
+    causal_lm_config(dir, read_config_with_heads(dir)?)
+}
+
+/// A causal LM's adapter trains no heads: refuses `modules_to_save`.
+fn causal_lm_config(
+    dir: &Path,
+    (cfg, base, heads): (LoraConfig, Option<String>, Vec<String>),
+) -> Result<(LoraConfig, Option<String>)> {
     if !heads.is_empty() {
         bail!(
             "{}: modules_to_save {heads:?} is not supported for a causal LM adapter",
@@ -567,10 +574,15 @@ pub fn read_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
 /// `read_config` of an adapter that may train heads in full (`modules_to_save`, e.g. a reward
 /// model's `score`): returns them too.
 pub fn read_config_with_heads(dir: &Path) -> Result<(LoraConfig, Option<String>, Vec<String>)> {
+    config_from(
+        dir,
+        &crate::input::read_json(&dir.join("adapter_config.json"))?,
+    )
+}
+
+/// `read_config_with_heads` of an `adapter_config.json` already parsed.
+fn config_from(dir: &Path, v: &Value) -> Result<(LoraConfig, Option<String>, Vec<String>)> {
     let path = dir.join("adapter_config.json");
-    let text = crate::input::read_text(&path, crate::input::MAX_CONFIG_BYTES)?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     let field = |k: &str| v.get(k).filter(|x| !x.is_null());
     let peft_type = field("peft_type").and_then(Value::as_str).unwrap_or("");
     if peft_type != "LORA" {
@@ -579,26 +591,20 @@ pub fn read_config_with_heads(dir: &Path) -> Result<(LoraConfig, Option<String>,
             path.display()
         );
     }
-    // Features that change what the weights mean: refuse rather than load them wrongly.
-    for k in [
-        "lora_bias",
-        "use_qalora",
-        "layers_to_transform",
-        "layer_replication",
-        "exclude_modules",
-        "target_parameters",
-        "trainable_token_indices",
-    ] {
-        let set = match field(k) {
-            None | Some(Value::Bool(false)) => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(Value::Object(o)) => !o.is_empty(),
-            Some(_) => true,
-        };
-        if set {
-            bail!("{}: {k} is not supported by lmforge's LoRA", path.display());
-        }
-    }
+    super::refuse_set(
+        v,
+        &[
+            "lora_bias",
+            "use_qalora",
+            "layers_to_transform",
+            "layer_replication",
+            "exclude_modules",
+            "target_parameters",
+            "trainable_token_indices",
+        ],
+        dir,
+        "LoRA",
+    )?;
     for k in ["rank_pattern", "alpha_pattern"] {
         if field(k)
             .and_then(Value::as_object)
@@ -662,7 +668,19 @@ pub fn load(
     store: &mut ParamStore,
     switch: &AdapterSwitch,
 ) -> Result<Lora> {
-    let (cfg, _) = read_config(dir)?;
+    let v = crate::input::read_json(&dir.join("adapter_config.json"))?;
+    load_with(dir, &v, model, store, switch)
+}
+
+/// `load` of an `adapter_config.json` already parsed (`peft::load` read it for `peft_type`).
+pub fn load_with(
+    dir: &Path,
+    v: &Value,
+    model: &mut DecoderModel,
+    store: &mut ParamStore,
+    switch: &AdapterSwitch,
+) -> Result<Lora> {
+    let (cfg, _) = causal_lm_config(dir, config_from(dir, v)?)?;
     let file = dir.join("adapter_model.safetensors");
     if !file.is_file() {
         bail!("{}: adapter_model.safetensors is missing", dir.display());

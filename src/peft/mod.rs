@@ -235,12 +235,36 @@ pub fn load(
     store: &mut ParamStore,
     switch: &AdapterSwitch,
 ) -> Result<Adapters> {
-    let path = dir.join("adapter_config.json");
-    let text = crate::input::read_text(&path, crate::input::MAX_CONFIG_BYTES)?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+    let v = crate::input::read_json(&dir.join("adapter_config.json"))?;
     match v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("") {
         "IA3" => Ok(Adapters::Ia3(ia3::load(dir, &v, model, store, switch)?)),
-        _ => Ok(Adapters::Lora(lora::load(dir, model, store, switch)?)),
+        _ => Ok(Adapters::Lora(lora::load_with(
+            dir, &v, model, store, switch,
+        )?)),
     }
+}
+
+/// Refuses an adapter config that sets any of `keys` (features that change what the weights
+/// mean): better an error naming the key than weights loaded wrongly.
+pub(crate) fn refuse_set(
+    v: &serde_json::Value,
+    keys: &[&str],
+    dir: &Path,
+    method: &str,
+) -> Result<()> {
+    for k in keys {
+        let set = match v.get(*k) {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(serde_json::Value::Object(o)) => !o.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            bail!(
+                "{}: {k} is not supported by lmforge's {method}",
+                dir.join("adapter_config.json").display()
+            );
+        }
+    }
+    Ok(())
 }
