@@ -226,7 +226,7 @@ def gguf_fixtures():
     save_file(deq, str(d / "quants_reference.safetensors"))
     print("gguf fixtures:", sorted(p.name for p in d.iterdir()))
 
-def save_peft_fixture(m, name, kind):
+def save_peft_fixture(m, name, kind, first_label=True):
     """Saves a peft model's adapter as tests/fixtures/peft/<name>_<kind> (base path made
     relative) with reference.safetensors: the logits with the adapter on and off, the loss and
     the gradient of every adapter weight."""
@@ -238,7 +238,10 @@ def save_peft_fixture(m, name, kind):
     c["base_model_name_or_path"] = f"tests/fixtures/{name}"
     json.dump(c, open(d / "adapter_config.json", "w"), indent=2)
     ids = load_file(str(OUT / name / "reference.safetensors"))["input_ids"]
-    out = m(input_ids=ids, labels=ids)
+    labels = ids.clone()
+    if not first_label:  # prompt tuning: no loss on predicting the first token from the virtual ones
+        labels[:, 0] = -100
+    out = m(input_ids=ids, labels=labels)
     out.loss.backward()
     ref = {"input_ids": ids, "logits": out.logits.detach().contiguous(), "loss": out.loss.detach().reshape(1)}
     with m.disable_adapter(), torch.no_grad():
@@ -300,6 +303,55 @@ def dora_fixtures():
                     p.mul_(torch.empty_like(p).uniform_(0.8, 1.2))
         save_peft_fixture(m, name, "dora")
 
+def prompt_fixtures():
+    """Prompt-learning adapters written by Python peft on llama_tiny (grouped-query: the prefix
+    has n_kv heads) and gpt2_tiny: prefix tuning (the prefix itself, and through the projection
+    MLP), prompt tuning, P-tuning with the MLP and with the LSTM encoder — 3 virtual tokens,
+    random weights. Besides save_peft_fixture's references: the logits of the real positions
+    only (PEFT's include the virtual ones), the unfolded training weights (train.safetensors,
+    PEFT's names without `default`) and the logits of PEFT reloading its own folded files."""
+    from peft import (PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                      get_peft_model)
+    P = 3
+    kinds = {
+        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=P, task_type="CAUSAL_LM"),
+        "prefix_proj": lambda: PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True,
+                                                  encoder_hidden_size=16, task_type="CAUSAL_LM"),
+        "prompt": lambda: PromptTuningConfig(num_virtual_tokens=P, task_type="CAUSAL_LM"),
+        "ptuning_mlp": lambda: PromptEncoderConfig(num_virtual_tokens=P, encoder_hidden_size=16,
+                                                   task_type="CAUSAL_LM"),
+        "ptuning_lstm": lambda: PromptEncoderConfig(num_virtual_tokens=P, encoder_hidden_size=8,
+                                                    encoder_reparameterization_type="LSTM",
+                                                    encoder_num_layers=2, task_type="CAUSAL_LM"),
+    }
+    for name, cls in [("llama_tiny", LlamaForCausalLM), ("gpt2_tiny", GPT2LMHeadModel)]:
+        for kind, make in kinds.items():
+            torch.manual_seed(13)
+            base = cls.from_pretrained(OUT / name, attn_implementation="eager").eval()
+            m = get_peft_model(base, make()).eval()
+            with torch.no_grad():  # keep the random prefix keys moderate
+                for n, p in m.named_parameters():
+                    if p.requires_grad and kind.startswith("prefix") and "embedding" in n:
+                        p.mul_(0.5)
+            save_peft_fixture(m, name, kind, first_label=kind.startswith("prefix"))
+            d = OUT / "peft" / f"{name}_{kind}"
+            ref = load_file(str(d / "reference.safetensors"))
+            if not kind.startswith("prefix"):
+                for k in ["logits", "logits_base"]:
+                    if ref[k].shape[1] > ref["input_ids"].shape[1]:
+                        ref[k] = ref[k][:, P:].contiguous()
+            train = {n.replace(".default", ""): p.detach().contiguous()
+                     for n, p in m.named_parameters() if p.requires_grad}
+            if kind in ("prefix", "prompt"):  # trained as is: lmforge's name is the saved one
+                train["prompt_embeddings"] = train.pop("prompt_encoder.embedding.weight")
+            save_file(train, str(d / "train.safetensors"))
+            re = PeftModel.from_pretrained(cls.from_pretrained(OUT / name, attn_implementation="eager"), d).eval()
+            with torch.no_grad():
+                lg = re(input_ids=ref["input_ids"]).logits
+            lg = lg[:, lg.shape[1] - ref["input_ids"].shape[1]:]
+            print("  reload", kind, "max |dlogits|", (lg - ref["logits"]).abs().max().item())
+            save_file(ref, str(d / "reference.safetensors"))
+
 def bert_fixture():
     """A tiny random BertForMaskedLM with a WordPiece tokenizer; reference: hidden states, MLM
     logits, the MLM loss over a few labelled positions (-100 elsewhere) with padding and token
@@ -357,5 +409,7 @@ if __name__ == "__main__":
         ia3_fixtures()
     elif sys.argv[1:] == ["dora"]:
         dora_fixtures()
+    elif sys.argv[1:] == ["prompt"]:
+        prompt_fixtures()
     else:
         main()

@@ -50,7 +50,7 @@ enum Cmd {
     Tokenizer(TokenizerCmd),
     /// Sample text from a model, streaming tokens to stdout.
     Generate(GenerateArgs),
-    /// Perplexity of a text file under a model.
+    /// Perplexity of a text file under a model (with --adapter: the adapted model).
     Score(ScoreArgs),
     /// Write a model (HF directory or .gguf file) as an HF directory transformers loads.
     Convert(ConvertArgs),
@@ -230,6 +230,9 @@ struct ScoreArgs {
     /// An HF model directory or a .gguf file.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory applied to the model (any method lmforge trains).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[arg(long)]
     file: PathBuf,
     /// Print one JSON object.
@@ -626,12 +629,17 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
 
 fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
-    let m = hf::load(&a.model, &dev, &|_| true)?;
+    let mut m = hf::load(&a.model, &dev, &|_| true)?;
+    if let Some(dir) = &a.adapter {
+        let switch = lmforge::peft::AdapterSwitch::default();
+        lmforge::peft::load(dir, &mut m.model, &mut m.store, &switch)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+    }
     let ids = lmforge::data::encode_file(&a.file, &m.tok)?;
-    let window = a
-        .window
-        .unwrap_or(m.model.cfg.max_position_embeddings)
-        .min(m.model.cfg.max_position_embeddings);
+    // Virtual tokens (prefix/prompt tuning) take positions ahead of every window.
+    let virt = m.model.virtual_tokens.as_ref().map_or(0, |v| v.positions());
+    let ctx = m.model.cfg.max_position_embeddings.saturating_sub(virt);
+    let window = a.window.unwrap_or(ctx).min(ctx);
     let stride = a.stride.unwrap_or(window / 2).max(1);
     let s = score_ids(&m.model, &ids, window, stride)?;
     if a.json {

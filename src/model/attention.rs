@@ -20,8 +20,13 @@ pub(super) struct LayerCtx<'a> {
     pub(super) rope_at: Option<&'a (Tensor, Tensor)>,
     /// Packed rows on the composite path: the cross-example mask, built by the first layer.
     pub(super) packing_mask: &'a std::cell::RefCell<Option<Tensor>>,
+    /// Cached positions (keys before this call's).
     pub(super) past: usize,
+    /// Position of this call's first token: `past` after any virtual tokens.
+    pub(super) pos0: usize,
     pub(super) cache: Option<&'a mut Option<(Tensor, Tensor)>>,
+    /// The cache keeps the autograd graph (prompt tuning's virtual keys/values).
+    pub(super) keep_graph: bool,
     pub(super) prefix: Option<&'a (Tensor, Tensor)>,
     pub(super) key_padding: Option<&'a Tensor>,
     pub(super) packing: Option<&'a Packing>,
@@ -52,6 +57,9 @@ pub struct Attention {
 pub struct KvCache {
     pub(super) layers: Vec<Option<(Tensor, Tensor)>>, // (B, S, n_kv, hd) each
     pub(super) len: usize,
+    /// Virtual tokens' keys/values, computed at the sequence's first call.
+    pub(super) prefix: Option<Vec<(Tensor, Tensor)>>,
+    pub(super) keep_graph: bool,
 }
 
 impl KvCache {
@@ -59,6 +67,8 @@ impl KvCache {
         Self {
             layers: vec![None; n_layers],
             len: 0,
+            prefix: None,
+            keep_graph: false,
         }
     }
     /// Number of positions already processed.
@@ -232,8 +242,8 @@ impl Attention {
                     k = rope.rotate(&k, cos, sin)?;
                 }
                 None => {
-                    q = rope.apply(&q, ctx.past)?;
-                    k = rope.apply(&k, ctx.past)?;
+                    q = rope.apply(&q, ctx.pos0)?;
+                    k = rope.apply(&k, ctx.pos0)?;
                 }
             }
         }
@@ -243,7 +253,11 @@ impl Attention {
                 v = Tensor::cat(&[&pv, &v], 1)?;
             }
             // Detached: a cache is for decoding, and would otherwise keep every step's graph alive.
-            *slot = Some((k.detach(), v.detach()));
+            *slot = Some(if ctx.keep_graph {
+                (k.clone(), v.clone())
+            } else {
+                (k.detach(), v.detach())
+            });
         }
         let n_prefix = match ctx.prefix {
             Some((pk, pv)) => {

@@ -14,8 +14,10 @@ use super::layers::{activate, gated, Builder, Embedding, Layout, Linear, Norm, R
 use super::loader::WeightSource;
 pub use super::packing::Packing;
 use super::params::{ParamStore, Source};
+use super::virtual_tokens::{LayerKv, VirtualTokens};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 // ---------------------------------------------------------------- MLP
 
@@ -202,6 +204,8 @@ pub struct DecoderModel {
     /// `None` when the head is tied to `wte`.
     pub lm_head: Option<Linear>,
     rope: Option<Rope>,
+    /// Prefix tuning, prompt tuning, P-tuning: positions ahead of every sequence.
+    pub virtual_tokens: Option<Arc<dyn VirtualTokens>>,
 }
 
 impl DecoderModel {
@@ -274,6 +278,7 @@ impl DecoderModel {
             norm_f,
             lm_head,
             rope,
+            virtual_tokens: None,
         })
     }
 
@@ -323,6 +328,7 @@ impl DecoderModel {
             norm_f: self.norm_f.detached(),
             lm_head: self.lm_head.as_ref().map(Linear::detached),
             rope: self.rope.clone(),
+            virtual_tokens: self.virtual_tokens.as_ref().map(|v| v.detached()),
         }
     }
 
@@ -358,7 +364,60 @@ impl DecoderModel {
 
     /// Token embeddings (B, T, C) -> final normalised hidden states (B, T, C).
     /// Taking embeddings (not ids) lets prompt tuning prepend learned vectors.
-    pub fn hidden_states(&self, embeds: &Tensor, opts: ForwardOpts) -> Result<Tensor> {
+    /// Active virtual tokens (prefix/prompt tuning) come first: their keys and values join
+    /// every layer's and the real tokens' positions start after them; the output holds the
+    /// real tokens only.
+    pub fn hidden_states(&self, embeds: &Tensor, mut opts: ForwardOpts) -> Result<Tensor> {
+        let Some(v) = self.virtual_tokens.as_ref().filter(|v| v.active()) else {
+            return self.run(embeds, opts, 0);
+        };
+        if opts.prefix.is_some() {
+            bail!("a prefix was given to a model with active virtual tokens");
+        }
+        // With a cache the virtual keys/values are computed once per sequence and kept there
+        // (detached: a cache is for decoding).
+        let kv: Vec<LayerKv> = match opts.cache.as_deref_mut() {
+            Some(c) => {
+                if c.is_empty() || c.prefix.is_none() {
+                    let kv = v.keys_values(self)?;
+                    c.prefix = Some(kv.iter().map(|(k, v)| (k.detach(), v.detach())).collect());
+                }
+                c.prefix.clone().unwrap_or_default()
+            }
+            None => v.keys_values(self)?,
+        };
+        let opts = ForwardOpts {
+            cache: opts.cache,
+            prefix: Some(&kv),
+            key_padding: opts.key_padding,
+            packing: opts.packing,
+        };
+        self.run(embeds, opts, v.positions())
+    }
+
+    /// Every layer's keys and values of `embeds` (1, P, C) at positions 0..P, kept on the
+    /// autograd graph: prompt tuning's virtual tokens as a prefix. -> per layer (1, n_kv, P, hd).
+    pub fn layer_keys_values(&self, embeds: &Tensor) -> Result<Vec<LayerKv>> {
+        let mut cache = KvCache::new(self.blocks.len());
+        cache.keep_graph = true;
+        let opts = ForwardOpts {
+            cache: Some(&mut cache),
+            ..Default::default()
+        };
+        self.run(embeds, opts, 0)?;
+        cache
+            .layers
+            .into_iter()
+            .map(|l| {
+                let (k, v) = l.ok_or_else(|| anyhow::anyhow!("a layer left no keys"))?;
+                // (1, P, n_kv, hd) -> (1, n_kv, P, hd)
+                Ok((k.transpose(1, 2)?, v.transpose(1, 2)?))
+            })
+            .collect()
+    }
+
+    /// The blocks over `embeds`, the first real position at `offset` (after virtual tokens).
+    fn run(&self, embeds: &Tensor, opts: ForwardOpts, offset: usize) -> Result<Tensor> {
         let (_, t, _) = embeds.dims3()?;
         let ForwardOpts {
             mut cache,
@@ -373,12 +432,18 @@ impl DecoderModel {
         let max = self.cfg.max_position_embeddings;
         // Packed rows without a cache hold several sequences: their positions bound the
         // context, not the row's length.
-        let span = match (packing, cache.is_some()) {
-            (Some(p), false) => p.max_position() + 1,
-            _ => past + t,
-        };
+        let span = offset
+            + match (packing, cache.is_some()) {
+                (Some(p), false) => p.max_position() + 1,
+                _ => past + t,
+            };
         if span > max {
-            bail!("sequence of {span} positions exceeds the model's context of {max}");
+            let virt = if offset > 0 {
+                format!(" ({offset} of them virtual tokens)")
+            } else {
+                String::new()
+            };
+            bail!("sequence of {span} positions{virt} exceeds the model's context of {max}");
         }
         if let Some(p) = prefix {
             if p.len() != self.blocks.len() {
@@ -389,15 +454,25 @@ impl DecoderModel {
                 );
             }
         }
+        // Packed rows' positions, after the virtual tokens.
+        let positions = match packing {
+            Some(p) if offset > 0 => Some(
+                p.positions
+                    .broadcast_add(&Tensor::new(offset as u32, embeds.device())?)?,
+            ),
+            Some(p) => Some(p.positions.clone()),
+            None => None,
+        };
+        let pos0 = offset + past;
         let mut x = match &self.wpe {
-            Some(wpe) => match packing {
-                Some(p) => {
+            Some(wpe) => match &positions {
+                Some(pos) => {
                     let (b, _, c) = embeds.dims3()?;
-                    let pos = p.positions.flatten_all()?;
+                    let pos = pos.flatten_all()?;
                     (embeds + wpe.weight.index_select(&pos, 0)?.reshape((b, t, c))?)?
                 }
                 None => {
-                    let pos = Tensor::arange(past as u32, (past + t) as u32, embeds.device())?;
+                    let pos = Tensor::arange(pos0 as u32, (pos0 + t) as u32, embeds.device())?;
                     embeds.broadcast_add(&wpe.weight.index_select(&pos, 0)?)?
                 }
             },
@@ -405,11 +480,14 @@ impl DecoderModel {
         };
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.blocks.len() {
+                let keep = c.keep_graph;
                 *c = KvCache::new(self.blocks.len());
+                c.keep_graph = keep;
             }
         }
-        let rope_at = match (packing, &self.rope) {
-            (Some(p), Some(r)) => Some(r.tables_at(&p.positions, embeds.dtype())?),
+        let keep_graph = cache.as_ref().is_some_and(|c| c.keep_graph);
+        let rope_at = match (&positions, &self.rope) {
+            (Some(p), Some(r)) => Some(r.tables_at(p, embeds.dtype())?),
             _ => None,
         };
         let packing_mask = std::cell::RefCell::new(None);
@@ -419,7 +497,9 @@ impl DecoderModel {
                 rope_at: rope_at.as_ref(),
                 packing_mask: &packing_mask,
                 past,
+                pos0,
                 cache: cache.as_deref_mut().map(|c| &mut c.layers[i]),
+                keep_graph,
                 prefix: prefix.map(|p| &p[i]),
                 key_padding,
                 packing,

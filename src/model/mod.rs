@@ -12,6 +12,7 @@ pub mod limits;
 pub mod loader;
 pub mod packing;
 pub mod params;
+pub mod virtual_tokens;
 
 pub use config::{Family, ModelConfig};
 pub use decoder::{DecoderModel, ForwardOpts, KvCache, Packing};

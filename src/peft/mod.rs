@@ -6,12 +6,19 @@
 //! `AdapterSwitch::set_enabled(false)` turns every adapter off at once: the same model is then
 //! the base model, which DPO and PPO use as their reference.
 
+pub mod bottleneck;
 pub mod ia3;
 pub mod lora;
+mod lstm;
+pub mod prefix;
+pub mod prompt;
 
+use crate::model::loader::WeightSource;
 use crate::model::{DecoderModel, ParamStore};
 use anyhow::{bail, Result};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,6 +60,16 @@ impl AdapterSwitch {
 pub enum PeftKind {
     Lora,
     Ia3,
+    /// Trained key/value prefixes in every layer.
+    Prefix,
+    /// Trained input embeddings ahead of the text.
+    Prompt,
+    /// Prompt tuning through a prompt encoder (MLP or LSTM).
+    #[value(name = "p-tuning")]
+    #[serde(rename = "p-tuning")]
+    PTuning,
+    /// Houlsby / Pfeiffer bottleneck adapters (lmforge's format: PEFT has none).
+    Bottleneck,
 }
 
 /// The PEFT options of every fine-tuning method: flags and the `[peft]` config section.
@@ -82,6 +99,36 @@ pub struct PeftArgs {
     /// DoRA: LoRA with a learned magnitude per output row (PEFT's `use_dora`).
     #[arg(long)]
     pub use_dora: bool,
+    /// Prefix, prompt and P-tuning: the number of virtual tokens.
+    #[arg(long, default_value_t = 20)]
+    pub num_virtual_tokens: usize,
+    /// Prefix tuning: train the prefix through PEFT's reparameterisation MLP
+    /// (`prefix_projection`); it is saved folded.
+    #[arg(long)]
+    pub prefix_projection: bool,
+    /// Hidden size of the prefix projection or the P-tuning encoder (0: the model's width).
+    #[arg(long, default_value_t = 0)]
+    pub encoder_hidden_size: usize,
+    /// P-tuning's prompt encoder (PEFT's `encoder_reparameterization_type`).
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub encoder_type: prompt::EncoderKind,
+    /// P-tuning's LSTM layers.
+    #[arg(long, default_value_t = 2)]
+    pub encoder_num_layers: usize,
+    /// Prompt tuning: start the virtual tokens as this text's token embeddings (PEFT's TEXT
+    /// init; default N(0, 1), PEFT's RANDOM).
+    #[arg(long)]
+    pub prompt_init_text: Option<String>,
+    /// Bottleneck adapters: houlsby (after attention and after the MLP) or pfeiffer (after
+    /// the MLP).
+    #[arg(long, value_enum, default_value = "pfeiffer")]
+    pub adapter_variant: bottleneck::Variant,
+    /// Bottleneck adapters: hidden size / bottleneck size.
+    #[arg(long, default_value_t = 16)]
+    pub reduction_factor: usize,
+    /// Bottleneck adapters' nonlinearity.
+    #[arg(long, value_enum, default_value = "silu")]
+    pub adapter_act: bottleneck::ActKind,
     /// With --peft: also write the merged model to OUT/model.
     #[arg(long)]
     pub merge: bool,
@@ -127,10 +174,47 @@ impl PeftArgs {
                 lora::Targets::parse(&self.target_modules)?,
                 lora::Targets::parse(&self.feedforward_modules)?,
             ))),
+            Some(PeftKind::Prefix) => Some(PeftConfig::Prefix(prefix::PrefixConfig {
+                num_virtual_tokens: self.num_virtual_tokens,
+                projection: self.prefix_projection.then_some(self.encoder_hidden_size),
+            })),
+            Some(k @ (PeftKind::Prompt | PeftKind::PTuning)) => {
+                Some(PeftConfig::Prompt(prompt::PromptConfig {
+                    num_virtual_tokens: self.num_virtual_tokens,
+                    init_text: self.prompt_init_text.clone().map(|t| (t, Vec::new())),
+                    encoder: (k == PeftKind::PTuning).then_some((
+                        self.encoder_type,
+                        self.encoder_hidden_size,
+                        self.encoder_num_layers,
+                    )),
+                }))
+            }
+            Some(PeftKind::Bottleneck) => {
+                Some(PeftConfig::Bottleneck(bottleneck::BottleneckConfig {
+                    variant: self.adapter_variant,
+                    reduction_factor: self.reduction_factor,
+                    act: self.adapter_act,
+                }))
+            }
             None => None,
         };
         if self.merge && cfg.is_none() {
             bail!("peft.merge (--merge) needs a PEFT method (--peft lora|ia3)");
+        }
+        if self.merge && !cfg.as_ref().is_some_and(PeftConfig::mergeable) {
+            bail!(
+                "peft.merge (--merge): {} adds computation that is not a weight change and cannot be merged (LoRA, DoRA and IA³ can)",
+                cfg.as_ref().map_or("", PeftConfig::name)
+            );
+        }
+        if self.prefix_projection && self.method != Some(PeftKind::Prefix) {
+            bail!("peft.prefix_projection (--prefix-projection) is a prefix-tuning option: give --peft prefix");
+        }
+        if self.prompt_init_text.is_some() && self.method != Some(PeftKind::Prompt) {
+            bail!("peft.prompt_init_text (--prompt-init-text) is a prompt-tuning option: give --peft prompt");
+        }
+        if self.reduction_factor == 0 {
+            bail!("peft.reduction_factor (--reduction-factor) must be at least 1");
         }
         if self.use_dora && self.method != Some(PeftKind::Lora) {
             bail!("peft.use_dora (--use-dora) is a LoRA option: give --peft lora");
@@ -144,6 +228,10 @@ impl PeftArgs {
 pub enum PeftConfig {
     Lora(lora::LoraConfig),
     Ia3(ia3::Ia3Config),
+    Prefix(prefix::PrefixConfig),
+    /// Prompt tuning, or P-tuning with an encoder.
+    Prompt(prompt::PromptConfig),
+    Bottleneck(bottleneck::BottleneckConfig),
 }
 
 impl PeftConfig {
@@ -151,7 +239,29 @@ impl PeftConfig {
         match self {
             PeftConfig::Lora(_) => "lora",
             PeftConfig::Ia3(_) => "ia3",
+            PeftConfig::Prefix(_) => "prefix",
+            PeftConfig::Prompt(c) if c.is_p_tuning() => "p-tuning",
+            PeftConfig::Prompt(_) => "prompt",
+            PeftConfig::Bottleneck(_) => "bottleneck",
         }
+    }
+
+    /// Whether the method folds into the base weights.
+    pub fn mergeable(&self) -> bool {
+        matches!(self, PeftConfig::Lora(_) | PeftConfig::Ia3(_))
+    }
+
+    /// Tokenizes prompt tuning's init text (PEFT: `tokenizer(text)["input_ids"]`, with the
+    /// tokenizer's special tokens).
+    pub fn tokenize(&mut self, tok: &crate::tokenizer::Tok) -> Result<()> {
+        if let PeftConfig::Prompt(prompt::PromptConfig {
+            init_text: Some((text, ids)),
+            ..
+        }) = self
+        {
+            *ids = tok.encode(text, true)?;
+        }
+        Ok(())
     }
 }
 
@@ -159,6 +269,9 @@ impl PeftConfig {
 pub enum Adapters {
     Lora(lora::Lora),
     Ia3(ia3::Ia3),
+    Prefix(prefix::Prefix),
+    Prompt(prompt::Prompt),
+    Bottleneck(bottleneck::Bottleneck),
 }
 
 impl Adapters {
@@ -184,6 +297,20 @@ impl Adapters {
                     switch,
                 )?)
             }
+            PeftConfig::Prefix(c) => {
+                Adapters::Prefix(prefix::attach(model, store, c, None, seed, switch)?)
+            }
+            PeftConfig::Prompt(c) => {
+                Adapters::Prompt(prompt::attach(model, store, c, None, seed, switch)?)
+            }
+            PeftConfig::Bottleneck(c) => Adapters::Bottleneck(bottleneck::attach(
+                model.linears_mut(),
+                store,
+                c,
+                None,
+                seed,
+                switch,
+            )?),
         })
     }
 
@@ -201,6 +328,9 @@ impl Adapters {
                 a.modules.len(),
                 a.modules.iter().filter(|(_, f)| *f).count()
             ),
+            Adapters::Prefix(a) => a.describe(),
+            Adapters::Prompt(a) => a.describe(),
+            Adapters::Bottleneck(a) => a.describe(),
         }
     }
 
@@ -215,6 +345,12 @@ impl Adapters {
         match self {
             Adapters::Lora(a) => a.write_files(dir, store, base, head),
             Adapters::Ia3(a) => a.write_files(dir, store, base, head),
+            Adapters::Bottleneck(a) => a.write_files(dir, store, base, head),
+            Adapters::Prefix(_) | Adapters::Prompt(_) if !head.modules.is_empty() => {
+                bail!("prefix/prompt tuning with trained heads (modules_to_save) is not supported")
+            }
+            Adapters::Prefix(a) => a.write_files(dir, base, head.task_type),
+            Adapters::Prompt(a) => a.write_files(dir, base, head.task_type),
         }
     }
 
@@ -223,6 +359,21 @@ impl Adapters {
         match self {
             Adapters::Lora(a) => a.merge(model, store),
             Adapters::Ia3(a) => a.merge(model, store),
+            Adapters::Prefix(_) | Adapters::Prompt(_) | Adapters::Bottleneck(_) => bail!(
+                "{} cannot be merged: it adds computation, not a weight change",
+                self.name()
+            ),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Adapters::Lora(_) => "LoRA",
+            Adapters::Ia3(_) => "IA³",
+            Adapters::Prefix(_) => "prefix tuning",
+            Adapters::Prompt(p) if p.cfg.is_p_tuning() => "P-tuning",
+            Adapters::Prompt(_) => "prompt tuning",
+            Adapters::Bottleneck(_) => "a bottleneck adapter",
         }
     }
 }
@@ -238,6 +389,15 @@ pub fn load(
     let v = crate::input::read_json(&dir.join("adapter_config.json"))?;
     match v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("") {
         "IA3" => Ok(Adapters::Ia3(ia3::load(dir, &v, model, store, switch)?)),
+        "PREFIX_TUNING" => Ok(Adapters::Prefix(prefix::load(
+            dir, &v, model, store, switch,
+        )?)),
+        "PROMPT_TUNING" | "P_TUNING" => Ok(Adapters::Prompt(prompt::load(
+            dir, &v, model, store, switch,
+        )?)),
+        bottleneck::PEFT_TYPE => Ok(Adapters::Bottleneck(bottleneck::load(
+            dir, &v, model, store, switch,
+        )?)),
         _ => Ok(Adapters::Lora(lora::load_with(
             dir, &v, model, store, switch,
         )?)),
@@ -267,4 +427,86 @@ pub(crate) fn refuse_set(
         }
     }
     Ok(())
+}
+
+// ------------------------------------------------------- prompt-learning files (PEFT layout)
+
+/// The `adapter_config.json` keys PEFT's prompt-learning configs share.
+pub(crate) fn virtual_json(
+    peft_type: &str,
+    task_type: &str,
+    base: &str,
+    p: usize,
+    token_dim: usize,
+    n_heads: usize,
+    n_layers: usize,
+) -> Value {
+    json!({
+        "peft_type": peft_type,
+        "task_type": task_type,
+        "base_model_name_or_path": base,
+        "num_virtual_tokens": p,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": n_heads,
+        "num_layers": n_layers,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "revision": null,
+    })
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` holding `prompt_embeddings`.
+pub(crate) fn write_virtual(dir: &Path, config: &Value, embeddings: &Tensor) -> Result<()> {
+    crate::fsutil::write_json(&dir.join("adapter_config.json"), config)?;
+    crate::model::params::save_tensors(
+        &[(prefix::FLAT.to_string(), embeddings.contiguous()?)],
+        &dir.join("adapter_model.safetensors"),
+    )
+}
+
+/// Checks a prompt-learning config against the model; returns P.
+pub(crate) fn check_virtual_json(
+    dir: &Path,
+    v: &Value,
+    model: &DecoderModel,
+    token_dim: usize,
+    n_heads: Option<usize>,
+) -> Result<usize> {
+    let path = dir.join("adapter_config.json");
+    let int = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
+    let p = match int("num_virtual_tokens") {
+        Some(p) if p > 0 => p,
+        _ => bail!(
+            "{}: num_virtual_tokens missing or not a positive integer",
+            path.display()
+        ),
+    };
+    let mut want = vec![
+        ("num_transformer_submodules", 1),
+        ("token_dim", token_dim),
+        ("num_layers", model.cfg.num_layers),
+    ];
+    want.extend(n_heads.map(|h| ("num_attention_heads", h)));
+    for (k, expect) in want {
+        if let Some(got) = int(k) {
+            if got != expect {
+                bail!(
+                    "{}: {k} is {got}, this model needs {expect}",
+                    path.display()
+                );
+            }
+        }
+    }
+    refuse_set(v, &["modules_to_save"], dir, "prompt learning")?;
+    Ok(p)
+}
+
+/// A PEFT directory's `adapter_model.safetensors`.
+pub(crate) fn open_adapter_weights(dir: &Path) -> Result<WeightSource> {
+    let file = dir.join("adapter_model.safetensors");
+    if !file.is_file() {
+        bail!("{}: adapter_model.safetensors is missing", dir.display());
+    }
+    WeightSource::open_files(&[file])
 }

@@ -73,10 +73,12 @@ impl Policy {
 
     /// Attaches the PEFT method's adapters (the base was loaded frozen).
     pub fn attach_peft(&mut self, cfg: &PeftConfig, seed: u64) -> Result<()> {
+        let mut cfg = cfg.clone();
+        cfg.tokenize(&self.m.tok)?;
         let a = Adapters::attach(
             &mut self.m.model,
             &mut self.m.store,
-            cfg,
+            &cfg,
             seed,
             &self.switch,
         )?;

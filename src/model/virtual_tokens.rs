@@ -1,0 +1,53 @@
+//! Virtual tokens ahead of every sequence, as the model sees them: prefix tuning, prompt
+//! tuning and P-tuning all come down to P positions whose keys and values every query
+//! attends to, with the real tokens placed after them (positions P, P+1, …) — as
+//! transformers places tokens after PEFT's `past_key_values` prefix or its prepended prompt
+//! embeddings. The methods themselves live in `peft::prefix` and `peft::prompt`; the model only
+//! asks them for the keys and values, once per forward (once per generation with a cache).
+
+use super::DecoderModel;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::sync::Arc;
+
+/// Keys and values of one layer's virtual positions: (1, n_kv, P, hd) each.
+pub type LayerKv = (Tensor, Tensor);
+
+pub trait VirtualTokens: Send + Sync {
+    /// Off when the adapters are switched off (the reference model).
+    fn active(&self) -> bool;
+    /// P, the number of virtual positions.
+    fn positions(&self) -> usize;
+    /// Every layer's keys and values, on the autograd graph of the method's weights.
+    fn keys_values(&self, model: &DecoderModel) -> Result<Vec<LayerKv>>;
+    /// The same tokens on detached weights (decoding).
+    fn detached(&self) -> Arc<dyn VirtualTokens>;
+}
+
+/// PEFT's prefix layout: one row per virtual token of `n_layers · 2 · n_kv · hd` values, layer
+/// l's keys in block 2l and its values in block 2l+1 — (P, L·2·n_kv·hd) -> per layer
+/// (1, n_kv, P, hd) keys and values.
+pub fn split_prefix(
+    flat: &Tensor,
+    n_layers: usize,
+    n_kv: usize,
+    hd: usize,
+) -> Result<Vec<LayerKv>> {
+    let (p, width) = flat.dims2()?;
+    if width != n_layers * 2 * n_kv * hd {
+        bail!(
+            "prefix rows hold {width} values, the model needs {n_layers} layers × 2 × {n_kv} heads × {hd}"
+        );
+    }
+    // (P, L·2, n_kv, hd) -> (L·2, n_kv, P, hd)
+    let t = flat
+        .reshape((p, n_layers * 2, n_kv, hd))?
+        .permute((1, 2, 0, 3))?;
+    (0..n_layers)
+        .map(|l| {
+            let part =
+                |i: usize| -> Result<Tensor> { Ok(t.narrow(0, 2 * l + i, 1)?.contiguous()?) };
+            Ok((part(0)?, part(1)?))
+        })
+        .collect()
+}

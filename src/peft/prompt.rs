@@ -1,0 +1,312 @@
+//! Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
+//! Tuning") and P-tuning (Liu et al. 2021, "GPT Understands, Too"): P trained input embeddings
+//! in front of every sequence, the model frozen.
+//!
+//!   prompt tuning:  x = [E ; embed(ids)],          E (P, C) trained
+//!   P-tuning:       x = [f(E) ; embed(ids)],       f = PEFT's MLP (C→h→h→C, ReLU) or
+//!                                                  bidirectional LSTM + MLP head
+//!
+//! E starts N(0, 1) (PEFT's RANDOM) or as the embeddings of a text's tokens, repeated or cut to P
+//! (PEFT's TEXT init). Saved as PEFT saves them: `prompt_embeddings` = E, or f(E) folded for
+//! P-tuning (PEFT loads either in inference mode as plain embeddings). The virtual tokens come
+//! before the real ones, whose positions start at P; since they attend only to each other,
+//! their keys and values are the model's cache over E alone, computed once per forward and
+//! handed to every layer as a prefix (`model::virtual_tokens`) — the output keeps the real
+//! positions only. Deviation: PEFT's logits include the P virtual positions; lmforge's do not.
+
+use super::lstm::Lstm;
+use super::{virtual_json, AdapterSwitch};
+use crate::model::layers::Layout;
+use crate::model::loader::WeightSource;
+use crate::model::params::{Init, ParamKind, Source};
+use crate::model::virtual_tokens::{LayerKv, VirtualTokens};
+use crate::model::{DecoderModel, ParamStore};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+
+/// P-tuning's prompt encoder (PEFT's `encoder_reparameterization_type`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderKind {
+    Mlp,
+    Lstm,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptConfig {
+    pub num_virtual_tokens: usize,
+    /// PEFT's TEXT init: the token ids of `prompt_tuning_init_text` (and the text).
+    pub init_text: Option<(String, Vec<u32>)>,
+    /// P-tuning: the encoder, its hidden size (0: the model's width) and LSTM layers.
+    pub encoder: Option<(EncoderKind, usize, usize)>,
+}
+
+impl PromptConfig {
+    pub fn is_p_tuning(&self) -> bool {
+        self.encoder.is_some()
+    }
+}
+
+/// f of P-tuning.
+#[derive(Clone)]
+enum Head {
+    /// Linear, ReLU, Linear, ReLU, Linear (weights and biases).
+    Mlp(Vec<(Tensor, Tensor)>),
+    /// Bidirectional LSTM, then Linear(2h, 2h), ReLU, Linear(2h, C).
+    Lstm(Lstm, Vec<(Tensor, Tensor)>),
+}
+
+#[derive(Clone)]
+struct Tokens {
+    emb: Tensor, // (P, C)
+    head: Option<Head>,
+    switch: AdapterSwitch,
+}
+
+/// Linear layers with ReLU between them: x (N, in) -> (N, out).
+fn mlp(x: &Tensor, layers: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    let mut h = x.clone();
+    for (i, (w, b)) in layers.iter().enumerate() {
+        if i > 0 {
+            h = h.relu()?;
+        }
+        h = crate::kernels::linear::linear_bias(&h, w, Some(b), Layout::OutIn)?;
+    }
+    Ok(h)
+}
+
+impl Tokens {
+    /// The virtual tokens' input embeddings, (P, C): what PEFT saves.
+    fn embeddings(&self) -> Result<Tensor> {
+        Ok(match &self.head {
+            None => self.emb.clone(),
+            Some(Head::Mlp(layers)) => mlp(&self.emb, layers)?,
+            Some(Head::Lstm(lstm, layers)) => mlp(&lstm.forward(&self.emb)?, layers)?,
+        })
+    }
+}
+
+impl VirtualTokens for Tokens {
+    fn active(&self) -> bool {
+        self.switch.enabled()
+    }
+    fn positions(&self) -> usize {
+        self.emb.dims()[0]
+    }
+    fn keys_values(&self, model: &DecoderModel) -> Result<Vec<LayerKv>> {
+        model.layer_keys_values(&self.embeddings()?.unsqueeze(0)?)
+    }
+    fn detached(&self) -> Arc<dyn VirtualTokens> {
+        let pairs = |v: &[(Tensor, Tensor)]| -> Vec<(Tensor, Tensor)> {
+            v.iter().map(|(w, b)| (w.detach(), b.detach())).collect()
+        };
+        let head = self.head.as_ref().map(|h| match h {
+            Head::Mlp(l) => Head::Mlp(pairs(l)),
+            Head::Lstm(lstm, l) => Head::Lstm(lstm.detached(), pairs(l)),
+        });
+        Arc::new(Tokens {
+            emb: self.emb.detach(),
+            head,
+            switch: self.switch.clone(),
+        })
+    }
+}
+
+/// Prompt-tuning or P-tuning tokens attached to a model.
+pub struct Prompt {
+    pub cfg: PromptConfig,
+    tokens: Tokens,
+    n_heads: usize,
+    n_layers: usize,
+}
+
+const EMB: &str = "prompt_encoder.embedding.weight";
+
+/// Attaches virtual tokens to `model`. `weights`: a PEFT directory's `prompt_embeddings`, or
+/// for P-tuning the unfolded encoder under PEFT's names (`prompt_encoder.embedding.weight`,
+/// `prompt_encoder.mlp_head.*`, `prompt_encoder.lstm_head.*`).
+pub fn attach(
+    model: &mut DecoderModel,
+    store: &mut ParamStore,
+    cfg: &PromptConfig,
+    weights: Option<&WeightSource>,
+    seed: u64,
+    switch: &AdapterSwitch,
+) -> Result<Prompt> {
+    let (p, c) = (cfg.num_virtual_tokens, model.cfg.hidden_size);
+    if p == 0 {
+        bail!("prompt tuning needs at least one virtual token (num_virtual_tokens)");
+    }
+    let src = weights.map_or(Source::Random { seed }, Source::Weights);
+    let emb_name = if cfg.is_p_tuning() {
+        EMB
+    } else {
+        super::prefix::FLAT
+    };
+    let mut emb = store.add(
+        &src,
+        emb_name,
+        &[p, c],
+        ParamKind::Adapter,
+        Init::Normal(1.0),
+        true,
+    )?;
+    if let (Some((_, ids)), None) = (&cfg.init_text, weights) {
+        if ids.is_empty() {
+            bail!("the prompt-tuning init text has no tokens");
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= model.cfg.vocab_size) {
+            bail!("init text token {bad} is outside the vocabulary");
+        }
+        let ids: Vec<u32> = ids.iter().copied().cycle().take(p).collect();
+        let idx = Tensor::from_slice(&ids, p, emb.device())?;
+        let init = model.wte.weight.detach().index_select(&idx, 0)?;
+        let param = store
+            .get(emb_name)
+            .ok_or_else(|| anyhow::anyhow!("internal error: {emb_name} missing"))?;
+        param.var.set(&init)?;
+        emb = param.var.as_tensor().clone();
+    }
+    let head = match cfg.encoder {
+        None => None,
+        Some((kind, h, n_layers)) => {
+            let h = if h == 0 { c } else { h };
+            let u = |fan_in: usize| Init::Uniform(1.0 / (fan_in as f64).sqrt());
+            let mut linear = |name: String, out: usize, inp: usize| -> Result<(Tensor, Tensor)> {
+                let w = store.add(
+                    &src,
+                    &format!("{name}.weight"),
+                    &[out, inp],
+                    ParamKind::Adapter,
+                    u(inp),
+                    true,
+                )?;
+                let b = store.add(
+                    &src,
+                    &format!("{name}.bias"),
+                    &[out],
+                    ParamKind::Adapter,
+                    u(inp),
+                    true,
+                )?;
+                Ok((w, b))
+            };
+            let m = "prompt_encoder.mlp_head";
+            Some(match kind {
+                EncoderKind::Mlp => Head::Mlp(vec![
+                    linear(format!("{m}.0"), h, c)?,
+                    linear(format!("{m}.2"), h, h)?,
+                    linear(format!("{m}.4"), c, h)?,
+                ]),
+                EncoderKind::Lstm => {
+                    let lstm = Lstm::new(store, &src, "prompt_encoder.lstm_head", c, h, n_layers)?;
+                    let mut linear =
+                        |name: String, out: usize, inp: usize| -> Result<(Tensor, Tensor)> {
+                            let w = store.add(
+                                &src,
+                                &format!("{name}.weight"),
+                                &[out, inp],
+                                ParamKind::Adapter,
+                                u(inp),
+                                true,
+                            )?;
+                            let b = store.add(
+                                &src,
+                                &format!("{name}.bias"),
+                                &[out],
+                                ParamKind::Adapter,
+                                u(inp),
+                                true,
+                            )?;
+                            Ok((w, b))
+                        };
+                    let layers = vec![
+                        linear(format!("{m}.0"), 2 * h, 2 * h)?,
+                        linear(format!("{m}.2"), c, 2 * h)?,
+                    ];
+                    Head::Lstm(lstm, layers)
+                }
+            })
+        }
+    };
+    if let Some(w) = weights {
+        w.check_all_used(|_| false)?;
+    }
+    let tokens = Tokens {
+        emb,
+        head,
+        switch: switch.clone(),
+    };
+    model.virtual_tokens = Some(Arc::new(tokens.clone()));
+    Ok(Prompt {
+        cfg: cfg.clone(),
+        tokens,
+        n_heads: model.cfg.num_heads,
+        n_layers: model.cfg.num_layers,
+    })
+}
+
+impl Prompt {
+    /// Writes PEFT's files: the config and the (folded) virtual-token embeddings.
+    pub fn write_files(&self, dir: &Path, base: &str, task_type: &str) -> Result<()> {
+        let emb = self.tokens.embeddings()?.detach();
+        let (p, c) = emb.dims2()?;
+        let kind = if self.cfg.is_p_tuning() {
+            "P_TUNING"
+        } else {
+            "PROMPT_TUNING"
+        };
+        let mut j = virtual_json(kind, task_type, base, p, c, self.n_heads, self.n_layers);
+        match (&self.cfg.encoder, &self.cfg.init_text) {
+            (Some((kind, h, layers)), _) => {
+                j["encoder_reparameterization_type"] = json!(match kind {
+                    EncoderKind::Mlp => "MLP",
+                    EncoderKind::Lstm => "LSTM",
+                });
+                j["encoder_hidden_size"] = json!(if *h == 0 { c } else { *h });
+                j["encoder_num_layers"] = json!(layers);
+                j["encoder_dropout"] = json!(0.0);
+            }
+            (None, Some((text, _))) => {
+                j["prompt_tuning_init"] = json!("TEXT");
+                j["prompt_tuning_init_text"] = json!(text);
+                j["tokenizer_name_or_path"] = json!(base);
+            }
+            (None, None) => j["prompt_tuning_init"] = json!("RANDOM"),
+        }
+        super::write_virtual(dir, &j, &emb)
+    }
+
+    pub fn describe(&self) -> String {
+        let what = match &self.cfg.encoder {
+            Some((EncoderKind::Mlp, ..)) => "P-tuning (MLP encoder)",
+            Some((EncoderKind::Lstm, ..)) => "P-tuning (LSTM encoder)",
+            None => "prompt tuning",
+        };
+        format!(", {what}: {} virtual tokens", self.cfg.num_virtual_tokens)
+    }
+}
+
+/// Loads a PEFT prompt-tuning or P-tuning directory: its (folded) embeddings, trainable, so
+/// training continues them as prompt tuning.
+pub fn load(
+    dir: &Path,
+    v: &Value,
+    model: &mut DecoderModel,
+    store: &mut ParamStore,
+    switch: &AdapterSwitch,
+) -> Result<Prompt> {
+    let p = super::check_virtual_json(dir, v, model, model.cfg.hidden_size, None)?;
+    let w = super::open_adapter_weights(dir)?;
+    let cfg = PromptConfig {
+        num_virtual_tokens: p,
+        init_text: None,
+        encoder: None,
+    };
+    attach(model, store, &cfg, Some(&w), 0, switch)
+}
