@@ -327,12 +327,22 @@ fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
     // LoRA and DoRA: the adapter alone or on its base; labels are LABEL_i in sorted order.
     let ids = d.join("cls_ids.toml");
     std::fs::write(&ids, format!("name = \"cls\"\nkind = \"classify\"\ndata = \"{te}\"\ndoc_to_text = \"{{{{ text }}}}\"\ndoc_to_target = \"{{{{ 'LABEL_1' if label == 'pos' else 'LABEL_0' }}}}\"\n")).unwrap();
-    for (name, extra) in [
-        ("lora", vec!["--lora-r", "4"]),
-        ("dora", vec!["--use-dora"]),
+    // IA³ (BERT's table: key, value, output.dense) and bottleneck adapters through the same path.
+    for (name, flags) in [
+        (
+            "lora",
+            vec!["--peft", "lora", "--lora-dropout", "0", "--lora-r", "4"],
+        ),
+        (
+            "dora",
+            vec!["--peft", "lora", "--lora-dropout", "0", "--use-dora"],
+        ),
+        ("ia3", vec!["--peft", "ia3"]),
+        (
+            "houlsby",
+            vec!["--peft", "bottleneck", "--adapter-variant", "houlsby"],
+        ),
     ] {
-        let mut flags = vec!["--peft", "lora", "--lora-dropout", "0"];
-        flags.extend(extra);
         let summary = train(name, &flags);
         let adapter = d.join(name).join("adapter");
         let a = adapter.to_str().unwrap();

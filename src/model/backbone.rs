@@ -180,6 +180,14 @@ impl Backbone {
         }
     }
 
+    /// PEFT's `model_type` of the body (its per-architecture defaults).
+    pub fn model_type(&self) -> &str {
+        match self {
+            Backbone::Encoder(_) => "bert",
+            Backbone::Decoder(d) => &d.cfg.model_type,
+        }
+    }
+
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
             Backbone::Encoder(e) => e.linears_mut(),
@@ -354,7 +362,7 @@ fn load_head_adapter(
     dev: &Device,
     trainable: bool,
 ) -> Result<HeadModel> {
-    let (cfg, base_in_file, heads) = crate::peft::lora::read_config_with_heads(dir)?;
+    let (cfg, base_in_file, heads) = crate::peft::read_linear_config(dir)?;
     let base = match (base, &base_in_file) {
         (Some(b), _) => b.to_path_buf(),
         (None, Some(b)) => std::path::PathBuf::from(b),
@@ -377,8 +385,7 @@ fn load_head_adapter(
     for k in w.names() {
         let shape = w.shape(&k).with_context(|| format!("{label}: {k}"))?;
         let t = w.load(&k, &shape, dev)?;
-        if k.contains(".lora_A.") || k.contains(".lora_B.") || k.ends_with(".lora_magnitude_vector")
-        {
+        if crate::peft::is_adapter_tensor(&k) {
             lora.insert(k, t);
         } else {
             rest.insert(
@@ -391,10 +398,12 @@ fn load_head_adapter(
     }
     let switch = crate::peft::AdapterSwitch::default();
     let ws = WeightSource::from_tensors(label.clone(), lora);
-    crate::peft::lora::attach_to(
+    let model_type = m.body.model_type().to_string();
+    crate::peft::Adapters::attach_linears(
         m.body.linears_mut(),
         &mut m.store,
         &cfg,
+        &model_type,
         Some(&ws),
         0,
         &switch,

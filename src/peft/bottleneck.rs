@@ -71,9 +71,15 @@ pub struct BottleneckConfig {
 
 /// Which sublayer output `name` is: attention's or the MLP's output projection.
 fn sublayer(name: &str) -> Option<&'static str> {
-    if name.ends_with("self_attn.o_proj") || name.ends_with("attn.c_proj") {
+    if name.ends_with("self_attn.o_proj")
+        || name.ends_with("attn.c_proj")
+        || name.ends_with("attention.output.dense")
+    {
         Some("attention")
-    } else if name.ends_with("mlp.down_proj") || name.ends_with("mlp.c_proj") {
+    } else if name.ends_with("mlp.down_proj")
+        || name.ends_with("mlp.c_proj")
+        || name.ends_with(".output.dense")
+    {
         Some("mlp")
     } else {
         None

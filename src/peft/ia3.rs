@@ -35,6 +35,8 @@ fn defaults(model_type: &str) -> (&'static [&'static str], &'static [&'static st
     match model_type {
         "gpt2" => (&["c_attn", "mlp.c_proj"], &["mlp.c_proj"]),
         "qwen2" => (&["q_proj", "v_proj", "down_proj"], &["down_proj"]),
+        // PEFT's suffix "output.dense" is both BERT's attention output and its FFN output.
+        "bert" => (&["key", "value", "output.dense"], &["output.dense"]),
         _ => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
     }
 }
@@ -234,9 +236,6 @@ impl Ia3 {
         base: &str,
         head: &super::lora::Head,
     ) -> Result<()> {
-        if !head.modules.is_empty() {
-            bail!("IA³ with trained heads (modules_to_save) is not supported yet");
-        }
         write_json(
             &dir.join("adapter_config.json"),
             &self.config_json(base, head.task_type, &head.modules),

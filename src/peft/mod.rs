@@ -146,19 +146,6 @@ impl PeftArgs {
         }
     }
 
-    /// The LoRA configuration, or None for a full fine-tune; other methods are refused (the
-    /// trainers that take them use `config`).
-    pub fn lora(&self) -> Result<Option<lora::LoraConfig>> {
-        match self.config()? {
-            None => Ok(None),
-            Some(PeftConfig::Lora(c)) => Ok(Some(c)),
-            Some(other) => bail!(
-                "--peft {}: this command supports LoRA only so far",
-                other.name()
-            ),
-        }
-    }
-
     /// The method's configuration, or None for a full fine-tune.
     pub fn config(&self) -> Result<Option<PeftConfig>> {
         let cfg = match self.method {
@@ -314,6 +301,55 @@ impl Adapters {
         })
     }
 
+    /// Attaches a method that lives on linear layers (LoRA, DoRA, IA³, bottleneck adapters) to
+    /// `linears` — a task model's body, encoder or decoder; `model_type` picks IA³'s defaults.
+    /// `weights` loads them (an adapter directory), otherwise they start fresh from `seed`.
+    pub fn attach_linears(
+        linears: Vec<&mut crate::model::layers::Linear>,
+        store: &mut ParamStore,
+        cfg: &PeftConfig,
+        model_type: &str,
+        weights: Option<&WeightSource>,
+        seed: u64,
+        switch: &AdapterSwitch,
+    ) -> Result<Self> {
+        Ok(match cfg {
+            PeftConfig::Lora(c) => {
+                Adapters::Lora(lora::attach_to(linears, store, c, weights, seed, switch)?)
+            }
+            PeftConfig::Ia3(c) => Adapters::Ia3(ia3::attach_to(
+                linears,
+                store,
+                &c.resolve(model_type),
+                weights,
+                switch,
+            )?),
+            PeftConfig::Bottleneck(c) => Adapters::Bottleneck(bottleneck::attach(
+                linears, store, c, weights, seed, switch,
+            )?),
+            PeftConfig::Prefix(_) | PeftConfig::Prompt(_) => bail!(
+                "--peft {}: task heads support lora, ia3 and bottleneck so far (virtual tokens are implemented for causal-LM training: sft, dpo, kto, ppo, grpo, rloo)",
+                cfg.name()
+            ),
+        })
+    }
+
+    /// `merge` for a task model's body.
+    pub fn merge_linears(
+        &self,
+        linears: Vec<&mut crate::model::layers::Linear>,
+        store: &ParamStore,
+    ) -> Result<()> {
+        match self {
+            Adapters::Lora(a) => a.merge_into(linears, store),
+            Adapters::Ia3(a) => a.merge_into(linears, store),
+            _ => bail!(
+                "{} cannot be merged: it adds computation, not a weight change",
+                self.name()
+            ),
+        }
+    }
+
     /// ", LoRA r=8 on 28 layers" for the log.
     pub fn describe(&self) -> String {
         match self {
@@ -402,6 +438,52 @@ pub fn load(
             dir, &v, model, store, switch,
         )?)),
     }
+}
+
+/// Whether `name` is a tensor of a linear-layer method (not a module trained in full).
+pub fn is_adapter_tensor(name: &str) -> bool {
+    name.contains(".lora_A.")
+        || name.contains(".lora_B.")
+        || name.ends_with(".lora_magnitude_vector")
+        || name.ends_with(".ia3_l")
+        || name.contains(".adapter_down.")
+        || name.contains(".adapter_up.")
+}
+
+/// A task model's adapter directory: the method (one that lives on linear layers), the base
+/// model's name, and the modules trained in full (`modules_to_save`).
+pub fn read_linear_config(dir: &Path) -> Result<(PeftConfig, Option<String>, Vec<String>)> {
+    let mut v = crate::input::read_json(&dir.join("adapter_config.json"))?;
+    let kind = v
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let heads: Vec<String> = match v.get("modules_to_save") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let base = v
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .map(String::from);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("modules_to_save");
+    }
+    let cfg = match kind.as_str() {
+        "IA3" => PeftConfig::Ia3(ia3::read_config(dir, &v)?.0),
+        bottleneck::PEFT_TYPE => PeftConfig::Bottleneck(bottleneck::read_config(dir, &v)?),
+        "PREFIX_TUNING" | "PROMPT_TUNING" | "P_TUNING" => bail!(
+            "{}: {kind} adapters of task heads are not supported",
+            dir.display()
+        ),
+        _ => PeftConfig::Lora(lora::read_config_with_heads(dir)?.0),
+    };
+    Ok((cfg, base, heads))
 }
 
 /// Refuses an adapter config that sets any of `keys` (features that change what the weights

@@ -14,7 +14,8 @@ use crate::model::backbone::{saved_with_head, Backbone, LoadedBackbone};
 use crate::model::layers::{Builder, Layout, Linear};
 use crate::model::params::Source;
 use crate::outdir::{self, write_output};
-use crate::peft::lora::{self, Lora, LoraConfig};
+use crate::peft::lora;
+use crate::peft::Adapters;
 use crate::peft::{AdapterSwitch, PeftArgs};
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
 use crate::train::engine::{TrainArgs, TrainConfig};
@@ -152,7 +153,7 @@ pub struct Tuned {
     pub head: Linear,
     pub head_name: &'static str,
     pub switch: AdapterSwitch,
-    pub adapters: Option<Lora>,
+    pub adapters: Option<Adapters>,
     pub pad: u32,
     pub max_len: usize,
     pub forgetting: Option<Forgetting>,
@@ -181,7 +182,7 @@ impl Tuned {
         n: usize,
         seed: u64,
     ) -> Result<Self> {
-        let lora_cfg: Option<LoraConfig> = o.peft.lora()?;
+        let peft_cfg = o.peft.config()?;
         let hidden = m.body.hidden_size();
         let head = {
             let mut b = Builder {
@@ -192,11 +193,13 @@ impl Tuned {
             Linear::new(&mut b, name, hidden, n, bias, Layout::OutIn, 0.02)?
         };
         let switch = AdapterSwitch::default();
-        let adapters = match &lora_cfg {
-            Some(c) => Some(lora::attach_to(
+        let model_type = m.body.model_type().to_string();
+        let adapters = match &peft_cfg {
+            Some(c) => Some(Adapters::attach_linears(
                 m.body.linears_mut(),
                 &mut m.store,
                 c,
+                &model_type,
                 None,
                 seed,
                 &switch,
@@ -346,7 +349,7 @@ pub fn write_outputs(h: &mut Tuned, out: &Path, o: &BodyOpts, spec: &HeadSpec) -
         Ok(())
     })?;
     if o.peft.merge {
-        a.merge_into(h.m.body.linears_mut(), &h.m.store)?;
+        a.merge_linears(h.m.body.linears_mut(), &h.m.store)?;
         write_model(&h.m, &outdir::entry(out, "model")?)?;
     }
     Ok(std::fs::metadata(dir.join("adapter_model.safetensors"))?.len())
