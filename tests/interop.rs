@@ -562,6 +562,7 @@ fn blocks_are_not_used_where_a_gradient_is_needed() {
         out_dim: q.rows(),
         adapter: None,
         quant: Some(std::sync::Arc::new(q)),
+        qbase: None,
     };
     let x0 = Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
     // Frozen weight, constant input: decoded from the blocks (close, not bit-identical).

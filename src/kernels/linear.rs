@@ -329,6 +329,23 @@ pub(crate) unsafe fn gemm_into(
     l: Mat,
     r: Mat,
 ) {
+    // SAFETY: the caller's contract, dst's rows n apart.
+    unsafe { gemm_into_strided(dst, n, (m, n, k), acc, l, r) }
+}
+
+/// `gemm_into` with dst's rows `dst_rs` floats apart (a column block of a wider matrix).
+///
+/// # Safety
+/// `dst` must be valid for writes at r·dst_rs + c for r < m, c < n, and the operands' strides
+/// must stay inside their slices.
+pub(crate) unsafe fn gemm_into_strided(
+    dst: *mut f32,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    acc: bool,
+    l: Mat,
+    r: Mat,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -346,7 +363,7 @@ pub(crate) unsafe fn gemm_into(
             k,
             dst,
             1,
-            n as isize,
+            dst_rs as isize,
             acc,
             l.data.as_ptr(),
             l.cs as isize,

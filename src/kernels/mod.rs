@@ -19,6 +19,7 @@ pub mod linear;
 pub mod lora;
 pub mod norm;
 pub mod qgemv;
+pub mod qlinear;
 pub mod rope;
 pub mod vmath;
 pub mod xent;

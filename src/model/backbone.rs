@@ -288,6 +288,7 @@ fn head_linear(
         store,
         source: &Source::Weights(w),
         frozen: &|_| !trainable,
+        blocks: None,
     };
     Linear::new(&mut b, name, hidden, n, bias, Layout::OutIn, 0.02)
 }

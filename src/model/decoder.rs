@@ -10,7 +10,7 @@
 pub use super::attention::KvCache;
 use super::attention::{Attention, LayerCtx};
 use super::config::{Family, ModelConfig};
-use super::layers::{activate, gated, Builder, Embedding, Layout, Linear, Norm, Rope};
+use super::layers::{activate, gated, Builder, Embedding, Layout, Linear, Norm, QBlocks, Rope};
 use super::loader::WeightSource;
 pub use super::packing::Packing;
 use super::params::{ParamStore, Source};
@@ -217,12 +217,24 @@ impl DecoderModel {
         source: &Source,
         frozen: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
+        Self::new_with_blocks(cfg, store, source, frozen, None)
+    }
+
+    /// `new`, with the linear weights found in `blocks` kept as GGUF blocks (QLoRA).
+    pub fn new_with_blocks(
+        cfg: &ModelConfig,
+        store: &mut ParamStore,
+        source: &Source,
+        frozen: &dyn Fn(&str) -> bool,
+        blocks: Option<&QBlocks>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let dev = store.device.clone();
         let mut b = Builder {
             store,
             source,
             frozen,
+            blocks,
         };
         let (c, v) = (cfg.hidden_size, cfg.vocab_size);
         let (wte, wpe) = match cfg.family {
@@ -289,7 +301,18 @@ impl DecoderModel {
         weights: &WeightSource,
         frozen: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
-        let model = Self::new(cfg, store, &Source::Weights(weights), frozen)?;
+        Self::load_with_blocks(cfg, store, weights, frozen, None)
+    }
+
+    /// `load`, with the linear weights in `blocks` kept as GGUF blocks (QLoRA).
+    pub fn load_with_blocks(
+        cfg: &ModelConfig,
+        store: &mut ParamStore,
+        weights: &WeightSource,
+        frozen: &dyn Fn(&str) -> bool,
+        blocks: Option<&QBlocks>,
+    ) -> Result<Self> {
+        let model = Self::new_with_blocks(cfg, store, &Source::Weights(weights), frozen, blocks)?;
         weights.check_all_used(|n| Self::unused_ok(cfg, n))?;
         Ok(model)
     }

@@ -281,6 +281,7 @@ impl Encoder {
             store,
             source,
             frozen,
+            blocks: None,
         };
         let word = Embedding::new(&mut b, "bert.embeddings.word_embeddings.weight", v, c, 0.02)?;
         let pos = Embedding::new(
@@ -319,6 +320,7 @@ impl Encoder {
                 store: &mut *b.store,
                 source: &src,
                 frozen,
+                blocks: None,
             };
             Some(Linear::new(
                 &mut hb,
@@ -343,6 +345,7 @@ impl Encoder {
                 store: &mut *b.store,
                 source: &src,
                 frozen,
+                blocks: None,
             };
             let dense = Linear::new(
                 &mut hb,

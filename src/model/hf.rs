@@ -90,6 +90,35 @@ pub fn load_with_blocks(
     }
 }
 
+/// QLoRA: loads a .gguf model with every weight frozen and its quantized linear layers kept
+/// as GGUF blocks (never dequantized; `kernels::qlinear` reads them). Returns the model and
+/// the number of layers and bytes kept in blocks.
+pub fn load_qlora(path: &Path, dev: &Device) -> Result<(LoadedModel, usize, usize)> {
+    if !(path.is_file() && path.extension().is_some_and(|e| e == "gguf")) {
+        anyhow::bail!(
+            "{}: --qlora keeps a GGUF file's quantized weights; give a .gguf model",
+            path.display()
+        );
+    }
+    if !matches!(dev, Device::Cpu) {
+        anyhow::bail!("--qlora runs on the CPU (the quantized GEMM is a CPU kernel)");
+    }
+    let g = GgufFile::open(path)?;
+    let m = gguf::llama::load_with(&g, true)?;
+    let (n, bytes) = (m.blocks.len(), m.blocks.values().map(|q| q.nbytes()).sum());
+    let mut store = ParamStore::new(dev.clone());
+    let model =
+        DecoderModel::load_with_blocks(&m.cfg, &mut store, &m.weights, &|_| true, Some(&m.blocks))?;
+    let loaded = LoadedModel {
+        model,
+        store,
+        tok: m.tok,
+        eos_ids: m.eos_ids,
+        chat_template: m.chat_template,
+    };
+    Ok((loaded, n, bytes))
+}
+
 /// Loads an HF model directory (weights must match the config exactly).
 pub fn load_dir(dir: &Path, dev: &Device, frozen: &dyn Fn(&str) -> bool) -> Result<LoadedModel> {
     let (cfg, weights) = open_dir(dir)?;

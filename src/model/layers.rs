@@ -7,6 +7,7 @@
 
 use super::config::Activation;
 use super::params::{Init, ParamKind, ParamStore, Source};
+use crate::kernels::qlinear::QMatrix;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -26,6 +27,9 @@ pub struct Linear {
     pub adapter: Option<std::sync::Arc<dyn LinearAdapter>>,
     /// The weight as GGUF blocks, for decoding with a frozen weight (`kernels::qgemv`).
     pub quant: Option<std::sync::Arc<crate::kernels::qgemv::QWeight>>,
+    /// QLoRA: the frozen weight lives only as GGUF blocks (`kernels::qlinear`); `weight` is
+    /// then an empty placeholder and not a parameter.
+    pub qbase: Option<std::sync::Arc<QMatrix>>,
 }
 
 impl std::fmt::Debug for Linear {
@@ -61,7 +65,12 @@ pub struct Builder<'a> {
     pub store: &'a mut ParamStore,
     pub source: &'a Source<'a>,
     pub frozen: &'a dyn Fn(&str) -> bool,
+    /// QLoRA: frozen linear weights kept as GGUF blocks, by parameter name.
+    pub blocks: Option<&'a QBlocks>,
 }
+
+/// Frozen weights as GGUF blocks, by parameter name (`….weight`).
+pub type QBlocks = std::collections::HashMap<String, std::sync::Arc<QMatrix>>;
 
 impl Builder<'_> {
     pub fn param(
@@ -92,12 +101,19 @@ impl Linear {
             Layout::OutIn => [out_dim, in_dim],
             Layout::InOut => [in_dim, out_dim],
         };
-        let weight = b.param(
-            &format!("{name}.weight"),
-            &shape,
-            ParamKind::Weight,
-            Init::Normal(std),
-        )?;
+        let wname = format!("{name}.weight");
+        let qbase = b.blocks.and_then(|m| m.get(&wname)).cloned();
+        let weight = match &qbase {
+            Some(q) if layout == Layout::OutIn && (q.rows(), q.cols()) == (out_dim, in_dim) => {
+                Tensor::zeros(0, candle_core::DType::F32, &b.store.device)?
+            }
+            Some(q) => anyhow::bail!(
+                "{wname}: blocks of ({}, {}) for a ({out_dim}, {in_dim}) layer",
+                q.rows(),
+                q.cols()
+            ),
+            None => b.param(&wname, &shape, ParamKind::Weight, Init::Normal(std))?,
+        };
         let bias = if bias {
             Some(b.param(
                 &format!("{name}.bias"),
@@ -117,6 +133,7 @@ impl Linear {
             out_dim,
             adapter: None,
             quant: None,
+            qbase,
         })
     }
 
@@ -132,6 +149,9 @@ impl Linear {
 
     /// The weight as an (in, out) matrix, transposed through strides when stored (out, in).
     pub fn weight_in_out(&self) -> Result<Tensor> {
+        if let Some(q) = &self.qbase {
+            return Ok(q.dequantize()?.t()?);
+        }
         Ok(match self.layout {
             Layout::OutIn => self.weight.t()?,
             Layout::InOut => self.weight.clone(),
@@ -142,6 +162,17 @@ impl Linear {
     /// kernel (no weight-gradient GEMM for a frozen weight). Multiplicative adapters (IA³)
     /// wrap it.
     pub fn base(&self, x2: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.qbase {
+            let y = if crate::kernels::fusable(&[x2]) {
+                crate::kernels::qlinear::qlinear(x2, q)?
+            } else {
+                x2.matmul(&q.dequantize()?.to_device(x2.device())?.t()?)?
+            };
+            return Ok(match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
         let mut ts = vec![x2, &self.weight];
         ts.extend(self.bias.as_ref());
         Ok(

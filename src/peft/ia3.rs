@@ -249,6 +249,9 @@ impl Ia3 {
             let Some((_, ff)) = self.modules.iter().find(|(n, _)| *n == lin.name) else {
                 continue;
             };
+            if lin.qbase.is_some() {
+                bail!("{}: cannot merge into GGUF blocks (QLoRA); merge the adapter into the model loaded without --qlora (`lmforge merge`)", lin.name);
+            }
             // Merged already: the vector is in the weight.
             if lin.adapter.take().is_none() {
                 continue;

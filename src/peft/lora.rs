@@ -120,6 +120,9 @@ pub fn key_m(module: &str) -> String {
 
 /// A layer's weight as (out, in), detached, whatever its layout.
 fn out_in(lin: &Linear) -> Result<Tensor> {
+    if let Some(q) = &lin.qbase {
+        return Ok(q.dequantize()?); // QLoRA: a transient f32 copy of this one layer (DoRA)
+    }
     Ok(match lin.layout {
         Layout::OutIn => lin.weight.detach(),
         Layout::InOut => lin.weight.detach().t()?,
@@ -192,6 +195,9 @@ impl LinearAdapter for Layer {
 impl Layer {
     /// W₀x + b + s·B·A·dropout(x) as the fused op, when it applies.
     fn base_plus_adapter(&self, lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        if lin.qbase.is_some() {
+            return Ok(None); // QLoRA: the quantized base, then the adapter's delta
+        }
         let frozen = !lin.weight.track_op() && lin.bias.as_ref().is_none_or(|b| !b.track_op());
         let mut ts = vec![x, &lin.weight, &self.a, &self.b];
         ts.extend(lin.bias.as_ref());
@@ -494,6 +500,9 @@ impl Lora {
     pub fn merge_into(&self, linears: Vec<&mut Linear>, store: &ParamStore) -> Result<()> {
         let s = self.cfg.scale();
         for lin in linears {
+            if lin.qbase.is_some() {
+                bail!("{}: cannot merge into GGUF blocks (QLoRA); merge the adapter into the model loaded without --qlora (`lmforge merge`)", lin.name);
+            }
             if lin.adapter.take().is_none() {
                 continue;
             }

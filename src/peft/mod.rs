@@ -129,9 +129,24 @@ pub struct PeftArgs {
     /// Bottleneck adapters' nonlinearity.
     #[arg(long, value_enum, default_value = "silu")]
     pub adapter_act: bottleneck::ActKind,
+    /// QLoRA: keep a .gguf model's quantized linear weights in their blocks (frozen, read by
+    /// the quantized GEMM, never dequantized to f32); the adapters train in f32.
+    #[arg(long)]
+    pub qlora: bool,
     /// With --peft: also write the merged model to OUT/model.
     #[arg(long)]
     pub merge: bool,
+}
+
+/// How a trainer loads its base model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseLoad {
+    /// Every weight trains (full fine-tune).
+    Trainable,
+    /// Every weight frozen (a PEFT method trains).
+    Frozen,
+    /// Frozen, linear weights kept as GGUF blocks (QLoRA).
+    Quantized,
 }
 
 crate::clap_default!(PeftArgs);
@@ -143,6 +158,15 @@ impl PeftArgs {
             peft
         } else {
             full
+        }
+    }
+
+    /// How the base model loads for this method.
+    pub fn base_load(&self) -> BaseLoad {
+        match (self.method, self.qlora) {
+            (None, _) => BaseLoad::Trainable,
+            (Some(_), false) => BaseLoad::Frozen,
+            (Some(_), true) => BaseLoad::Quantized,
         }
     }
 
@@ -199,6 +223,12 @@ impl PeftArgs {
         }
         if self.prompt_init_text.is_some() && self.method != Some(PeftKind::Prompt) {
             bail!("peft.prompt_init_text (--prompt-init-text) is a prompt-tuning option: give --peft prompt");
+        }
+        if self.qlora && cfg.is_none() {
+            bail!("peft.qlora (--qlora) trains adapters over a quantized base: give a PEFT method (--peft lora|…)");
+        }
+        if self.qlora && self.merge {
+            bail!("peft.merge (--merge) with --qlora: the base stays in GGUF blocks; merge the adapter afterwards with `lmforge merge` (which dequantizes the base)");
         }
         if self.reduction_factor == 0 {
             bail!("peft.reduction_factor (--reduction-factor) must be at least 1");

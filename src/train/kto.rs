@@ -292,7 +292,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
     let mut p = Policy::load(
         &model_path,
         o.chat_template.as_deref(),
-        lora_cfg.is_some(),
+        o.peft.base_load(),
         &ctl,
     )?;
     let warn = Warn {

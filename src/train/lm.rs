@@ -7,7 +7,7 @@ use crate::chat::ChatTemplate;
 use crate::model::hf;
 use crate::outdir::{self, write_output};
 use crate::peft::lora;
-use crate::peft::{AdapterSwitch, Adapters, PeftConfig};
+use crate::peft::{AdapterSwitch, Adapters, BaseLoad, PeftConfig};
 use crate::train::engine::Control;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -29,10 +29,21 @@ impl Policy {
     pub fn load(
         path: &Path,
         chat_template: Option<&Path>,
-        lora: bool,
+        base: BaseLoad,
         ctl: &Control,
     ) -> Result<Self> {
-        let mut m = hf::load(path, &ctl.device, &|_| lora)?;
+        let mut m = match base {
+            BaseLoad::Trainable => hf::load(path, &ctl.device, &|_| false)?,
+            BaseLoad::Frozen => hf::load(path, &ctl.device, &|_| true)?,
+            BaseLoad::Quantized => {
+                let (m, n, bytes) = hf::load_qlora(path, &ctl.device)?;
+                eprintln!(
+                    "QLoRA: {n} linear layers kept as GGUF blocks ({:.1} MiB), the rest in f32",
+                    bytes as f64 / (1 << 20) as f64
+                );
+                m
+            }
+        };
         let template = match chat_template {
             Some(p) => Some(crate::input::read_text(p, crate::input::MAX_CONFIG_BYTES)?),
             None => m.chat_template.clone(),

@@ -10,9 +10,10 @@
 use super::tokenizer::tokenizer_from_gguf;
 use super::GgufFile;
 use crate::kernels::qgemv::QWeight;
+use crate::kernels::qlinear::QMatrix;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::DecoderModel;
-use crate::model::layers::Layout;
+use crate::model::layers::{Layout, QBlocks};
 use crate::model::loader::WeightSource;
 use crate::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
@@ -25,6 +26,8 @@ use std::sync::Arc;
 pub struct GgufModel {
     pub cfg: ModelConfig,
     pub weights: WeightSource,
+    /// With `load_with(_, true)`: the linear layers' weights as blocks (QLoRA).
+    pub blocks: QBlocks,
     pub tok: Tok,
     pub eos_ids: Vec<u32>,
     pub chat_template: Option<String>,
@@ -159,9 +162,16 @@ fn permuted_heads(hf_name: &str, n_heads: usize, n_kv_heads: usize) -> Option<us
 }
 
 pub fn load(g: &GgufFile) -> Result<GgufModel> {
+    load_with(g, false)
+}
+
+/// `load`; with `qlora` the quantized weights of the linear layers stay GGUF blocks
+/// (`GgufModel::blocks`) and are never dequantized.
+pub fn load_with(g: &GgufFile, qlora: bool) -> Result<GgufModel> {
     let cfg = config(g)?;
     let file = g.path.display().to_string();
     let mut tensors = HashMap::with_capacity(g.tensors.len());
+    let mut blocks = QBlocks::new();
     for t in &g.tensors {
         let Some(name) = hf_name(&t.name) else {
             bail!(
@@ -169,6 +179,18 @@ pub fn load(g: &GgufFile) -> Result<GgufModel> {
                 t.name
             );
         };
+        let linear = name.ends_with("_proj.weight") || name == "lm_head.weight";
+        if qlora && linear {
+            if let Some(mut q) = QMatrix::from_gguf(t.dtype, g.bytes(t), &t.shape) {
+                if let Some(h) = permuted_heads(&name, cfg.num_heads, cfg.num_kv_heads) {
+                    q = q
+                        .unpermute_rows(h)
+                        .with_context(|| format!("{file}: cannot unpermute {}", t.name))?;
+                }
+                blocks.insert(name, Arc::new(q));
+                continue;
+            }
+        }
         let mut w = g.dequantize(t)?;
         if let Some(h) = permuted_heads(&name, cfg.num_heads, cfg.num_kv_heads) {
             w = unpermute_rows(&w, h).with_context(|| format!("{file}: {}", t.name))?;
@@ -182,6 +204,7 @@ pub fn load(g: &GgufFile) -> Result<GgufModel> {
     Ok(GgufModel {
         cfg,
         weights,
+        blocks,
         tok,
         eos_ids,
         chat_template,

@@ -166,6 +166,9 @@ pub const POOLER: &str = "bert.pooler.";
 /// Loads the body of `o.model`, frozen for LoRA except BERT's pooler when `pooler` (sequence
 /// classification reads it; token heads do not build it).
 pub fn load_body(o: &BodyOpts, ctl: &Control, pooler: bool) -> Result<LoadedBackbone> {
+    if o.peft.qlora {
+        anyhow::bail!("--qlora: task heads load HF directories; QLoRA is for causal-LM training (sft, dpo, kto, ppo, grpo, rloo)");
+    }
     let peft = o.peft.method.is_some();
     Backbone::load(o.model, &ctl.device, pooler, &|n: &str| {
         peft && !(pooler && n.starts_with(POOLER))
@@ -189,6 +192,7 @@ impl Tuned {
                 store: &mut m.store,
                 source: &Source::Random { seed },
                 frozen: &|_| false,
+                blocks: None,
             };
             Linear::new(&mut b, name, hidden, n, bias, Layout::OutIn, 0.02)?
         };

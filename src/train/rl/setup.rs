@@ -199,7 +199,7 @@ pub fn run<A: Algo, O: Serialize>(
     let run_dir = files.run_dir.clone();
 
     // 1. Policy, prompts, rewards.
-    let mut p = Policy::load(model_path, c.chat_template, lora_cfg.is_some(), &ctl)?;
+    let mut p = Policy::load(model_path, c.chat_template, c.peft.base_load(), &ctl)?;
     let mut prompts = prompts::read(data_path)?;
     let n_train = prompts.len();
     if let Some(e) = c.eval_data {
@@ -264,6 +264,7 @@ pub fn run<A: Algo, O: Serialize>(
             out_dim: 1,
             adapter: None,
             quant: None,
+            qbase: None,
         })
     } else {
         None
