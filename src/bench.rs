@@ -36,6 +36,9 @@ pub struct BenchArgs {
     pub steps: usize,
     /// LoRA rank on every linear layer but the head, base frozen (0 = full training).
     pub lora_r: usize,
+    /// A real model instead of a random one; with `qlora` its GGUF linear weights stay blocks.
+    pub model: Option<std::path::PathBuf>,
+    pub qlora: bool,
 }
 
 pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
@@ -58,9 +61,33 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
         c
     };
     cfg.tie_word_embeddings = false;
-    let mut store = ParamStore::new(dev.clone());
     let lora = a.lora_r > 0;
-    let mut model = DecoderModel::new(&cfg, &mut store, &Source::Random { seed: 0 }, &|_| lora)?;
+    if a.qlora && (!lora || a.model.is_none()) {
+        bail!("--qlora needs --model FILE.gguf and --lora R");
+    }
+    let (mut model, mut store) = match &a.model {
+        Some(p) => {
+            let m = if a.qlora {
+                crate::model::hf::load_qlora(p, dev)?.0
+            } else {
+                crate::model::hf::load(p, dev, &|_| lora)?
+            };
+            (m.model, m.store)
+        }
+        None => {
+            let mut store = ParamStore::new(dev.clone());
+            let m = DecoderModel::new(&cfg, &mut store, &Source::Random { seed: 0 }, &|_| lora)?;
+            (m, store)
+        }
+    };
+    let cfg = model.cfg.clone();
+    if a.seq > cfg.max_position_embeddings {
+        bail!(
+            "--seq {} exceeds the model's context of {}",
+            a.seq,
+            cfg.max_position_embeddings
+        );
+    }
     if lora {
         let c = crate::peft::lora::LoraConfig {
             r: a.lora_r,
@@ -86,7 +113,7 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
     let mut m = RandomTokens {
         model,
         store,
-        vocab: a.vocab,
+        vocab: cfg.vocab_size,
         seq: a.seq,
     };
     let mut trainer = Trainer::new(&m, tc)?;
@@ -108,10 +135,11 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
     let matmul_params: usize = model.linears().iter().map(|l| l.in_dim * l.out_dim).sum();
     let tokens = (a.batch * a.seq) as f64;
     let flops = 6.0 * matmul_params as f64 * tokens
-        + 12.0 * (a.layers * a.seq * a.seq * cfg.num_heads * cfg.head_dim * a.batch) as f64;
+        + 12.0 * (cfg.num_layers * a.seq * a.seq * cfg.num_heads * cfg.head_dim * a.batch) as f64;
     Ok(json!({
         "system": format!("lmforge-{}", env!("CARGO_PKG_VERSION")),
-        "arch": if a.llama { "llama" } else { "gpt2" },
+        "arch": cfg.model_type,
+        "qlora": a.qlora,
         "params": store.num_params(),
         "trainable_params": store.num_trainable(),
         "batch": a.batch,

@@ -288,6 +288,13 @@ struct BenchCli {
     /// Train LoRA adapters of this rank (base frozen) instead of every weight.
     #[arg(long, default_value_t = 0)]
     lora: usize,
+    /// A real model (HF directory or .gguf) instead of a random one of --arch/--layers/…
+    /// (--seq, --batch, --lora, --steps still apply).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// With --model FILE.gguf and --lora: keep its linear weights in GGUF blocks (QLoRA).
+    #[arg(long)]
+    qlora: bool,
 }
 
 fn main() -> ExitCode {
@@ -421,6 +428,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 vocab: a.vocab,
                 steps: a.steps,
                 lora_r: a.lora,
+                model: a.model.clone(),
+                qlora: a.qlora,
             };
             if a.gemm {
                 for line in bench::gemm_shapes(&args, a.steps.max(3))? {

@@ -16,7 +16,10 @@ use super::{slice, with_slice};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 pub struct LoraLinear {
+    /// W₀; with `q` an empty placeholder.
     pub w: Tensor,
+    /// QLoRA: W₀ as GGUF blocks (`qlinear`), layout (out, in).
+    pub q: Option<std::sync::Arc<super::qlinear::QMatrix>>,
     pub bias: Option<Tensor>,
     pub layout: WeightLayout,
     pub scale: f64,
@@ -41,7 +44,16 @@ impl LoraLinear {
         (n, k, r, out): (usize, usize, usize, usize),
     ) -> Result<Vec<f32>> {
         with_slice(&self.w, |w| {
-            let base = |bias: Option<&[f32]>| linear::forward(x, w, bias, self.layout, (n, k, out));
+            let base = |bias: Option<&[f32]>| match &self.q {
+                Some(q) => {
+                    let mut y = super::qlinear::forward(x, n, q);
+                    if let Some(b) = bias {
+                        linear::add_bias_rows(&mut y, b);
+                    }
+                    Ok(y)
+                }
+                None => linear::forward(x, w, bias, self.layout, (n, k, out)),
+            };
             let mut y = match &self.bias {
                 Some(bias) => with_slice(bias, |bias| base(Some(bias)))?,
                 None => base(None)?,
@@ -91,11 +103,12 @@ impl CustomOp3 for LoraLinear {
         let (n, k) = lx.shape().dims2()?;
         let (r, ka) = la.shape().dims2()?;
         let (out, rb) = lb.shape().dims2()?;
-        let wout = match self.layout {
-            WeightLayout::OutIn => self.w.dim(0)?,
-            WeightLayout::InOut => self.w.dim(1)?,
+        let (wout, wk) = match (&self.q, self.layout) {
+            (Some(q), _) => (q.rows(), q.cols()),
+            (None, WeightLayout::OutIn) => (self.w.dim(0)?, self.w.elem_count() / out.max(1)),
+            (None, WeightLayout::InOut) => (self.w.dim(1)?, self.w.elem_count() / out.max(1)),
         };
-        if ka != k || rb != r || out != wout || self.w.elem_count() != k * out {
+        if ka != k || rb != r || out != wout || wk != k {
             candle_core::bail!(
                 "lora: x (_, {k}), A {:?}, B {:?} and W {:?} do not fit together",
                 la.shape(),
@@ -132,7 +145,10 @@ impl CustomOp3 for LoraLinear {
                 WeightLayout::OutIn => WeightLayout::InOut,
                 WeightLayout::InOut => WeightLayout::OutIn,
             };
-            let base = linear(&g, &self.w, flipped)?;
+            let base = match &self.q {
+                Some(q) => super::qlinear::input_grad(&g, q)?,
+                None => linear(&g, &self.w, flipped)?,
+            };
             Some((base + self.drop(&gb.matmul(&av)?)?)?)
         } else {
             None

@@ -140,22 +140,43 @@ impl QMatrix {
             .enumerate()
             .for_each(|(c, o)| {
                 let a = (r0 + c * per) * rb;
-                let src = &bytes[a..a + o.len() / cols * rb];
-                match self.dtype {
-                    GgmlDType::Q4_0 => blocks_to_f32::<BlockQ4_0>(src, o),
-                    GgmlDType::Q4_1 => blocks_to_f32::<BlockQ4_1>(src, o),
-                    GgmlDType::Q5_0 => blocks_to_f32::<BlockQ5_0>(src, o),
-                    GgmlDType::Q5_1 => blocks_to_f32::<BlockQ5_1>(src, o),
-                    GgmlDType::Q8_0 => blocks_to_f32::<BlockQ8_0>(src, o),
-                    GgmlDType::Q2K => blocks_to_f32::<BlockQ2K>(src, o),
-                    GgmlDType::Q3K => blocks_to_f32::<BlockQ3K>(src, o),
-                    GgmlDType::Q4K => blocks_to_f32::<BlockQ4K>(src, o),
-                    GgmlDType::Q5K => blocks_to_f32::<BlockQ5K>(src, o),
-                    GgmlDType::Q6K => blocks_to_f32::<BlockQ6K>(src, o),
-                    // from_gguf admits no other type.
-                    _ => o.fill(f32::NAN),
-                }
+                self.to_f32(&bytes[a..a + o.len() / cols * rb], o);
             });
+    }
+
+    /// Whole rows of blocks -> f32.
+    fn to_f32(&self, src: &[u8], o: &mut [f32]) {
+        match self.dtype {
+            GgmlDType::Q4_0 => blocks_to_f32::<BlockQ4_0>(src, o),
+            GgmlDType::Q4_1 => blocks_to_f32::<BlockQ4_1>(src, o),
+            GgmlDType::Q5_0 => blocks_to_f32::<BlockQ5_0>(src, o),
+            GgmlDType::Q5_1 => blocks_to_f32::<BlockQ5_1>(src, o),
+            GgmlDType::Q8_0 => blocks_to_f32::<BlockQ8_0>(src, o),
+            GgmlDType::Q2K => blocks_to_f32::<BlockQ2K>(src, o),
+            GgmlDType::Q3K => blocks_to_f32::<BlockQ3K>(src, o),
+            GgmlDType::Q4K => blocks_to_f32::<BlockQ4K>(src, o),
+            GgmlDType::Q5K => blocks_to_f32::<BlockQ5K>(src, o),
+            GgmlDType::Q6K => blocks_to_f32::<BlockQ6K>(src, o),
+            // from_gguf admits no other type.
+            _ => o.fill(f32::NAN),
+        }
+    }
+
+    /// Rows `ids` (an embedding lookup), (ids.len(), cols) row-major.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            candle_core::bail!("token id {bad} is outside the table of {} rows", self.rows);
+        }
+        let (cols, rb) = (self.cols, self.row_bytes);
+        let bytes = self.bytes();
+        let mut out = vec![0f32; ids.len() * cols];
+        out.par_chunks_mut(cols.max(1))
+            .zip(ids.par_iter())
+            .for_each(|(o, &i)| {
+                let a = i as usize * rb;
+                self.to_f32(&bytes[a..a + rb], o);
+            });
+        Ok(out)
     }
 
     /// The whole matrix as an f32 tensor (tests, and merging into an f32 model).
@@ -201,39 +222,45 @@ impl CustomOp1 for Fwd {
                 w.cols
             );
         }
-        let x = slice(s, l)?;
-        let n = w.rows;
-        // SAFETY: every column range [r0, r1) of every row is written by its tile's GEMM.
-        let mut y = unsafe { uninit(m * n) };
-        let tr = w.tile_rows();
-        let mut tile = vec![0f32; tr * k];
-        for r0 in (0..n).step_by(tr) {
-            let r1 = (r0 + tr).min(n);
-            let t = &mut tile[..(r1 - r0) * k];
-            w.dequantize_rows(r0, t);
-            let lhs = Mat {
-                data: x,
-                rs: k,
-                cs: 1,
-            };
-            let rhs = Mat {
-                data: t,
-                rs: 1,
-                cs: k,
-            }; // tileᵀ (k, r1 - r0)
-               // SAFETY: y is (m, n) with row stride n; columns r0..r1 are in bounds.
-            unsafe {
-                gemm_into_strided(y.as_mut_ptr().add(r0), n, (m, r1 - r0, k), false, lhs, rhs)
-            };
-        }
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        let y = forward(slice(s, l)?, m, w);
+        Ok((CpuStorage::F32(y), Shape::from((m, w.rows))))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            g.contiguous()?.apply_op1_no_bwd(&Bwd(self.0.clone()))?,
-        ))
+        Ok(Some(input_grad(g, &self.0)?))
     }
+}
+
+/// y = x·Wᵀ on slices: x (m, cols) -> (m, rows). Shared with the fused LoRA op.
+pub(crate) fn forward(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    // SAFETY: every column range [r0, r1) of every row is written by its tile's GEMM.
+    let mut y = unsafe { uninit(m * n) };
+    let tr = w.tile_rows();
+    let mut tile = vec![0f32; tr * k];
+    for r0 in (0..n).step_by(tr) {
+        let r1 = (r0 + tr).min(n);
+        let t = &mut tile[..(r1 - r0) * k];
+        w.dequantize_rows(r0, t);
+        let lhs = Mat {
+            data: x,
+            rs: k,
+            cs: 1,
+        };
+        let rhs = Mat {
+            data: t,
+            rs: 1,
+            cs: k,
+        }; // tileᵀ (k, r1 - r0)
+           // SAFETY: y is (m, n) with row stride n; columns r0..r1 are in bounds.
+        unsafe { gemm_into_strided(y.as_mut_ptr().add(r0), n, (m, r1 - r0, k), false, lhs, rhs) };
+    }
+    y
+}
+
+/// dy (N, rows) -> dy·W (N, cols): the input gradient of a frozen quantized layer.
+pub(crate) fn input_grad(g: &Tensor, w: &Arc<QMatrix>) -> Result<Tensor> {
+    g.contiguous()?.apply_op1_no_bwd(&Bwd(w.clone()))
 }
 
 impl CustomOp1 for Bwd {

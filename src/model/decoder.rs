@@ -544,6 +544,17 @@ impl DecoderModel {
                 let c = self.cfg.hidden_size;
                 let n = h.elem_count() / c;
                 let (h2, w) = (h.reshape((n, c))?, &self.wte.weight);
+                if let Some(q) = &self.wte.qbase {
+                    // QLoRA: the tied head read from the table's blocks.
+                    let y = if crate::kernels::fusable(&[&h2]) {
+                        crate::kernels::qlinear::qlinear(&h2, q)?
+                    } else {
+                        h2.matmul(&q.dequantize()?.to_device(h2.device())?.t()?)?
+                    };
+                    let mut out = h.dims().to_vec();
+                    *out.last_mut().expect("h has a hidden dimension") = self.cfg.vocab_size;
+                    return Ok(y.reshape(out)?);
+                }
                 let q = self.wte.quant.as_deref();
                 let y = match super::layers::quantized_xwt(q, w, &h2, None)? {
                     Some(y) => y,

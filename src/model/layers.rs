@@ -275,6 +275,9 @@ pub struct Embedding {
     pub dim: usize,
     /// The table as GGUF blocks, for decoding through a head tied to it.
     pub quant: Option<std::sync::Arc<crate::kernels::qgemv::QWeight>>,
+    /// QLoRA: the frozen table only as GGUF blocks (rows dequantized as they are looked up);
+    /// `weight` is then an empty placeholder.
+    pub qbase: Option<std::sync::Arc<QMatrix>>,
 }
 
 impl Embedding {
@@ -286,17 +289,38 @@ impl Embedding {
     }
 
     pub fn new(b: &mut Builder, name: &str, rows: usize, dim: usize, std: f64) -> Result<Self> {
-        let weight = b.param(name, &[rows, dim], ParamKind::Embedding, Init::Normal(std))?;
+        let qbase = b.blocks.and_then(|m| m.get(name)).cloned();
+        let weight = match &qbase {
+            Some(q) if (q.rows(), q.cols()) == (rows, dim) => {
+                Tensor::zeros(0, candle_core::DType::F32, &b.store.device)?
+            }
+            Some(q) => anyhow::bail!(
+                "{name}: blocks of ({}, {}) for a ({rows}, {dim}) table",
+                q.rows(),
+                q.cols()
+            ),
+            None => b.param(name, &[rows, dim], ParamKind::Embedding, Init::Normal(std))?,
+        };
         Ok(Self {
             weight,
             dim,
             quant: None,
+            qbase,
         })
     }
 
     /// ids (B, T) u32 -> (B, T, C)
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (bsz, t) = ids.dims2()?;
+        if let Some(q) = &self.qbase {
+            let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+            let rows = q.gather_rows(&ids)?;
+            return Ok(Tensor::from_vec(
+                rows,
+                (bsz, t, self.dim),
+                self.weight.device(),
+            )?);
+        }
         let flat = ids.flatten_all()?;
         Ok(self
             .weight

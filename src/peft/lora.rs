@@ -195,9 +195,6 @@ impl LinearAdapter for Layer {
 impl Layer {
     /// W₀x + b + s·B·A·dropout(x) as the fused op, when it applies.
     fn base_plus_adapter(&self, lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
-        if lin.qbase.is_some() {
-            return Ok(None); // QLoRA: the quantized base, then the adapter's delta
-        }
         let frozen = !lin.weight.track_op() && lin.bias.as_ref().is_none_or(|b| !b.track_op());
         let mut ts = vec![x, &lin.weight, &self.a, &self.b];
         ts.extend(lin.bias.as_ref());
@@ -206,6 +203,7 @@ impl Layer {
         }
         let op = crate::kernels::lora::LoraLinear {
             w: lin.weight.contiguous()?,
+            q: lin.qbase.clone(),
             bias: lin.bias.clone(),
             layout: lin.layout,
             scale: self.scale,

@@ -165,7 +165,7 @@ pub fn attach(
         }
         let ids: Vec<u32> = ids.iter().copied().cycle().take(p).collect();
         let idx = Tensor::from_slice(&ids, p, emb.device())?;
-        let init = model.wte.weight.detach().index_select(&idx, 0)?;
+        let init = model.embed(&idx.unsqueeze(0)?)?.squeeze(0)?.detach();
         let param = store
             .get(emb_name)
             .ok_or_else(|| anyhow::anyhow!("internal error: {emb_name} missing"))?;
