@@ -352,6 +352,42 @@ def prompt_fixtures():
             print("  reload", kind, "max |dlogits|", (lg - ref["logits"]).abs().max().item())
             save_file(ref, str(d / "reference.safetensors"))
 
+def prompt_cls_fixture():
+    """Prompt tuning of a BERT classifier by Python peft (SEQ_CLS, modules_to_save classifier and
+    pooler, 3 virtual tokens pooled first as transformers does): bert_tiny, random weights, a
+    padded batch; logits, cross-entropy loss and the gradients of the prompt and the heads."""
+    from transformers import BertForSequenceClassification
+    from peft import PromptTuningConfig, get_peft_model
+    torch.manual_seed(17)
+    m = BertForSequenceClassification.from_pretrained(OUT / "bert_tiny", num_labels=3).eval()
+    cfg = PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS", modules_to_save=["classifier", "pooler"])
+    p = get_peft_model(m, cfg).eval()
+    with torch.no_grad():
+        for n, q in p.named_parameters():
+            if q.requires_grad and "prompt" in n:
+                q.mul_(0.3)
+    ids = torch.randint(5, 300, (2, 7)); ids[:, 0] = 2
+    mask = torch.ones(2, 7, dtype=torch.int64); mask[1, 5:] = 0; ids[1, 5:] = 0
+    labels = torch.tensor([2, 0])
+    out = p(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    d = OUT / "peft" / "bert_tiny_prompt_cls"
+    d.mkdir(parents=True, exist_ok=True)
+    p.save_pretrained(d)
+    (d / "README.md").unlink(missing_ok=True)
+    c = json.load(open(d / "adapter_config.json"))
+    c["base_model_name_or_path"] = "tests/fixtures/bert_tiny"
+    json.dump(c, open(d / "adapter_config.json", "w"), indent=2)
+    ref = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+           "logits": out.logits.detach().contiguous(), "loss": out.loss.detach().reshape(1)}
+    for n, q in p.named_parameters():
+        if q.requires_grad:
+            key = n.replace("base_model.", "").replace("modules_to_save.default.", "").replace(
+                "prompt_encoder.default.embedding.weight", "prompt_embeddings")
+            ref["grad." + key] = q.grad.detach().contiguous()
+    save_file(ref, str(d / "reference.safetensors"))
+    print("bert prompt cls", sorted(k for k in ref if k.startswith("grad.")))
+
 def bert_fixture():
     """A tiny random BertForMaskedLM with a WordPiece tokenizer; reference: hidden states, MLM
     logits, the MLM loss over a few labelled positions (-100 elsewhere) with padding and token
@@ -411,5 +447,6 @@ if __name__ == "__main__":
         dora_fixtures()
     elif sys.argv[1:] == ["prompt"]:
         prompt_fixtures()
+        prompt_cls_fixture()
     else:
         main()

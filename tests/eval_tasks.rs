@@ -327,7 +327,8 @@ fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
     // LoRA and DoRA: the adapter alone or on its base; labels are LABEL_i in sorted order.
     let ids = d.join("cls_ids.toml");
     std::fs::write(&ids, format!("name = \"cls\"\nkind = \"classify\"\ndata = \"{te}\"\ndoc_to_text = \"{{{{ text }}}}\"\ndoc_to_target = \"{{{{ 'LABEL_1' if label == 'pos' else 'LABEL_0' }}}}\"\n")).unwrap();
-    // IA³ (BERT's table: key, value, output.dense) and bottleneck adapters through the same path.
+    // IA³ (BERT's table: key, value, output.dense), bottleneck adapters and prompt tuning
+    // through the same path.
     for (name, flags) in [
         (
             "lora",
@@ -341,6 +342,14 @@ fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
         (
             "houlsby",
             vec!["--peft", "bottleneck", "--adapter-variant", "houlsby"],
+        ),
+        (
+            "prompt",
+            vec!["--peft", "prompt", "--num-virtual-tokens", "4"],
+        ),
+        (
+            "ptuning",
+            vec!["--peft", "p-tuning", "--num-virtual-tokens", "4"],
         ),
     ] {
         let summary = train(name, &flags);

@@ -321,3 +321,48 @@ fn sft_trains_each_prompt_method_and_the_adapters() {
     ]);
     assert!(e.contains("--prefix-projection"), "{e}");
 }
+
+#[test]
+fn a_prompt_tuned_bert_classifier_matches_python_peft() {
+    let name = "peft/bert_tiny_prompt_cls";
+    let r = reference(name);
+    let m = lmforge::model::backbone::load_head_model(
+        &fixture(name),
+        Some(&fixture("bert_tiny")),
+        &Device::Cpu,
+        true,
+    )
+    .unwrap();
+    let ids = r["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap();
+    let mask = r["attention_mask"].to_vec2::<i64>().unwrap();
+    let rows: Vec<Vec<u32>> = ids
+        .iter()
+        .zip(&mask)
+        .map(|(i, m)| {
+            i.iter()
+                .zip(m)
+                .filter(|(_, &k)| k == 1)
+                .map(|(&x, _)| x)
+                .collect()
+        })
+        .collect();
+    let feats = m.m.body.features(&rows, m.pad, &Device::Cpu).unwrap();
+    let logits = m.head.forward(&feats).unwrap();
+    let d = max_abs_diff(&logits, &r["logits"]);
+    assert!(d < 1e-5, "logits differ from peft by {d}");
+    let labels = r["labels"].to_dtype(DType::U32).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+    let want = r["loss"].to_vec1::<f32>().unwrap()[0];
+    assert!((loss.to_scalar::<f32>().unwrap() - want).abs() < 1e-5);
+    // The loader trains the prompt and the classifier (the pooler it reads stays frozen).
+    let grads = m.m.store.grads(&loss.backward().unwrap());
+    let mut r = r.clone();
+    r.retain(|k, _| !k.starts_with("grad.bert.pooler"));
+    check_grads(&m.m.store, &grads, &r, "bert prompt", |p| {
+        p.name == "prompt_embeddings" || p.name.starts_with("classifier.")
+    });
+}

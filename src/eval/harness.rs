@@ -173,7 +173,7 @@ fn architecture(path: &Path) -> Result<String> {
 }
 
 fn adapter_has_head(path: &Path) -> bool {
-    crate::peft::read_linear_config(path).is_ok_and(|(_, _, heads)| !heads.is_empty())
+    crate::peft::read_head_config(path).is_ok_and(|(_, _, heads)| !heads.is_empty())
 }
 
 /// One task at one shot count.

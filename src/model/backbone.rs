@@ -120,8 +120,21 @@ impl Backbone {
         }
     }
 
-    /// Right-padded rows -> every token's hidden state (B, T, C).
+    /// Right-padded rows -> every token's hidden state (B, T, C) (prompt-tuning tokens of an
+    /// encoder left out).
     pub fn token_states(&self, rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<Tensor> {
+        let h = self.states(rows, pad, dev)?;
+        match self {
+            Backbone::Encoder(e) if e.virtual_positions() > 0 => {
+                let p = e.virtual_positions();
+                Ok(h.narrow(1, p, h.dim(1)? - p)?)
+            }
+            _ => Ok(h),
+        }
+    }
+
+    /// `token_states` with an encoder's prompt-tuning tokens first.
+    fn states(&self, rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<Tensor> {
         let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
         let b = rows.len();
         let mut ids = Vec::with_capacity(b * t);
@@ -145,10 +158,10 @@ impl Backbone {
 
     /// One feature vector per row (B, C): pooled [CLS] or the last real token.
     pub fn features(&self, rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<Tensor> {
-        let h = self.token_states(rows, pad, dev)?;
         match self {
-            Backbone::Encoder(e) => e.pooled(&h),
+            Backbone::Encoder(e) => e.pooled(&self.states(rows, pad, dev)?),
             Backbone::Decoder(_) => {
+                let h = self.token_states(rows, pad, dev)?;
                 let (b, t, c) = h.dims3()?;
                 // transformers' rule: the rightmost token that is not the pad id (a trailing
                 // EOS that doubles as padding is skipped, as the Python model skips it).
@@ -363,7 +376,7 @@ fn load_head_adapter(
     dev: &Device,
     trainable: bool,
 ) -> Result<HeadModel> {
-    let (cfg, base_in_file, heads) = crate::peft::read_linear_config(dir)?;
+    let (cfg, base_in_file, heads) = crate::peft::read_head_config(dir)?;
     let base = match (base, &base_in_file) {
         (Some(b), _) => b.to_path_buf(),
         (None, Some(b)) => std::path::PathBuf::from(b),
@@ -389,26 +402,18 @@ fn load_head_adapter(
         if crate::peft::is_adapter_tensor(&k) {
             lora.insert(k, t);
         } else {
-            rest.insert(
-                k.strip_prefix("base_model.model.")
-                    .unwrap_or(&k)
-                    .to_string(),
-                t,
-            );
+            // LoRA-style adapters nest modules under base_model.model., prompt learning under
+            // base_model.
+            let name = k
+                .strip_prefix("base_model.model.")
+                .or_else(|| k.strip_prefix("base_model."))
+                .unwrap_or(&k);
+            rest.insert(name.to_string(), t);
         }
     }
     let switch = crate::peft::AdapterSwitch::default();
     let ws = WeightSource::from_tensors(label.clone(), lora);
-    let model_type = m.body.model_type().to_string();
-    crate::peft::Adapters::attach_linears(
-        m.body.linears_mut(),
-        &mut m.store,
-        &cfg,
-        &model_type,
-        Some(&ws),
-        0,
-        &switch,
-    )?;
+    crate::peft::Adapters::attach_backbone(&mut m.body, &mut m.store, &cfg, Some(&ws), 0, &switch)?;
     // Modules trained in full overwrite the base's copies (BERT's pooler); the head is new.
     let (name, bias) = m.body.head_name();
     let (head_part, rest): (HashMap<_, _>, HashMap<_, _>) = rest

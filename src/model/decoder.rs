@@ -14,7 +14,7 @@ use super::layers::{activate, gated, Builder, Embedding, Layout, Linear, Norm, Q
 use super::loader::WeightSource;
 pub use super::packing::Packing;
 use super::params::{ParamStore, Source};
-use super::virtual_tokens::{LayerKv, VirtualTokens};
+use super::virtual_tokens::{split_prefix, LayerKv, Virtual, VirtualTokens};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -402,12 +402,12 @@ impl DecoderModel {
         let kv: Vec<LayerKv> = match opts.cache.as_deref_mut() {
             Some(c) => {
                 if c.is_empty() || c.prefix.is_none() {
-                    let kv = v.keys_values(self)?;
+                    let kv = self.virtual_keys_values(v.as_ref())?;
                     c.prefix = Some(kv.iter().map(|(k, v)| (k.detach(), v.detach())).collect());
                 }
                 c.prefix.clone().unwrap_or_default()
             }
-            None => v.keys_values(self)?,
+            None => self.virtual_keys_values(v.as_ref())?,
         };
         let opts = ForwardOpts {
             cache: opts.cache,
@@ -416,6 +416,16 @@ impl DecoderModel {
             packing: opts.packing,
         };
         self.run(embeds, opts, v.positions())
+    }
+
+    /// Virtual tokens as every layer's keys and values: a prefix split per layer, or prompt
+    /// embeddings run alone (they come first and attend only to each other).
+    fn virtual_keys_values(&self, v: &dyn VirtualTokens) -> Result<Vec<LayerKv>> {
+        let (n_kv, hd) = self.kv_shape();
+        match v.tensors()? {
+            Virtual::Prefix(flat) => split_prefix(&flat, self.blocks.len(), n_kv, hd),
+            Virtual::Embeddings(e) => self.layer_keys_values(&e.unsqueeze(0)?),
+        }
     }
 
     /// Every layer's keys and values of `embeds` (1, P, C) at positions 0..P, kept on the

@@ -256,6 +256,8 @@ pub struct Encoder {
     pub layers: Vec<EncoderLayer>,
     pub pooler: Option<Linear>,
     pub mlm: Option<MlmHead>,
+    /// Prompt tuning / P-tuning: embeddings ahead of every input (see `forward`).
+    pub virtual_tokens: Option<std::sync::Arc<dyn super::virtual_tokens::VirtualTokens>>,
 }
 
 /// Which heads to build besides the encoder.
@@ -382,6 +384,7 @@ impl Encoder {
                 layers,
                 pooler,
                 mlm,
+                virtual_tokens: None,
             },
             fresh,
         ))
@@ -409,30 +412,73 @@ impl Encoder {
         Ok(out)
     }
 
+    /// Active prompt-tuning tokens: P.
+    pub fn virtual_positions(&self) -> usize {
+        self.virtual_tokens
+            .as_ref()
+            .filter(|v| v.active())
+            .map_or(0, |v| v.positions())
+    }
+
     /// ids (B, T) u32; token types (B, T) (default all 0); attention mask (B, T) with 1 for
-    /// tokens and 0 for padding -> hidden states (B, T, C).
+    /// tokens and 0 for padding -> hidden states (B, P + T, C). With active prompt-tuning
+    /// tokens (P of them, else 0) their embeddings come first, as PEFT prepends them: positions
+    /// 0..P, token type 0, always attended; the output keeps them (a classifier pools the first
+    /// position, as transformers does under PEFT).
     pub fn forward(
         &self,
         ids: &Tensor,
         types: Option<&Tensor>,
         attention: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let (b, t0) = ids.dims2()?;
+        let dev = ids.device();
+        let virt = match self.virtual_tokens.as_ref().filter(|v| v.active()) {
+            Some(v) => match v.tensors()? {
+                super::virtual_tokens::Virtual::Embeddings(e) => Some(e),
+                super::virtual_tokens::Virtual::Prefix(_) => {
+                    bail!("prefix tuning of an encoder is not supported (PEFT has none for BERT)")
+                }
+            },
+            None => None,
+        };
+        let p = virt.as_ref().map_or(Ok(0), |e| e.dim(0))?;
+        let t = p + t0;
         if t > self.cfg.max_position_embeddings {
             bail!(
-                "sequence of {t} tokens exceeds the encoder's {} positions",
+                "sequence of {t} tokens{} exceeds the encoder's {} positions",
+                if p > 0 {
+                    format!(" ({p} virtual)")
+                } else {
+                    String::new()
+                },
                 self.cfg.max_position_embeddings
             );
         }
-        let dev = ids.device();
         let pos = Tensor::arange(0u32, t as u32, dev)?;
+        let zeros = |n: usize| Tensor::zeros((b, n), DType::U32, dev);
         let types = match types {
+            Some(x) if p > 0 => Tensor::cat(&[&zeros(p)?, x], 1)?,
             Some(x) => x.clone(),
-            None => Tensor::zeros((b, t), DType::U32, dev)?,
+            None => zeros(t)?,
         };
-        let x = self
-            .word
-            .forward(ids)?
+        let words = self.word.forward(ids)?; // (B, T0, C)
+        let words = match &virt {
+            Some(e) => {
+                let c = self.cfg.hidden_size;
+                Tensor::cat(&[&e.unsqueeze(0)?.broadcast_as((b, p, c))?, &words], 1)?
+            }
+            None => words,
+        };
+        let attention = match attention {
+            Some(m) if p > 0 => Some(Tensor::cat(
+                &[&Tensor::ones((b, p), m.dtype(), dev)?, m],
+                1,
+            )?),
+            other => other.cloned(),
+        };
+        let attention = attention.as_ref();
+        let x = words
             .broadcast_add(&self.pos.weight.index_select(&pos, 0)?)?
             .add(&self.token_type.forward(&types)?)?;
         let mut x = self.emb_ln.forward(&x)?;

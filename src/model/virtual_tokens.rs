@@ -1,11 +1,13 @@
-//! Virtual tokens ahead of every sequence, as the model sees them: prefix tuning, prompt
-//! tuning and P-tuning all come down to P positions whose keys and values every query
-//! attends to, with the real tokens placed after them (positions P, P+1, …) — as
+//! Virtual tokens ahead of every sequence, as the model sees them: for a decoder, prefix
+//! tuning, prompt tuning and P-tuning all come down to P positions whose keys and values every
+//! query attends to, with the real tokens placed after them (positions P, P+1, …) — as
 //! transformers places tokens after PEFT's `past_key_values` prefix or its prepended prompt
-//! embeddings. The methods themselves live in `peft::prefix` and `peft::prompt`; the model only
-//! asks them for the keys and values, once per forward (once per generation with a cache).
+//! embeddings. The methods themselves live in `peft::prefix` and `peft::prompt`; a model asks
+//! them for their tensors once per forward (a decoder once per generation with a cache).
+//!
+//! Encoders (BERT) attend both ways, so their virtual tokens cannot be a prefix computed
+//! alone: prompt embeddings are prepended to the input and run with it, as PEFT does.
 
-use super::DecoderModel;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -13,13 +15,20 @@ use std::sync::Arc;
 /// Keys and values of one layer's virtual positions: (1, n_kv, P, hd) each.
 pub type LayerKv = (Tensor, Tensor);
 
+/// What a method gives the model, on the autograd graph of the method's weights.
+pub enum Virtual {
+    /// Prefix tuning: PEFT's flat prefix, (P, L·2·n_kv·hd) (see `split_prefix`).
+    Prefix(Tensor),
+    /// Prompt tuning / P-tuning: input embeddings (P, C).
+    Embeddings(Tensor),
+}
+
 pub trait VirtualTokens: Send + Sync {
     /// Off when the adapters are switched off (the reference model).
     fn active(&self) -> bool;
     /// P, the number of virtual positions.
     fn positions(&self) -> usize;
-    /// Every layer's keys and values, on the autograd graph of the method's weights.
-    fn keys_values(&self, model: &DecoderModel) -> Result<Vec<LayerKv>>;
+    fn tensors(&self) -> Result<Virtual>;
     /// The same tokens on detached weights (decoding).
     fn detached(&self) -> Arc<dyn VirtualTokens>;
 }

@@ -285,6 +285,14 @@ impl Head<'_> {
             modules: Vec::new(),
         }
     }
+
+    /// Whether parameter `name` belongs to a module trained in full. PEFT's matching: a
+    /// module whose path is, or ends with, a listed name.
+    pub fn saves(&self, name: &str) -> bool {
+        self.modules
+            .iter()
+            .any(|m| name.starts_with(&format!("{m}.")) || name.contains(&format!(".{m}.")))
+    }
 }
 
 /// The adapters attached to a model.
@@ -536,12 +544,7 @@ impl Lora {
 /// Writes `dir/adapter_model.safetensors`: every adapter parameter under its PEFT name (the
 /// store's), and the parameters of `head.modules` under `base_model.model.<name>`.
 pub(crate) fn save_adapter_tensors(store: &ParamStore, head: &Head, dir: &Path) -> Result<()> {
-    // PEFT's matching: a module whose path is, or ends with, a listed name.
-    let saved = |name: &str| {
-        head.modules
-            .iter()
-            .any(|m| name.starts_with(&format!("{m}.")) || name.contains(&format!(".{m}.")))
-    };
+    let saved = |name: &str| head.saves(name);
     let tensors: Vec<(String, Tensor)> = store
         .params()
         .iter()

@@ -358,10 +358,52 @@ impl Adapters {
                 linears, store, c, weights, seed, switch,
             )?),
             PeftConfig::Prefix(_) | PeftConfig::Prompt(_) => bail!(
-                "--peft {}: task heads support lora, ia3 and bottleneck so far (virtual tokens are implemented for causal-LM training: sft, dpo, kto, ppo, grpo, rloo)",
+                "--peft {}: virtual tokens attach to a model, not to its linear layers",
                 cfg.name()
             ),
         })
+    }
+
+    /// Attaches any method to a task model's body: virtual tokens to the model itself (prompt
+    /// tuning on encoders and decoders, prefix tuning on decoders), the others to its linear
+    /// layers.
+    pub fn attach_backbone(
+        body: &mut crate::model::backbone::Backbone,
+        store: &mut ParamStore,
+        cfg: &PeftConfig,
+        weights: Option<&WeightSource>,
+        seed: u64,
+        switch: &AdapterSwitch,
+    ) -> Result<Self> {
+        use crate::model::backbone::Backbone;
+        match (cfg, body) {
+            (PeftConfig::Prompt(c), Backbone::Encoder(e)) => {
+                let ec = &e.cfg;
+                let host = prompt::Host {
+                    hidden: ec.hidden_size,
+                    vocab: ec.vocab_size,
+                    n_heads: ec.num_heads,
+                    n_layers: ec.num_layers,
+                    embed: &|ids| e.word.forward(ids),
+                };
+                let p = prompt::attach_to(&host, store, c, weights, seed, switch)?;
+                e.virtual_tokens = Some(p.tokens());
+                Ok(Adapters::Prompt(p))
+            }
+            (PeftConfig::Prompt(c), Backbone::Decoder(d)) => Ok(Adapters::Prompt(
+                prompt::attach(d, store, c, weights, seed, switch)?,
+            )),
+            (PeftConfig::Prefix(c), Backbone::Decoder(d)) => Ok(Adapters::Prefix(
+                prefix::attach(d, store, c, weights, seed, switch)?,
+            )),
+            (PeftConfig::Prefix(_), Backbone::Encoder(_)) => bail!(
+                "--peft prefix: prefix tuning of an encoder is not supported (Python PEFT has none for BERT either); use --peft prompt or p-tuning"
+            ),
+            (cfg, body) => {
+                let model_type = body.model_type().to_string();
+                Self::attach_linears(body.linears_mut(), store, cfg, &model_type, weights, seed, switch)
+            }
+        }
     }
 
     /// `merge` for a task model's body.
@@ -412,11 +454,8 @@ impl Adapters {
             Adapters::Lora(a) => a.write_files(dir, store, base, head),
             Adapters::Ia3(a) => a.write_files(dir, store, base, head),
             Adapters::Bottleneck(a) => a.write_files(dir, store, base, head),
-            Adapters::Prefix(_) | Adapters::Prompt(_) if !head.modules.is_empty() => {
-                bail!("prefix/prompt tuning with trained heads (modules_to_save) is not supported")
-            }
-            Adapters::Prefix(a) => a.write_files(dir, base, head.task_type),
-            Adapters::Prompt(a) => a.write_files(dir, base, head.task_type),
+            Adapters::Prefix(a) => a.write_files(dir, store, base, head),
+            Adapters::Prompt(a) => a.write_files(dir, store, base, head),
         }
     }
 
@@ -478,11 +517,13 @@ pub fn is_adapter_tensor(name: &str) -> bool {
         || name.ends_with(".ia3_l")
         || name.contains(".adapter_down.")
         || name.contains(".adapter_up.")
+        || name == prefix::FLAT
 }
 
-/// A task model's adapter directory: the method (one that lives on linear layers), the base
-/// model's name, and the modules trained in full (`modules_to_save`).
-pub fn read_linear_config(dir: &Path) -> Result<(PeftConfig, Option<String>, Vec<String>)> {
+/// A task model's adapter directory: the method, the base model's name, and the modules
+/// trained in full (`modules_to_save`). Prompt-learning methods come back as plain prompt
+/// tuning (their encoders are folded) of P tokens; prefix tuning as its folded prefix.
+pub fn read_head_config(dir: &Path) -> Result<(PeftConfig, Option<String>, Vec<String>)> {
     let mut v = crate::input::read_json(&dir.join("adapter_config.json"))?;
     let kind = v
         .get("peft_type")
@@ -507,13 +548,28 @@ pub fn read_linear_config(dir: &Path) -> Result<(PeftConfig, Option<String>, Vec
     let cfg = match kind.as_str() {
         "IA3" => PeftConfig::Ia3(ia3::read_config(dir, &v)?.0),
         bottleneck::PEFT_TYPE => PeftConfig::Bottleneck(bottleneck::read_config(dir, &v)?),
-        "PREFIX_TUNING" | "PROMPT_TUNING" | "P_TUNING" => bail!(
-            "{}: {kind} adapters of task heads are not supported",
-            dir.display()
-        ),
+        "PROMPT_TUNING" | "P_TUNING" => PeftConfig::Prompt(prompt::PromptConfig {
+            num_virtual_tokens: positive(&v, "num_virtual_tokens", dir)?,
+            init_text: None,
+            encoder: None,
+        }),
+        "PREFIX_TUNING" => PeftConfig::Prefix(prefix::PrefixConfig {
+            num_virtual_tokens: positive(&v, "num_virtual_tokens", dir)?,
+            projection: None,
+        }),
         _ => PeftConfig::Lora(lora::read_config_with_heads(dir)?.0),
     };
     Ok((cfg, base, heads))
+}
+
+fn positive(v: &Value, key: &str, dir: &Path) -> Result<usize> {
+    match v.get(key).and_then(Value::as_u64) {
+        Some(n) if n > 0 => Ok(n as usize),
+        _ => bail!(
+            "{}: {key} missing or not a positive integer",
+            dir.join("adapter_config.json").display()
+        ),
+    }
 }
 
 /// Refuses an adapter config that sets any of `keys` (features that change what the weights
@@ -569,19 +625,33 @@ pub(crate) fn virtual_json(
 }
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` holding `prompt_embeddings`.
-pub(crate) fn write_virtual(dir: &Path, config: &Value, embeddings: &Tensor) -> Result<()> {
+/// With `head`'s modules trained in full saved as PEFT saves them for prompt learning:
+/// `base_model.<name>` (no `.model`), listed in `modules_to_save`.
+pub(crate) fn write_virtual(
+    dir: &Path,
+    config: &mut Value,
+    embeddings: &Tensor,
+    store: &ParamStore,
+    head: &lora::Head,
+) -> Result<()> {
+    let mut tensors = vec![(prefix::FLAT.to_string(), embeddings.contiguous()?)];
+    for p in store.params() {
+        if head.saves(&p.name) {
+            tensors.push((format!("base_model.{}", p.name), p.var.as_detached_tensor()));
+        }
+    }
+    if !head.modules.is_empty() {
+        config["modules_to_save"] = json!(head.modules);
+    }
     crate::fsutil::write_json(&dir.join("adapter_config.json"), config)?;
-    crate::model::params::save_tensors(
-        &[(prefix::FLAT.to_string(), embeddings.contiguous()?)],
-        &dir.join("adapter_model.safetensors"),
-    )
+    crate::model::params::save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
 }
 
 /// Checks a prompt-learning config against the model; returns P.
 pub(crate) fn check_virtual_json(
     dir: &Path,
     v: &Value,
-    model: &DecoderModel,
+    n_layers: usize,
     token_dim: usize,
     n_heads: Option<usize>,
 ) -> Result<usize> {
@@ -597,7 +667,7 @@ pub(crate) fn check_virtual_json(
     let mut want = vec![
         ("num_transformer_submodules", 1),
         ("token_dim", token_dim),
-        ("num_layers", model.cfg.num_layers),
+        ("num_layers", n_layers),
     ];
     want.extend(n_heads.map(|h| ("num_attention_heads", h)));
     for (k, expect) in want {
@@ -610,7 +680,6 @@ pub(crate) fn check_virtual_json(
             }
         }
     }
-    refuse_set(v, &["modules_to_save"], dir, "prompt learning")?;
     Ok(p)
 }
 

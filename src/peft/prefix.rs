@@ -15,7 +15,7 @@ use super::{virtual_json, AdapterSwitch};
 use crate::model::layers::Layout;
 use crate::model::loader::WeightSource;
 use crate::model::params::{Init, ParamKind, Source};
-use crate::model::virtual_tokens::{split_prefix, LayerKv, VirtualTokens};
+use crate::model::virtual_tokens::{Virtual, VirtualTokens};
 use crate::model::{DecoderModel, ParamStore};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -83,8 +83,8 @@ impl VirtualTokens for Tokens {
     fn positions(&self) -> usize {
         self.p
     }
-    fn keys_values(&self, _model: &DecoderModel) -> Result<Vec<LayerKv>> {
-        split_prefix(&self.flat()?, self.n_layers, self.n_kv, self.hd)
+    fn tensors(&self) -> Result<Virtual> {
+        Ok(Virtual::Prefix(self.flat()?))
     }
     fn detached(&self) -> Arc<dyn VirtualTokens> {
         let d = |t: &Tensor| t.detach();
@@ -176,7 +176,14 @@ pub fn attach(
 
 impl Prefix {
     /// Writes PEFT's files: the config and the folded prefix as `prompt_embeddings`.
-    pub fn write_files(&self, dir: &Path, base: &str, task_type: &str) -> Result<()> {
+    pub fn write_files(
+        &self,
+        dir: &Path,
+        store: &ParamStore,
+        base: &str,
+        head: &super::lora::Head,
+    ) -> Result<()> {
+        let task_type = head.task_type;
         let t = &self.tokens;
         let td = t.n_kv * t.hd;
         let mut c = virtual_json(
@@ -194,7 +201,7 @@ impl Prefix {
             _ => td,
         });
         c["init_weights"] = Value::Null;
-        super::write_virtual(dir, &c, &t.flat()?.detach())
+        super::write_virtual(dir, &mut c, &t.flat()?.detach(), store, head)
     }
 
     /// P and where its weights go, for the log.
@@ -221,7 +228,7 @@ pub fn load(
     switch: &AdapterSwitch,
 ) -> Result<Prefix> {
     let (n_kv, hd) = model.kv_shape();
-    let p = super::check_virtual_json(dir, v, model, n_kv * hd, Some(n_kv))?;
+    let p = super::check_virtual_json(dir, v, model.cfg.num_layers, n_kv * hd, Some(n_kv))?;
     let w = super::open_adapter_weights(dir)?;
     let cfg = PrefixConfig {
         num_virtual_tokens: p,

@@ -19,7 +19,7 @@ use super::{virtual_json, AdapterSwitch};
 use crate::model::layers::Layout;
 use crate::model::loader::WeightSource;
 use crate::model::params::{Init, ParamKind, Source};
-use crate::model::virtual_tokens::{LayerKv, VirtualTokens};
+use crate::model::virtual_tokens::{Virtual, VirtualTokens};
 use crate::model::{DecoderModel, ParamStore};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -98,8 +98,8 @@ impl VirtualTokens for Tokens {
     fn positions(&self) -> usize {
         self.emb.dims()[0]
     }
-    fn keys_values(&self, model: &DecoderModel) -> Result<Vec<LayerKv>> {
-        model.layer_keys_values(&self.embeddings()?.unsqueeze(0)?)
+    fn tensors(&self) -> Result<Virtual> {
+        Ok(Virtual::Embeddings(self.embeddings()?))
     }
     fn detached(&self) -> Arc<dyn VirtualTokens> {
         let pairs = |v: &[(Tensor, Tensor)]| -> Vec<(Tensor, Tensor)> {
@@ -138,7 +138,39 @@ pub fn attach(
     seed: u64,
     switch: &AdapterSwitch,
 ) -> Result<Prompt> {
-    let (p, c) = (cfg.num_virtual_tokens, model.cfg.hidden_size);
+    let c = &model.cfg;
+    let host = Host {
+        hidden: c.hidden_size,
+        vocab: c.vocab_size,
+        n_heads: c.num_heads,
+        n_layers: c.num_layers,
+        embed: &|ids| model.embed(ids),
+    };
+    let p = attach_to(&host, store, cfg, weights, seed, switch)?;
+    model.virtual_tokens = Some(p.tokens());
+    Ok(p)
+}
+
+/// What prompt tokens need from the model they go in front of (decoder or encoder).
+pub struct Host<'a> {
+    pub hidden: usize,
+    pub vocab: usize,
+    pub n_heads: usize,
+    pub n_layers: usize,
+    /// ids (1, n) -> word embeddings (1, n, C), for the TEXT init.
+    pub embed: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+}
+
+/// `attach` for any host; the caller hands `Prompt::tokens` to its model.
+pub fn attach_to(
+    host: &Host,
+    store: &mut ParamStore,
+    cfg: &PromptConfig,
+    weights: Option<&WeightSource>,
+    seed: u64,
+    switch: &AdapterSwitch,
+) -> Result<Prompt> {
+    let (p, c) = (cfg.num_virtual_tokens, host.hidden);
     if p == 0 {
         bail!("prompt tuning needs at least one virtual token (num_virtual_tokens)");
     }
@@ -160,12 +192,12 @@ pub fn attach(
         if ids.is_empty() {
             bail!("the prompt-tuning init text has no tokens");
         }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= model.cfg.vocab_size) {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= host.vocab) {
             bail!("init text token {bad} is outside the vocabulary");
         }
         let ids: Vec<u32> = ids.iter().copied().cycle().take(p).collect();
         let idx = Tensor::from_slice(&ids, p, emb.device())?;
-        let init = model.embed(&idx.unsqueeze(0)?)?.squeeze(0)?.detach();
+        let init = (host.embed)(&idx.unsqueeze(0)?)?.squeeze(0)?.detach();
         let param = store
             .get(emb_name)
             .ok_or_else(|| anyhow::anyhow!("internal error: {emb_name} missing"))?;
@@ -242,18 +274,30 @@ pub fn attach(
         head,
         switch: switch.clone(),
     };
-    model.virtual_tokens = Some(Arc::new(tokens.clone()));
     Ok(Prompt {
         cfg: cfg.clone(),
         tokens,
-        n_heads: model.cfg.num_heads,
-        n_layers: model.cfg.num_layers,
+        n_heads: host.n_heads,
+        n_layers: host.n_layers,
     })
 }
 
 impl Prompt {
-    /// Writes PEFT's files: the config and the (folded) virtual-token embeddings.
-    pub fn write_files(&self, dir: &Path, base: &str, task_type: &str) -> Result<()> {
+    /// The tokens, for the model to hold.
+    pub fn tokens(&self) -> Arc<dyn VirtualTokens> {
+        Arc::new(self.tokens.clone())
+    }
+
+    /// Writes PEFT's files: the config, the (folded) virtual-token embeddings and the modules
+    /// trained in full (`head`).
+    pub fn write_files(
+        &self,
+        dir: &Path,
+        store: &ParamStore,
+        base: &str,
+        head: &super::lora::Head,
+    ) -> Result<()> {
+        let task_type = head.task_type;
         let emb = self.tokens.embeddings()?.detach();
         let (p, c) = emb.dims2()?;
         let kind = if self.cfg.is_p_tuning() {
@@ -279,7 +323,7 @@ impl Prompt {
             }
             (None, None) => j["prompt_tuning_init"] = json!("RANDOM"),
         }
-        super::write_virtual(dir, &j, &emb)
+        super::write_virtual(dir, &mut j, &emb, store, head)
     }
 
     pub fn describe(&self) -> String {
@@ -301,12 +345,18 @@ pub fn load(
     store: &mut ParamStore,
     switch: &AdapterSwitch,
 ) -> Result<Prompt> {
-    let p = super::check_virtual_json(dir, v, model, model.cfg.hidden_size, None)?;
+    let cfg = read_config(dir, v, model.cfg.hidden_size, model.cfg.num_layers)?;
     let w = super::open_adapter_weights(dir)?;
-    let cfg = PromptConfig {
+    attach(model, store, &cfg, Some(&w), 0, switch)
+}
+
+/// A prompt-tuning or P-tuning `adapter_config.json` as lmforge loads it: P plain embeddings
+/// (P-tuning's encoder is folded into them).
+pub fn read_config(dir: &Path, v: &Value, hidden: usize, n_layers: usize) -> Result<PromptConfig> {
+    let p = super::check_virtual_json(dir, v, n_layers, hidden, None)?;
+    Ok(PromptConfig {
         num_virtual_tokens: p,
         init_text: None,
         encoder: None,
-    };
-    attach(model, store, &cfg, Some(&w), 0, switch)
+    })
 }

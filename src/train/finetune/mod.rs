@@ -197,13 +197,11 @@ impl Tuned {
             Linear::new(&mut b, name, hidden, n, bias, Layout::OutIn, 0.02)?
         };
         let switch = AdapterSwitch::default();
-        let model_type = m.body.model_type().to_string();
         let adapters = match &peft_cfg {
-            Some(c) => Some(Adapters::attach_linears(
-                m.body.linears_mut(),
+            Some(c) => Some(Adapters::attach_backbone(
+                &mut m.body,
                 &mut m.store,
                 c,
-                &model_type,
                 None,
                 seed,
                 &switch,
