@@ -140,7 +140,7 @@ pub fn run(a: &BenchArgs, dev: &Device) -> Result<Value> {
         "system": format!("lmforge-{}", env!("CARGO_PKG_VERSION")),
         "arch": cfg.model_type,
         "qlora": a.qlora,
-        "params": store.num_params(),
+        "params": store.num_params() + model.quantized_params(),
         "trainable_params": store.num_trainable(),
         "batch": a.batch,
         "seq": a.seq,

@@ -55,12 +55,12 @@ enum Cmd {
     /// Write a model (HF directory or .gguf file) as an HF directory transformers loads.
     Convert(ConvertArgs),
     /// Supervised fine-tuning on prompt/completion pairs, chat conversations or text (JSONL),
-    /// in full or with LoRA.
+    /// in full or with a PEFT method (--peft; --qlora over a GGUF's blocks).
     Sft(Train<SftOptions>),
-    /// Fine-tune a task head on an encoder (BERT) or a decoder, in full or with LoRA.
+    /// Fine-tune a task head on an encoder (BERT) or a decoder, in full or with a PEFT method.
     Finetune(Train<FinetuneOptions>),
     /// Preference optimisation on chosen/rejected pairs: DPO and its relatives (--loss sigmoid,
-    /// ipo, robust, hinge, …), ORPO and SimPO (reference-free), in full or with LoRA.
+    /// ipo, robust, hinge, …), ORPO and SimPO (reference-free), in full or with a PEFT method.
     Dpo(Train<DpoOptions>),
     /// Train a reward model on preference pairs (Bradley–Terry), or `reward score` pairs with one.
     Reward(RewardCli),
@@ -76,8 +76,8 @@ enum Cmd {
     /// RLAIF: a local judge model labels which of two responses is better (both orders,
     /// answer-token probabilities) and writes preference pairs.
     Label(lmforge::rlaif::LabelArgs),
-    /// Fold a LoRA or IA³ adapter (PEFT directory) into its base model and write a plain HF
-    /// directory.
+    /// Fold a LoRA, DoRA or IA³ adapter (PEFT directory) into its base model and write a plain
+    /// HF directory (the other PEFT methods cannot be merged).
     Merge(MergeArgs),
     /// Time full training steps on random tokens (compare with scripts/torch_reference.py).
     Bench(BenchCli),
@@ -233,6 +233,10 @@ struct ScoreArgs {
     /// A PEFT adapter directory applied to the model (any method lmforge trains).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// With a .gguf model: run its linear layers from the GGUF blocks as QLoRA trains them
+    /// (`kernels::qlinear`) instead of the dequantized weights.
+    #[arg(long)]
+    qlora: bool,
     #[arg(long)]
     file: PathBuf,
     /// Print one JSON object.
@@ -567,7 +571,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
             true => Some(m.chat(&a.model.display().to_string())?),
             false => None,
         };
-        let ctx = m.model.cfg.max_position_embeddings;
+        let ctx = m.model.context();
         let max_prompt = lmforge::train::rl::prompts::room(ctx, a.max_new_tokens, usize::MAX)?;
         let mut stdout = std::io::stdout().lock();
         let t = lmforge::generate::file::run(
@@ -630,7 +634,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     if stop == Stop::ContextFull {
         eprintln!(
             "(stopped: the model's context of {} tokens is full)",
-            m.model.cfg.max_position_embeddings
+            m.model.context()
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -638,7 +642,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
 
 fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
     let dev = lmforge::device(&a.device)?;
-    let mut m = hf::load(&a.model, &dev, &|_| true)?;
+    let mut m = if a.qlora {
+        hf::load_qlora(&a.model, &dev)?.0
+    } else {
+        hf::load(&a.model, &dev, &|_| true)?
+    };
     if let Some(dir) = &a.adapter {
         let switch = lmforge::peft::AdapterSwitch::default();
         lmforge::peft::load(dir, &mut m.model, &mut m.store, &switch)
@@ -646,8 +654,7 @@ fn cmd_score(a: ScoreArgs) -> Result<ExitCode> {
     }
     let ids = lmforge::data::encode_file(&a.file, &m.tok)?;
     // Virtual tokens (prefix/prompt tuning) take positions ahead of every window.
-    let virt = m.model.virtual_tokens.as_ref().map_or(0, |v| v.positions());
-    let ctx = m.model.cfg.max_position_embeddings.saturating_sub(virt);
+    let ctx = m.model.context();
     let window = a.window.unwrap_or(ctx).min(ctx);
     let stride = a.stride.unwrap_or(window / 2).max(1);
     let s = score_ids(&m.model, &ids, window, stride)?;

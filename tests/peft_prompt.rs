@@ -366,3 +366,69 @@ fn a_prompt_tuned_bert_classifier_matches_python_peft() {
         p.name == "prompt_embeddings" || p.name.starts_with("classifier.")
     });
 }
+
+#[test]
+fn virtual_tokens_take_their_positions_from_every_context_budget() {
+    // llama_tiny has 64 positions; 8 virtual tokens leave 56 for real ones.
+    let mut m = hf::load_dir(&fixture("llama_tiny"), &Device::Cpu, &|_| true).unwrap();
+    let switch = AdapterSwitch::default();
+    let cfg = PeftConfig::Prompt(PromptConfig {
+        num_virtual_tokens: 8,
+        init_text: None,
+        encoder: None,
+    });
+    Adapters::attach(&mut m.model, &mut m.store, &cfg, 1, &switch).unwrap();
+    assert_eq!(m.model.context(), 56);
+    // Generation stops when the context is full instead of failing in the forward.
+    let prompt: Vec<u32> = (0..50).map(|i| 3 + i % 40).collect();
+    let s = lmforge::generate::Sampling {
+        max_new_tokens: 20,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let (out, stop) = lmforge::generate::generate(&m.model, &prompt, &s, &[], |_| Ok(())).unwrap();
+    assert_eq!(stop, lmforge::generate::Stop::ContextFull);
+    // 56 positions fed; the last token is sampled from the 56th and never fed.
+    assert_eq!(prompt.len() + out.len(), 57);
+    // Perplexity windows fit after the virtual tokens.
+    let ids: Vec<u32> = (0..200).map(|i| 3 + i % 50).collect();
+    lmforge::eval::score::score_text_ids(&m.model, &ids).unwrap();
+    // Too many virtual tokens for the context is an error at attach time.
+    let mut m = hf::load_dir(&fixture("llama_tiny"), &Device::Cpu, &|_| true).unwrap();
+    let big = PeftConfig::Prefix(PrefixConfig {
+        num_virtual_tokens: 64,
+        projection: None,
+    });
+    let e = match Adapters::attach(&mut m.model, &mut m.store, &big, 1, &switch) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("64 virtual tokens in a 64-position model"),
+    };
+    assert!(e.contains("num_virtual_tokens"), "{e}");
+    // sft with max_len at the full context trains (rows are cut to leave room for P).
+    let d = tmpdir("virtual_context");
+    let data = d.join("train.jsonl");
+    let long = "word ".repeat(80);
+    write_jsonl(
+        &data,
+        &[serde_json::json!({"prompt": long, "completion": " end"})],
+    );
+    let out = d.join("run");
+    ok(&[
+        "sft",
+        "--model",
+        fixture("llama_tiny").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--peft",
+        "prefix",
+        "--num-virtual-tokens",
+        "8",
+        "--max-len",
+        "64",
+        "--max-steps",
+        "2",
+        "--train-on-prompt",
+    ]);
+}

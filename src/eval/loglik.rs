@@ -80,7 +80,7 @@ pub fn loglikelihoods(
     reqs: &[Request],
     o: &Opts,
 ) -> Result<(Vec<Vec<Scored>>, Stats)> {
-    let window = model.cfg.max_position_embeddings;
+    let window = model.context();
     let mut stats = Stats::default();
     // Contexts cut to fit: keep the last `window + 1 − longest` tokens.
     let mut ctxs: Vec<(usize, &[u32])> = Vec::with_capacity(reqs.len());

@@ -231,7 +231,7 @@ fn exact(pred: &str, refs: &[String], task: &Task) -> f64 {
 pub fn generate(env: &Env, task: &Task, k: usize) -> Result<TaskResult> {
     let m = env.decoder(task)?;
     let n = env.n_items(task);
-    let ctx_len = m.model.cfg.max_position_embeddings;
+    let ctx_len = m.model.context();
     if task.max_gen_toks >= ctx_len {
         bail!(
             "{}: max_gen_toks {} leaves no room in the model's context of {ctx_len}",

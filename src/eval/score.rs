@@ -27,7 +27,7 @@ impl Score {
 /// Perplexity as lmforge reports it for a whole text (forgetting reports): windows of the
 /// model's context, at most 512 tokens, advancing by half a window.
 pub fn score_text_ids(model: &DecoderModel, ids: &[u32]) -> Result<Score> {
-    let w = model.cfg.max_position_embeddings.min(512);
+    let w = model.context().min(512);
     score_ids(model, ids, w, (w / 2).max(1))
 }
 
@@ -74,7 +74,7 @@ pub fn score_rolling(model: &DecoderModel, ids: &[u32], prefix: u32) -> Result<S
     if ids.is_empty() {
         bail!("the document has no tokens");
     }
-    let len = model.cfg.max_position_embeddings;
+    let len = model.context();
     let first = len.min(ids.len());
     let mut x = Vec::with_capacity(first + 1);
     x.push(prefix);

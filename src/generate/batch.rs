@@ -88,7 +88,7 @@ pub fn generate_batch_until(
     until: &(dyn Fn(usize, &[u32]) -> bool + Sync),
 ) -> Result<Vec<Sampled>> {
     s.check()?;
-    let ctx = model.cfg.max_position_embeddings;
+    let ctx = model.context();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         bail!("prompt {i} is empty after tokenization; give at least one token");

@@ -83,7 +83,7 @@ pub fn generate(
         bail!("the prompt is empty after tokenization; give at least one token");
     }
     s.check()?;
-    let ctx = model.cfg.max_position_embeddings;
+    let ctx = model.context();
     if prompt.len() >= ctx {
         bail!(
             "the prompt has {} tokens; the model's context is {ctx}",

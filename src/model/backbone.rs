@@ -92,8 +92,8 @@ impl Backbone {
 
     pub fn max_len(&self) -> usize {
         match self {
-            Backbone::Encoder(e) => e.cfg.max_position_embeddings,
-            Backbone::Decoder(d) => d.cfg.max_position_embeddings,
+            Backbone::Encoder(e) => e.context(),
+            Backbone::Decoder(d) => d.context(),
         }
     }
 

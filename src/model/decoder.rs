@@ -14,7 +14,7 @@ use super::layers::{activate, gated, Builder, Embedding, Layout, Linear, Norm, Q
 use super::loader::WeightSource;
 pub use super::packing::Packing;
 use super::params::{ParamStore, Source};
-use super::virtual_tokens::{split_prefix, LayerKv, Virtual, VirtualTokens};
+use super::virtual_tokens::{LayerKv, VirtualTokens};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -401,6 +401,9 @@ impl DecoderModel {
         // (detached: a cache is for decoding).
         let kv: Vec<LayerKv> = match opts.cache.as_deref_mut() {
             Some(c) => {
+                if c.layers.len() != self.blocks.len() {
+                    *c = KvCache::new(self.blocks.len());
+                }
                 if c.is_empty() || c.prefix.is_none() {
                     let kv = self.virtual_keys_values(v.as_ref())?;
                     c.prefix = Some(kv.iter().map(|(k, v)| (k.detach(), v.detach())).collect());
@@ -418,39 +421,8 @@ impl DecoderModel {
         self.run(embeds, opts, v.positions())
     }
 
-    /// Virtual tokens as every layer's keys and values: a prefix split per layer, or prompt
-    /// embeddings run alone (they come first and attend only to each other).
-    fn virtual_keys_values(&self, v: &dyn VirtualTokens) -> Result<Vec<LayerKv>> {
-        let (n_kv, hd) = self.kv_shape();
-        match v.tensors()? {
-            Virtual::Prefix(flat) => split_prefix(&flat, self.blocks.len(), n_kv, hd),
-            Virtual::Embeddings(e) => self.layer_keys_values(&e.unsqueeze(0)?),
-        }
-    }
-
-    /// Every layer's keys and values of `embeds` (1, P, C) at positions 0..P, kept on the
-    /// autograd graph: prompt tuning's virtual tokens as a prefix. -> per layer (1, n_kv, P, hd).
-    pub fn layer_keys_values(&self, embeds: &Tensor) -> Result<Vec<LayerKv>> {
-        let mut cache = KvCache::new(self.blocks.len());
-        cache.keep_graph = true;
-        let opts = ForwardOpts {
-            cache: Some(&mut cache),
-            ..Default::default()
-        };
-        self.run(embeds, opts, 0)?;
-        cache
-            .layers
-            .into_iter()
-            .map(|l| {
-                let (k, v) = l.ok_or_else(|| anyhow::anyhow!("a layer left no keys"))?;
-                // (1, P, n_kv, hd) -> (1, n_kv, P, hd)
-                Ok((k.transpose(1, 2)?, v.transpose(1, 2)?))
-            })
-            .collect()
-    }
-
     /// The blocks over `embeds`, the first real position at `offset` (after virtual tokens).
-    fn run(&self, embeds: &Tensor, opts: ForwardOpts, offset: usize) -> Result<Tensor> {
+    pub(super) fn run(&self, embeds: &Tensor, opts: ForwardOpts, offset: usize) -> Result<Tensor> {
         let (_, t, _) = embeds.dims3()?;
         let ForwardOpts {
             mut cache,
@@ -598,6 +570,21 @@ impl DecoderModel {
 
     pub fn dtype(&self) -> DType {
         self.wte.weight.dtype()
+    }
+
+    /// Weights held as GGUF blocks (QLoRA), not in the parameter store.
+    pub fn quantized_params(&self) -> usize {
+        let lin = self.linears().into_iter().filter_map(|l| l.qbase.as_ref());
+        lin.chain(self.wte.qbase.as_ref())
+            .map(|q| q.rows() * q.cols())
+            .sum()
+    }
+
+    /// Positions left for real tokens: the context less any virtual tokens (prefix/prompt
+    /// tuning), which take the first P.
+    pub fn context(&self) -> usize {
+        let p = self.virtual_tokens.as_ref().map_or(0, |v| v.positions());
+        self.cfg.max_position_embeddings.saturating_sub(p)
     }
 
     /// Keys/values shape a prefix must have for layer caches: (n_kv, head_dim).

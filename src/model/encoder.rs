@@ -412,6 +412,12 @@ impl Encoder {
         Ok(out)
     }
 
+    /// Positions left for real tokens (prompt-tuning tokens take the first P).
+    pub fn context(&self) -> usize {
+        let p = self.virtual_tokens.as_ref().map_or(0, |v| v.positions());
+        self.cfg.max_position_embeddings.saturating_sub(p)
+    }
+
     /// Active prompt-tuning tokens: P.
     pub fn virtual_positions(&self) -> usize {
         self.virtual_tokens

@@ -8,6 +8,7 @@
 //! Encoders (BERT) attend both ways, so their virtual tokens cannot be a prefix computed
 //! alone: prompt embeddings are prepended to the input and run with it, as PEFT does.
 
+use super::decoder::{DecoderModel, ForwardOpts, KvCache};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -59,4 +60,37 @@ pub fn split_prefix(
             Ok((part(0)?, part(1)?))
         })
         .collect()
+}
+
+impl DecoderModel {
+    /// Virtual tokens as every layer's keys and values: a prefix split per layer, or prompt
+    /// embeddings run alone (they come first and attend only to each other).
+    pub(super) fn virtual_keys_values(&self, v: &dyn VirtualTokens) -> Result<Vec<LayerKv>> {
+        let (n_kv, hd) = self.kv_shape();
+        match v.tensors()? {
+            Virtual::Prefix(flat) => split_prefix(&flat, self.blocks.len(), n_kv, hd),
+            Virtual::Embeddings(e) => self.layer_keys_values(&e.unsqueeze(0)?),
+        }
+    }
+
+    /// Every layer's keys and values of `embeds` (1, P, C) at positions 0..P, kept on the
+    /// autograd graph: prompt tuning's virtual tokens as a prefix. -> per layer (1, n_kv, P, hd).
+    pub fn layer_keys_values(&self, embeds: &Tensor) -> Result<Vec<LayerKv>> {
+        let mut cache = KvCache::new(self.blocks.len());
+        cache.keep_graph = true;
+        let opts = ForwardOpts {
+            cache: Some(&mut cache),
+            ..Default::default()
+        };
+        self.run(embeds, opts, 0)?;
+        cache
+            .layers
+            .into_iter()
+            .map(|l| {
+                let (k, v) = l.ok_or_else(|| anyhow::anyhow!("a layer left no keys"))?;
+                // (1, P, n_kv, hd) -> (1, n_kv, P, hd)
+                Ok((k.transpose(1, 2)?, v.transpose(1, 2)?))
+            })
+            .collect()
+    }
 }

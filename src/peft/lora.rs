@@ -19,11 +19,13 @@
 //!
 //! Deviation: dropout masks come from lmforge's keyed RNG (reproducible per step), not torch's.
 
+pub(crate) use super::files::{available, save_adapter_tensors};
+pub use super::files::{Head, Targets};
 use super::AdapterSwitch;
 use crate::fsutil::write_json;
 use crate::model::layers::{xwt, Layout, Linear, LinearAdapter};
 use crate::model::loader::WeightSource;
-use crate::model::params::{save_tensors, Init, ParamKind, Source};
+use crate::model::params::{Init, ParamKind, Source};
 use crate::model::{DecoderModel, ParamStore};
 use crate::outdir::write_output;
 use crate::rng::{fnv1a, Rng};
@@ -32,49 +34,6 @@ use candle_core::{Tensor, Var};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
-
-/// Which linear layers get an adapter.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Targets {
-    /// Every linear layer except the output head (PEFT's `"all-linear"`).
-    AllLinear,
-    /// Module names or name suffixes at a `.` boundary, e.g. `q_proj` or `self_attn.q_proj`.
-    Names(Vec<String>),
-}
-
-impl Targets {
-    pub fn parse(s: &str) -> Result<Self> {
-        if s.trim() == "all-linear" {
-            return Ok(Targets::AllLinear);
-        }
-        let names: Vec<String> = s
-            .split(',')
-            .map(str::trim)
-            .filter(|x| !x.is_empty())
-            .map(String::from)
-            .collect();
-        if names.is_empty() {
-            bail!("--target-modules: expected module names (q_proj,v_proj) or all-linear");
-        }
-        Ok(Targets::Names(names))
-    }
-
-    pub(crate) fn matches(&self, module: &str) -> bool {
-        match self {
-            Targets::AllLinear => module != "lm_head",
-            Targets::Names(ns) => ns
-                .iter()
-                .any(|n| module == n || module.ends_with(&format!(".{n}"))),
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        match self {
-            Targets::AllLinear => json!("all-linear"),
-            Targets::Names(ns) => json!(ns),
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -121,7 +80,7 @@ pub fn key_m(module: &str) -> String {
 /// A layer's weight as (out, in), detached, whatever its layout.
 fn out_in(lin: &Linear) -> Result<Tensor> {
     if let Some(q) = &lin.qbase {
-        return Ok(q.dequantize()?); // QLoRA: a transient f32 copy of this one layer (DoRA)
+        return Ok(q.dequantize()?); // QLoRA: DoRA's ‖W₀‖², once at attach
     }
     Ok(match lin.layout {
         Layout::OutIn => lin.weight.detach(),
@@ -214,10 +173,13 @@ impl Layer {
 
     /// DoRA: m/‖W₀ + s·B·A‖ (norm held constant) times the adapted product, plus the bias.
     fn dora(&self, lin: &Linear, x: &Tensor, m: &Tensor, w_sq: &Tensor) -> Result<Tensor> {
-        let w = out_in(lin)?; // (out, in)
         let (a, b) = (self.a.detach(), self.b.detach());
         // ‖w_i + s·b_i·A‖² = ‖w_i‖² + 2s·(w_i·Aᵀ)·b_i + s²·b_i·(A·Aᵀ)·b_i
-        let wa = w.matmul(&a.t()?)?; // (out, r)
+        let wa = match &lin.qbase {
+            // QLoRA: (A·W₀ᵀ)ᵀ through the quantized GEMM, no f32 copy of W₀.
+            Some(q) => crate::kernels::qlinear::qlinear(&a.contiguous()?, q)?.t()?,
+            None => out_in(lin)?.matmul(&a.t()?)?,
+        }; // (out, r)
         let aat = a.matmul(&a.t()?)?; // (r, r)
         let sq = ((w_sq + ((wa * &b)?.sum(1)? * (2.0 * self.scale))?)?
             + ((b.matmul(&aat)? * &b)?.sum(1)? * (self.scale * self.scale))?)?;
@@ -270,31 +232,6 @@ fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
     x * Tensor::from_vec(mask, x.shape(), x.device())?
 }
 
-/// What an adapter file holds besides the adapters: PEFT's `task_type` and the modules trained
-/// in full (`modules_to_save`: module names such as `classifier` or `pooler`, matched as PEFT
-/// does, by path suffix).
-pub struct Head<'a> {
-    pub task_type: &'a str,
-    pub modules: Vec<&'a str>,
-}
-
-impl Head<'_> {
-    pub fn causal_lm() -> Self {
-        Head {
-            task_type: "CAUSAL_LM",
-            modules: Vec::new(),
-        }
-    }
-
-    /// Whether parameter `name` belongs to a module trained in full. PEFT's matching: a
-    /// module whose path is, or ends with, a listed name.
-    pub fn saves(&self, name: &str) -> bool {
-        self.modules
-            .iter()
-            .any(|m| name.starts_with(&format!("{m}.")) || name.contains(&format!(".{m}.")))
-    }
-}
-
 /// The adapters attached to a model.
 pub struct Lora {
     pub cfg: LoraConfig,
@@ -303,17 +240,6 @@ pub struct Lora {
     pub switch: AdapterSwitch,
     /// GPT-2's Conv1D layers store W as (in, out): PEFT's `fan_in_fan_out`.
     pub fan_in_fan_out: bool,
-}
-
-/// Every linear layer's name, for error messages that list what a target could have been.
-pub(crate) fn available(names: &[String]) -> String {
-    let mut short: Vec<String> = names
-        .iter()
-        .map(|l| l.rsplit('.').next().unwrap_or(l).to_string())
-        .collect();
-    short.sort();
-    short.dedup();
-    short.join(", ")
 }
 
 /// Attaches adapters to the layers `cfg.targets` selects. `weights` loads A and B (a PEFT
@@ -539,27 +465,6 @@ impl Lora {
         }
         Ok(())
     }
-}
-
-/// Writes `dir/adapter_model.safetensors`: every adapter parameter under its PEFT name (the
-/// store's), and the parameters of `head.modules` under `base_model.model.<name>`.
-pub(crate) fn save_adapter_tensors(store: &ParamStore, head: &Head, dir: &Path) -> Result<()> {
-    let saved = |name: &str| head.saves(name);
-    let tensors: Vec<(String, Tensor)> = store
-        .params()
-        .iter()
-        .filter_map(|p| {
-            let name = if p.kind == ParamKind::Adapter {
-                p.name.clone()
-            } else if saved(&p.name) {
-                format!("base_model.model.{}", p.name)
-            } else {
-                return None;
-            };
-            Some((name, p.var.as_detached_tensor()))
-        })
-        .collect();
-    save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
 }
 
 /// Reads a PEFT LoRA directory's `adapter_config.json` (causal LM: no `modules_to_save`).

@@ -6,20 +6,23 @@
 //! `AdapterSwitch::set_enabled(false)` turns every adapter off at once: the same model is then
 //! the base model, which DPO and PPO use as their reference.
 
+mod adapters;
 pub mod bottleneck;
+mod files;
 pub mod ia3;
 pub mod lora;
 mod lstm;
 pub mod prefix;
 pub mod prompt;
 
-use crate::model::loader::WeightSource;
-use crate::model::{DecoderModel, ParamStore};
+pub use adapters::{load, Adapters};
+pub(crate) use files::{
+    check_virtual_json, open_adapter_weights, refuse_set, virtual_json, write_virtual,
+};
+pub use files::{is_adapter_tensor, read_head_config};
+
 use anyhow::{bail, Result};
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -230,6 +233,9 @@ impl PeftArgs {
         if self.qlora && self.merge {
             bail!("peft.merge (--merge) with --qlora: the base stays in GGUF blocks; merge the adapter afterwards with `lmforge merge` (which dequantizes the base)");
         }
+        if self.encoder_num_layers == 0 {
+            bail!("peft.encoder_num_layers (--encoder-num-layers) must be at least 1");
+        }
         if self.reduction_factor == 0 {
             bail!("peft.reduction_factor (--reduction-factor) must be at least 1");
         }
@@ -263,6 +269,15 @@ impl PeftConfig {
         }
     }
 
+    /// Positions the method's virtual tokens take ahead of every sequence.
+    pub fn virtual_positions(&self) -> usize {
+        match self {
+            PeftConfig::Prefix(c) => c.num_virtual_tokens,
+            PeftConfig::Prompt(c) => c.num_virtual_tokens,
+            _ => 0,
+        }
+    }
+
     /// Whether the method folds into the base weights.
     pub fn mergeable(&self) -> bool {
         matches!(self, PeftConfig::Lora(_) | PeftConfig::Ia3(_))
@@ -280,414 +295,4 @@ impl PeftConfig {
         }
         Ok(())
     }
-}
-
-/// The adapters attached to a model, whichever the method.
-pub enum Adapters {
-    Lora(lora::Lora),
-    Ia3(ia3::Ia3),
-    Prefix(prefix::Prefix),
-    Prompt(prompt::Prompt),
-    Bottleneck(bottleneck::Bottleneck),
-}
-
-impl Adapters {
-    /// Attaches `cfg`'s adapters to a decoder (fresh: LoRA's A from `seed`, IA³'s vectors at 1).
-    pub fn attach(
-        model: &mut DecoderModel,
-        store: &mut ParamStore,
-        cfg: &PeftConfig,
-        seed: u64,
-        switch: &AdapterSwitch,
-    ) -> Result<Self> {
-        Ok(match cfg {
-            PeftConfig::Lora(c) => {
-                Adapters::Lora(lora::attach(model, store, c, None, seed, switch)?)
-            }
-            PeftConfig::Ia3(c) => {
-                let c = c.resolve(&model.cfg.model_type);
-                Adapters::Ia3(ia3::attach_to(
-                    model.linears_mut(),
-                    store,
-                    &c,
-                    None,
-                    switch,
-                )?)
-            }
-            PeftConfig::Prefix(c) => {
-                Adapters::Prefix(prefix::attach(model, store, c, None, seed, switch)?)
-            }
-            PeftConfig::Prompt(c) => {
-                Adapters::Prompt(prompt::attach(model, store, c, None, seed, switch)?)
-            }
-            PeftConfig::Bottleneck(c) => Adapters::Bottleneck(bottleneck::attach(
-                model.linears_mut(),
-                store,
-                c,
-                None,
-                seed,
-                switch,
-            )?),
-        })
-    }
-
-    /// Attaches a method that lives on linear layers (LoRA, DoRA, IA³, bottleneck adapters) to
-    /// `linears` — a task model's body, encoder or decoder; `model_type` picks IA³'s defaults.
-    /// `weights` loads them (an adapter directory), otherwise they start fresh from `seed`.
-    pub fn attach_linears(
-        linears: Vec<&mut crate::model::layers::Linear>,
-        store: &mut ParamStore,
-        cfg: &PeftConfig,
-        model_type: &str,
-        weights: Option<&WeightSource>,
-        seed: u64,
-        switch: &AdapterSwitch,
-    ) -> Result<Self> {
-        Ok(match cfg {
-            PeftConfig::Lora(c) => {
-                Adapters::Lora(lora::attach_to(linears, store, c, weights, seed, switch)?)
-            }
-            PeftConfig::Ia3(c) => Adapters::Ia3(ia3::attach_to(
-                linears,
-                store,
-                &c.resolve(model_type),
-                weights,
-                switch,
-            )?),
-            PeftConfig::Bottleneck(c) => Adapters::Bottleneck(bottleneck::attach(
-                linears, store, c, weights, seed, switch,
-            )?),
-            PeftConfig::Prefix(_) | PeftConfig::Prompt(_) => bail!(
-                "--peft {}: virtual tokens attach to a model, not to its linear layers",
-                cfg.name()
-            ),
-        })
-    }
-
-    /// Attaches any method to a task model's body: virtual tokens to the model itself (prompt
-    /// tuning on encoders and decoders, prefix tuning on decoders), the others to its linear
-    /// layers.
-    pub fn attach_backbone(
-        body: &mut crate::model::backbone::Backbone,
-        store: &mut ParamStore,
-        cfg: &PeftConfig,
-        weights: Option<&WeightSource>,
-        seed: u64,
-        switch: &AdapterSwitch,
-    ) -> Result<Self> {
-        use crate::model::backbone::Backbone;
-        match (cfg, body) {
-            (PeftConfig::Prompt(c), Backbone::Encoder(e)) => {
-                let ec = &e.cfg;
-                let host = prompt::Host {
-                    hidden: ec.hidden_size,
-                    vocab: ec.vocab_size,
-                    n_heads: ec.num_heads,
-                    n_layers: ec.num_layers,
-                    embed: &|ids| e.word.forward(ids),
-                };
-                let p = prompt::attach_to(&host, store, c, weights, seed, switch)?;
-                e.virtual_tokens = Some(p.tokens());
-                Ok(Adapters::Prompt(p))
-            }
-            (PeftConfig::Prompt(c), Backbone::Decoder(d)) => Ok(Adapters::Prompt(
-                prompt::attach(d, store, c, weights, seed, switch)?,
-            )),
-            (PeftConfig::Prefix(c), Backbone::Decoder(d)) => Ok(Adapters::Prefix(
-                prefix::attach(d, store, c, weights, seed, switch)?,
-            )),
-            (PeftConfig::Prefix(_), Backbone::Encoder(_)) => bail!(
-                "--peft prefix: prefix tuning of an encoder is not supported (Python PEFT has none for BERT either); use --peft prompt or p-tuning"
-            ),
-            (cfg, body) => {
-                let model_type = body.model_type().to_string();
-                Self::attach_linears(body.linears_mut(), store, cfg, &model_type, weights, seed, switch)
-            }
-        }
-    }
-
-    /// `merge` for a task model's body.
-    pub fn merge_linears(
-        &self,
-        linears: Vec<&mut crate::model::layers::Linear>,
-        store: &ParamStore,
-    ) -> Result<()> {
-        match self {
-            Adapters::Lora(a) => a.merge_into(linears, store),
-            Adapters::Ia3(a) => a.merge_into(linears, store),
-            _ => bail!(
-                "{} cannot be merged: it adds computation, not a weight change",
-                self.name()
-            ),
-        }
-    }
-
-    /// ", LoRA r=8 on 28 layers" for the log.
-    pub fn describe(&self) -> String {
-        match self {
-            Adapters::Lora(a) => format!(
-                ", {} r={} on {} layers",
-                if a.cfg.use_dora { "DoRA" } else { "LoRA" },
-                a.cfg.r,
-                a.modules.len()
-            ),
-            Adapters::Ia3(a) => format!(
-                ", IA³ on {} layers ({} feed-forward)",
-                a.modules.len(),
-                a.modules.iter().filter(|(_, f)| *f).count()
-            ),
-            Adapters::Prefix(a) => a.describe(),
-            Adapters::Prompt(a) => a.describe(),
-            Adapters::Bottleneck(a) => a.describe(),
-        }
-    }
-
-    /// The PEFT directory's files (`adapter_config.json`, `adapter_model.safetensors`).
-    pub fn write_files(
-        &self,
-        dir: &Path,
-        store: &ParamStore,
-        base: &str,
-        head: &lora::Head,
-    ) -> Result<()> {
-        match self {
-            Adapters::Lora(a) => a.write_files(dir, store, base, head),
-            Adapters::Ia3(a) => a.write_files(dir, store, base, head),
-            Adapters::Bottleneck(a) => a.write_files(dir, store, base, head),
-            Adapters::Prefix(a) => a.write_files(dir, store, base, head),
-            Adapters::Prompt(a) => a.write_files(dir, store, base, head),
-        }
-    }
-
-    /// Folds the adapters into the base weights (the model is then a plain model).
-    pub fn merge(&self, model: &mut DecoderModel, store: &ParamStore) -> Result<()> {
-        match self {
-            Adapters::Lora(a) => a.merge(model, store),
-            Adapters::Ia3(a) => a.merge(model, store),
-            Adapters::Prefix(_) | Adapters::Prompt(_) | Adapters::Bottleneck(_) => bail!(
-                "{} cannot be merged: it adds computation, not a weight change",
-                self.name()
-            ),
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            Adapters::Lora(_) => "LoRA",
-            Adapters::Ia3(_) => "IA³",
-            Adapters::Prefix(_) => "prefix tuning",
-            Adapters::Prompt(p) if p.cfg.is_p_tuning() => "P-tuning",
-            Adapters::Prompt(_) => "prompt tuning",
-            Adapters::Bottleneck(_) => "a bottleneck adapter",
-        }
-    }
-}
-
-/// Loads a PEFT adapter directory onto a decoder, the method read from its
-/// `adapter_config.json` (`peft_type`).
-pub fn load(
-    dir: &Path,
-    model: &mut DecoderModel,
-    store: &mut ParamStore,
-    switch: &AdapterSwitch,
-) -> Result<Adapters> {
-    let v = crate::input::read_json(&dir.join("adapter_config.json"))?;
-    match v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("") {
-        "IA3" => Ok(Adapters::Ia3(ia3::load(dir, &v, model, store, switch)?)),
-        "PREFIX_TUNING" => Ok(Adapters::Prefix(prefix::load(
-            dir, &v, model, store, switch,
-        )?)),
-        "PROMPT_TUNING" | "P_TUNING" => Ok(Adapters::Prompt(prompt::load(
-            dir, &v, model, store, switch,
-        )?)),
-        bottleneck::PEFT_TYPE => Ok(Adapters::Bottleneck(bottleneck::load(
-            dir, &v, model, store, switch,
-        )?)),
-        _ => Ok(Adapters::Lora(lora::load_with(
-            dir, &v, model, store, switch,
-        )?)),
-    }
-}
-
-/// Whether `name` is a tensor of a linear-layer method (not a module trained in full).
-pub fn is_adapter_tensor(name: &str) -> bool {
-    name.contains(".lora_A.")
-        || name.contains(".lora_B.")
-        || name.ends_with(".lora_magnitude_vector")
-        || name.ends_with(".ia3_l")
-        || name.contains(".adapter_down.")
-        || name.contains(".adapter_up.")
-        || name == prefix::FLAT
-}
-
-/// A task model's adapter directory: the method, the base model's name, and the modules
-/// trained in full (`modules_to_save`). Prompt-learning methods come back as plain prompt
-/// tuning (their encoders are folded) of P tokens; prefix tuning as its folded prefix.
-pub fn read_head_config(dir: &Path) -> Result<(PeftConfig, Option<String>, Vec<String>)> {
-    let mut v = crate::input::read_json(&dir.join("adapter_config.json"))?;
-    let kind = v
-        .get("peft_type")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let heads: Vec<String> = match v.get("modules_to_save") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(String::from)
-            .collect(),
-        _ => Vec::new(),
-    };
-    let base = v
-        .get("base_model_name_or_path")
-        .and_then(Value::as_str)
-        .map(String::from);
-    if let Some(o) = v.as_object_mut() {
-        o.remove("modules_to_save");
-    }
-    let cfg = match kind.as_str() {
-        "IA3" => PeftConfig::Ia3(ia3::read_config(dir, &v)?.0),
-        bottleneck::PEFT_TYPE => PeftConfig::Bottleneck(bottleneck::read_config(dir, &v)?),
-        "PROMPT_TUNING" | "P_TUNING" => PeftConfig::Prompt(prompt::PromptConfig {
-            num_virtual_tokens: positive(&v, "num_virtual_tokens", dir)?,
-            init_text: None,
-            encoder: None,
-        }),
-        "PREFIX_TUNING" => PeftConfig::Prefix(prefix::PrefixConfig {
-            num_virtual_tokens: positive(&v, "num_virtual_tokens", dir)?,
-            projection: None,
-        }),
-        _ => PeftConfig::Lora(lora::read_config_with_heads(dir)?.0),
-    };
-    Ok((cfg, base, heads))
-}
-
-fn positive(v: &Value, key: &str, dir: &Path) -> Result<usize> {
-    match v.get(key).and_then(Value::as_u64) {
-        Some(n) if n > 0 => Ok(n as usize),
-        _ => bail!(
-            "{}: {key} missing or not a positive integer",
-            dir.join("adapter_config.json").display()
-        ),
-    }
-}
-
-/// Refuses an adapter config that sets any of `keys` (features that change what the weights
-/// mean): better an error naming the key than weights loaded wrongly.
-pub(crate) fn refuse_set(
-    v: &serde_json::Value,
-    keys: &[&str],
-    dir: &Path,
-    method: &str,
-) -> Result<()> {
-    for k in keys {
-        let set = match v.get(*k) {
-            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
-            Some(serde_json::Value::Array(a)) => !a.is_empty(),
-            Some(serde_json::Value::Object(o)) => !o.is_empty(),
-            Some(_) => true,
-        };
-        if set {
-            bail!(
-                "{}: {k} is not supported by lmforge's {method}",
-                dir.join("adapter_config.json").display()
-            );
-        }
-    }
-    Ok(())
-}
-
-// ------------------------------------------------------- prompt-learning files (PEFT layout)
-
-/// The `adapter_config.json` keys PEFT's prompt-learning configs share.
-pub(crate) fn virtual_json(
-    peft_type: &str,
-    task_type: &str,
-    base: &str,
-    p: usize,
-    token_dim: usize,
-    n_heads: usize,
-    n_layers: usize,
-) -> Value {
-    json!({
-        "peft_type": peft_type,
-        "task_type": task_type,
-        "base_model_name_or_path": base,
-        "num_virtual_tokens": p,
-        "token_dim": token_dim,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": n_heads,
-        "num_layers": n_layers,
-        "inference_mode": true,
-        "modules_to_save": null,
-        "revision": null,
-    })
-}
-
-/// Writes `adapter_config.json` and `adapter_model.safetensors` holding `prompt_embeddings`.
-/// With `head`'s modules trained in full saved as PEFT saves them for prompt learning:
-/// `base_model.<name>` (no `.model`), listed in `modules_to_save`.
-pub(crate) fn write_virtual(
-    dir: &Path,
-    config: &mut Value,
-    embeddings: &Tensor,
-    store: &ParamStore,
-    head: &lora::Head,
-) -> Result<()> {
-    let mut tensors = vec![(prefix::FLAT.to_string(), embeddings.contiguous()?)];
-    for p in store.params() {
-        if head.saves(&p.name) {
-            tensors.push((format!("base_model.{}", p.name), p.var.as_detached_tensor()));
-        }
-    }
-    if !head.modules.is_empty() {
-        config["modules_to_save"] = json!(head.modules);
-    }
-    crate::fsutil::write_json(&dir.join("adapter_config.json"), config)?;
-    crate::model::params::save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
-}
-
-/// Checks a prompt-learning config against the model; returns P.
-pub(crate) fn check_virtual_json(
-    dir: &Path,
-    v: &Value,
-    n_layers: usize,
-    token_dim: usize,
-    n_heads: Option<usize>,
-) -> Result<usize> {
-    let path = dir.join("adapter_config.json");
-    let int = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
-    let p = match int("num_virtual_tokens") {
-        Some(p) if p > 0 => p,
-        _ => bail!(
-            "{}: num_virtual_tokens missing or not a positive integer",
-            path.display()
-        ),
-    };
-    let mut want = vec![
-        ("num_transformer_submodules", 1),
-        ("token_dim", token_dim),
-        ("num_layers", n_layers),
-    ];
-    want.extend(n_heads.map(|h| ("num_attention_heads", h)));
-    for (k, expect) in want {
-        if let Some(got) = int(k) {
-            if got != expect {
-                bail!(
-                    "{}: {k} is {got}, this model needs {expect}",
-                    path.display()
-                );
-            }
-        }
-    }
-    Ok(p)
-}
-
-/// A PEFT directory's `adapter_model.safetensors`.
-pub(crate) fn open_adapter_weights(dir: &Path) -> Result<WeightSource> {
-    let file = dir.join("adapter_model.safetensors");
-    if !file.is_file() {
-        bail!("{}: adapter_model.safetensors is missing", dir.display());
-    }
-    WeightSource::open_files(&[file])
 }

@@ -132,8 +132,12 @@ pub fn attach(
     seed: u64,
     switch: &AdapterSwitch,
 ) -> Result<Prefix> {
-    if cfg.num_virtual_tokens == 0 {
-        bail!("prefix tuning needs at least one virtual token (num_virtual_tokens)");
+    if cfg.num_virtual_tokens == 0 || cfg.num_virtual_tokens >= model.cfg.max_position_embeddings {
+        bail!(
+            "prefix tuning needs 1 to {} virtual tokens (num_virtual_tokens), not {}",
+            model.cfg.max_position_embeddings - 1,
+            cfg.num_virtual_tokens
+        );
     }
     let (n_kv, hd) = model.kv_shape();
     let (p, l, td) = (cfg.num_virtual_tokens, model.cfg.num_layers, n_kv * hd);

@@ -117,6 +117,28 @@ impl VirtualTokens for Tokens {
     }
 }
 
+/// An `nn.Linear(inp, out)` of the encoder under PEFT's name, PyTorch's init U(±1/√inp).
+fn linear(
+    store: &mut ParamStore,
+    src: &Source,
+    name: &str,
+    out: usize,
+    inp: usize,
+) -> Result<(Tensor, Tensor)> {
+    let u = Init::Uniform(1.0 / (inp as f64).sqrt());
+    let mut add = |what: &str, shape: &[usize]| {
+        store.add(
+            src,
+            &format!("{name}.{what}"),
+            shape,
+            ParamKind::Adapter,
+            u,
+            true,
+        )
+    };
+    Ok((add("weight", &[out, inp])?, add("bias", &[out])?))
+}
+
 /// Prompt-tuning or P-tuning tokens attached to a model.
 pub struct Prompt {
     pub cfg: PromptConfig,
@@ -141,6 +163,7 @@ pub fn attach(
     let c = &model.cfg;
     let host = Host {
         hidden: c.hidden_size,
+        max_positions: c.max_position_embeddings,
         vocab: c.vocab_size,
         n_heads: c.num_heads,
         n_layers: c.num_layers,
@@ -154,6 +177,8 @@ pub fn attach(
 /// What prompt tokens need from the model they go in front of (decoder or encoder).
 pub struct Host<'a> {
     pub hidden: usize,
+    /// The model's context: the virtual tokens must leave room in it.
+    pub max_positions: usize,
     pub vocab: usize,
     pub n_heads: usize,
     pub n_layers: usize,
@@ -171,8 +196,11 @@ pub fn attach_to(
     switch: &AdapterSwitch,
 ) -> Result<Prompt> {
     let (p, c) = (cfg.num_virtual_tokens, host.hidden);
-    if p == 0 {
-        bail!("prompt tuning needs at least one virtual token (num_virtual_tokens)");
+    if p == 0 || p >= host.max_positions {
+        bail!(
+            "prompt tuning needs 1 to {} virtual tokens (num_virtual_tokens), not {p}",
+            host.max_positions.saturating_sub(1)
+        );
     }
     let src = weights.map_or(Source::Random { seed }, Source::Weights);
     let emb_name = if cfg.is_p_tuning() {
@@ -208,58 +236,18 @@ pub fn attach_to(
         None => None,
         Some((kind, h, n_layers)) => {
             let h = if h == 0 { c } else { h };
-            let u = |fan_in: usize| Init::Uniform(1.0 / (fan_in as f64).sqrt());
-            let mut linear = |name: String, out: usize, inp: usize| -> Result<(Tensor, Tensor)> {
-                let w = store.add(
-                    &src,
-                    &format!("{name}.weight"),
-                    &[out, inp],
-                    ParamKind::Adapter,
-                    u(inp),
-                    true,
-                )?;
-                let b = store.add(
-                    &src,
-                    &format!("{name}.bias"),
-                    &[out],
-                    ParamKind::Adapter,
-                    u(inp),
-                    true,
-                )?;
-                Ok((w, b))
-            };
             let m = "prompt_encoder.mlp_head";
             Some(match kind {
                 EncoderKind::Mlp => Head::Mlp(vec![
-                    linear(format!("{m}.0"), h, c)?,
-                    linear(format!("{m}.2"), h, h)?,
-                    linear(format!("{m}.4"), c, h)?,
+                    linear(store, &src, &format!("{m}.0"), h, c)?,
+                    linear(store, &src, &format!("{m}.2"), h, h)?,
+                    linear(store, &src, &format!("{m}.4"), c, h)?,
                 ]),
                 EncoderKind::Lstm => {
                     let lstm = Lstm::new(store, &src, "prompt_encoder.lstm_head", c, h, n_layers)?;
-                    let mut linear =
-                        |name: String, out: usize, inp: usize| -> Result<(Tensor, Tensor)> {
-                            let w = store.add(
-                                &src,
-                                &format!("{name}.weight"),
-                                &[out, inp],
-                                ParamKind::Adapter,
-                                u(inp),
-                                true,
-                            )?;
-                            let b = store.add(
-                                &src,
-                                &format!("{name}.bias"),
-                                &[out],
-                                ParamKind::Adapter,
-                                u(inp),
-                                true,
-                            )?;
-                            Ok((w, b))
-                        };
                     let layers = vec![
-                        linear(format!("{m}.0"), 2 * h, 2 * h)?,
-                        linear(format!("{m}.2"), c, 2 * h)?,
+                        linear(store, &src, &format!("{m}.0"), 2 * h, 2 * h)?,
+                        linear(store, &src, &format!("{m}.2"), c, 2 * h)?,
                     ];
                     Head::Lstm(lstm, layers)
                 }

@@ -435,7 +435,12 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
         train_on_prompt: false,
         eos: p.eos(),
     };
-    let max_len = o.max_len.min(p.m.model.cfg.max_position_embeddings);
+    let virt = lora_cfg
+        .as_ref()
+        .map_or(0, crate::peft::PeftConfig::virtual_positions);
+    let max_len = o
+        .max_len
+        .min(p.m.model.cfg.max_position_embeddings.saturating_sub(virt));
     if max_len < 2 {
         bail!("max_len must be at least 2");
     }
@@ -487,7 +492,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
     };
 
     // 3. The engine.
-    let (trainable, total) = (p.m.store.num_trainable(), p.m.store.num_params());
+    let (trainable, total) = (p.m.store.num_trainable(), p.num_params());
     let mut method = Dpo {
         p,
         loss: o.loss,

@@ -311,7 +311,12 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
         train_on_prompt: false,
         eos: p.eos(),
     };
-    let max_len = o.max_len.min(p.m.model.cfg.max_position_embeddings);
+    let virt = lora_cfg
+        .as_ref()
+        .map_or(0, crate::peft::PeftConfig::virtual_positions);
+    let max_len = o
+        .max_len
+        .min(p.m.model.cfg.max_position_embeddings.saturating_sub(virt));
     if max_len < 2 {
         bail!("max_len must be at least 2");
     }

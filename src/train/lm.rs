@@ -97,9 +97,14 @@ impl Policy {
         Ok(())
     }
 
+    /// Every weight of the model: the store's and the GGUF blocks of QLoRA's frozen layers.
+    pub fn num_params(&self) -> usize {
+        self.m.store.num_params() + self.m.model.quantized_params()
+    }
+
     /// "trainable parameters: …" for the log.
     pub fn describe(&self) -> String {
-        let (t, n) = (self.m.store.num_trainable(), self.m.store.num_params());
+        let (t, n) = (self.m.store.num_trainable(), self.num_params());
         format!(
             "trainable parameters: {t} of {n} ({:.3}%){}",
             100.0 * t as f64 / n as f64,

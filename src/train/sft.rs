@@ -160,7 +160,12 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
         ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
-    let max_len = o.max_len.min(p.m.model.cfg.max_position_embeddings);
+    let virt = lora_cfg
+        .as_ref()
+        .map_or(0, crate::peft::PeftConfig::virtual_positions);
+    let max_len = o
+        .max_len
+        .min(p.m.model.cfg.max_position_embeddings.saturating_sub(virt));
     if max_len < 2 {
         bail!("max_len must be at least 2");
     }
@@ -189,7 +194,7 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     if let Some(c) = &lora_cfg {
         p.attach_peft(c, cfg.seed)?;
     }
-    let (trainable, total) = (p.m.store.num_trainable(), p.m.store.num_params());
+    let (trainable, total) = (p.m.store.num_trainable(), p.num_params());
     ctl.say(&p.describe());
     let rows = rows_of(&data, o.packing, max_len, cfg.seed);
     if o.packing {

@@ -185,7 +185,12 @@ impl Tuned {
         n: usize,
         seed: u64,
     ) -> Result<Self> {
-        let peft_cfg = o.peft.config()?;
+        let mut peft_cfg = o.peft.config()?;
+        if let Some(c) = peft_cfg.as_mut() {
+            c.tokenize(&m.tok)?;
+        }
+        // Before any adapter: fresh virtual tokens are random, not the identity.
+        let forgetting = Forgetting::start(o.forgetting_eval, &m.tok, |ids| m.body.lm_score(ids))?;
         let hidden = m.body.hidden_size();
         let head = {
             let mut b = Builder {
@@ -208,7 +213,6 @@ impl Tuned {
             )?),
             None => None,
         };
-        let forgetting = Forgetting::start(o.forgetting_eval, &m.tok, |ids| m.body.lm_score(ids))?;
         let max_len = o.max_len.min(m.body.max_len());
         if max_len < 2 {
             anyhow::bail!("max_len must be at least 2");

@@ -212,8 +212,11 @@ pub fn run<A: Algo, O: Serialize>(
         ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
+    let virt = lora_cfg
+        .as_ref()
+        .map_or(0, crate::peft::PeftConfig::virtual_positions);
     let max_prompt = prompts::room(
-        p.m.model.cfg.max_position_embeddings,
+        p.m.model.cfg.max_position_embeddings.saturating_sub(virt),
         ro.max_new_tokens,
         ro.max_prompt_len,
     )?;
@@ -282,7 +285,7 @@ pub fn run<A: Algo, O: Serialize>(
     let pad = p.eos().unwrap_or(0);
 
     // 3. The engine.
-    let (trainable, total) = (p.m.store.num_trainable(), p.m.store.num_params());
+    let (trainable, total) = (p.m.store.num_trainable(), p.num_params());
     let mut method = Online {
         p,
         algo,
