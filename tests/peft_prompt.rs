@@ -294,32 +294,21 @@ fn sft_trains_each_prompt_method_and_the_adapters() {
             String::from_utf8_lossy(&gen.stderr)
         );
     }
-    let e = fails(&[
-        "sft",
-        "--model",
-        b,
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        d.join("x").to_str().unwrap(),
-        "--peft",
-        "prompt",
-        "--merge",
-    ]);
-    assert!(e.contains("cannot be merged"), "{e}");
-    let e = fails(&[
-        "sft",
-        "--model",
-        b,
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        d.join("y").to_str().unwrap(),
-        "--peft",
-        "lora",
-        "--prefix-projection",
-    ]);
-    assert!(e.contains("--prefix-projection"), "{e}");
+    // Misplaced options are errors naming them.
+    for (flags, says) in [
+        (&["--peft", "prompt", "--merge"][..], "cannot be merged"),
+        (
+            &["--peft", "lora", "--prefix-projection"][..],
+            "--prefix-projection",
+        ),
+    ] {
+        let out = d.join("bad");
+        let mut a = vec!["sft", "--model", b, "--data", data.to_str().unwrap()];
+        a.extend(["--out", out.to_str().unwrap()]);
+        a.extend_from_slice(flags);
+        let e = fails(&a);
+        assert!(e.contains(says), "{flags:?}: {e}");
+    }
 }
 
 #[test]

@@ -32,14 +32,7 @@ pub fn read_head_config(dir: &Path) -> Result<(PeftConfig, Option<String>, Vec<S
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let heads: Vec<String> = match v.get("modules_to_save") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(String::from)
-            .collect(),
-        _ => Vec::new(),
-    };
+    let heads = modules_to_save(&v);
     let base = v
         .get("base_model_name_or_path")
         .and_then(Value::as_str)
@@ -62,6 +55,18 @@ pub fn read_head_config(dir: &Path) -> Result<(PeftConfig, Option<String>, Vec<S
         _ => PeftConfig::Lora(lora::read_config_with_heads(dir)?.0),
     };
     Ok((cfg, base, heads))
+}
+
+/// `modules_to_save` as a list of names (absent or null: none).
+pub(crate) fn modules_to_save(v: &Value) -> Vec<String> {
+    match v.get("modules_to_save") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn positive(v: &Value, key: &str, dir: &Path) -> Result<usize> {

@@ -564,14 +564,7 @@ fn config_from(dir: &Path, v: &Value) -> Result<(LoraConfig, Option<String>, Vec
     let base = field("base_model_name_or_path")
         .and_then(Value::as_str)
         .map(String::from);
-    let heads = match field("modules_to_save") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(String::from)
-            .collect(),
-        _ => Vec::new(),
-    };
+    let heads = super::files::modules_to_save(v);
     Ok((cfg, base, heads))
 }
 

@@ -435,15 +435,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
         train_on_prompt: false,
         eos: p.eos(),
     };
-    let virt = lora_cfg
-        .as_ref()
-        .map_or(0, crate::peft::PeftConfig::virtual_positions);
-    let max_len = o
-        .max_len
-        .min(p.m.model.cfg.max_position_embeddings.saturating_sub(virt));
-    if max_len < 2 {
-        bail!("max_len must be at least 2");
-    }
+    let max_len = p.max_len(o.max_len, lora_cfg.as_ref())?;
     let mut train = preference::tokenize_pairs(&fmt, &train_recs, max_len, &warn, &mut counts)?;
     let mut eval = preference::tokenize_pairs(&fmt, &eval_recs, max_len, &warn, &mut counts)?;
     if o.eval_fraction > 0.0 {

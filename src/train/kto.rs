@@ -311,15 +311,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
         train_on_prompt: false,
         eos: p.eos(),
     };
-    let virt = lora_cfg
-        .as_ref()
-        .map_or(0, crate::peft::PeftConfig::virtual_positions);
-    let max_len = o
-        .max_len
-        .min(p.m.model.cfg.max_position_embeddings.saturating_sub(virt));
-    if max_len < 2 {
-        bail!("max_len must be at least 2");
-    }
+    let max_len = p.max_len(o.max_len, lora_cfg.as_ref())?;
     let data = preference::tokenize_unpaired(&fmt, &recs, max_len, &warn, &mut counts)?;
     let desirable = data.iter().filter(|d| d.label).count();
     let undesirable = data.len() - desirable;

@@ -97,6 +97,23 @@ impl Policy {
         Ok(())
     }
 
+    /// The longest sequence a method trains on: `requested`, within the context the PEFT
+    /// method's virtual tokens leave (they are attached later).
+    pub fn max_len(&self, requested: usize, peft: Option<&PeftConfig>) -> Result<usize> {
+        let virt = peft.map_or(0, PeftConfig::virtual_positions);
+        let ctx = self
+            .m
+            .model
+            .cfg
+            .max_position_embeddings
+            .saturating_sub(virt);
+        let max_len = requested.min(ctx);
+        if max_len < 2 {
+            anyhow::bail!("max_len must be at least 2 (the context left is {ctx})");
+        }
+        Ok(max_len)
+    }
+
     /// Every weight of the model: the store's and the GGUF blocks of QLoRA's frozen layers.
     pub fn num_params(&self) -> usize {
         self.m.store.num_params() + self.m.model.quantized_params()

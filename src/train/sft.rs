@@ -18,7 +18,7 @@ use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
 use crate::train::engine::{TrainArgs, TrainConfig};
 use crate::train::lm::Policy;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -160,15 +160,7 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
         ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
-    let virt = lora_cfg
-        .as_ref()
-        .map_or(0, crate::peft::PeftConfig::virtual_positions);
-    let max_len = o
-        .max_len
-        .min(p.m.model.cfg.max_position_embeddings.saturating_sub(virt));
-    if max_len < 2 {
-        bail!("max_len must be at least 2");
-    }
+    let max_len = p.max_len(o.max_len, lora_cfg.as_ref())?;
     let fmt = Formatter {
         tok: &p.m.tok,
         template: tpl.as_ref(),
