@@ -16,7 +16,7 @@ use super::{slice, with_slice};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 pub struct LoraLinear {
-    /// W₀; with `q` an empty placeholder.
+    /// W₀ (0 elements when `q` holds it).
     pub w: Tensor,
     /// QLoRA: W₀ as GGUF blocks (`qlinear`), layout (out, in).
     pub q: Option<std::sync::Arc<super::qlinear::QMatrix>>,

@@ -297,7 +297,11 @@ impl CustomOp1 for Bwd {
     }
 }
 
-/// x (N, cols) -> x·Wᵀ (N, rows), with the gradient to x; W frozen in its blocks.
+/// x (N, cols) -> x·Wᵀ (N, rows), with the gradient to x; W frozen in its blocks. Off the
+/// CPU's f32 path, W is dequantized and multiplied by candle.
 pub fn qlinear(x: &Tensor, w: &Arc<QMatrix>) -> Result<Tensor> {
+    if !super::fusable(&[x]) {
+        return x.matmul(&w.dequantize()?.to_device(x.device())?.t()?);
+    }
     x.contiguous()?.apply_op1(Fwd(w.clone()))
 }

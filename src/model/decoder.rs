@@ -528,11 +528,7 @@ impl DecoderModel {
                 let (h2, w) = (h.reshape((n, c))?, &self.wte.weight);
                 if let Some(q) = &self.wte.qbase {
                     // QLoRA: the tied head read from the table's blocks.
-                    let y = if crate::kernels::fusable(&[&h2]) {
-                        crate::kernels::qlinear::qlinear(&h2, q)?
-                    } else {
-                        h2.matmul(&q.dequantize()?.to_device(h2.device())?.t()?)?
-                    };
+                    let y = crate::kernels::qlinear::qlinear(&h2, q)?;
                     let mut out = h.dims().to_vec();
                     *out.last_mut().expect("h has a hidden dimension") = self.cfg.vocab_size;
                     return Ok(y.reshape(out)?);

@@ -27,8 +27,8 @@ pub struct Linear {
     pub adapter: Option<std::sync::Arc<dyn LinearAdapter>>,
     /// The weight as GGUF blocks, for decoding with a frozen weight (`kernels::qgemv`).
     pub quant: Option<std::sync::Arc<crate::kernels::qgemv::QWeight>>,
-    /// QLoRA: the frozen weight lives only as GGUF blocks (`kernels::qlinear`); `weight` is
-    /// then an empty placeholder and not a parameter.
+    /// QLoRA: the frozen weight lives only as GGUF blocks (`kernels::qlinear`); `weight` then
+    /// has no values (0 elements) and is not a parameter.
     pub qbase: Option<std::sync::Arc<QMatrix>>,
 }
 
@@ -73,6 +73,29 @@ pub struct Builder<'a> {
 pub type QBlocks = std::collections::HashMap<String, std::sync::Arc<QMatrix>>;
 
 impl Builder<'_> {
+    /// QLoRA: `name`'s GGUF blocks, checked against the (rows, cols) the layer needs.
+    fn blocks_for(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<std::sync::Arc<QMatrix>>> {
+        match self.blocks.and_then(|m| m.get(name)) {
+            Some(q) if (q.rows(), q.cols()) == (rows, cols) => Ok(Some(q.clone())),
+            Some(q) => anyhow::bail!(
+                "{name}: GGUF blocks of ({}, {}) where ({rows}, {cols}) is needed",
+                q.rows(),
+                q.cols()
+            ),
+            None => Ok(None),
+        }
+    }
+
+    /// The 0-element tensor a weight kept as blocks has in place of its f32 values.
+    fn no_values(&self) -> Result<Tensor> {
+        Ok(Tensor::zeros(0, DType::F32, &self.store.device)?)
+    }
+
     pub fn param(
         &mut self,
         name: &str,
@@ -102,16 +125,13 @@ impl Linear {
             Layout::InOut => [in_dim, out_dim],
         };
         let wname = format!("{name}.weight");
-        let qbase = b.blocks.and_then(|m| m.get(&wname)).cloned();
-        let weight = match &qbase {
-            Some(q) if layout == Layout::OutIn && (q.rows(), q.cols()) == (out_dim, in_dim) => {
-                Tensor::zeros(0, candle_core::DType::F32, &b.store.device)?
-            }
-            Some(q) => anyhow::bail!(
-                "{wname}: blocks of ({}, {}) for a ({out_dim}, {in_dim}) layer",
-                q.rows(),
-                q.cols()
-            ),
+        // GGUF blocks are (out, in) rows: only an (out, in) layer reads them.
+        let qbase = match layout {
+            Layout::OutIn => b.blocks_for(&wname, out_dim, in_dim)?,
+            Layout::InOut => None,
+        };
+        let weight = match qbase {
+            Some(_) => b.no_values()?,
             None => b.param(&wname, &shape, ParamKind::Weight, Init::Normal(std))?,
         };
         let bias = if bias {
@@ -163,11 +183,7 @@ impl Linear {
     /// wrap it.
     pub fn base(&self, x2: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.qbase {
-            let y = if crate::kernels::fusable(&[x2]) {
-                crate::kernels::qlinear::qlinear(x2, q)?
-            } else {
-                x2.matmul(&q.dequantize()?.to_device(x2.device())?.t()?)?
-            };
+            let y = crate::kernels::qlinear::qlinear(x2, q)?;
             return Ok(match &self.bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -276,7 +292,7 @@ pub struct Embedding {
     /// The table as GGUF blocks, for decoding through a head tied to it.
     pub quant: Option<std::sync::Arc<crate::kernels::qgemv::QWeight>>,
     /// QLoRA: the frozen table only as GGUF blocks (rows dequantized as they are looked up);
-    /// `weight` is then an empty placeholder.
+    /// `weight` then has no values (0 elements).
     pub qbase: Option<std::sync::Arc<QMatrix>>,
 }
 
@@ -289,16 +305,9 @@ impl Embedding {
     }
 
     pub fn new(b: &mut Builder, name: &str, rows: usize, dim: usize, std: f64) -> Result<Self> {
-        let qbase = b.blocks.and_then(|m| m.get(name)).cloned();
-        let weight = match &qbase {
-            Some(q) if (q.rows(), q.cols()) == (rows, dim) => {
-                Tensor::zeros(0, candle_core::DType::F32, &b.store.device)?
-            }
-            Some(q) => anyhow::bail!(
-                "{name}: blocks of ({}, {}) for a ({rows}, {dim}) table",
-                q.rows(),
-                q.cols()
-            ),
+        let qbase = b.blocks_for(name, rows, dim)?;
+        let weight = match qbase {
+            Some(_) => b.no_values()?,
             None => b.param(name, &[rows, dim], ParamKind::Embedding, Init::Normal(std))?,
         };
         Ok(Self {

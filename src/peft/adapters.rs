@@ -26,34 +26,38 @@ impl Adapters {
         seed: u64,
         switch: &AdapterSwitch,
     ) -> Result<Self> {
+        match cfg {
+            PeftConfig::Prefix(_) | PeftConfig::Prompt(_) => {
+                Self::attach_virtual(model, store, cfg, None, seed, switch)
+            }
+            _ => {
+                let model_type = model.cfg.model_type.clone();
+                let linears = model.linears_mut();
+                Self::attach_linears(linears, store, cfg, &model_type, None, seed, switch)
+            }
+        }
+    }
+
+    /// Prefix, prompt or P-tuning tokens in front of a decoder's sequences.
+    fn attach_virtual(
+        model: &mut DecoderModel,
+        store: &mut ParamStore,
+        cfg: &PeftConfig,
+        weights: Option<&WeightSource>,
+        seed: u64,
+        switch: &AdapterSwitch,
+    ) -> Result<Self> {
         Ok(match cfg {
-            PeftConfig::Lora(c) => {
-                Adapters::Lora(lora::attach(model, store, c, None, seed, switch)?)
-            }
-            PeftConfig::Ia3(c) => {
-                let c = c.resolve(&model.cfg.model_type);
-                Adapters::Ia3(ia3::attach_to(
-                    model.linears_mut(),
-                    store,
-                    &c,
-                    None,
-                    switch,
-                )?)
-            }
             PeftConfig::Prefix(c) => {
-                Adapters::Prefix(prefix::attach(model, store, c, None, seed, switch)?)
+                Adapters::Prefix(prefix::attach(model, store, c, weights, seed, switch)?)
             }
             PeftConfig::Prompt(c) => {
-                Adapters::Prompt(prompt::attach(model, store, c, None, seed, switch)?)
+                Adapters::Prompt(prompt::attach(model, store, c, weights, seed, switch)?)
             }
-            PeftConfig::Bottleneck(c) => Adapters::Bottleneck(bottleneck::attach(
-                model.linears_mut(),
-                store,
-                c,
-                None,
-                seed,
-                switch,
-            )?),
+            _ => bail!(
+                "internal error: {} is not a virtual-token method",
+                cfg.name()
+            ),
         })
     }
 
@@ -117,12 +121,9 @@ impl Adapters {
                 e.virtual_tokens = Some(p.tokens());
                 Ok(Adapters::Prompt(p))
             }
-            (PeftConfig::Prompt(c), Backbone::Decoder(d)) => Ok(Adapters::Prompt(
-                prompt::attach(d, store, c, weights, seed, switch)?,
-            )),
-            (PeftConfig::Prefix(c), Backbone::Decoder(d)) => Ok(Adapters::Prefix(
-                prefix::attach(d, store, c, weights, seed, switch)?,
-            )),
+            (PeftConfig::Prompt(_) | PeftConfig::Prefix(_), Backbone::Decoder(d)) => {
+                Self::attach_virtual(d, store, cfg, weights, seed, switch)
+            }
             (PeftConfig::Prefix(_), Backbone::Encoder(_)) => bail!(
                 "--peft prefix: prefix tuning of an encoder is not supported (Python PEFT has none for BERT either); use --peft prompt or p-tuning"
             ),
@@ -188,14 +189,7 @@ impl Adapters {
 
     /// Folds the adapters into the base weights (the model is then a plain model).
     pub fn merge(&self, model: &mut DecoderModel, store: &ParamStore) -> Result<()> {
-        match self {
-            Adapters::Lora(a) => a.merge(model, store),
-            Adapters::Ia3(a) => a.merge(model, store),
-            Adapters::Prefix(_) | Adapters::Prompt(_) | Adapters::Bottleneck(_) => bail!(
-                "{} cannot be merged: it adds computation, not a weight change",
-                self.name()
-            ),
-        }
+        self.merge_linears(model.linears_mut(), store)
     }
 
     pub fn name(&self) -> &'static str {

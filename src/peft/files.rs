@@ -139,7 +139,7 @@ pub(crate) fn write_virtual(
     config: &mut Value,
     embeddings: &Tensor,
     store: &ParamStore,
-    head: &lora::Head,
+    head: &Head,
 ) -> Result<()> {
     let mut tensors = vec![(prefix::FLAT.to_string(), embeddings.contiguous()?)];
     for p in store.params() {
@@ -151,7 +151,7 @@ pub(crate) fn write_virtual(
         config["modules_to_save"] = json!(head.modules);
     }
     crate::fsutil::write_json(&dir.join("adapter_config.json"), config)?;
-    crate::model::params::save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
+    save_tensors(&tensors, &dir.join("adapter_model.safetensors"))
 }
 
 /// Checks a prompt-learning config against the model; returns P.
@@ -164,13 +164,9 @@ pub(crate) fn check_virtual_json(
 ) -> Result<usize> {
     let path = dir.join("adapter_config.json");
     let int = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
-    let p = match int("num_virtual_tokens") {
-        Some(p) if p > 0 => p,
-        _ => bail!(
-            "{}: num_virtual_tokens missing or not a positive integer",
-            path.display()
-        ),
-    };
+    let p = positive(v, "num_virtual_tokens", dir)?;
+    // A causal LM's prompt learning trains no heads (a task model's adapter loads elsewhere).
+    refuse_set(v, &["modules_to_save"], dir, "causal-LM prompt learning")?;
     let mut want = vec![
         ("num_transformer_submodules", 1),
         ("token_dim", token_dim),
@@ -281,14 +277,13 @@ pub(crate) fn available(names: &[String]) -> String {
 /// Writes `dir/adapter_model.safetensors`: every adapter parameter under its PEFT name (the
 /// store's), and the parameters of `head.modules` under `base_model.model.<name>`.
 pub(crate) fn save_adapter_tensors(store: &ParamStore, head: &Head, dir: &Path) -> Result<()> {
-    let saved = |name: &str| head.saves(name);
     let tensors: Vec<(String, Tensor)> = store
         .params()
         .iter()
         .filter_map(|p| {
             let name = if p.kind == ParamKind::Adapter {
                 p.name.clone()
-            } else if saved(&p.name) {
+            } else if head.saves(&p.name) {
                 format!("base_model.model.{}", p.name)
             } else {
                 return None;

@@ -289,10 +289,6 @@ impl Ia3 {
         }
         Ok(())
     }
-
-    pub fn merge(&self, model: &mut DecoderModel, store: &ParamStore) -> Result<()> {
-        self.merge_into(model.linears_mut(), store)
-    }
 }
 
 /// Reads an IA³ `adapter_config.json`: the configuration (target and feed-forward modules as

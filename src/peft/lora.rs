@@ -502,7 +502,7 @@ fn config_from(dir: &Path, v: &Value) -> Result<(LoraConfig, Option<String>, Vec
     let peft_type = field("peft_type").and_then(Value::as_str).unwrap_or("");
     if peft_type != "LORA" {
         bail!(
-            "{}: peft_type {peft_type:?} is not a LoRA adapter (lmforge reads LORA and IA3)",
+            "{}: peft_type {peft_type:?} is not a LoRA adapter (lmforge reads LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING and its LMFORGE_BOTTLENECK)",
             path.display()
         );
     }

@@ -12,6 +12,7 @@ mod files;
 pub mod ia3;
 pub mod lora;
 mod lstm;
+mod mlp;
 pub mod prefix;
 pub mod prompt;
 

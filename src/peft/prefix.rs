@@ -11,8 +11,8 @@
 //! has n_kv heads (PEFT's `token_dim = head_dim · num_key_value_heads`). Fresh prefixes are
 //! N(0, 1), as PEFT's `nn.Embedding`.
 
+use super::mlp::{Act, Mlp};
 use super::{virtual_json, AdapterSwitch};
-use crate::model::layers::Layout;
 use crate::model::loader::WeightSource;
 use crate::model::params::{Init, ParamKind, Source};
 use crate::model::virtual_tokens::{Virtual, VirtualTokens};
@@ -37,13 +37,7 @@ enum Encoder {
     /// The prefix itself, (P, L·2·td).
     Flat(Tensor),
     /// PEFT's `PrefixEncoder` with `prefix_projection`: E (P, td) -> tanh MLP -> (P, L·2·td).
-    Projected {
-        emb: Tensor,
-        w1: Tensor,
-        b1: Tensor,
-        w2: Tensor,
-        b2: Tensor,
-    },
+    Projected { emb: Tensor, mlp: Mlp },
 }
 
 #[derive(Clone)]
@@ -59,20 +53,10 @@ struct Tokens {
 impl Tokens {
     /// The prefix as PEFT saves it, (P, L·2·td).
     fn flat(&self) -> Result<Tensor> {
-        use crate::kernels::linear::linear_bias;
-        Ok(match &self.enc {
-            Encoder::Flat(t) => t.clone(),
-            Encoder::Projected {
-                emb,
-                w1,
-                b1,
-                w2,
-                b2,
-            } => {
-                let h = linear_bias(emb, w1, Some(b1), Layout::OutIn)?.tanh()?; // (P, hidden)
-                linear_bias(&h, w2, Some(b2), Layout::OutIn)? // (P, L·2·td)
-            }
-        })
+        match &self.enc {
+            Encoder::Flat(t) => Ok(t.clone()),
+            Encoder::Projected { emb, mlp } => mlp.forward(emb),
+        }
     }
 }
 
@@ -87,21 +71,11 @@ impl VirtualTokens for Tokens {
         Ok(Virtual::Prefix(self.flat()?))
     }
     fn detached(&self) -> Arc<dyn VirtualTokens> {
-        let d = |t: &Tensor| t.detach();
         let enc = match &self.enc {
-            Encoder::Flat(t) => Encoder::Flat(d(t)),
-            Encoder::Projected {
-                emb,
-                w1,
-                b1,
-                w2,
-                b2,
-            } => Encoder::Projected {
-                emb: d(emb),
-                w1: d(w1),
-                b1: d(b1),
-                w2: d(w2),
-                b2: d(b2),
+            Encoder::Flat(t) => Encoder::Flat(t.detach()),
+            Encoder::Projected { emb, mlp } => Encoder::Projected {
+                emb: emb.detach(),
+                mlp: mlp.detached(),
             },
         };
         Arc::new(Tokens {
@@ -142,22 +116,24 @@ pub fn attach(
     let (n_kv, hd) = model.kv_shape();
     let (p, l, td) = (cfg.num_virtual_tokens, model.cfg.num_layers, n_kv * hd);
     let src = weights.map_or(Source::Random { seed }, Source::Weights);
-    let mut add = |name: &str, shape: &[usize], init: Init| {
-        store.add(&src, name, shape, ParamKind::Adapter, init, true)
+    let mut add = |name: &str, shape: &[usize]| {
+        store.add(
+            &src,
+            name,
+            shape,
+            ParamKind::Adapter,
+            Init::Normal(1.0),
+            true,
+        )
     };
     let enc = match cfg.projection {
-        None => Encoder::Flat(add(FLAT, &[p, l * 2 * td], Init::Normal(1.0))?),
+        None => Encoder::Flat(add(FLAT, &[p, l * 2 * td])?),
         Some(h) => {
             let h = if h == 0 { td } else { h };
-            // PyTorch's nn.Linear default: U(±1/√fan_in) for weight and bias.
-            let u = |fan_in: usize| Init::Uniform(1.0 / (fan_in as f64).sqrt());
-            Encoder::Projected {
-                emb: add(EMB, &[p, td], Init::Normal(1.0))?,
-                w1: add("prompt_encoder.transform.0.weight", &[h, td], u(td))?,
-                b1: add("prompt_encoder.transform.0.bias", &[h], u(td))?,
-                w2: add("prompt_encoder.transform.2.weight", &[l * 2 * td, h], u(h))?,
-                b2: add("prompt_encoder.transform.2.bias", &[l * 2 * td], u(h))?,
-            }
+            let emb = add(EMB, &[p, td])?;
+            let widths = [td, h, l * 2 * td];
+            let mlp = Mlp::new(store, &src, "prompt_encoder.transform", &widths, Act::Tanh)?;
+            Encoder::Projected { emb, mlp }
         }
     };
     if let Some(w) = weights {

@@ -15,8 +15,8 @@
 //! positions only. Deviation: PEFT's logits include the P virtual positions; lmforge's do not.
 
 use super::lstm::Lstm;
+use super::mlp::{Act, Mlp};
 use super::{virtual_json, AdapterSwitch};
-use crate::model::layers::Layout;
 use crate::model::loader::WeightSource;
 use crate::model::params::{Init, ParamKind, Source};
 use crate::model::virtual_tokens::{Virtual, VirtualTokens};
@@ -55,10 +55,10 @@ impl PromptConfig {
 /// f of P-tuning.
 #[derive(Clone)]
 enum Head {
-    /// Linear, ReLU, Linear, ReLU, Linear (weights and biases).
-    Mlp(Vec<(Tensor, Tensor)>),
+    /// Linear, ReLU, Linear, ReLU, Linear.
+    Mlp(Mlp),
     /// Bidirectional LSTM, then Linear(2h, 2h), ReLU, Linear(2h, C).
-    Lstm(Lstm, Vec<(Tensor, Tensor)>),
+    Lstm(Lstm, Mlp),
 }
 
 #[derive(Clone)]
@@ -68,25 +68,13 @@ struct Tokens {
     switch: AdapterSwitch,
 }
 
-/// Linear layers with ReLU between them: x (N, in) -> (N, out).
-fn mlp(x: &Tensor, layers: &[(Tensor, Tensor)]) -> Result<Tensor> {
-    let mut h = x.clone();
-    for (i, (w, b)) in layers.iter().enumerate() {
-        if i > 0 {
-            h = h.relu()?;
-        }
-        h = crate::kernels::linear::linear_bias(&h, w, Some(b), Layout::OutIn)?;
-    }
-    Ok(h)
-}
-
 impl Tokens {
     /// The virtual tokens' input embeddings, (P, C): what PEFT saves.
     fn embeddings(&self) -> Result<Tensor> {
         Ok(match &self.head {
             None => self.emb.clone(),
-            Some(Head::Mlp(layers)) => mlp(&self.emb, layers)?,
-            Some(Head::Lstm(lstm, layers)) => mlp(&lstm.forward(&self.emb)?, layers)?,
+            Some(Head::Mlp(mlp)) => mlp.forward(&self.emb)?,
+            Some(Head::Lstm(lstm, mlp)) => mlp.forward(&lstm.forward(&self.emb)?)?,
         })
     }
 }
@@ -102,12 +90,9 @@ impl VirtualTokens for Tokens {
         Ok(Virtual::Embeddings(self.embeddings()?))
     }
     fn detached(&self) -> Arc<dyn VirtualTokens> {
-        let pairs = |v: &[(Tensor, Tensor)]| -> Vec<(Tensor, Tensor)> {
-            v.iter().map(|(w, b)| (w.detach(), b.detach())).collect()
-        };
         let head = self.head.as_ref().map(|h| match h {
-            Head::Mlp(l) => Head::Mlp(pairs(l)),
-            Head::Lstm(lstm, l) => Head::Lstm(lstm.detached(), pairs(l)),
+            Head::Mlp(m) => Head::Mlp(m.detached()),
+            Head::Lstm(lstm, m) => Head::Lstm(lstm.detached(), m.detached()),
         });
         Arc::new(Tokens {
             emb: self.emb.detach(),
@@ -115,28 +100,6 @@ impl VirtualTokens for Tokens {
             switch: self.switch.clone(),
         })
     }
-}
-
-/// An `nn.Linear(inp, out)` of the encoder under PEFT's name, PyTorch's init U(±1/√inp).
-fn linear(
-    store: &mut ParamStore,
-    src: &Source,
-    name: &str,
-    out: usize,
-    inp: usize,
-) -> Result<(Tensor, Tensor)> {
-    let u = Init::Uniform(1.0 / (inp as f64).sqrt());
-    let mut add = |what: &str, shape: &[usize]| {
-        store.add(
-            src,
-            &format!("{name}.{what}"),
-            shape,
-            ParamKind::Adapter,
-            u,
-            true,
-        )
-    };
-    Ok((add("weight", &[out, inp])?, add("bias", &[out])?))
 }
 
 /// Prompt-tuning or P-tuning tokens attached to a model.
@@ -238,18 +201,13 @@ pub fn attach_to(
             let h = if h == 0 { c } else { h };
             let m = "prompt_encoder.mlp_head";
             Some(match kind {
-                EncoderKind::Mlp => Head::Mlp(vec![
-                    linear(store, &src, &format!("{m}.0"), h, c)?,
-                    linear(store, &src, &format!("{m}.2"), h, h)?,
-                    linear(store, &src, &format!("{m}.4"), c, h)?,
-                ]),
+                EncoderKind::Mlp => Head::Mlp(Mlp::new(store, &src, m, &[c, h, h, c], Act::Relu)?),
                 EncoderKind::Lstm => {
                     let lstm = Lstm::new(store, &src, "prompt_encoder.lstm_head", c, h, n_layers)?;
-                    let layers = vec![
-                        linear(store, &src, &format!("{m}.0"), 2 * h, 2 * h)?,
-                        linear(store, &src, &format!("{m}.2"), c, 2 * h)?,
-                    ];
-                    Head::Lstm(lstm, layers)
+                    Head::Lstm(
+                        lstm,
+                        Mlp::new(store, &src, m, &[2 * h, 2 * h, c], Act::Relu)?,
+                    )
                 }
             })
         }

@@ -378,7 +378,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
     let cfg = o.train.resolve(&o.train_defaults())?;
     let params = o.params();
     params.check(o.loss)?;
-    let lora_cfg = o.peft.config()?;
+    let peft_cfg = o.peft.config()?;
     let model_path = o
         .model
         .clone()
@@ -435,7 +435,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
         train_on_prompt: false,
         eos: p.eos(),
     };
-    let max_len = p.max_len(o.max_len, lora_cfg.as_ref())?;
+    let max_len = p.max_len(o.max_len, peft_cfg.as_ref())?;
     let mut train = preference::tokenize_pairs(&fmt, &train_recs, max_len, &warn, &mut counts)?;
     let mut eval = preference::tokenize_pairs(&fmt, &eval_recs, max_len, &warn, &mut counts)?;
     if o.eval_fraction > 0.0 {
@@ -462,7 +462,7 @@ pub fn run(o: DpoOptions, ctl: Control) -> Result<Summary> {
     let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m.tok, |ids| {
         score_text_ids(&p.m.model, ids)
     })?;
-    if let Some(c) = &lora_cfg {
+    if let Some(c) = &peft_cfg {
         p.attach_peft(c, cfg.seed)?;
     }
     ctl.say(&p.describe());

@@ -276,7 +276,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
         cache: o.ref_cache.as_deref(),
     };
     plan.check()?;
-    let lora_cfg = o.peft.config()?;
+    let peft_cfg = o.peft.config()?;
     let model_path = o
         .model
         .clone()
@@ -311,7 +311,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
         train_on_prompt: false,
         eos: p.eos(),
     };
-    let max_len = p.max_len(o.max_len, lora_cfg.as_ref())?;
+    let max_len = p.max_len(o.max_len, peft_cfg.as_ref())?;
     let data = preference::tokenize_unpaired(&fmt, &recs, max_len, &warn, &mut counts)?;
     let desirable = data.iter().filter(|d| d.label).count();
     let undesirable = data.len() - desirable;
@@ -337,7 +337,7 @@ pub fn run(o: KtoOptions, ctl: Control) -> Result<Summary> {
     let forgetting = Forgetting::start(o.forgetting_eval.as_deref(), &p.m.tok, |ids| {
         score_text_ids(&p.m.model, ids)
     })?;
-    if let Some(c) = &lora_cfg {
+    if let Some(c) = &peft_cfg {
         p.attach_peft(c, cfg.seed)?;
     }
     ctl.say(&p.describe());

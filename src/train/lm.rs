@@ -100,18 +100,22 @@ impl Policy {
     /// The longest sequence a method trains on: `requested`, within the context the PEFT
     /// method's virtual tokens leave (they are attached later).
     pub fn max_len(&self, requested: usize, peft: Option<&PeftConfig>) -> Result<usize> {
-        let virt = peft.map_or(0, PeftConfig::virtual_positions);
-        let ctx = self
-            .m
-            .model
-            .cfg
-            .max_position_embeddings
-            .saturating_sub(virt);
+        let ctx = self.context(peft);
         let max_len = requested.min(ctx);
         if max_len < 2 {
             anyhow::bail!("max_len must be at least 2 (the context left is {ctx})");
         }
         Ok(max_len)
+    }
+
+    /// Positions left for real tokens once `peft`'s virtual tokens are attached.
+    pub fn context(&self, peft: Option<&PeftConfig>) -> usize {
+        let virt = peft.map_or(0, PeftConfig::virtual_positions);
+        self.m
+            .model
+            .cfg
+            .max_position_embeddings
+            .saturating_sub(virt)
     }
 
     /// Every weight of the model: the store's and the GGUF blocks of QLoRA's frozen layers.

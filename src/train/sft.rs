@@ -129,7 +129,7 @@ impl Method for Sft {
 
 pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     let cfg = o.train.resolve(&o.train_defaults())?;
-    let lora_cfg = o.peft.config()?;
+    let peft_cfg = o.peft.config()?;
     let model_path = o
         .model
         .clone()
@@ -160,7 +160,7 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
         ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
-    let max_len = p.max_len(o.max_len, lora_cfg.as_ref())?;
+    let max_len = p.max_len(o.max_len, peft_cfg.as_ref())?;
     let fmt = Formatter {
         tok: &p.m.tok,
         template: tpl.as_ref(),
@@ -183,7 +183,7 @@ pub fn run(o: SftOptions, ctl: Control) -> Result<Summary> {
     })?;
 
     // 4. Adapters.
-    if let Some(c) = &lora_cfg {
+    if let Some(c) = &peft_cfg {
         p.attach_peft(c, cfg.seed)?;
     }
     let (trainable, total) = (p.m.store.num_trainable(), p.num_params());

@@ -179,10 +179,11 @@ pub fn load_with(g: &GgufFile, qlora: bool) -> Result<GgufModel> {
                 t.name
             );
         };
-        let linear = name.ends_with("_proj.weight")
+        // What QLoRA keeps in blocks: the linear layers and the embedding table.
+        let frozen_matrix = name.ends_with("_proj.weight")
             || name == "lm_head.weight"
             || name == "model.embed_tokens.weight";
-        if qlora && linear {
+        if qlora && frozen_matrix {
             if let Some(mut q) = QMatrix::from_gguf(t.dtype, g.bytes(t), &t.shape) {
                 if let Some(h) = permuted_heads(&name, cfg.num_heads, cfg.num_kv_heads) {
                     q = q

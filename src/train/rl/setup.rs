@@ -194,7 +194,7 @@ pub fn run<A: Algo, O: Serialize>(
             "temperature 0 (greedy) gives a rollout nothing to compare: use a positive temperature"
         );
     }
-    let lora_cfg = c.peft.config()?;
+    let peft_cfg = c.peft.config()?;
     let files = RunFiles::create(&ctl, out, opts, command)?;
     let run_dir = files.run_dir.clone();
 
@@ -212,11 +212,8 @@ pub fn run<A: Algo, O: Serialize>(
         ctl.say(crate::data::sft::DEFAULT_TEMPLATE_NOTE);
     }
     let tpl = p.chat_template()?;
-    let virt = lora_cfg
-        .as_ref()
-        .map_or(0, crate::peft::PeftConfig::virtual_positions);
     let max_prompt = prompts::room(
-        p.m.model.cfg.max_position_embeddings.saturating_sub(virt),
+        p.context(peft_cfg.as_ref()),
         ro.max_new_tokens,
         ro.max_prompt_len,
     )?;
@@ -242,7 +239,7 @@ pub fn run<A: Algo, O: Serialize>(
     ));
 
     // 2. Adapters, value head, reference.
-    if let Some(lc) = &lora_cfg {
+    if let Some(lc) = &peft_cfg {
         p.attach_peft(lc, cfg.seed)?;
     }
     let value_head = if algo.value_head() {
