@@ -17,6 +17,7 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod fsutil;
 pub mod fuzzing;
@@ -42,9 +43,25 @@ pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
                 .strip_prefix("cuda:")
                 .map(str::parse::<usize>)
                 .transpose()?
-                .unwrap_or(0);
+                // Under mpirun, plain `cuda` is the GPU of this rank's place on its node.
+                .unwrap_or_else(|| {
+                    std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
+                        .ok()
+                        .filter(|_| dist::world().size > 1)
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0)
+                });
             if !candle_core::utils::cuda_is_available() {
                 anyhow::bail!("--device {s}: this lmforge was built without the `cuda` feature");
+            }
+            #[cfg(feature = "cuda")]
+            // SAFETY: only tries to dlopen the driver library (cudarc loads it lazily and
+            // panics when it is missing).
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                anyhow::bail!(
+                    "--device {s}: the NVIDIA driver's library (libcuda.so) cannot be loaded: \
+                     no GPU driver on this machine, or it is not on LD_LIBRARY_PATH"
+                );
             }
             Ok(candle_core::Device::new_cuda(idx)?)
         }

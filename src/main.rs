@@ -309,9 +309,33 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    match run(cli, &matches) {
+    // Under mpirun: join the other ranks (dist); a lone process loads no MPI library.
+    let world = match lmforge::dist::init() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = match (world.size, &cli.cmd) {
+        (1, _) | (_, Cmd::Pretrain(_) | Cmd::Sft(_) | Cmd::Finetune(_) | Cmd::Dpo(_)) => {
+            run(cli, &matches)
+        }
+        (_, Cmd::Ppo(_) | Cmd::Grpo(_) | Cmd::Rloo(_) | Cmd::Kto(_)) => run(cli, &matches),
+        (_, Cmd::Reward(RewardCli { action: None, .. })) => run(cli, &matches),
+        (n, _) => Err(anyhow::anyhow!(
+            "started by mpirun with {n} ranks, but only the training commands run on several \
+             ranks; run this command without mpirun"
+        )),
+    };
+    match res.and_then(|code| world.finish().map(|()| code)) {
         Ok(code) => code,
         Err(e) => {
+            if world.size > 1 {
+                eprintln!("error (rank {} of {}): {e:#}", world.rank, world.size);
+                // The other ranks would wait for this one in their next collective: end them.
+                world.abort_job(1);
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

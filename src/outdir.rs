@@ -269,6 +269,10 @@ pub fn adopt(dir: &Path, kind: &str) -> Result<RunLock> {
 
 /// `dir/name`, recorded in `dir`'s manifest as lmforge's before anything is written there.
 pub fn entry(dir: &Path, name: &str) -> Result<PathBuf> {
+    if !crate::dist::world().writes() {
+        // A data-parallel rank > 0 reads what rank 0 wrote; the manifest is rank 0's.
+        return Ok(dir.join(name));
+    }
     let mut m = manifest(dir)?.with_context(|| {
         format!(
             "{}: has no lmforge manifest; not writing {name} into it",

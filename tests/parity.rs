@@ -8,17 +8,27 @@ use common::*;
 use lmforge::model::hf;
 
 fn check(name: &str, frozen: &dyn Fn(&str) -> bool) {
-    let m = hf::load_dir(&fixture(name), &Device::Cpu, frozen).unwrap();
+    check_on(name, frozen, &Device::Cpu)
+}
+
+/// On `dev`: on the CPU through the fused kernels, elsewhere (CUDA) through the composite ops.
+fn check_on(name: &str, frozen: &dyn Fn(&str) -> bool, dev: &Device) {
+    let m = hf::load_dir(&fixture(name), dev, frozen).unwrap();
     let r = reference(name);
-    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    let ids = r["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
     let logits = m.model.forward(&ids).unwrap();
-    let d = max_abs_diff(&logits, &r["logits"]);
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+    let d = max_abs_diff(&cpu(&logits), &r["logits"]);
     println!("{name}: max |logits - transformers| = {d:e}");
     assert!(d < 1e-4, "{name}: logits differ by {d}");
 
     let loss = lm_loss(&logits, &ids);
     let ref_loss = r["loss"].to_vec1::<f32>().unwrap()[0];
-    let l = loss.to_scalar::<f32>().unwrap();
+    let l = cpu(&loss).to_scalar::<f32>().unwrap();
     assert!(
         (l - ref_loss).abs() < 1e-5,
         "{name}: loss {l} vs {ref_loss}"
@@ -33,9 +43,9 @@ fn check(name: &str, frozen: &dyn Fn(&str) -> bool) {
             assert!(g.is_none(), "{name}: frozen {} got a gradient", p.name);
             continue;
         }
-        let g = g
+        let g = &cpu(g
             .as_ref()
-            .unwrap_or_else(|| panic!("{name}: {} got no gradient", p.name));
+            .unwrap_or_else(|| panic!("{name}: {} got no gradient", p.name)));
         let scale = max_abs(want).max(1e-3);
         let d = max_abs_diff(g, want);
         assert!(
@@ -49,6 +59,60 @@ fn check(name: &str, frozen: &dyn Fn(&str) -> bool) {
     let n_ref = r.keys().filter(|k| k.starts_with("grad.")).count();
     let n_frozen = m.store.params().iter().filter(|p| !p.trainable).count();
     assert_eq!(compared + n_frozen, n_ref, "{name}: parameter sets differ");
+}
+
+/// The same comparisons on a CUDA device (the `cuda` feature and a GPU); said and skipped
+/// otherwise.
+#[test]
+fn every_model_matches_transformers_on_cuda() {
+    let dev = match lmforge::device("cuda") {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    for name in ["gpt2_tiny", "llama_tiny", "qwen2_tiny", "mistral_tiny"] {
+        check_on(name, &|_| false, &dev);
+    }
+    // The engine on the GPU (composite AdamW, clipping, the loss): the CPU's curve.
+    let d = tmpdir("parity_cuda_sft");
+    let data = d.join("sft.jsonl");
+    let rows: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"Q{i}: who?\", \"completion\": \" Hamlet {i}\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let llama = fixture("llama_tiny");
+    let run = |device: &str| {
+        let out = d.join(device);
+        ok(&[
+            "sft",
+            "--model",
+            llama.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-steps",
+            "5",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--quiet",
+            "--device",
+            device,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        metrics(&out)
+            .iter()
+            .filter_map(|v| v.get("loss")?.as_f64())
+            .collect::<Vec<_>>()
+    };
+    let (c, g) = (run("cpu"), run("cuda"));
+    assert_eq!(c.len(), 5);
+    for (x, y) in c.iter().zip(&g) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "cpu {c:?} vs cuda {g:?}");
+    }
 }
 
 #[test]

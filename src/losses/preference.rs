@@ -288,10 +288,20 @@ pub fn kto(beta: f64, chosen: &Tensor, rejected: &Tensor, kl: f64) -> Result<(Te
 
 /// KTO's KL estimate: mean(π − ref) over mismatched prompt/completion pairs, clamped at 0.
 pub fn kto_kl(policy: &Tensor, reference: &Tensor) -> Result<f64> {
-    let d = (f64s(policy)? - f64s(reference)?)?
-        .mean_all()?
-        .to_scalar::<f64>()?;
-    Ok(d.max(0.0))
+    let (sum, n) = kto_kl_sum(policy, reference)?;
+    Ok(kto_kl_of(sum, n as f64))
+}
+
+/// The sum of `policy − reference` and its count: what data-parallel ranks add up before
+/// `kto_kl_of` (TRL gathers the per-sequence terms over processes).
+pub fn kto_kl_sum(policy: &Tensor, reference: &Tensor) -> Result<(f64, usize)> {
+    let d = (f64s(policy)? - f64s(reference)?)?;
+    Ok((d.sum_all()?.to_scalar::<f64>()?, d.elem_count()))
+}
+
+/// The KL estimate from a sum over `n` sequences: the mean, clamped at 0.
+pub fn kto_kl_of(sum: f64, n: f64) -> f64 {
+    (sum / n).max(0.0)
 }
 
 /// Bradley–Terry reward-model loss per pair: −log σ(r⁺ − r⁻ − m) + c·(r⁺ + r⁻)² (TRL's

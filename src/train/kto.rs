@@ -22,7 +22,7 @@ use crate::losses::preference as pl;
 use crate::model::ParamStore;
 use crate::peft::PeftArgs;
 use crate::train::engine::{self, Control, Method, Metrics, Outcome, RunFiles, Schedule};
-use crate::train::engine::{TrainArgs, TrainConfig};
+use crate::train::engine::{Reduce, TrainArgs, TrainConfig};
 use crate::train::lm::Policy;
 use crate::train::logps::{completion_logps, RefPlan, Reference, SeqBatch};
 use anyhow::{bail, Context, Result};
@@ -180,7 +180,7 @@ impl Method for Kto {
     }
 
     /// z over every mismatched sequence of the step, without a graph (TRL: under no_grad).
-    fn begin_step(&mut self, batches: &[Batch]) -> Result<()> {
+    fn begin_step(&mut self, batches: &[Batch], reduce: &mut dyn Reduce) -> Result<()> {
         let model = &self.p.m.model;
         let n = self.data.len();
         let (mut pol, mut refs) = (Vec::new(), Vec::new());
@@ -189,7 +189,10 @@ impl Method for Kto {
             pol.push(completion_logps(model, &b.kl)?.detach());
             refs.push(self.reference.logps(model, &b.kl, &kl_ids)?);
         }
-        self.z = pl::kto_kl(&Tensor::cat(&pol, 0)?, &Tensor::cat(&refs, 0)?)?;
+        let (sum, n) = pl::kto_kl_sum(&Tensor::cat(&pol, 0)?, &Tensor::cat(&refs, 0)?)?;
+        let mut s = [sum, n as f64];
+        reduce.sum(&mut s)?;
+        self.z = pl::kto_kl_of(s[0], s[1]);
         Ok(())
     }
 

@@ -53,7 +53,8 @@ pub trait Method {
     /// Before the step's forward passes, with all its micro-batches: for a statistic of the
     /// whole step that the loss needs without a gradient (KTO's KL estimate), so it does not
     /// depend on how the step is split.
-    fn begin_step(&mut self, _batches: &[Self::Batch]) -> Result<()> {
+    /// Under data parallelism `batches` are this rank's; `reduce` sums over the ranks.
+    fn begin_step(&mut self, _batches: &[Self::Batch], _reduce: &mut dyn Reduce) -> Result<()> {
         Ok(())
     }
     /// The batch's loss summed over its units: a scalar tensor with a graph.
@@ -90,28 +91,37 @@ pub trait Method {
     }
 }
 
-/// Between backward and clipping: where data-parallel ranks will sum their unit counts, losses
-/// and gradients. One process has nothing to add.
+/// What data-parallel ranks share (`crate::dist`): sums of counts and losses, the gradients
+/// between backward and clipping, and checks that their weights agree. One process has nothing
+/// to share (`Local`).
 pub trait Reduce {
-    fn units(&mut self, local: usize) -> Result<usize>;
-    fn loss(&mut self, local_sum: f64) -> Result<f64>;
-    fn grads(&mut self, g: &mut Grads) -> Result<()>;
+    /// Processes taking part.
+    fn ranks(&self) -> usize {
+        1
+    }
+    /// Element-wise sums over the ranks, in place.
+    fn sum(&mut self, _xs: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    /// Sums every trainable parameter's gradient over the ranks (a missing one counts as zeros;
+    /// afterwards every trainable parameter has one).
+    fn grads(&mut self, _store: &ParamStore, _g: &mut Grads) -> Result<()> {
+        Ok(())
+    }
+    /// Fails, naming the ranks, unless `x` (e.g. a checksum of the weights) is the same on all.
+    fn same(&mut self, _what: &str, _x: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Seconds spent exchanging gradients since the last call.
+    fn take_comm(&mut self) -> f64 {
+        0.0
+    }
 }
 
 /// The single-process reducer.
 pub struct Local;
 
-impl Reduce for Local {
-    fn units(&mut self, local: usize) -> Result<usize> {
-        Ok(local)
-    }
-    fn loss(&mut self, local_sum: f64) -> Result<f64> {
-        Ok(local_sum)
-    }
-    fn grads(&mut self, _g: &mut Grads) -> Result<()> {
-        Ok(())
-    }
-}
+impl Reduce for Local {}
 
 /// The optimizer, the step counter and the data order: the state a checkpoint saves.
 pub struct Trainer {
@@ -120,6 +130,8 @@ pub struct Trainer {
     pub state: TrainerState,
     pub total_steps: u64,
     order: Option<Stream>,
+    /// This process's rank and the number of ranks: a step's draws are split among them.
+    shard: (usize, usize),
 }
 
 /// What one optimizer step did.
@@ -140,10 +152,16 @@ pub struct StepOut {
 
 impl Trainer {
     pub fn new<M: Method>(m: &M, cfg: TrainConfig) -> Result<Self> {
+        Self::sharded(m, cfg, 0, 1)
+    }
+
+    /// Rank `rank` of `ranks` (each computes `batch_size · grad_accum` of a step's draws).
+    pub fn sharded<M: Method>(m: &M, cfg: TrainConfig, rank: usize, ranks: usize) -> Result<Self> {
         let epoch_len = m.epoch_len();
+        let per_step = cfg.per_step() * ranks;
         let total_steps = match (cfg.max_steps, epoch_len) {
             (s, _) if s > 0 => s,
-            (_, Some(n)) => (cfg.epochs as usize * n).div_ceil(cfg.per_step()) as u64,
+            (_, Some(n)) => (cfg.epochs as usize * n).div_ceil(per_step) as u64,
             (_, None) => bail!("train.max_steps must be positive: this method has no epochs"),
         };
         if total_steps == 0 {
@@ -159,25 +177,35 @@ impl Trainer {
             state: TrainerState {
                 lmforge_version: env!("CARGO_PKG_VERSION").into(),
                 epoch_len: epoch_len.unwrap_or(0) as u64,
-                per_step: cfg.per_step() as u64,
+                per_step: per_step as u64,
                 ..Default::default()
             },
             cfg,
             total_steps,
             order,
+            shard: (rank, ranks),
         })
     }
 
     /// Steps in one epoch (None for endless data).
     pub fn steps_per_epoch(&self) -> Option<u64> {
         let n = self.state.epoch_len as usize;
-        (n > 0).then(|| (n.div_ceil(self.cfg.per_step()) as u64).max(1))
+        (n > 0).then(|| (n.div_ceil(self.state.per_step as usize) as u64).max(1))
+    }
+
+    /// The index in the global order of the first draw of this rank's micro-batch `micro` of
+    /// step `step` (ranks take consecutive slices of `batch_size · grad_accum` draws).
+    fn first_draw(&self, step: u64, micro: usize) -> usize {
+        let b = self.cfg.batch_size;
+        step as usize * self.state.per_step as usize
+            + self.shard.0 * self.cfg.per_step()
+            + micro * b
     }
 
     /// The draws of micro-batch `micro` of step `step`: a slice of the one global order.
     fn draws(&mut self, step: u64, micro: usize) -> Vec<usize> {
         let b = self.cfg.batch_size;
-        let first = step as usize * self.cfg.per_step() + micro * b;
+        let first = self.first_draw(step, micro);
         (first..first + b)
             .map(|p| match self.order.as_mut() {
                 Some(s) => s.get(p),
@@ -197,10 +225,11 @@ impl Trainer {
                 m.batch(&d)
             })
             .collect::<Result<Vec<_>>>()?;
-        m.begin_step(&batches)?;
+        m.begin_step(&batches, reduce)?;
         let units: Vec<usize> = batches.iter().map(|b| m.units(b)).collect();
-        let tokens: usize = batches.iter().map(|b| m.tokens(b)).sum();
-        let n = reduce.units(units.iter().sum())?;
+        let mut count = [units.iter().sum::<usize>() as f64];
+        reduce.sum(&mut count)?;
+        let n = count[0] as usize;
         let mut grads: Option<Grads> = None;
         let mut sum = 0f64;
         for (i, b) in batches.iter().enumerate() {
@@ -208,7 +237,7 @@ impl Trainer {
                 continue;
             }
             // Keyed by the micro-batch's first draw, not its index, so a mask belongs to data.
-            let first = step * self.cfg.per_step() as u64 + (i * self.cfg.batch_size) as u64;
+            let first = self.first_draw(step, i) as u64;
             m.train_mode(Some(Rng::keyed(&[self.cfg.seed, 0xD209, first]).next_u64()));
             let l = m.loss(b);
             m.train_mode(None);
@@ -220,7 +249,12 @@ impl Trainer {
                 None => grads = Some(g),
             }
         }
-        let sum = reduce.loss(sum)?;
+        let mut sums = [
+            sum,
+            batches.iter().map(|b| m.tokens(b)).sum::<usize>() as f64,
+        ];
+        reduce.sum(&mut sums)?;
+        let (sum, tokens) = (sums[0], sums[1] as usize);
         let loss = if n > 0 {
             (sum / n as f64) as f32
         } else {
@@ -236,8 +270,10 @@ impl Trainer {
             seconds: 0.0,
             stats: Vec::new(),
         };
-        if let (Some(mut g), true) = (grads, n > 0) {
-            reduce.grads(&mut g)?;
+        if n > 0 {
+            // A rank may have had no units this step (no gradient) while the others had some.
+            let mut g = grads.unwrap_or_else(|| Grads(vec![None; m.store().params().len()]));
+            reduce.grads(m.store(), &mut g)?;
             out.grad_norm = g.global_norm()?;
             if loss.is_finite() && out.grad_norm.is_finite() {
                 if self.cfg.grad_clip > 0.0 && out.grad_norm > self.cfg.grad_clip {
@@ -429,6 +465,89 @@ mod tests {
         }
         // A mean of per-micro-batch means would weigh units differently: not what we do.
         assert!(w4 > 0.2, "w moved towards 3: {w4}");
+    }
+
+    /// Ranks as threads of one process: sums through a shared buffer between barriers.
+    struct Threads {
+        n: usize,
+        bar: std::sync::Arc<std::sync::Barrier>,
+        buf: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+    }
+
+    impl Threads {
+        fn exchange(&self, xs: &mut [f64]) {
+            {
+                let mut b = self.buf.lock().unwrap();
+                b.resize(xs.len(), 0.0);
+                b.iter_mut().zip(xs.iter()).for_each(|(a, x)| *a += x);
+            }
+            self.bar.wait();
+            xs.copy_from_slice(&self.buf.lock().unwrap());
+            if self.bar.wait().is_leader() {
+                self.buf.lock().unwrap().clear();
+            }
+            self.bar.wait();
+        }
+    }
+
+    impl Reduce for Threads {
+        fn ranks(&self) -> usize {
+            self.n
+        }
+        fn sum(&mut self, xs: &mut [f64]) -> Result<()> {
+            self.exchange(xs);
+            Ok(())
+        }
+        fn grads(&mut self, store: &ParamStore, g: &mut Grads) -> Result<()> {
+            crate::dist::all_reduce_grads(store, g, 3, &mut |b| {
+                let mut x: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                self.exchange(&mut x);
+                b.iter_mut().zip(x).for_each(|(v, x)| *v = x as f32);
+                Ok(())
+            })
+        }
+    }
+
+    #[test]
+    fn ranks_share_a_step_as_one_process_with_their_batches_together() {
+        let (l4, w4, _) = train(&mut Toy::new(), cfg(4, 1)).unwrap();
+        for (ranks, b, a) in [(2, 2, 1), (2, 1, 2), (4, 1, 1)] {
+            let bar = std::sync::Arc::new(std::sync::Barrier::new(ranks));
+            let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let outs: Vec<(Vec<f32>, f32)> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..ranks)
+                    .map(|r| {
+                        let mut red = Threads {
+                            n: ranks,
+                            bar: bar.clone(),
+                            buf: buf.clone(),
+                        };
+                        sc.spawn(move || {
+                            let mut m = Toy::new();
+                            let mut t = Trainer::sharded(&m, cfg(b, a), r, ranks).unwrap();
+                            let mut losses = Vec::new();
+                            while t.state.step < t.total_steps {
+                                losses.push(t.step(&mut m, &mut red).unwrap().loss);
+                            }
+                            (
+                                losses,
+                                m.w.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0],
+                            )
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (l, w) in &outs {
+                for (x, y) in l.iter().zip(&l4) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * y.abs(),
+                        "{ranks}×{b}×{a}: {l:?} vs {l4:?}"
+                    );
+                }
+                assert!((w - w4).abs() < 1e-6, "{ranks}×{b}×{a}: w {w} vs {w4}");
+            }
+        }
     }
 
     #[test]

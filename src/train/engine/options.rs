@@ -104,6 +104,11 @@ train_options! {
     checkpoint_every: u64,
     /// Checkpoints kept (the newest; at least 1).
     keep_checkpoints: usize,
+    /// Under mpirun: gradients are summed over the ranks in buckets of this many MiB.
+    allreduce_bucket_mb: f64,
+    /// Under mpirun: compare the ranks' weights (a checksum) every N steps and at every
+    /// checkpoint (0: only at the start and at checkpoints).
+    dist_check_every: u64,
 }
 
 impl TrainConfig {
@@ -128,12 +133,14 @@ impl TrainConfig {
             eval_every: 0,
             checkpoint_every: 0,
             keep_checkpoints: 2,
+            allreduce_bucket_mb: 25.0,
+            dist_check_every: 100,
         }
     }
 
     /// Rejects values no run can use, naming the key.
     pub fn validate(&self) -> Result<()> {
-        let checks: [(bool, &str); 9] = [
+        let checks: [(bool, &str); 10] = [
             (self.batch_size > 0, "train.batch_size must be positive"),
             (self.grad_accum > 0, "train.grad_accum must be positive"),
             (
@@ -163,6 +170,10 @@ impl TrainConfig {
             (
                 self.max_steps > 0 || self.epochs > 0,
                 "train.max_steps or train.epochs must be positive",
+            ),
+            (
+                self.allreduce_bucket_mb.is_finite() && self.allreduce_bucket_mb > 0.0,
+                "train.allreduce_bucket_mb must be positive",
             ),
         ];
         for (ok, msg) in checks {

@@ -3,7 +3,8 @@
 //! evaluation cadence, checkpoints — with `metrics.jsonl`.
 
 use super::checkpoint::{self, TrainerState};
-use super::{Local, Method, TrainConfig, Trainer};
+use super::{Method, Reduce, TrainConfig, Trainer};
+use crate::dist;
 use crate::outdir;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -100,15 +101,16 @@ impl Control {
 /// and the subcommand (for the `--resume` hints).
 pub struct RunFiles {
     pub run_dir: PathBuf,
-    /// Held while the run writes its directory.
-    pub lock: outdir::RunLock,
+    /// Held while the run writes its directory (by rank 0 only under `mpirun`).
+    pub lock: Option<outdir::RunLock>,
     pub config_toml: String,
     pub command: &'static str,
 }
 
 impl RunFiles {
     /// Creates the run directory (the resumed checkpoint's run, or `out`, claimed under the
-    /// output policy of `outdir`) and saves the options there as `config.toml`.
+    /// output policy of `outdir`) and saves the options there as `config.toml`. Under
+    /// `mpirun`, ranks > 0 wait until rank 0 has prepared the directory, then only log there.
     pub fn create<T: serde::Serialize>(
         ctl: &Control,
         out: &Path,
@@ -116,6 +118,18 @@ impl RunFiles {
         command: &'static str,
     ) -> Result<Self> {
         let run_dir = ctl.run_dir(out)?;
+        let config_toml = crate::config::to_toml(opts)?;
+        let world = dist::world();
+        if !world.writes() {
+            dist::wait_for_main()?;
+            dist::log_to_file(&run_dir)?;
+            return Ok(Self {
+                run_dir,
+                lock: None,
+                config_toml,
+                command,
+            });
+        }
         let lock = if ctl.resume.is_some() {
             outdir::adopt(&run_dir, command)?
         } else {
@@ -126,12 +140,14 @@ impl RunFiles {
             };
             outdir::start_run(&run_dir, claim)?
         };
-        let config_toml = crate::config::to_toml(opts)?;
         let path = outdir::entry(&run_dir, "config.toml")?;
         crate::fsutil::write_file(&path, config_toml.as_bytes())?;
+        if world.size > 1 {
+            outdir::entry(&run_dir, "logs")?;
+        }
         Ok(Self {
             run_dir,
-            lock,
+            lock: Some(lock),
             config_toml,
             command,
         })
@@ -160,12 +176,18 @@ pub struct Outcome {
     pub peak_rss_mib: f64,
     /// Where the last checkpoint went.
     pub checkpoint: Option<PathBuf>,
+    /// This process writes the run's outputs (rank 0 under `mpirun`, a lone process).
+    pub writer: bool,
+    /// Data-parallel ranks that trained, and the median seconds of a step's gradient
+    /// all-reduce (0 for one rank).
+    pub ranks: usize,
+    pub allreduce_s_median: f64,
 }
 
 impl Outcome {
-    /// All steps done: the method writes its final outputs.
+    /// All steps done and this process writes the run: the method writes its final outputs.
     pub fn finished(&self) -> bool {
-        self.steps == self.total_steps
+        self.steps == self.total_steps && self.writer
     }
 }
 
@@ -191,20 +213,47 @@ pub fn run<M: Method>(
     ctl: &Control,
     run: &RunFiles,
 ) -> Result<Outcome> {
-    let mut trainer = Trainer::new(m, cfg)?;
+    let world = dist::world();
+    // Rank 0 has prepared the run directory: the others may read it now.
+    dist::release_others()?;
+    let writer = world.writes();
+    let mut reduce = world.reducer(cfg.allreduce_bucket_mb, &ctl.device)?;
+    let reduce = reduce.as_mut();
+    let mut trainer = Trainer::sharded(m, cfg, world.rank, world.size)?;
     let t = &mut trainer;
-    let metrics_path = outdir::entry(&run.run_dir, "metrics.jsonl")?;
+    let metrics_path = match writer {
+        true => outdir::entry(&run.run_dir, "metrics.jsonl")?,
+        false => run.run_dir.join("metrics.jsonl"),
+    };
     if let Some((ck, state)) = &ctl.resume {
         let step = state.step;
         if let Some(w) = t.restore(m, ck, state.clone())? {
             eprintln!("{w}");
         }
-        truncate_metrics(&metrics_path, step)?;
+        if writer {
+            truncate_metrics(&metrics_path, step)?;
+        }
         ctl.say(&format!("resumed from {} at step {step}", ck.display()));
-    } else {
+    } else if writer {
         crate::fsutil::write_file(&metrics_path, b"")?;
     }
-    let mut metrics = Metrics::open(&run.run_dir)?;
+    if world.size > 1 {
+        ctl.say(&format!(
+            "rank {} of {}: {} examples per step ({} per rank)",
+            world.rank,
+            world.size,
+            t.state.per_step,
+            t.cfg.per_step()
+        ));
+    }
+    let check = |reduce: &mut dyn Reduce, m: &M, when: &str| -> Result<()> {
+        if reduce.ranks() > 1 {
+            reduce.same(&format!("weights {when}"), dist::checksum(m.store())?)?;
+        }
+        Ok(())
+    };
+    check(reduce, m, &format!("at step {}", t.state.step))?;
+    let mut metrics = Metrics::open_for(&run.run_dir, writer)?;
     let total = t.total_steps;
     let pb = if ctl.quiet {
         ProgressBar::hidden()
@@ -229,7 +278,7 @@ pub fn run<M: Method>(
         total_steps: total,
         ..Default::default()
     };
-    if ctl.resume.is_none() && m.eval_on_start() {
+    if writer && ctl.resume.is_none() && m.eval_on_start() {
         // Before any update (TRL's eval_on_start): the baseline, logged as step 0.
         let ev = m.evaluate()?;
         if !ev.is_empty() {
@@ -245,13 +294,16 @@ pub fn run<M: Method>(
         }
     }
     let mut times = Vec::new();
+    let mut comm_times = Vec::new();
     let started = Instant::now();
     let elapsed_before = t.state.elapsed_s;
     while t.state.step < total {
-        let s = t.step(m, &mut Local)?;
+        let s = t.step(m, reduce)?;
         let step = t.state.step;
         t.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         times.push(s.seconds);
+        let comm = reduce.take_comm();
+        comm_times.push(comm);
         let tps = s.tokens as f64 / s.seconds.max(1e-9);
         out.losses.push((step, s.loss));
         let mut line = json!({"step": step, "loss": finite(s.loss as f64), "lr": s.lr,
@@ -260,6 +312,10 @@ pub fn run<M: Method>(
             "elapsed_s": t.state.elapsed_s, "peak_rss_mib": peak_rss_mib()});
         for (k, v) in &s.stats {
             line[*k] = finite(*v);
+        }
+        if world.size > 1 {
+            line["ranks"] = json!(world.size);
+            line["allreduce_s"] = json!(comm);
         }
         metrics.line(&line)?;
         if s.skipped && s.units > 0 {
@@ -282,7 +338,7 @@ pub fn run<M: Method>(
             (_, Some(p)) => step.is_multiple_of(p),
             _ => false,
         };
-        if eval_now || last {
+        if writer && (eval_now || last) {
             let ev = m.evaluate()?;
             if !ev.is_empty() {
                 let mut line = json!({"step": step});
@@ -299,17 +355,29 @@ pub fn run<M: Method>(
                 out.eval = ev;
             }
         }
-        if let Some(text) = m.after_step(step, last)? {
-            log(&text);
+        if writer {
+            if let Some(text) = m.after_step(step, last)? {
+                log(&text);
+            }
         }
-        // At the last step a stop request changes nothing: the run finishes.
+        // At the last step a stop request changes nothing: the run finishes. Every rank stops
+        // at the same step: an interrupt seen by any of them counts.
+        let mut flag = [f64::from(u8::from(ctl.interrupt.load(Ordering::SeqCst)))];
+        reduce.sum(&mut flag)?;
         out.stopped = ctl.stop_at == Some(step) && !last;
-        out.interrupted = ctl.interrupt.load(Ordering::SeqCst) && !last;
+        out.interrupted = flag[0] > 0.0 && !last;
         let early = out.stopped || out.interrupted;
-        if (t.cfg.checkpoint_every > 0 && step.is_multiple_of(t.cfg.checkpoint_every))
+        let save = (t.cfg.checkpoint_every > 0 && step.is_multiple_of(t.cfg.checkpoint_every))
             || last
-            || early
-        {
+            || early;
+        let every = t.cfg.dist_check_every;
+        if save || (every > 0 && step.is_multiple_of(every)) {
+            check(reduce, m, &format!("after step {step}"))?;
+        }
+        if save && !writer && early {
+            break;
+        }
+        if save && writer {
             let dir = t.save(m, run)?;
             if early {
                 log(&format!(
@@ -327,6 +395,10 @@ pub fn run<M: Method>(
     }
     pb.finish_and_clear();
     times.sort_by(f64::total_cmp);
+    comm_times.sort_by(f64::total_cmp);
+    out.writer = writer;
+    out.ranks = world.size;
+    out.allreduce_s_median = comm_times.get(comm_times.len() / 2).copied().unwrap_or(0.0);
     out.steps = t.state.step;
     out.skipped = t.state.skipped_steps;
     out.seconds = t.state.elapsed_s;
@@ -343,22 +415,33 @@ fn finite(x: f64) -> Value {
     }
 }
 
-/// `run/metrics.jsonl`: one JSON object per line, appended.
-pub struct Metrics(std::fs::File, PathBuf);
+/// `run/metrics.jsonl`: one JSON object per line, appended (by rank 0 only).
+pub struct Metrics(Option<std::fs::File>, PathBuf);
 
 impl Metrics {
     pub fn open(run_dir: &Path) -> Result<Self> {
+        Self::open_for(run_dir, dist::world().writes())
+    }
+
+    /// The file, or nothing to write to when this process does not write the run.
+    fn open_for(run_dir: &Path, writer: bool) -> Result<Self> {
+        if !writer {
+            return Ok(Self(None, run_dir.join("metrics.jsonl")));
+        }
         let p = outdir::entry(run_dir, "metrics.jsonl")?;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&p)
             .with_context(|| format!("opening {}", p.display()))?;
-        Ok(Self(f, p))
+        Ok(Self(Some(f), p))
     }
 
     pub fn line(&mut self, v: &Value) -> Result<()> {
-        writeln!(self.0, "{v}").with_context(|| format!("writing {}", self.1.display()))
+        match &mut self.0 {
+            Some(f) => writeln!(f, "{v}").with_context(|| format!("writing {}", self.1.display())),
+            None => Ok(()),
+        }
     }
 }
 

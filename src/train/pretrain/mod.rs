@@ -264,6 +264,10 @@ fn tokenizer(
     if let Some(p) = &o.tokenizer.file {
         return Tok::from_file(p);
     }
+    if !crate::dist::world().writes() {
+        // Rank 0 has trained it and saved it there (`dist::wait_for_main`).
+        return Tok::from_file(&run_dir.join("tokenizer.json"));
+    }
     let t0 = std::time::Instant::now();
     let mut err = None;
     let texts = Pieces::new(sources.to_vec(), o.data.lossy_utf8).map_while(|p| match p {

@@ -1,0 +1,322 @@
+//! Data parallelism across processes (PyTorch DDP's model, on MPI): `mpirun -np N lmforge sft …`
+//! starts N ranks; each computes the gradients of its share of every step's examples, and the
+//! training engine sums them over the ranks before clipping and the optimizer step:
+//!
+//!   step s, rank r:  draws s·P + r·(b·a) … s·P + (r+1)·(b·a) − 1     (P = N·b·a, global order)
+//!                    N_s ← Σ_ranks units;   g ← Σ_ranks ∇(Σ_r loss / N_s)   (bucketed all-reduce)
+//!                    clip, AdamW: the same update on every rank
+//!
+//! so N ranks × batch b is the step of one process with batch N·b (the same examples, the same
+//! sum over units; only the order of the floating-point additions differs), and `--resume` with
+//! another N re-shards the same global order. Rank 0 writes the run (checkpoints, metrics,
+//! outputs); the others write only `RUN/logs/rank-R.log`. Parameters are compared across ranks
+//! by checksum at the start and every `train.dist_check_every` steps.
+//!
+//! A rank that fails calls `MPI_Abort`, and `mpirun` ends the others (a killed rank: mpirun
+//! names it); nobody waits on a dead peer. Without `mpirun` nothing here runs and no MPI
+//! library is loaded (`mpi.rs`).
+//!
+//! Deviation from DDP: candle's backward has no per-parameter hooks, so the all-reduce cannot
+//! start while the backward still runs; it starts right after (see docs/distributed.md for what
+//! the overlap would buy).
+
+pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+
+use crate::model::{Grads, ParamStore};
+use crate::train::engine::Reduce;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// This process's place among the ranks.
+pub struct World {
+    pub rank: usize,
+    pub size: usize,
+    mpi: Option<mpi::Mpi>,
+}
+
+static WORLD: OnceLock<World> = OnceLock::new();
+/// Rank 0 has finished preparing the run directory (`main_first`).
+static RELEASED: AtomicBool = AtomicBool::new(false);
+
+/// Joins the ranks when started by `mpirun` (`OMPI_COMM_WORLD_SIZE` > 1); a lone process
+/// otherwise. Called once, first thing.
+pub fn init() -> Result<&'static World> {
+    let size = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let w = match (size("OMPI_COMM_WORLD_SIZE"), size("PMI_SIZE")) {
+        (Some(n), _) if n > 1 => {
+            let m = mpi::Mpi::open()?;
+            if m.size != n {
+                bail!(
+                    "OMPI_COMM_WORLD_SIZE is {n} but MPI reports {} ranks",
+                    m.size
+                );
+            }
+            World {
+                rank: m.rank,
+                size: m.size,
+                mpi: Some(m),
+            }
+        }
+        (None, Some(n)) if n > 1 => bail!(
+            "started by an MPI launcher other than Open MPI's mpirun (PMI_SIZE={n}); lmforge \
+             speaks Open MPI's ABI: launch it with Open MPI's mpirun"
+        ),
+        _ => World {
+            rank: 0,
+            size: 1,
+            mpi: None,
+        },
+    };
+    Ok(WORLD.get_or_init(|| w))
+}
+
+/// The world this process joined (a lone process before `init`).
+pub fn world() -> &'static World {
+    WORLD.get_or_init(|| World {
+        rank: 0,
+        size: 1,
+        mpi: None,
+    })
+}
+
+impl World {
+    /// Rank 0: the one that writes the run.
+    pub fn writes(&self) -> bool {
+        self.rank == 0
+    }
+
+    pub fn mpi(&self) -> Option<&mpi::Mpi> {
+        self.mpi.as_ref()
+    }
+
+    /// The engine's reducer for this world: NCCL when the weights are on a CUDA device (the
+    /// `cuda` feature), MPI otherwise, nothing for a lone process.
+    pub fn reducer(
+        &'static self,
+        bucket_mb: f64,
+        dev: &candle_core::Device,
+    ) -> Result<Box<dyn Reduce>> {
+        let Some(m) = &self.mpi else {
+            return Ok(Box::new(crate::train::engine::Local));
+        };
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            return Ok(Box::new(nccl::Nccl::new(m, dev, bucket_mb)?));
+        }
+        let _ = dev;
+        Ok(Box::new(Ranks::new(m, bucket_mb)))
+    }
+
+    /// On an error: ends the whole job (a lone process just returns).
+    pub fn abort_job(&self, code: i32) {
+        if let Some(m) = &self.mpi {
+            m.abort(code);
+        }
+    }
+
+    /// After a successful command.
+    pub fn finish(&self) -> Result<()> {
+        match &self.mpi {
+            Some(m) => {
+                release_others()?;
+                m.finalize()
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// "Rank 0 first" (transformers' `main_process_first`): ranks > 0 wait here until rank 0 has
+/// prepared the run directory (claimed it, trained the tokenizer, cached the tokens), then read
+/// what it wrote instead of writing it again.
+pub fn wait_for_main() -> Result<()> {
+    let w = world();
+    match (&w.mpi, w.rank) {
+        (Some(m), r) if r > 0 => m.barrier().context("waiting for rank 0"),
+        _ => Ok(()),
+    }
+}
+
+/// Rank 0's side of `wait_for_main`: once, when its preparation is done (the engine's start, or
+/// the end of the command, whichever comes first).
+pub fn release_others() -> Result<()> {
+    let w = world();
+    match &w.mpi {
+        Some(m) if w.rank == 0 && !RELEASED.swap(true, Ordering::SeqCst) => {
+            m.barrier().context("releasing ranks > 0")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Ranks > 0 send what they print to `RUN/logs/rank-R.log` (stderr redirected, so errors and
+/// progress land there too), headed by the rank, the process id and the host.
+pub fn log_to_file(run_dir: &std::path::Path) -> Result<()> {
+    let w = world();
+    if w.rank == 0 || w.mpi.is_none() {
+        return Ok(());
+    }
+    use std::os::fd::AsRawFd;
+    let dir = run_dir.join("logs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("rank-{}.log", w.rank));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    extern "C" {
+        fn dup2(old: i32, new: i32) -> i32;
+    }
+    // SAFETY: both descriptors are open; fd 2 now writes to the log file.
+    if unsafe { dup2(f.as_raw_fd(), 2) } < 0 {
+        bail!("redirecting stderr to {}", path.display());
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    eprintln!(
+        "rank {} of {}, pid {}, host {}",
+        w.rank,
+        w.size,
+        std::process::id(),
+        host.trim()
+    );
+    Ok(())
+}
+
+/// FNV-1a over the bits of every trainable parameter, in order: equal on every rank as long as
+/// their weights are bit-identical.
+pub fn checksum(store: &ParamStore) -> Result<u64> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (_, t) in store.trainable_tensors() {
+        for x in t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+            h = (h ^ x.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(h)
+}
+
+/// The MPI reducer: small sums in one call, gradients in buckets of `bucket` numbers.
+pub struct Ranks {
+    mpi: &'static mpi::Mpi,
+    bucket: usize,
+    /// Seconds spent in gradient all-reduces since the last `take_comm`.
+    comm_s: f64,
+}
+
+impl Ranks {
+    pub fn new(mpi: &'static mpi::Mpi, bucket_mb: f64) -> Self {
+        Self {
+            mpi,
+            bucket: ((bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1),
+            comm_s: 0.0,
+        }
+    }
+}
+
+impl Reduce for Ranks {
+    fn ranks(&self) -> usize {
+        self.mpi.size
+    }
+
+    fn sum(&mut self, xs: &mut [f64]) -> Result<()> {
+        self.mpi.sum_f64(xs)
+    }
+
+    fn grads(&mut self, store: &ParamStore, g: &mut Grads) -> Result<()> {
+        let t0 = Instant::now();
+        all_reduce_grads(store, g, self.bucket, &mut |buf| self.mpi.sum_f32(buf))?;
+        self.comm_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn same(&mut self, what: &str, x: u64) -> Result<()> {
+        same_on_all(self.mpi, what, x)
+    }
+
+    fn take_comm(&mut self) -> f64 {
+        std::mem::take(&mut self.comm_s)
+    }
+}
+
+/// Fails on every rank, listing each rank's value, unless `x` is the same on all.
+fn same_on_all(mpi: &mpi::Mpi, what: &str, x: u64) -> Result<()> {
+    {
+        let (r, n) = (mpi.rank, mpi.size);
+        let mut all = vec![0u64; n];
+        all[r] = x;
+        mpi.sum_u64(&mut all)?;
+        if all.iter().any(|&v| v != all[0]) {
+            let list: Vec<String> = all
+                .iter()
+                .enumerate()
+                .map(|(r, v)| format!("rank {r}: {v:016x}"))
+                .collect();
+            bail!(
+                "the ranks' {what} differ ({}): they are not training one model (started from \
+                 different weights or options, or diverged); stopping (the last checkpoint is \
+                 rank 0's)",
+                list.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Sums every trainable parameter's gradient over the ranks through `sum` (which reduces a
+/// buffer in place), `bucket` numbers at a time, in the store's order (the same on every rank);
+/// a rank without a gradient for a parameter (no units this step) contributes zeros.
+pub fn all_reduce_grads(
+    store: &ParamStore,
+    g: &mut Grads,
+    bucket: usize,
+    sum: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let params = store.params();
+    let mut buf: Vec<f32> = Vec::with_capacity(bucket);
+    // (parameter index, its offset in `buf`) of the gradients in the current bucket.
+    let mut held: Vec<(usize, usize)> = Vec::new();
+    let flush = |buf: &mut Vec<f32>,
+                 held: &mut Vec<(usize, usize)>,
+                 g: &mut Grads,
+                 sum: &mut dyn FnMut(&mut [f32]) -> Result<()>|
+     -> Result<()> {
+        sum(buf)?;
+        for &(i, off) in held.iter() {
+            let shape = params[i].var.shape().clone();
+            let n = shape.elem_count();
+            let dev = &params[i].var.device().clone();
+            let t = Tensor::from_slice(&buf[off..off + n], shape, dev)?;
+            g.0[i] = Some(t.to_dtype(params[i].var.dtype())?);
+        }
+        buf.clear();
+        held.clear();
+        Ok(())
+    };
+    for (i, p) in params.iter().enumerate() {
+        if !p.trainable {
+            continue;
+        }
+        let n = p.var.elem_count();
+        if !buf.is_empty() && buf.len() + n > bucket {
+            flush(&mut buf, &mut held, g, sum)?;
+        }
+        held.push((i, buf.len()));
+        match g.0[i].take() {
+            Some(t) => buf.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => buf.resize(buf.len() + n, 0.0),
+        }
+    }
+    if !held.is_empty() {
+        flush(&mut buf, &mut held, g, sum)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! Data parallelism through Open MPI's `mpirun` on loopback TCP (`dist`): two ranks with
+//! micro-batch b train as one process with batch 2b (pretrain and sft, 20 steps, 1e-5
+//! relative); a 2-rank checkpoint resumes on one rank along the same curve; a rank killed mid-run
+//! ends the job at once with the rank named and an intact `latest`; ranks whose weights differ
+//! are stopped by the checksum. Skipped (and said so) where `mpirun` is not installed, unless
+//! `LMFORGE_REQUIRE_MPI=1` (CI), which makes a missing `mpirun` a failure.
+
+mod common;
+use common::*;
+use lmforge::train::engine::checkpoint;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn have_mpirun() -> bool {
+    let found = Command::new("mpirun")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("LMFORGE_REQUIRE_MPI").is_err(),
+            "LMFORGE_REQUIRE_MPI is set but mpirun is missing (scripts/setup_mpi.sh)"
+        );
+        eprintln!("skipped: mpirun not installed (scripts/setup_mpi.sh installs Open MPI)");
+    }
+    found
+}
+
+/// `mpirun -np N lmforge ARGS` over loopback TCP, one thread per rank.
+fn mpirun(n: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &n.to_string(), "--oversubscribe"])
+        .args([
+            "--mca",
+            "btl",
+            "self,tcp",
+            "--mca",
+            "btl_tcp_if_include",
+            "lo",
+        ])
+        .args(["-x", "RAYON_NUM_THREADS=1"])
+        .arg(env!("CARGO_BIN_EXE_lmforge"))
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+fn one(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lmforge"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+fn success(o: Output, what: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{what} failed:\n{err}");
+    err
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    metrics(run)
+        .iter()
+        .filter_map(|v| v.get("loss")?.as_f64())
+        .collect()
+}
+
+fn same_curve(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs(),
+            "{what}: step {} loss {x} vs {y}",
+            i + 1
+        );
+    }
+}
+
+fn pretrain_args<'a>(corpus: &'a str, out: &'a str, batch: &'a str) -> Vec<&'a str> {
+    let mut a = vec!["pretrain", "--data", corpus, "--out", out, "--quiet"];
+    a.extend([
+        "--max-steps",
+        "20",
+        "--batch-size",
+        batch,
+        "--grad-accum",
+        "2",
+    ]);
+    for kv in [
+        "model.d_model=32",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.ctx=32",
+        "data.seq_len=32",
+        "tokenizer.vocab_size=300",
+        "train.lr=3e-3",
+        "train.checkpoint_every=5",
+        "train.dist_check_every=4",
+    ] {
+        a.extend(["--set", kv]);
+    }
+    a
+}
+
+#[test]
+fn two_ranks_train_as_one_process_with_twice_the_batch() {
+    if !have_mpirun() {
+        return;
+    }
+    let d = tmpdir("dist_same");
+    let corpus = small_corpus(&d, 40_000);
+    let c = corpus.to_str().unwrap();
+    let (r1, r2) = (d.join("one"), d.join("two"));
+    success(one(&pretrain_args(c, r1.to_str().unwrap(), "4")), "1 rank");
+    let o = mpirun(2, &pretrain_args(c, r2.to_str().unwrap(), "2"))
+        .output()
+        .unwrap();
+    success(o, "2 ranks");
+    same_curve(&losses(&r2), &losses(&r1), "pretrain");
+    let m = metrics(&r2);
+    assert!(m[0]["ranks"] == 2 && m[0]["allreduce_s"].as_f64().unwrap() > 0.0);
+    // Rank 1 wrote only its log; the run is rank 0's.
+    let log = std::fs::read_to_string(r2.join("logs/rank-1.log")).unwrap();
+    assert!(log.starts_with("rank 1 of 2, pid "), "{log}");
+    assert!(r2.join("model/model.safetensors").is_file());
+
+    // SFT: 2 ranks × 2, stopped at step 10, resumed on 1 rank × 4: the curve of 1 rank × 4.
+    let data = d.join("sft.jsonl");
+    let rows: String = (0..24)
+        .map(|i| format!("{{\"prompt\": \"Q{i}: who?\", \"completion\": \" Hamlet {i}\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let llama = fixture("llama_tiny");
+    let sft = |out: &Path, batch: &'static str| -> Vec<String> {
+        [
+            "sft",
+            "--model",
+            llama.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-steps",
+            "20",
+            "--lr",
+            "1e-3",
+            "--checkpoint-every",
+            "5",
+            "--quiet",
+            "--batch-size",
+            batch,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (s1, s2) = (d.join("sft_one"), d.join("sft_two"));
+    let a1 = sft(&s1, "4");
+    success(
+        one(&a1.iter().map(String::as_str).collect::<Vec<_>>()),
+        "sft 1 rank",
+    );
+    let mut a2 = sft(&s2, "2");
+    a2.extend(["--stop-at-step", "10"].map(String::from));
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    success(mpirun(2, &a2).output().unwrap(), "sft 2 ranks");
+    assert_eq!(losses(&s2).len(), 10);
+    let o = one(&[
+        "sft",
+        "--resume",
+        s2.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]);
+    let err = success(o, "sft resumed on 1 rank");
+    assert!(!err.contains("warning"), "same global batch: {err}");
+    same_curve(&losses(&s2), &losses(&s1), "sft 2 ranks, then 1");
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_leaves_an_intact_checkpoint() {
+    if !have_mpirun() {
+        return;
+    }
+    let d = tmpdir("dist_kill");
+    let corpus = small_corpus(&d, 40_000);
+    let run = d.join("run");
+    let mut args = pretrain_args(corpus.to_str().unwrap(), run.to_str().unwrap(), "2");
+    let at = args.iter().position(|a| *a == "20").unwrap();
+    args[at] = "1000000";
+    let child = mpirun(2, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a few checkpoints, then kill rank 1 (its pid heads its log).
+    let t0 = Instant::now();
+    let log = run.join("logs/rank-1.log");
+    let pid = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let steps = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let pid = text
+            .split_whitespace()
+            .skip_while(|w| *w != "pid")
+            .nth(1)
+            .map(|p| p.trim_end_matches(',').to_string());
+        if let (true, Some(p)) = (steps >= 12, pid) {
+            break p;
+        }
+    };
+    let killed = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let waited = killed.elapsed();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+    assert!(text.contains("rank 1"), "{text}");
+    let ck = checkpoint::resolve(&run, "pretrain").unwrap();
+    let state = checkpoint::verify(&ck, "pretrain").unwrap();
+    assert!(state.step >= 5 && state.step.is_multiple_of(5), "{}", state.step);
+    eprintln!(
+        "killed rank 1; mpirun ended in {waited:?}; latest = step {}",
+        state.step
+    );
+}
+
+#[test]
+fn ranks_with_different_weights_are_stopped() {
+    if !have_mpirun() {
+        return;
+    }
+    let d = tmpdir("dist_diverge");
+    let corpus = small_corpus(&d, 40_000);
+    let run = d.join("run");
+    let args = pretrain_args(corpus.to_str().unwrap(), run.to_str().unwrap(), "2");
+    // MPMD: rank 1 initialises with another seed.
+    let mut c = mpirun(1, &args);
+    c.args([":", "-np", "1", "-x", "RAYON_NUM_THREADS=1"])
+        .arg(env!("CARGO_BIN_EXE_lmforge"))
+        .args(&args)
+        .args(["--set", "train.seed=7"]);
+    let t0 = Instant::now();
+    let o = c.output().unwrap();
+    let text = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    assert!(
+        text.contains("weights at step 0 differ") && text.contains("rank 1:"),
+        "{text}"
+    );
+}
