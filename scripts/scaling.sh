@@ -15,16 +15,15 @@ B=${B:-4}
 mkdir -p "$WORK"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 RAYON_NUM_THREADS=1
 CORPUS=data/shakespeare/hamlet.txt
-COMMON=(--data "$CORPUS" --max-steps "$STEPS" --quiet --set train.lr=1e-3
+COMMON=(--data "$CORPUS" --set train.lr=1e-3
         --set model.d_model=384 --set model.n_layer=6 --set model.n_head=6 --set model.ctx=256
         --set data.seq_len=256 --set tokenizer.vocab_size=4096 --set train.checkpoint_every=0)
 # The tokenizer and token cache are made once, then shared by every run.
 [ -f "$WORK/tokenizer.json" ] || {
-    "$BIN" pretrain "${COMMON[@]/--quiet}" --max-steps 1 --batch-size 1 --out "$WORK/prep" \
-        --overwrite 2>&1 | grep '^model:'
+    "$BIN" pretrain "${COMMON[@]}" --max-steps 1 --batch-size 1 --out "$WORK/prep" --overwrite
     cp "$WORK/prep/tokenizer.json" "$WORK/tokenizer.json"
 }
-COMMON+=(--set "tokenizer.file=$WORK/tokenizer.json")
+COMMON+=(--quiet --max-steps "$STEPS" --set "tokenizer.file=$WORK/tokenizer.json")
 one()  { "$BIN" pretrain "${COMMON[@]}" --batch-size $((2 * B)) --out "$WORK/one" --overwrite; }
 two()  { mpirun -np 2 --oversubscribe -x RAYON_NUM_THREADS "$@" \
            "$BIN" pretrain "${COMMON[@]}" --batch-size "$B" --out "$WORK/two" --overwrite; }

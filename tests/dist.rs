@@ -235,7 +235,11 @@ fn a_killed_rank_ends_the_job_and_leaves_an_intact_checkpoint() {
     assert!(text.contains("rank 1"), "{text}");
     let ck = checkpoint::resolve(&run, "pretrain").unwrap();
     let state = checkpoint::verify(&ck, "pretrain").unwrap();
-    assert!(state.step >= 5 && state.step.is_multiple_of(5), "{}", state.step);
+    assert!(
+        state.step >= 5 && state.step.is_multiple_of(5),
+        "{}",
+        state.step
+    );
     eprintln!(
         "killed rank 1; mpirun ended in {waited:?}; latest = step {}",
         state.step
