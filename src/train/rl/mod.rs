@@ -152,7 +152,8 @@ pub struct Online<A: Algo> {
     sampling: Sampling,
     per_rollout: usize,
     generation_batch: usize,
-    /// Rows per optimizer step, per micro-batch.
+    /// Rows of an optimizer step over all ranks (batch_size · grad_accum · ranks); rows per
+    /// micro-batch.
     rows_per_step: usize,
     micro: usize,
     seed: u64,
@@ -287,6 +288,7 @@ impl<A: Algo> Method for Online<A> {
         None
     }
 
+    /// `draws` are global: under data parallelism this rank's slice of step `draws[0] / m`.
     fn batch(&mut self, draws: &[usize]) -> Result<Vec<usize>> {
         let m = self.rows_per_step;
         let step = (draws[0] / m) as u64;

@@ -160,12 +160,14 @@ pub fn run<A: Algo, O: Serialize>(
         .context("prompts are needed: --data FILE.jsonl (or `data` in the config)")?;
     let ro = c.rollout;
     let k = algo.k();
-    let m = cfg.per_step();
+    // Rows of a step over all data-parallel ranks: every rank samples the whole rollout (the
+    // same, from the same weights and seeds) and trains on its slice of each step's rows.
+    let m = cfg.per_step() * crate::dist::world().size;
     let per_rollout = match ro.prompts_per_rollout {
         Some(p) => p,
         None if m.is_multiple_of(k) => m / k,
         None => bail!(
-            "batch_size × grad_accum = {m} rows per step is not a multiple of {k} samples per prompt; \
+            "batch_size × grad_accum (× ranks) = {m} rows per step is not a multiple of {k} samples per prompt; \
              set prompts_per_rollout (rollout rows = prompts × samples must be a multiple of {m})"
         ),
     };
@@ -175,7 +177,7 @@ pub fn run<A: Algo, O: Serialize>(
     {
         bail!(
             "a rollout of {per_rollout} prompts × {k} samples does not split into steps of \
-             batch_size × grad_accum = {m} rows"
+             batch_size × grad_accum (× ranks) = {m} rows"
         );
     }
     if ro.max_new_tokens == 0 || ro.max_prompt_len == 0 {
