@@ -271,3 +271,124 @@ fn ranks_with_different_weights_are_stopped() {
         "{text}"
     );
 }
+
+/// Every other trainer on the engine: 2 ranks × b = 1 process × 2b (6 steps).
+#[test]
+fn every_trainer_runs_on_two_ranks_as_one_process() {
+    if !have_mpirun() {
+        return;
+    }
+    let d = tmpdir("dist_methods");
+    let (llama, bert) = (fixture("llama_tiny"), fixture("bert_tiny"));
+    let (llama, bert) = (llama.to_str().unwrap(), bert.to_str().unwrap());
+    let pairs = tiny_pairs(&d, 24);
+    let prompts = d.join("prompts.jsonl");
+    let rows: Vec<serde_json::Value> = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("Question {i}: name a word.")}))
+        .collect();
+    write_jsonl(&prompts, &rows);
+    let kto = d.join("kto.jsonl");
+    let rows: Vec<serde_json::Value> = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("Q{i}: yes or no?"), "completion": if i % 2 == 0 { " yes" } else { " no" }, "label": i % 2 == 0}))
+        .collect();
+    write_jsonl(&kto, &rows);
+    let (cls, _) = classify_data(&d);
+    let (pairs, prompts, kto) = (
+        pairs.to_str().unwrap(),
+        prompts.to_str().unwrap(),
+        kto.to_str().unwrap(),
+    );
+    let rl = [
+        "--reward",
+        "contains:a",
+        "--max-new-tokens",
+        "4",
+        "--lr",
+        "2e-2",
+    ];
+    let cases: Vec<(&str, usize, Vec<&str>)> = vec![
+        (
+            "dpo",
+            2,
+            vec!["dpo", "--model", llama, "--data", pairs, "--lr", "1e-3"],
+        ),
+        (
+            "kto",
+            2,
+            vec!["kto", "--model", llama, "--data", kto, "--lr", "1e-3"],
+        ),
+        (
+            "reward",
+            2,
+            vec!["reward", "--model", llama, "--data", pairs, "--lr", "1e-3"],
+        ),
+        (
+            "classify",
+            4,
+            vec![
+                "finetune", "--task", "classify", "--model", bert, "--data", &cls, "--lr", "3e-3",
+            ],
+        ),
+        (
+            "grpo",
+            8,
+            [
+                vec![
+                    "grpo",
+                    "--model",
+                    llama,
+                    "--data",
+                    prompts,
+                    "--num-generations",
+                    "4",
+                ],
+                rl.to_vec(),
+            ]
+            .concat(),
+        ),
+        (
+            "ppo",
+            8,
+            [
+                vec!["ppo", "--model", llama, "--data", prompts],
+                rl.to_vec(),
+            ]
+            .concat(),
+        ),
+    ];
+    for (name, b, args) in cases {
+        let (one_dir, two_dir) = (d.join(format!("{name}_1")), d.join(format!("{name}_2")));
+        let with = |out: &Path, batch: &str| -> Vec<String> {
+            let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            a.extend(
+                [
+                    "--max-steps",
+                    "6",
+                    "--quiet",
+                    "--batch-size",
+                    batch,
+                    "--out",
+                ]
+                .map(String::from),
+            );
+            a.push(out.to_str().unwrap().to_string());
+            a
+        };
+        let a1 = with(&one_dir, &(2 * b).to_string());
+        success(
+            one(&a1.iter().map(String::as_str).collect::<Vec<_>>()),
+            name,
+        );
+        let a2 = with(&two_dir, &b.to_string());
+        let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+        success(mpirun(2, &a2).output().unwrap(), name);
+        let (l1, l2) = (losses(&one_dir), losses(&two_dir));
+        assert_eq!(l1.len(), 6, "{name}");
+        for (x, y) in l1.iter().zip(&l2) {
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1e-2),
+                "{name}: {l1:?} vs {l2:?}"
+            );
+        }
+    }
+}
