@@ -317,16 +317,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let res = match (world.size, &cli.cmd) {
-        (1, _) | (_, Cmd::Pretrain(_) | Cmd::Sft(_) | Cmd::Finetune(_) | Cmd::Dpo(_)) => {
-            run(cli, &matches)
-        }
-        (_, Cmd::Ppo(_) | Cmd::Grpo(_) | Cmd::Rloo(_) | Cmd::Kto(_)) => run(cli, &matches),
-        (_, Cmd::Reward(RewardCli { action: None, .. })) => run(cli, &matches),
-        (n, _) => Err(anyhow::anyhow!(
+    let trains = matches!(
+        &cli.cmd,
+        Cmd::Pretrain(_)
+            | Cmd::Sft(_)
+            | Cmd::Finetune(_)
+            | Cmd::Dpo(_)
+            | Cmd::Kto(_)
+            | Cmd::Ppo(_)
+            | Cmd::Grpo(_)
+            | Cmd::Rloo(_)
+            | Cmd::Reward(RewardCli { action: None, .. })
+    );
+    let res = match world.size {
+        n if n > 1 && !trains => Err(anyhow::anyhow!(
             "started by mpirun with {n} ranks, but only the training commands run on several \
              ranks; run this command without mpirun"
         )),
+        _ => run(cli, &matches),
     };
     match res.and_then(|code| world.finish().map(|()| code)) {
         Ok(code) => code,

@@ -1,8 +1,8 @@
 //! Data parallelism through Open MPI's `mpirun` on loopback TCP (`dist`): two ranks with
 //! micro-batch b train as one process with batch 2b (pretrain and sft, 20 steps, 1e-5
 //! relative); a 2-rank checkpoint resumes on one rank along the same curve; a rank killed mid-run
-//! ends the job at once with the rank named and an intact `latest`; ranks whose weights differ
-//! are stopped by the checksum. Skipped (and said so) where `mpirun` is not installed, unless
+//! ends the job at once with the rank named and an intact `latest`; ranks whose weights or options
+//! differ are stopped by the checksums. Skipped (and said so) where `mpirun` is not installed, unless
 //! `LMFORGE_REQUIRE_MPI=1` (CI), which makes a missing `mpirun` a failure.
 
 mod common;
@@ -130,11 +130,7 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     assert!(r2.join("model/model.safetensors").is_file());
 
     // SFT: 2 ranks × 2, stopped at step 10, resumed on 1 rank × 4: the curve of 1 rank × 4.
-    let data = d.join("sft.jsonl");
-    let rows: String = (0..24)
-        .map(|i| format!("{{\"prompt\": \"Q{i}: who?\", \"completion\": \" Hamlet {i}\"}}\n"))
-        .collect();
-    std::fs::write(&data, rows).unwrap();
+    let data = tiny_sft(&d, 24);
     let llama = fixture("llama_tiny");
     let sft = |out: &Path, batch: &'static str| -> Vec<String> {
         [
@@ -270,6 +266,33 @@ fn ranks_with_different_weights_are_stopped() {
         text.contains("weights at step 0 differ") && text.contains("rank 1:"),
         "{text}"
     );
+    // A full fine-tune starts from the same weights whatever the seed: the options tell.
+    let data = tiny_sft(&d, 8);
+    let out = d.join("sft");
+    let llama = fixture("llama_tiny");
+    let sft = [
+        "sft",
+        "--model",
+        llama.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--quiet",
+        "--batch-size",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut c = mpirun(1, &sft);
+    c.args([":", "-np", "1"])
+        .arg(env!("CARGO_BIN_EXE_lmforge"))
+        .args(sft)
+        .args(["--set", "train.seed=7"]);
+    let o = c.output().unwrap();
+    let text = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(text.contains("options (config.toml) differ"), "{text}");
 }
 
 /// Every other trainer on the engine: 2 ranks × b = 1 process × 2b (6 steps).

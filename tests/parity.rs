@@ -77,11 +77,7 @@ fn every_model_matches_transformers_on_cuda() {
     }
     // The engine on the GPU (composite AdamW, clipping, the loss): the CPU's curve.
     let d = tmpdir("parity_cuda_sft");
-    let data = d.join("sft.jsonl");
-    let rows: String = (0..8)
-        .map(|i| format!("{{\"prompt\": \"Q{i}: who?\", \"completion\": \" Hamlet {i}\"}}\n"))
-        .collect();
-    std::fs::write(&data, rows).unwrap();
+    let data = tiny_sft(&d, 8);
     let llama = fixture("llama_tiny");
     let run = |device: &str| {
         let out = d.join(device);

@@ -131,14 +131,7 @@ fn every_method_resumes_exactly() {
     mlm.extend(strs(&["--objective", "mlm"]));
     same_after_resume("mlm", "pretrain", &mlm, 5);
 
-    let sft_data = d.join("sft.jsonl");
-    std::fs::write(
-        &sft_data,
-        (0..12)
-            .map(|i| format!("{{\"prompt\": \"Q{i}: who?\", \"completion\": \" Hamlet {i}\"}}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    let sft_data = tiny_sft(&d, 12);
     let llama = fixture("llama_tiny");
     let sft = strs(&[
         "--model",

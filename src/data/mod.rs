@@ -404,6 +404,12 @@ pub fn tokenize_cached(
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("creating {}", cache_dir.display()))?;
     let path = cache_dir.join(format!("tokens-{:016x}.bin", fnv1a(key.as_bytes())));
+    if !crate::dist::world().writes() {
+        // A data-parallel rank > 0 reads rank 0's cache; rebuilding it would pull the file from
+        // under rank 0's memory map.
+        return Tokens::open(&path, width)
+            .with_context(|| format!("reading rank 0's token cache {}", path.display()));
+    }
     if path.exists() {
         match Tokens::open(&path, width) {
             Ok(t) => return Ok(t),

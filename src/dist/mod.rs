@@ -40,8 +40,17 @@ pub struct World {
 }
 
 static WORLD: OnceLock<World> = OnceLock::new();
-/// Rank 0 has finished preparing the run directory (`main_first`).
-static RELEASED: AtomicBool = AtomicBool::new(false);
+/// Rank 0 has let the others go (`release_others`), or a rank > 0 has waited (`wait_for_main`):
+/// each side passes that barrier once.
+static PASSED: AtomicBool = AtomicBool::new(false);
+
+fn lone() -> World {
+    World {
+        rank: 0,
+        size: 1,
+        mpi: None,
+    }
+}
 
 /// Joins the ranks when started by `mpirun` (`OMPI_COMM_WORLD_SIZE` > 1); a lone process
 /// otherwise. Called once, first thing.
@@ -70,22 +79,17 @@ pub fn init() -> Result<&'static World> {
             "started by an MPI launcher other than Open MPI's mpirun (PMI_SIZE={n}); lmforge \
              speaks Open MPI's ABI: launch it with Open MPI's mpirun"
         ),
-        _ => World {
-            rank: 0,
-            size: 1,
-            mpi: None,
-        },
+        _ => lone(),
     };
-    Ok(WORLD.get_or_init(|| w))
+    if WORLD.set(w).is_err() {
+        bail!("internal error: dist::init after the world was in use");
+    }
+    Ok(world())
 }
 
 /// The world this process joined (a lone process before `init`).
 pub fn world() -> &'static World {
-    WORLD.get_or_init(|| World {
-        rank: 0,
-        size: 1,
-        mpi: None,
-    })
+    WORLD.get_or_init(lone)
 }
 
 impl World {
@@ -108,12 +112,14 @@ impl World {
         let Some(m) = &self.mpi else {
             return Ok(Box::new(crate::train::engine::Local));
         };
+        #[allow(unused_mut)]
+        let mut r = Ranks::new(m, bucket_mb);
         #[cfg(feature = "cuda")]
         if dev.is_cuda() {
-            return Ok(Box::new(nccl::Nccl::new(m, dev, bucket_mb)?));
+            r.nccl = Some(nccl::Nccl::new(m, dev)?);
         }
         let _ = dev;
-        Ok(Box::new(Ranks::new(m, bucket_mb)))
+        Ok(Box::new(r))
     }
 
     /// On an error: ends the whole job (a lone process just returns).
@@ -123,11 +129,15 @@ impl World {
         }
     }
 
-    /// After a successful command.
+    /// After a successful command: the "rank 0 first" barrier if the command never reached
+    /// it (every rank takes the same path, so each side passes it once), then MPI_Finalize.
     pub fn finish(&self) -> Result<()> {
         match &self.mpi {
             Some(m) => {
-                release_others()?;
+                match self.rank {
+                    0 => release_others()?,
+                    _ => wait_for_main()?,
+                }
                 m.finalize()
             }
             None => Ok(()),
@@ -140,8 +150,10 @@ impl World {
 /// what it wrote instead of writing it again.
 pub fn wait_for_main() -> Result<()> {
     let w = world();
-    match (&w.mpi, w.rank) {
-        (Some(m), r) if r > 0 => m.barrier().context("waiting for rank 0"),
+    match &w.mpi {
+        Some(m) if w.rank > 0 && !PASSED.swap(true, Ordering::SeqCst) => {
+            m.barrier().context("waiting for rank 0")
+        }
         _ => Ok(()),
     }
 }
@@ -151,15 +163,15 @@ pub fn wait_for_main() -> Result<()> {
 pub fn release_others() -> Result<()> {
     let w = world();
     match &w.mpi {
-        Some(m) if w.rank == 0 && !RELEASED.swap(true, Ordering::SeqCst) => {
+        Some(m) if w.rank == 0 && !PASSED.swap(true, Ordering::SeqCst) => {
             m.barrier().context("releasing ranks > 0")
         }
         _ => Ok(()),
     }
 }
 
-/// Ranks > 0 send what they print to `RUN/logs/rank-R.log` (stderr redirected, so errors and
-/// progress land there too), headed by the rank, the process id and the host.
+/// Ranks > 0 send what they print to `RUN/logs/rank-R.log` (stdout and stderr redirected, so
+/// errors and progress land there too), headed by the rank, the process id and the host.
 pub fn log_to_file(run_dir: &std::path::Path) -> Result<()> {
     let w = world();
     if w.rank == 0 || w.mpi.is_none() {
@@ -177,9 +189,11 @@ pub fn log_to_file(run_dir: &std::path::Path) -> Result<()> {
     extern "C" {
         fn dup2(old: i32, new: i32) -> i32;
     }
-    // SAFETY: both descriptors are open; fd 2 now writes to the log file.
-    if unsafe { dup2(f.as_raw_fd(), 2) } < 0 {
-        bail!("redirecting stderr to {}", path.display());
+    for fd in [1, 2] {
+        // SAFETY: both descriptors are open; fd 1 or 2 now writes to the log file.
+        if unsafe { dup2(f.as_raw_fd(), fd) } < 0 {
+            bail!("redirecting output to {}", path.display());
+        }
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     eprintln!(
@@ -204,12 +218,15 @@ pub fn checksum(store: &ParamStore) -> Result<u64> {
     Ok(h)
 }
 
-/// The MPI reducer: small sums in one call, gradients in buckets of `bucket` numbers.
+/// The reducer of several ranks: small sums in one MPI call, gradients in buckets of `bucket`
+/// numbers — through MPI on the host, or NCCL on the GPUs when the weights are there.
 pub struct Ranks {
     mpi: &'static mpi::Mpi,
     bucket: usize,
     /// Seconds spent in gradient all-reduces since the last `take_comm`.
     comm_s: f64,
+    #[cfg(feature = "cuda")]
+    nccl: Option<nccl::Nccl>,
 }
 
 impl Ranks {
@@ -218,6 +235,8 @@ impl Ranks {
             mpi,
             bucket: ((bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1),
             comm_s: 0.0,
+            #[cfg(feature = "cuda")]
+            nccl: None,
         }
     }
 }
@@ -233,6 +252,12 @@ impl Reduce for Ranks {
 
     fn grads(&mut self, store: &ParamStore, g: &mut Grads) -> Result<()> {
         let t0 = Instant::now();
+        #[cfg(feature = "cuda")]
+        if let Some(n) = &self.nccl {
+            n.all_reduce_grads(store, g, self.bucket)?;
+            self.comm_s += t0.elapsed().as_secs_f64();
+            return Ok(());
+        }
         all_reduce_grads(store, g, self.bucket, &mut |buf| self.mpi.sum_f32(buf))?;
         self.comm_s += t0.elapsed().as_secs_f64();
         Ok(())
@@ -249,31 +274,53 @@ impl Reduce for Ranks {
 
 /// Fails on every rank, listing each rank's value, unless `x` is the same on all.
 fn same_on_all(mpi: &mpi::Mpi, what: &str, x: u64) -> Result<()> {
-    {
-        let (r, n) = (mpi.rank, mpi.size);
-        let mut all = vec![0u64; n];
-        all[r] = x;
-        mpi.sum_u64(&mut all)?;
-        if all.iter().any(|&v| v != all[0]) {
-            let list: Vec<String> = all
-                .iter()
-                .enumerate()
-                .map(|(r, v)| format!("rank {r}: {v:016x}"))
-                .collect();
-            bail!(
-                "the ranks' {what} differ ({}): they are not training one model (started from \
+    let (r, n) = (mpi.rank, mpi.size);
+    let mut all = vec![0u64; n];
+    all[r] = x;
+    mpi.sum_u64(&mut all)?;
+    if all.iter().any(|&v| v != all[0]) {
+        let list: Vec<String> = all
+            .iter()
+            .enumerate()
+            .map(|(r, v)| format!("rank {r}: {v:016x}"))
+            .collect();
+        bail!(
+            "the ranks' {what} differ ({}): they are not training one model (started from \
                  different weights or options, or diverged); stopping (the last checkpoint is \
                  rank 0's)",
-                list.join(", ")
-            );
-        }
-        Ok(())
+            list.join(", ")
+        );
     }
+    Ok(())
+}
+
+/// Consecutive trainable parameters (indices into the store, whose order is the same on every
+/// rank) in buckets of at most `bucket` numbers (a larger parameter is a bucket of its own).
+pub fn buckets(store: &ParamStore, bucket: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut n = 0;
+    for (i, p) in store
+        .params()
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.trainable)
+    {
+        let k = p.var.elem_count();
+        match out.last_mut() {
+            Some(b) if n + k <= bucket => b.push(i),
+            _ => {
+                out.push(vec![i]);
+                n = 0;
+            }
+        }
+        n += k;
+    }
+    out
 }
 
 /// Sums every trainable parameter's gradient over the ranks through `sum` (which reduces a
-/// buffer in place), `bucket` numbers at a time, in the store's order (the same on every rank);
-/// a rank without a gradient for a parameter (no units this step) contributes zeros.
+/// host buffer in place), bucket by bucket (`buckets`); a rank without a gradient for a
+/// parameter (no units this step) contributes zeros.
 pub fn all_reduce_grads(
     store: &ParamStore,
     g: &mut Grads,
@@ -281,42 +328,24 @@ pub fn all_reduce_grads(
     sum: &mut dyn FnMut(&mut [f32]) -> Result<()>,
 ) -> Result<()> {
     let params = store.params();
-    let mut buf: Vec<f32> = Vec::with_capacity(bucket);
-    // (parameter index, its offset in `buf`) of the gradients in the current bucket.
-    let mut held: Vec<(usize, usize)> = Vec::new();
-    let flush = |buf: &mut Vec<f32>,
-                 held: &mut Vec<(usize, usize)>,
-                 g: &mut Grads,
-                 sum: &mut dyn FnMut(&mut [f32]) -> Result<()>|
-     -> Result<()> {
-        sum(buf)?;
-        for &(i, off) in held.iter() {
-            let shape = params[i].var.shape().clone();
-            let n = shape.elem_count();
-            let dev = &params[i].var.device().clone();
-            let t = Tensor::from_slice(&buf[off..off + n], shape, dev)?;
-            g.0[i] = Some(t.to_dtype(params[i].var.dtype())?);
-        }
+    let mut buf: Vec<f32> = Vec::new();
+    for b in buckets(store, bucket) {
         buf.clear();
-        held.clear();
-        Ok(())
-    };
-    for (i, p) in params.iter().enumerate() {
-        if !p.trainable {
-            continue;
+        for &i in &b {
+            match g.0[i].take() {
+                Some(t) => buf.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => buf.resize(buf.len() + params[i].var.elem_count(), 0.0),
+            }
         }
-        let n = p.var.elem_count();
-        if !buf.is_empty() && buf.len() + n > bucket {
-            flush(&mut buf, &mut held, g, sum)?;
+        sum(&mut buf)?;
+        let mut off = 0;
+        for &i in &b {
+            let v = &params[i].var;
+            let k = v.elem_count();
+            let t = Tensor::from_slice(&buf[off..off + k], v.shape(), v.device())?;
+            g.0[i] = Some(t.to_dtype(v.dtype())?);
+            off += k;
         }
-        held.push((i, buf.len()));
-        match g.0[i].take() {
-            Some(t) => buf.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-            None => buf.resize(buf.len() + n, 0.0),
-        }
-    }
-    if !held.is_empty() {
-        flush(&mut buf, &mut held, g, sum)?;
     }
     Ok(())
 }

@@ -1,27 +1,22 @@
-//! NCCL behind the engine's `Reduce`, for ranks whose tensors live on CUDA devices (the
-//! `cuda` feature): the gradients are summed on the GPUs, bucket by bucket, with
+//! NCCL for the engine's reducer (`super::Ranks`), when the ranks' tensors live on CUDA devices
+//! (the `cuda` feature): the gradients are summed on the GPUs, bucket by bucket, with
 //! `ncclAllReduce` on the device's stream (cudarc's binding, the library loaded at run time as
 //! candle's CUDA libraries are). MPI still starts the ranks, hands rank 0's NCCL id to the others,
 //! and sums the few numbers of a step (unit counts, losses, checksums) on the host.
 
 use super::mpi::Mpi;
 use crate::model::{Grads, ParamStore};
-use crate::train::engine::Reduce;
 use anyhow::{Context, Result};
 use candle_core::{CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use std::time::Instant;
 
+/// A communicator over every rank, on this rank's device stream.
 pub struct Nccl {
-    mpi: &'static Mpi,
     comm: Comm,
-    bucket: usize,
-    comm_s: f64,
 }
 
 impl Nccl {
-    /// One communicator over every rank, on `dev`'s stream.
-    pub fn new(mpi: &'static Mpi, dev: &Device, bucket_mb: f64) -> Result<Self> {
+    pub fn new(mpi: &Mpi, dev: &Device) -> Result<Self> {
         let Device::Cuda(cuda) = dev else {
             anyhow::bail!("NCCL needs a CUDA device, not {dev:?}");
         };
@@ -47,12 +42,7 @@ impl Nccl {
         let id = Id::uninit(bytes.map(|b| b as std::ffi::c_char));
         let comm = Comm::from_rank(cuda.cuda_stream(), mpi.rank, mpi.size, id)
             .map_err(|e| anyhow::anyhow!("ncclCommInitRank (rank {}): {e:?}", mpi.rank))?;
-        Ok(Self {
-            mpi,
-            comm,
-            bucket: ((bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1),
-            comm_s: 0.0,
-        })
+        Ok(Self { comm })
     }
 }
 
@@ -80,30 +70,14 @@ impl InplaceOp1 for AllReduce<'_> {
     }
 }
 
-impl Reduce for Nccl {
-    fn ranks(&self) -> usize {
-        self.mpi.size
-    }
-
-    fn sum(&mut self, xs: &mut [f64]) -> Result<()> {
-        self.mpi.sum_f64(xs)
-    }
-
-    fn grads(&mut self, store: &ParamStore, g: &mut Grads) -> Result<()> {
-        let t0 = Instant::now();
+impl Nccl {
+    /// Sums every trainable parameter's gradient over the ranks, `bucket` numbers per call
+    /// (a missing gradient counts as zeros), as `super::all_reduce_grads` does on the host.
+    pub fn all_reduce_grads(&self, store: &ParamStore, g: &mut Grads, bucket: usize) -> Result<()> {
         let params = store.params();
-        let trainable: Vec<usize> = (0..params.len()).filter(|&i| params[i].trainable).collect();
-        // Buckets of consecutive trainable parameters, each one flat buffer on the device.
-        let mut start = 0;
-        while start < trainable.len() {
-            let (mut end, mut n) = (start, 0);
-            while end < trainable.len()
-                && (n == 0 || n + params[trainable[end]].var.elem_count() <= self.bucket)
-            {
-                n += params[trainable[end]].var.elem_count();
-                end += 1;
-            }
-            let parts = trainable[start..end]
+        for b in super::buckets(store, bucket) {
+            // One flat buffer on the device per bucket.
+            let parts = b
                 .iter()
                 .map(|&i| {
                     let p = &params[i].var;
@@ -116,7 +90,7 @@ impl Reduce for Nccl {
             let flat = Tensor::cat(&parts, 0)?;
             flat.inplace_op1(&AllReduce(&self.comm))?;
             let mut off = 0;
-            for &i in &trainable[start..end] {
+            for &i in &b {
                 let p = &params[i].var;
                 let k = p.elem_count();
                 g.0[i] = Some(
@@ -126,20 +100,10 @@ impl Reduce for Nccl {
                 );
                 off += k;
             }
-            start = end;
         }
         if let Some(p) = params.first() {
             p.var.device().synchronize()?;
         }
-        self.comm_s += t0.elapsed().as_secs_f64();
         Ok(())
-    }
-
-    fn same(&mut self, what: &str, x: u64) -> Result<()> {
-        super::same_on_all(self.mpi, what, x)
-    }
-
-    fn take_comm(&mut self) -> f64 {
-        std::mem::take(&mut self.comm_s)
     }
 }

@@ -142,6 +142,10 @@ impl Forgetting {
         if ids.len() < 2 {
             bail!("{}: too short to measure perplexity on", p.display());
         }
+        if !crate::dist::world().writes() {
+            // Data-parallel ranks > 0 write no report.
+            return Ok(None);
+        }
         let before = score(&ids)?;
         Ok(Some(Self { ids, before }))
     }

@@ -293,7 +293,9 @@ pub fn reference_logps(
     }
     let t0 = std::time::Instant::now();
     let v = score_all(model, seqs, pad, 8)?;
-    cache.store(&v)?;
+    if crate::dist::world().writes() {
+        cache.store(&v)?;
+    }
     say(&format!(
         "reference log-probs: {} sequences computed in {:.1}s, cached in {}",
         v.len(),

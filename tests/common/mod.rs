@@ -173,6 +173,16 @@ pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     std::fs::write(path, text).unwrap();
 }
 
+/// n prompt/completion rows ("Qi: who?" → " Hamlet i") as `sft.jsonl` in `d`.
+pub fn tiny_sft(d: &Path, n: usize) -> PathBuf {
+    let p = d.join("sft.jsonl");
+    let rows: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"prompt": format!("Q{i}: who?"), "completion": format!(" Hamlet {i}")}))
+        .collect();
+    write_jsonl(&p, &rows);
+    p
+}
+
 /// n preference pairs with an obvious preference ("yes" over "no"), as `pairs.jsonl` in `d`.
 pub fn tiny_pairs(d: &Path, n: usize) -> PathBuf {
     let p = d.join("pairs.jsonl");

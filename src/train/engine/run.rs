@@ -253,6 +253,12 @@ pub fn run<M: Method>(
         Ok(())
     };
     check(reduce, m, &format!("at step {}", t.state.step))?;
+    if reduce.ranks() > 1 {
+        // Ranks with the same weights but other options (seed, batch) would draw overlapping
+        // shards without the weights ever telling.
+        let opts = crate::rng::fnv1a(run.config_toml.as_bytes());
+        reduce.same("options (config.toml)", opts)?;
+    }
     let mut metrics = Metrics::open_for(&run.run_dir, writer)?;
     let total = t.total_steps;
     let pb = if ctl.quiet {

@@ -31,7 +31,7 @@ use crate::generate::Sampling;
 use crate::losses::sum_f64;
 use crate::model::layers::Linear;
 use crate::model::ParamStore;
-use crate::train::engine::Method;
+use crate::train::engine::{Method, Reduce};
 use crate::train::lm::Policy;
 use crate::train::logps::Reference;
 use anyhow::{bail, Context, Result};
@@ -160,6 +160,8 @@ pub struct Online<A: Algo> {
     eos: Vec<u32>,
     pad: u32,
     rollout: Option<Rollout>,
+    /// The last rollout whose samples the data-parallel ranks compared.
+    compared: Option<u64>,
     stats: StepStats,
     pending: Vec<(&'static str, f64)>,
 }
@@ -286,6 +288,29 @@ impl<A: Algo> Method for Online<A> {
 
     fn epoch_len(&self) -> Option<usize> {
         None
+    }
+
+    /// Data-parallel ranks each sample the whole rollout and train on their rows of it: they
+    /// must have sampled and scored the same one (kernels on other hardware or thread counts
+    /// could differ), so its tokens and scores are compared once per rollout.
+    fn begin_step(&mut self, _: &[Vec<usize>], reduce: &mut dyn Reduce) -> Result<()> {
+        let Some(r) = self
+            .rollout
+            .as_ref()
+            .filter(|r| self.compared != Some(r.index))
+        else {
+            return Ok(());
+        };
+        if reduce.ranks() > 1 {
+            let mut bytes = Vec::new();
+            for (s, score) in r.seqs.iter().zip(&r.scores) {
+                bytes.extend(s.iter().flat_map(|t| t.to_le_bytes()));
+                bytes.extend(score.to_le_bytes());
+            }
+            reduce.same(&format!("rollouts {}", r.index), crate::rng::fnv1a(&bytes))?;
+        }
+        self.compared = Some(r.index);
+        Ok(())
     }
 
     /// `draws` are global: under data parallelism this rank's slice of step `draws[0] / m`.

@@ -304,6 +304,7 @@ pub fn run<A: Algo, O: Serialize>(
         eos,
         pad,
         rollout: None,
+        compared: None,
         stats: StepStats::default(),
         pending: Vec::new(),
     };
