@@ -154,12 +154,16 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
         .map(String::from)
         .to_vec()
     };
-    let (s1, s2) = (d.join("sft_one"), d.join("sft_two"));
+    let (s1, s2, s3) = (d.join("sft_one"), d.join("sft_two"), d.join("sft_two_20"));
     let a1 = sft(&s1, "4");
     success(
         one(&a1.iter().map(String::as_str).collect::<Vec<_>>()),
         "sft 1 rank",
     );
+    let a3 = sft(&s3, "2");
+    let a3: Vec<&str> = a3.iter().map(String::as_str).collect();
+    success(mpirun(2, &a3).output().unwrap(), "sft 2 ranks, 20 steps");
+    same_curve(&losses(&s3), &losses(&s1), "sft 2 ranks");
     let mut a2 = sft(&s2, "2");
     a2.extend(["--stop-at-step", "10"].map(String::from));
     let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
