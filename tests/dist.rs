@@ -29,6 +29,16 @@ fn have_mpirun() -> bool {
     found
 }
 
+/// A fresh directory with a small corpus in it, or None (skipped) without mpirun.
+fn start(name: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    if !have_mpirun() {
+        return None;
+    }
+    let d = tmpdir(name);
+    let corpus = small_corpus(&d, 40_000);
+    Some((d, corpus))
+}
+
 /// `mpirun -np N lmforge ARGS` over loopback TCP, one thread per rank.
 fn mpirun(n: usize, args: &[&str]) -> Command {
     let mut c = Command::new("mpirun");
@@ -109,11 +119,9 @@ fn pretrain_args<'a>(corpus: &'a str, out: &'a str, batch: &'a str) -> Vec<&'a s
 
 #[test]
 fn two_ranks_train_as_one_process_with_twice_the_batch() {
-    if !have_mpirun() {
+    let Some((d, corpus)) = start("dist_same") else {
         return;
-    }
-    let d = tmpdir("dist_same");
-    let corpus = small_corpus(&d, 40_000);
+    };
     let c = corpus.to_str().unwrap();
     let (r1, r2) = (d.join("one"), d.join("two"));
     success(one(&pretrain_args(c, r1.to_str().unwrap(), "4")), "1 rank");
@@ -184,11 +192,9 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
 
 #[test]
 fn a_killed_rank_ends_the_job_and_leaves_an_intact_checkpoint() {
-    if !have_mpirun() {
+    let Some((d, corpus)) = start("dist_kill") else {
         return;
-    }
-    let d = tmpdir("dist_kill");
-    let corpus = small_corpus(&d, 40_000);
+    };
     let run = d.join("run");
     let mut args = pretrain_args(corpus.to_str().unwrap(), run.to_str().unwrap(), "2");
     let at = args.iter().position(|a| *a == "20").unwrap();
@@ -248,11 +254,9 @@ fn a_killed_rank_ends_the_job_and_leaves_an_intact_checkpoint() {
 
 #[test]
 fn ranks_with_different_weights_are_stopped() {
-    if !have_mpirun() {
+    let Some((d, corpus)) = start("dist_diverge") else {
         return;
-    }
-    let d = tmpdir("dist_diverge");
-    let corpus = small_corpus(&d, 40_000);
+    };
     let run = d.join("run");
     let args = pretrain_args(corpus.to_str().unwrap(), run.to_str().unwrap(), "2");
     // MPMD: rank 1 initialises with another seed.
