@@ -2,7 +2,8 @@
 # Data-parallel scaling on this machine (docs/distributed.md): the same pre-training steps as
 # 1 rank × batch 2b and as 2 ranks × batch b (mpirun, one thread per rank), alternating, ROUNDS
 # times; then the median tokens/s of each, and for 2 ranks the median seconds of a step's
-# gradient all-reduce over shared memory (Open MPI's vader) and over loopback TCP.
+# gradient all-reduce (packing included, and inside MPI alone) over shared memory (Open MPI's
+# vader) and over loopback TCP.
 #
 #   scripts/scaling.sh [BIN] [ROUNDS]     (BIN: target/release/lmforge; WORK: /tmp/lmf_scaling)
 set -euo pipefail
@@ -36,7 +37,7 @@ PY
 }
 for r in $(seq "$ROUNDS"); do
     one; echo "round $r 1x1 tokens_per_s $(med "$WORK/one" tokens_per_s)"
-    two; echo "round $r 2x1-shm tokens_per_s $(med "$WORK/two" tokens_per_s) allreduce_s $(med "$WORK/two" allreduce_s)"
+    two; echo "round $r 2x1-shm tokens_per_s $(med "$WORK/two" tokens_per_s) allreduce_s $(med "$WORK/two" allreduce_s) in_mpi_s $(med "$WORK/two" allreduce_transport_s)"
     two --mca btl self,tcp --mca btl_tcp_if_include lo
-    echo "round $r 2x1-tcp tokens_per_s $(med "$WORK/two" tokens_per_s) allreduce_s $(med "$WORK/two" allreduce_s)"
+    echo "round $r 2x1-tcp tokens_per_s $(med "$WORK/two" tokens_per_s) allreduce_s $(med "$WORK/two" allreduce_s) in_mpi_s $(med "$WORK/two" allreduce_transport_s)"
 done

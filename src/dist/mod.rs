@@ -223,8 +223,9 @@ pub fn checksum(store: &ParamStore) -> Result<u64> {
 pub struct Ranks {
     mpi: &'static mpi::Mpi,
     bucket: usize,
-    /// Seconds spent in gradient all-reduces since the last `take_comm`.
+    /// Seconds spent in gradient all-reduces since the last `take_comm`, and of those in MPI.
     comm_s: f64,
+    mpi_s: f64,
     #[cfg(feature = "cuda")]
     nccl: Option<nccl::Nccl>,
 }
@@ -235,6 +236,7 @@ impl Ranks {
             mpi,
             bucket: ((bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1),
             comm_s: 0.0,
+            mpi_s: 0.0,
             #[cfg(feature = "cuda")]
             nccl: None,
         }
@@ -258,7 +260,13 @@ impl Reduce for Ranks {
             self.comm_s += t0.elapsed().as_secs_f64();
             return Ok(());
         }
-        all_reduce_grads(store, g, self.bucket, &mut |buf| self.mpi.sum_f32(buf))?;
+        let (mpi, mpi_s) = (self.mpi, &mut self.mpi_s);
+        all_reduce_grads(store, g, self.bucket, &mut |buf| {
+            let t = Instant::now();
+            let r = mpi.sum_f32(buf);
+            *mpi_s += t.elapsed().as_secs_f64();
+            r
+        })?;
         self.comm_s += t0.elapsed().as_secs_f64();
         Ok(())
     }
@@ -267,8 +275,11 @@ impl Reduce for Ranks {
         same_on_all(self.mpi, what, x)
     }
 
-    fn take_comm(&mut self) -> f64 {
-        std::mem::take(&mut self.comm_s)
+    fn take_comm(&mut self) -> (f64, f64) {
+        let c = std::mem::take(&mut self.comm_s);
+        let m = std::mem::take(&mut self.mpi_s);
+        // NCCL's calls are not timed apart (they are asynchronous on the stream).
+        (c, if m > 0.0 { m } else { c })
     }
 }
 
@@ -328,22 +339,32 @@ pub fn all_reduce_grads(
     sum: &mut dyn FnMut(&mut [f32]) -> Result<()>,
 ) -> Result<()> {
     let params = store.params();
-    let mut buf: Vec<f32> = Vec::new();
     for b in buckets(store, bucket) {
-        buf.clear();
+        let n: usize = b.iter().map(|&i| params[i].var.elem_count()).sum();
+        let mut buf: Vec<f32> = Vec::with_capacity(n);
         for &i in &b {
             match g.0[i].take() {
+                // Stored gradients are contiguous (vendor/README.md): copied once, in place.
+                Some(t) if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() => {
+                    crate::kernels::with_slice(&t, |v| {
+                        buf.extend_from_slice(v);
+                        Ok(())
+                    })?
+                }
                 Some(t) => buf.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
                 None => buf.resize(buf.len() + params[i].var.elem_count(), 0.0),
             }
         }
         sum(&mut buf)?;
+        // The summed bucket becomes one tensor without a copy; the gradients are views of it
+        // (contiguous, never written in place: vendor/README.md).
+        let flat = Tensor::from_vec(buf, n, &candle_core::Device::Cpu)?;
         let mut off = 0;
         for &i in &b {
             let v = &params[i].var;
             let k = v.elem_count();
-            let t = Tensor::from_slice(&buf[off..off + k], v.shape(), v.device())?;
-            g.0[i] = Some(t.to_dtype(v.dtype())?);
+            let t = flat.narrow(0, off, k)?.reshape(v.shape())?;
+            g.0[i] = Some(t.to_device(v.device())?.to_dtype(v.dtype())?);
             off += k;
         }
     }

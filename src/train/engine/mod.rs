@@ -112,9 +112,10 @@ pub trait Reduce {
     fn same(&mut self, _what: &str, _x: u64) -> Result<()> {
         Ok(())
     }
-    /// Seconds spent exchanging gradients since the last call.
-    fn take_comm(&mut self) -> f64 {
-        0.0
+    /// Seconds spent exchanging gradients since the last call: in all (packing buffers
+    /// included), and inside the transport's calls.
+    fn take_comm(&mut self) -> (f64, f64) {
+        (0.0, 0.0)
     }
 }
 

@@ -308,7 +308,7 @@ pub fn run<M: Method>(
         let step = t.state.step;
         t.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         times.push(s.seconds);
-        let comm = reduce.take_comm();
+        let (comm, transport) = reduce.take_comm();
         comm_times.push(comm);
         let tps = s.tokens as f64 / s.seconds.max(1e-9);
         out.losses.push((step, s.loss));
@@ -322,6 +322,7 @@ pub fn run<M: Method>(
         if world.size > 1 {
             line["ranks"] = json!(world.size);
             line["allreduce_s"] = json!(comm);
+            line["allreduce_transport_s"] = json!(transport);
         }
         metrics.line(&line)?;
         if s.skipped && s.units > 0 {
