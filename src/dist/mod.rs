@@ -9,8 +9,9 @@
 //! so N ranks × batch b is the step of one process with batch N·b (the same examples, the same
 //! sum over units; only the order of the floating-point additions differs), and `--resume` with
 //! another N re-shards the same global order. Rank 0 writes the run (checkpoints, metrics,
-//! outputs); the others write only `RUN/logs/rank-R.log`. Parameters are compared across ranks
-//! by checksum at the start and every `train.dist_check_every` steps.
+//! outputs); the others write only `RUN/logs/rank-R.log`. Weights are compared across ranks by
+//! checksum at the start, at checkpoints and every `train.dist_check_every` steps, the options
+//! at the start.
 //!
 //! A rank that fails calls `MPI_Abort`, and `mpirun` ends the others (a killed rank: mpirun
 //! names it); nobody waits on a dead peer. Without `mpirun` nothing here runs and no MPI
@@ -96,10 +97,6 @@ impl World {
     /// Rank 0: the one that writes the run.
     pub fn writes(&self) -> bool {
         self.rank == 0
-    }
-
-    pub fn mpi(&self) -> Option<&mpi::Mpi> {
-        self.mpi.as_ref()
     }
 
     /// The engine's reducer for this world: NCCL when the weights are on a CUDA device (the
