@@ -33,6 +33,7 @@ pub mod rlaif;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;
+pub mod view;
 
 /// Picks the compute device from a `--device` flag: `cpu`, `cuda` or `cuda:N`.
 pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {

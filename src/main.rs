@@ -83,6 +83,9 @@ enum Cmd {
     Bench(BenchCli),
     /// Line charts (PNG) of a run's metrics.jsonl: one panel per --metric, by step.
     Plot(PlotArgs),
+    /// A run's report as a self-contained HTML page and PNGs: every logged curve (several runs
+    /// overlaid with --compare), its recipe, its evaluation tables.
+    Report(lmforge::view::report::ReportArgs),
     /// Evaluate on tasks without weight updates: zero/one/few-shot multiple choice by
     /// log-likelihood, generation (exact match, F1, BLEU, chrF, ROUGE-L), rolling perplexity,
     /// classifier heads, the bias probe; --baseline for a forgetting table.
@@ -437,6 +440,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 m.store.num_params() as f64 / 1e6,
                 t.elapsed().as_secs_f64()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report(a) => {
+            let page = lmforge::view::report::write(&a)?;
+            eprintln!("wrote {}", page.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Plot(a) => {

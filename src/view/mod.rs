@@ -1,0 +1,3 @@
+//! Looking at runs: reports of their metrics, evaluations and recipes (`report`).
+
+pub mod report;

@@ -1,0 +1,504 @@
+//! Run reports (`lmforge report RUN [--compare RUN…] --out DIR`): one self-contained HTML page
+//! (inline SVG, no script, no font or stylesheet fetched: it opens with no network) and one PNG
+//! per curve. Every numeric metric a run logged per step becomes a panel — loss, validation
+//! loss/perplexity, learning rate, gradient norm, tokens/s, memory, and whatever its method adds
+//! (DPO's rewards and margins, PPO's KL, …) — with every run overlaid; then each run's resolved
+//! recipe (`config.toml`), its summary line, and its evaluation tables (`RUN/eval_suite`, or
+//! `eval` output directories given with `--eval`).
+//!
+//! Long runs stay light: a curve keeps its ends and the lowest and the highest point of each of
+//! `BUCKETS` slices of its steps (spikes survive, 10⁶ steps become ≤ 2,002 points). What is drawn is also
+//! embedded as JSON (`<script type="application/json" id="lmforge-report">`), so tools and tests
+//! read the plotted data back.
+
+use crate::plot::Series;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Slices per curve when downsampling (two points each, and the first and last points).
+pub const BUCKETS: usize = 1000;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// A run directory (with metrics.jsonl).
+    pub run: PathBuf,
+    /// More runs to overlay on the same panels (repeatable).
+    #[arg(long = "compare")]
+    pub compare: Vec<PathBuf>,
+    /// `lmforge eval` output directories (results.json) to tabulate too (repeatable).
+    #[arg(long = "eval")]
+    pub eval: Vec<PathBuf>,
+    /// The report directory: index.html and one PNG per panel.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an earlier report in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// Keys that are not curves (counters, flags) or that come first, in this order.
+const NOT_CURVES: [&str; 7] = [
+    "step",
+    "epoch",
+    "units",
+    "tokens",
+    "elapsed_s",
+    "ranks",
+    "skipped",
+];
+const FIRST: [&str; 11] = [
+    "loss",
+    "val_loss",
+    "eval_loss",
+    "val_ppl",
+    "val_bits_per_byte",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "step_s",
+    "peak_rss_mib",
+    "allreduce_s",
+];
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
+
+/// One run as the report sees it.
+pub struct Run {
+    pub name: String,
+    pub dir: PathBuf,
+    /// Lines of metrics.jsonl that belong to a step.
+    pub steps: Vec<Value>,
+    /// The summary line(s) (`"summary": true`, forgetting).
+    pub summary: Vec<Value>,
+    pub config: Option<String>,
+    /// (label, results.json) of its evaluations.
+    pub evals: Vec<(String, Value)>,
+}
+
+impl Run {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let text = crate::input::read_text(&path, crate::input::MAX_FILE_BYTES)?;
+        let (mut steps, mut summary) = (Vec::new(), Vec::new());
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            match v.get("step").and_then(Value::as_f64) {
+                Some(_) => steps.push(v),
+                None => summary.push(v),
+            }
+        }
+        let cfg = dir.join("config.toml");
+        let config = match cfg.is_file() {
+            true => Some(crate::input::read_text(
+                &cfg,
+                crate::input::MAX_CONFIG_BYTES,
+            )?),
+            false => None,
+        };
+        let mut evals = Vec::new();
+        let suite = dir.join("eval_suite");
+        if suite.join("results.json").is_file() {
+            evals.push(("eval suite".to_string(), read_results(&suite)?));
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Self {
+            name,
+            dir: dir.to_path_buf(),
+            steps,
+            summary,
+            config,
+            evals,
+        })
+    }
+}
+
+fn read_results(dir: &Path) -> Result<Value> {
+    let p = dir.join("results.json");
+    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES)?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))
+}
+
+/// The first and last points, and the lowest and the highest point of each of `buckets`
+/// consecutive slices, in step order.
+pub fn downsample(points: &[(f64, f64)], buckets: usize) -> Vec<(f64, f64)> {
+    let n = points.len();
+    if n <= 2 * buckets {
+        return points.to_vec();
+    }
+    let mut out = Vec::with_capacity(2 * buckets + 2);
+    out.push(points[0]);
+    for b in 0..buckets {
+        let s = &points[b * n / buckets..(b + 1) * n / buckets];
+        let lo = s
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1 .1.total_cmp(&b.1 .1));
+        let hi = s
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1 .1.total_cmp(&b.1 .1));
+        if let (Some((i, &p)), Some((j, &q))) = (lo, hi) {
+            match i.cmp(&j) {
+                std::cmp::Ordering::Less => out.extend([p, q]),
+                std::cmp::Ordering::Greater => out.extend([q, p]),
+                std::cmp::Ordering::Equal => out.push(p),
+            }
+        }
+    }
+    out.push(points[n - 1]);
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
+/// Panels (metric, one series per run), `FIRST` metrics first, then the rest by name.
+pub fn panels(runs: &[Run]) -> Vec<(String, Vec<Series>)> {
+    let mut keys: Vec<String> = Vec::new();
+    for r in runs {
+        for v in &r.steps {
+            for (k, x) in v.as_object().into_iter().flatten() {
+                if x.as_f64().is_some_and(f64::is_finite)
+                    && !NOT_CURVES.contains(&k.as_str())
+                    && !keys.contains(k)
+                {
+                    keys.push(k.clone());
+                }
+            }
+        }
+    }
+    let rank = |k: &String| FIRST.iter().position(|f| f == k).unwrap_or(FIRST.len());
+    keys.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    keys.into_iter()
+        .map(|k| {
+            let series = runs
+                .iter()
+                .map(|r| {
+                    let pts: Vec<(f64, f64)> = r
+                        .steps
+                        .iter()
+                        .filter_map(|v| Some((v["step"].as_f64()?, v.get(&k)?.as_f64()?)))
+                        .filter(|p| p.1.is_finite())
+                        .collect();
+                    Series {
+                        name: r.name.clone(),
+                        points: downsample(&pts, BUCKETS),
+                    }
+                })
+                .collect();
+            (k, series)
+        })
+        .collect()
+}
+
+/// Writes the report of `a.run` (and `a.compare`) into `a.out`.
+pub fn write(a: &ReportArgs) -> Result<PathBuf> {
+    crate::outdir::check(
+        &a.out,
+        crate::outdir::Claim {
+            kind: "report",
+            overwrite: a.overwrite,
+            resumable: false,
+        },
+    )?;
+    let mut runs = Vec::new();
+    for d in std::iter::once(&a.run).chain(&a.compare) {
+        runs.push(Run::load(d)?);
+    }
+    // Two runs called alike (a/run, b/run) are told apart by their paths.
+    for i in 0..runs.len() {
+        if runs.iter().filter(|r| r.name == runs[i].name).count() > 1 {
+            runs[i].name = runs[i].dir.display().to_string();
+        }
+    }
+    let mut evals = Vec::new();
+    for d in &a.eval {
+        evals.push((d.display().to_string(), read_results(d)?));
+    }
+    let panels = panels(&runs);
+    if panels.is_empty() {
+        bail!(
+            "{}: no step of the run has a numeric metric",
+            a.run.display()
+        );
+    }
+    let html = page(&runs, &panels, &evals);
+    crate::outdir::write_output(&a.out, "report", |dir| {
+        crate::fsutil::write_file(&dir.join("index.html"), html.as_bytes())?;
+        for (i, (k, series)) in panels.iter().enumerate() {
+            let drawn: Vec<Series> = series
+                .iter()
+                .filter(|s| !s.points.is_empty())
+                .cloned()
+                .collect();
+            crate::plot::chart(&[(k.clone(), drawn)], "step", &dir.join(png_name(i, k)))?;
+        }
+        Ok(())
+    })?;
+    Ok(a.out.join("index.html"))
+}
+
+fn png_name(i: usize, key: &str) -> String {
+    let k: String = key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{i:02}-{k}.png")
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The page: legend, panels, embedded data, summaries, recipes, evaluation tables.
+fn page(runs: &[Run], panels: &[(String, Vec<Series>)], evals: &[(String, Value)]) -> String {
+    let title = runs
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect::<Vec<_>>()
+        .join(" vs ");
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lmforge report: {}</title>\n\
+         <style>body{{font:14px sans-serif;margin:24px;max-width:900px}}pre{{background:#f6f6f6;\
+         padding:8px;overflow-x:auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;\
+         padding:2px 8px;text-align:right}}th:first-child,td:first-child{{text-align:left}}</style>\n\
+         </head><body>\n<h1>{}</h1>\n<p>",
+        esc(&title),
+        esc(&title)
+    );
+    for (i, r) in runs.iter().enumerate() {
+        let _ = write!(
+            h,
+            "<span style=\"color:{}\">&#9632; {}</span> ({} steps logged) &nbsp; ",
+            COLORS[i % COLORS.len()],
+            esc(&r.name),
+            r.steps.iter().filter(|v| v.get("loss").is_some()).count()
+        );
+    }
+    h.push_str("</p>\n");
+    for (k, series) in panels {
+        h.push_str(&svg(k, series));
+    }
+    let data = json!({
+        "runs": runs.iter().map(|r| json!({"name": r.name, "dir": r.dir.display().to_string()})).collect::<Vec<_>>(),
+        "panels": panels.iter().map(|(k, s)| json!({"metric": k,
+            "series": s.iter().map(|s| json!({"run": s.name, "points": s.points})).collect::<Vec<_>>()}))
+            .collect::<Vec<_>>(),
+    });
+    let _ = writeln!(
+        h,
+        "<script type=\"application/json\" id=\"lmforge-report\">{}</script>",
+        data.to_string().replace("</", "<\\/")
+    );
+    for r in runs {
+        let _ = writeln!(h, "<h2>{}</h2>", esc(&r.name));
+        for s in &r.summary {
+            let _ = writeln!(h, "<p>summary: <code>{}</code></p>", esc(&s.to_string()));
+        }
+        for (label, res) in &r.evals {
+            h.push_str(&eval_table(label, res));
+        }
+        if let Some(c) = &r.config {
+            let _ = writeln!(
+                h,
+                "<details><summary>recipe (config.toml)</summary><pre>{}</pre></details>",
+                esc(c)
+            );
+        }
+    }
+    for (label, res) in evals {
+        h.push_str(&eval_table(label, res));
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+/// A table of one `results.json`: a row per task, shots and metric; columns the model and, when
+/// the file has one, its baseline and the change.
+fn eval_table(label: &str, res: &Value) -> String {
+    let base = res.get("baseline");
+    let mut h = format!(
+        "<h3>evaluation: {}</h3>\n<table><tr><th>task</th><th>metric</th><th>{}</th>",
+        esc(label),
+        esc(res["model"].as_str().unwrap_or("model"))
+    );
+    if base.is_some() {
+        h.push_str("<th>baseline</th><th>change</th>");
+    }
+    h.push_str("</tr>\n");
+    let empty = serde_json::Map::new();
+    let per = res["results"].as_object().unwrap_or(&empty);
+    for (task, r) in per {
+        for (m, v) in r["metrics"].as_object().unwrap_or(&empty) {
+            let Some(x) = v.as_f64().filter(|_| !m.ends_with("_stderr")) else {
+                continue;
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{x:.4}</td>",
+                esc(task),
+                esc(m)
+            );
+            if let Some(b) = base {
+                match b["results"][task.as_str()]["metrics"][m.as_str()].as_f64() {
+                    Some(y) => {
+                        let _ = write!(h, "<td>{y:.4}</td><td>{:+.4}</td>", x - y);
+                    }
+                    None => h.push_str("<td></td><td></td>"),
+                }
+            }
+            h.push_str("</tr>\n");
+        }
+    }
+    h.push_str("</table>\n");
+    h
+}
+
+/// One panel as inline SVG: axes with rounded ticks, a polyline per run.
+fn svg(title: &str, series: &[Series]) -> String {
+    const W: f64 = 860.0;
+    const H: f64 = 220.0;
+    const L: f64 = 70.0;
+    const R: f64 = 16.0;
+    const T: f64 = 24.0;
+    const B: f64 = 30.0;
+    let pts = || series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts() {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        return String::new();
+    }
+    if x1 == x0 {
+        x1 = x0 + 1.0;
+    }
+    if y1 == y0 {
+        (y0, y1) = (y0 - 0.5, y1 + 0.5);
+    }
+    let pad = (y1 - y0) * 0.05;
+    (y0, y1) = (y0 - pad, y1 + pad);
+    let sx = |x: f64| L + (x - x0) / (x1 - x0) * (W - L - R);
+    let sy = |y: f64| T + (y1 - y) / (y1 - y0) * (H - T - B);
+    let mut h = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" role=\"img\" \
+         aria-label=\"{t}\"><text x=\"{L}\" y=\"16\" font-weight=\"bold\">{t}</text>\
+         <rect x=\"{L}\" y=\"{T}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>",
+        W - L - R,
+        H - T - B,
+        t = esc(title)
+    );
+    for v in ticks(y0, y1) {
+        let y = sy(v);
+        let _ = write!(
+            h,
+            "<line x1=\"{L}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/>\
+             <text x=\"{}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{}</text>",
+            W - R,
+            L - 4.0,
+            y + 4.0,
+            label(v)
+        );
+    }
+    for v in ticks(x0, x1) {
+        let x = sx(v);
+        let _ = write!(
+            h,
+            "<text x=\"{x:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{}</text>",
+            H - B + 16.0,
+            label(v)
+        );
+    }
+    for (i, s) in series
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.points.is_empty())
+    {
+        let path: Vec<String> = s
+            .points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = write!(
+            h,
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            COLORS[i % COLORS.len()],
+            path.join(" ")
+        );
+    }
+    h.push_str("</svg>\n");
+    h
+}
+
+/// About five round values (1, 2 or 5 × 10^k apart) within [lo, hi].
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let raw = (hi - lo) / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let mut v = (lo / step).ceil() * step;
+    let mut out = Vec::new();
+    while v <= hi && out.len() < 12 {
+        out.push(v);
+        v += step;
+    }
+    out
+}
+
+fn label(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-3..1e5).contains(&a) {
+        format!("{v:.1e}")
+    } else {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downsampling_keeps_the_extremes_of_every_slice() {
+        let pts: Vec<(f64, f64)> = (0..1_000_000)
+            .map(|i| (i as f64, if i == 654_321 { 99.0 } else { (i % 7) as f64 }))
+            .collect();
+        let d = downsample(&pts, BUCKETS);
+        assert!(d.len() <= 2 * BUCKETS + 2, "{}", d.len());
+        assert_eq!((d[0], d[d.len() - 1]), (pts[0], pts[pts.len() - 1]));
+        assert!(d.contains(&(654_321.0, 99.0)), "the spike survives");
+        assert!(d.windows(2).all(|w| w[0].0 < w[1].0), "in step order");
+        let short: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, i as f64)).collect();
+        assert_eq!(downsample(&short, BUCKETS), short);
+    }
+
+    #[test]
+    fn ticks_are_round_and_inside() {
+        assert_eq!(ticks(0.0, 10.0), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+        let t = ticks(2.31, 2.77);
+        assert!(
+            t.iter().all(|v| (2.31..=2.77).contains(v)) && t.len() >= 3,
+            "{t:?}"
+        );
+        assert_eq!(label(0.5), "0.5");
+        assert_eq!(label(3e-5), "3.0e-5");
+    }
+}

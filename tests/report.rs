@@ -1,0 +1,198 @@
+//! `lmforge report`: the page opens with no network (nothing fetched), the curves it draws are
+//! the metrics (read back from the embedded JSON), runs overlay, evaluation tables and recipes
+//! are there, a long run is downsampled with its spikes kept, bad input is named.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// The data embedded in a report page.
+fn embedded(html: &str) -> Value {
+    let open = "<script type=\"application/json\" id=\"lmforge-report\">";
+    let start = html.find(open).expect("embedded data") + open.len();
+    let end = start + html[start..].find("</script>").unwrap();
+    serde_json::from_str(&html[start..end].replace("<\\/", "</")).unwrap()
+}
+
+/// (step, value) of `key` in a run's metrics.
+fn curve(run: &Path, key: &str) -> Vec<(f64, f64)> {
+    metrics(run)
+        .iter()
+        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(key)?.as_f64()?)))
+        .collect()
+}
+
+fn points(data: &Value, metric: &str, run: &str) -> Vec<(f64, f64)> {
+    let p = data["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["metric"] == metric)
+        .unwrap_or_else(|| panic!("no panel {metric}"));
+    let s = p["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["run"] == run)
+        .unwrap();
+    serde_json::from_value(s["points"].clone()).unwrap()
+}
+
+#[test]
+fn a_report_shows_the_runs_metrics_and_needs_no_network() {
+    let d = tmpdir("report");
+    let corpus = small_corpus(&d, 20_000);
+    let train = |name: &str, lr: &str| {
+        let out = d.join(name);
+        ok(&[
+            "pretrain",
+            "--data",
+            corpus.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--max-steps",
+            "12",
+            "--lr",
+            lr,
+            "--eval-every",
+            "4",
+            "--set",
+            "model.d_model=32",
+            "--set",
+            "model.n_layer=1",
+            "--set",
+            "model.n_head=2",
+            "--set",
+            "model.ctx=32",
+            "--set",
+            "data.seq_len=32",
+            "--set",
+            "tokenizer.vocab_size=300",
+        ]);
+        out
+    };
+    let (a, b) = (train("fast", "3e-3"), train("slow", "1e-3"));
+    // A results.json as `lmforge eval --baseline` writes it.
+    let ev = d.join("eval");
+    std::fs::create_dir_all(&ev).unwrap();
+    let res = json!({"model": "fast/model", "results": {"arith|0-shot": {"metrics": {"acc": 0.75, "acc_stderr": 0.1}}},
+        "baseline": {"results": {"arith|0-shot": {"metrics": {"acc": 0.5}}}}});
+    std::fs::write(ev.join("results.json"), res.to_string()).unwrap();
+    let out = d.join("report");
+    ok(&[
+        "report",
+        a.to_str().unwrap(),
+        "--compare",
+        b.to_str().unwrap(),
+        "--eval",
+        ev.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    for fetch in ["src=", "href=", "@import", "url(", "<link"] {
+        assert!(
+            !html.contains(fetch),
+            "the page would fetch something: {fetch}"
+        );
+    }
+    let data = embedded(&html);
+    let metrics: Vec<&str> = data["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metric"].as_str().unwrap())
+        .collect();
+    assert_eq!(&metrics[..2], &["loss", "val_loss"], "{metrics:?}");
+    for m in ["lr", "grad_norm", "tokens_per_s", "peak_rss_mib", "val_ppl"] {
+        assert!(metrics.contains(&m), "{m} missing from {metrics:?}");
+    }
+    // What is drawn is what the runs logged.
+    for (run, name) in [(&a, "fast"), (&b, "slow")] {
+        for m in ["loss", "val_loss", "lr"] {
+            assert_eq!(points(&data, m, name), curve(run, m), "{name} {m}");
+        }
+    }
+    assert_eq!(points(&data, "val_loss", "fast").len(), 3);
+    let pngs = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
+    assert_eq!(pngs, metrics.len());
+    assert!(html.contains("<polyline") && html.contains("recipe (config.toml)"));
+    assert!(html.contains("arith|0-shot") && html.contains("0.7500") && html.contains("+0.2500"));
+    // Again into the same directory: only with --overwrite.
+    let err = fails(&[
+        "report",
+        a.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--overwrite"), "{err}");
+}
+
+#[test]
+fn a_long_run_is_downsampled_with_its_spikes_and_bad_input_is_named() {
+    let d = tmpdir("report_long");
+    let run = d.join("long");
+    std::fs::create_dir_all(&run).unwrap();
+    let mut text = String::new();
+    for s in 1..=200_000u64 {
+        let loss = if s == 123_457 {
+            50.0
+        } else {
+            2.0 + (s % 10) as f64 * 0.01
+        };
+        text.push_str(&format!(
+            "{{\"step\":{s},\"loss\":{loss},\"rewards/margins\":{}}}\n",
+            s as f64 * 1e-5
+        ));
+    }
+    text.push_str("{\"summary\":true,\"steps\":200000}\n");
+    std::fs::write(run.join("metrics.jsonl"), text).unwrap();
+    let out = d.join("report");
+    ok(&[
+        "report",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let data = embedded(&std::fs::read_to_string(out.join("index.html")).unwrap());
+    let loss = points(&data, "loss", "long");
+    assert!(
+        loss.len() <= 2 * lmforge::view::report::BUCKETS + 2,
+        "{}",
+        loss.len()
+    );
+    assert!(loss.contains(&(123_457.0, 50.0)), "the spike is drawn");
+    assert_eq!((loss[0].0, loss[loss.len() - 1].0), (1.0, 200_000.0));
+    assert!(points(&data, "rewards/margins", "long").len() > 100);
+
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        "{\"step\":1,\"loss\":2}\nnot json\n",
+    )
+    .unwrap();
+    let err = fails(&[
+        "report",
+        run.to_str().unwrap(),
+        "--out",
+        d.join("r2").to_str().unwrap(),
+    ]);
+    assert!(err.contains("metrics.jsonl:2"), "{err}");
+    let err = fails(&[
+        "report",
+        d.join("nothing").to_str().unwrap(),
+        "--out",
+        d.join("r3").to_str().unwrap(),
+    ]);
+    assert!(err.contains("metrics.jsonl"), "{err}");
+}
