@@ -69,30 +69,53 @@ const COLORS: [&str; 6] = [
 pub struct Run {
     pub name: String,
     pub dir: PathBuf,
-    /// Lines of metrics.jsonl that belong to a step.
-    pub steps: Vec<Value>,
-    /// The summary line(s) (`"summary": true`, forgetting).
+    /// Per metric, in the order first logged: (step, value) of every step line that has it.
+    pub curves: Vec<(String, Vec<(f64, f64)>)>,
+    /// Training steps logged (lines with a loss).
+    pub train_steps: usize,
+    /// Lines without a step (the summary, forgetting), the first `MAX_SUMMARY`.
     pub summary: Vec<Value>,
     pub config: Option<String>,
     /// (label, results.json) of its evaluations.
     pub evals: Vec<(String, Value)>,
 }
 
+const MAX_SUMMARY: usize = 16;
+
 impl Run {
+    /// Reads `dir/metrics.jsonl` line by line, keeping only numbers (a 10⁶-step run holds
+    /// 16 bytes per logged value, not a JSON tree per line).
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
-        let text = crate::input::read_text(&path, crate::input::MAX_FILE_BYTES)?;
-        let (mut steps, mut summary) = (Vec::new(), Vec::new());
-        for (i, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-            match v.get("step").and_then(Value::as_f64) {
-                Some(_) => steps.push(v),
-                None => summary.push(v),
+        let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        let (mut train_steps, mut summary) = (0, Vec::new());
+        for line in crate::input::lines(&path)? {
+            let (i, line) = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{i}: invalid JSON", path.display()))?;
+            let Some(step) = v.get("step").and_then(Value::as_f64) else {
+                if summary.len() < MAX_SUMMARY {
+                    summary.push(v);
+                }
+                continue;
+            };
+            train_steps += usize::from(v.get("loss").is_some());
+            for (k, x) in v.as_object().into_iter().flatten() {
+                let Some(y) = x.as_f64().filter(|y| y.is_finite()) else {
+                    continue;
+                };
+                if NOT_CURVES.contains(&k.as_str()) {
+                    continue;
+                }
+                let at = *index.entry(k.clone()).or_insert_with(|| {
+                    curves.push((k.clone(), Vec::new()));
+                    curves.len() - 1
+                });
+                curves[at].1.push((step, y));
             }
         }
         let cfg = dir.join("config.toml");
@@ -115,7 +138,8 @@ impl Run {
         Ok(Self {
             name,
             dir: dir.to_path_buf(),
-            steps,
+            curves,
+            train_steps,
             summary,
             config,
             evals,
@@ -163,17 +187,10 @@ pub fn downsample(points: &[(f64, f64)], buckets: usize) -> Vec<(f64, f64)> {
 
 /// Panels (metric, one series per run), `FIRST` metrics first, then the rest by name.
 pub fn panels(runs: &[Run]) -> Vec<(String, Vec<Series>)> {
-    let mut keys: Vec<String> = Vec::new();
-    for r in runs {
-        for v in &r.steps {
-            for (k, x) in v.as_object().into_iter().flatten() {
-                if x.as_f64().is_some_and(f64::is_finite)
-                    && !NOT_CURVES.contains(&k.as_str())
-                    && !keys.contains(k)
-                {
-                    keys.push(k.clone());
-                }
-            }
+    let mut keys: Vec<&String> = Vec::new();
+    for (k, _) in runs.iter().flat_map(|r| &r.curves) {
+        if !keys.contains(&k) {
+            keys.push(k);
         }
     }
     let rank = |k: &String| FIRST.iter().position(|f| f == k).unwrap_or(FIRST.len());
@@ -182,20 +199,17 @@ pub fn panels(runs: &[Run]) -> Vec<(String, Vec<Series>)> {
         .map(|k| {
             let series = runs
                 .iter()
-                .map(|r| {
-                    let pts: Vec<(f64, f64)> = r
-                        .steps
+                .map(|r| Series {
+                    name: r.name.clone(),
+                    points: r
+                        .curves
                         .iter()
-                        .filter_map(|v| Some((v["step"].as_f64()?, v.get(&k)?.as_f64()?)))
-                        .filter(|p| p.1.is_finite())
-                        .collect();
-                    Series {
-                        name: r.name.clone(),
-                        points: downsample(&pts, BUCKETS),
-                    }
+                        .find(|(n, _)| n == k)
+                        .map(|(_, p)| downsample(p, BUCKETS))
+                        .unwrap_or_default(),
                 })
                 .collect();
-            (k, series)
+            (k.clone(), series)
         })
         .collect()
 }
@@ -286,7 +300,7 @@ fn page(runs: &[Run], panels: &[(String, Vec<Series>)], evals: &[(String, Value)
             "<span style=\"color:{}\">&#9632; {}</span> ({} steps logged) &nbsp; ",
             COLORS[i % COLORS.len()],
             esc(&r.name),
-            r.steps.iter().filter(|v| v.get("loss").is_some()).count()
+            r.train_steps
         );
     }
     h.push_str("</p>\n");
