@@ -116,7 +116,8 @@ fn text_width(s: &str) -> i64 {
 }
 
 /// Tick values for [lo, hi]: about five "nice" steps (1, 2, 5 × 10^k).
-fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+/// About five round values (1, 2 or 5 × 10^k apart) within [lo, hi].
+pub(crate) fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = (hi - lo).max(1e-12);
     let raw = span / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
@@ -131,17 +132,20 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     (first..=last).map(|i| i as f64 * step).collect()
 }
 
-fn label(v: f64) -> String {
+/// A tick's text, with as many decimals as the ticks' spacing needs (ticks 2.31000, 2.31002
+/// differ in print), in scientific notation outside [1e-3, 1e6).
+pub(crate) fn label(v: f64, ticks: &[f64]) -> String {
+    let step = match ticks {
+        [a, b, ..] => (b - a).abs(),
+        _ => v.abs(),
+    };
     let a = v.abs();
-    if a != 0.0 && !(1e-3..1e5).contains(&a) {
-        format!("{v:.1e}")
-    } else if a >= 100.0 || v.fract() == 0.0 {
-        format!("{v:.0}")
-    } else if a >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
+    if a != 0.0 && !(1e-3..1e6).contains(&a) {
+        let digits = ((a.log10().floor() - step.log10().floor()).max(0.0) as usize).min(6);
+        return format!("{v:.digits$e}");
     }
+    let decimals = (-step.log10().floor()).clamp(0.0, 8.0) as usize;
+    format!("{v:.decimals$}")
 }
 
 /// Writes `panels` (a title and its curves each) stacked in one PNG, x labelled `x_label`.
@@ -169,7 +173,8 @@ pub fn chart(panels: &[(String, Vec<Series>)], x_label: &str, path: &Path) -> Re
         let px = |x: f64| LEFT as i64 + ((x - x_lo) / (x_hi - x_lo) * pw).round() as i64;
         let py = |y: f64| top + ph as i64 - ((y - y_lo) / (y_hi - y_lo) * ph).round() as i64;
         cv.text(LEFT as i64, top - 24, title, [0, 0, 0], 2);
-        for t in ticks(y_lo, y_hi) {
+        let ys = ticks(y_lo, y_hi);
+        for &t in &ys {
             let y = py(t);
             cv.line(
                 (LEFT as i64, y),
@@ -177,13 +182,14 @@ pub fn chart(panels: &[(String, Vec<Series>)], x_label: &str, path: &Path) -> Re
                 [228, 228, 228],
                 false,
             );
-            let s = label(t);
+            let s = label(t, &ys);
             cv.text(LEFT as i64 - 6 - text_width(&s), y - 3, &s, [60, 60, 60], 1);
         }
-        for t in ticks(x_lo, x_hi) {
+        let xs = ticks(x_lo, x_hi);
+        for &t in &xs {
             let x = px(t);
             cv.line((x, top), (x, top + ph as i64), [228, 228, 228], false);
-            let s = label(t);
+            let s = label(t, &xs);
             cv.text(
                 x - text_width(&s) / 2,
                 top + ph as i64 + 5,

@@ -12,7 +12,7 @@ fn embedded(html: &str) -> Value {
     let open = "<script type=\"application/json\" id=\"lmforge-report\">";
     let start = html.find(open).expect("embedded data") + open.len();
     let end = start + html[start..].find("</script>").unwrap();
-    serde_json::from_str(&html[start..end].replace("<\\/", "</")).unwrap()
+    serde_json::from_str(&html[start..end]).unwrap()
 }
 
 /// (step, value) of `key` in a run's metrics.
@@ -156,6 +156,8 @@ fn a_long_run_is_downsampled_with_its_spikes_and_bad_input_is_named() {
             s as f64 * 1e-5
         ));
     }
+    // A metric name that tries to end the data element or open a script.
+    text.push_str("{\"step\":1,\"x</script><!--<script>\":1}\n");
     text.push_str("{\"summary\":true,\"steps\":200000}\n");
     std::fs::write(run.join("metrics.jsonl"), text).unwrap();
     let out = d.join("report");
@@ -165,7 +167,21 @@ fn a_long_run_is_downsampled_with_its_spikes_and_bad_input_is_named() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let data = embedded(&std::fs::read_to_string(out.join("index.html")).unwrap());
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert_eq!(
+        html.matches("<script").count(),
+        1,
+        "one data element, nothing opened"
+    );
+    assert!(
+        html.contains("<h2>long</h2>"),
+        "the page goes on after the data"
+    );
+    let data = embedded(&html);
+    assert_eq!(
+        points(&data, "x</script><!--<script>", "long"),
+        [(1.0, 1.0)]
+    );
     let loss = points(&data, "loss", "long");
     assert!(
         loss.len() <= 2 * lmforge::view::report::BUCKETS + 2,

@@ -1,5 +1,5 @@
 //! Run reports (`lmforge report RUN [--compare RUN…] --out DIR`): one self-contained HTML page
-//! (inline SVG, no script, no font or stylesheet fetched: it opens with no network) and one PNG
+//! (inline SVG, no executable script, nothing fetched: it opens with no network) and one PNG
 //! per curve. Every numeric metric a run logged per step becomes a panel — loss, validation
 //! loss/perplexity, learning rate, gradient norm, tokens/s, memory, and whatever its method adds
 //! (DPO's rewards and margins, PPO's KL, …) — with every run overlaid; then each run's resolved
@@ -11,7 +11,7 @@
 //! embedded as JSON (`<script type="application/json" id="lmforge-report">`), so tools and tests
 //! read the plotted data back.
 
-use crate::plot::Series;
+use crate::plot::{label, ticks, Series};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -38,7 +38,7 @@ pub struct ReportArgs {
     pub overwrite: bool,
 }
 
-/// Keys that are not curves (counters, flags) or that come first, in this order.
+/// Keys that are not curves (counters, flags).
 const NOT_CURVES: [&str; 7] = [
     "step",
     "epoch",
@@ -48,6 +48,7 @@ const NOT_CURVES: [&str; 7] = [
     "ranks",
     "skipped",
 ];
+/// Panels that come first, in this order (the rest follow by name).
 const FIRST: [&str; 11] = [
     "loss",
     "val_loss",
@@ -71,6 +72,7 @@ pub struct Run {
     pub dir: PathBuf,
     /// Per metric, in the order first logged: (step, value) of every step line that has it.
     pub curves: Vec<(String, Vec<(f64, f64)>)>,
+    index: std::collections::HashMap<String, usize>,
     /// Training steps logged (lines with a loss).
     pub train_steps: usize,
     /// Lines without a step (the summary, forgetting), the first `MAX_SUMMARY`.
@@ -81,8 +83,14 @@ pub struct Run {
 }
 
 const MAX_SUMMARY: usize = 16;
+/// Metrics a report draws at most (a file with thousands of keys is not a training log).
+pub const MAX_PANELS: usize = 256;
 
 impl Run {
+    fn curve(&self, metric: &str) -> Option<&Vec<(f64, f64)>> {
+        self.index.get(metric).map(|&i| &self.curves[i].1)
+    }
+
     /// Reads `dir/metrics.jsonl` line by line, keeping only numbers (a 10⁶-step run holds
     /// 16 bytes per logged value, not a JSON tree per line).
     pub fn load(dir: &Path) -> Result<Self> {
@@ -110,6 +118,12 @@ impl Run {
                 };
                 if NOT_CURVES.contains(&k.as_str()) {
                     continue;
+                }
+                if !index.contains_key(k) && index.len() == MAX_PANELS {
+                    bail!(
+                        "{}:{i}: more than {MAX_PANELS} different metrics; not a training log",
+                        path.display()
+                    );
                 }
                 let at = *index.entry(k.clone()).or_insert_with(|| {
                     curves.push((k.clone(), Vec::new()));
@@ -139,6 +153,7 @@ impl Run {
             name,
             dir: dir.to_path_buf(),
             curves,
+            index,
             train_steps,
             summary,
             config,
@@ -188,8 +203,9 @@ pub fn downsample(points: &[(f64, f64)], buckets: usize) -> Vec<(f64, f64)> {
 /// Panels (metric, one series per run), `FIRST` metrics first, then the rest by name.
 pub fn panels(runs: &[Run]) -> Vec<(String, Vec<Series>)> {
     let mut keys: Vec<&String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (k, _) in runs.iter().flat_map(|r| &r.curves) {
-        if !keys.contains(&k) {
+        if seen.insert(k) {
             keys.push(k);
         }
     }
@@ -202,10 +218,8 @@ pub fn panels(runs: &[Run]) -> Vec<(String, Vec<Series>)> {
                 .map(|r| Series {
                     name: r.name.clone(),
                     points: r
-                        .curves
-                        .iter()
-                        .find(|(n, _)| n == k)
-                        .map(|(_, p)| downsample(p, BUCKETS))
+                        .curve(k)
+                        .map(|p| downsample(p, BUCKETS))
                         .unwrap_or_default(),
                 })
                 .collect();
@@ -249,12 +263,12 @@ pub fn write(a: &ReportArgs) -> Result<PathBuf> {
     crate::outdir::write_output(&a.out, "report", |dir| {
         crate::fsutil::write_file(&dir.join("index.html"), html.as_bytes())?;
         for (i, (k, series)) in panels.iter().enumerate() {
-            let drawn: Vec<Series> = series
-                .iter()
-                .filter(|s| !s.points.is_empty())
-                .cloned()
-                .collect();
-            crate::plot::chart(&[(k.clone(), drawn)], "step", &dir.join(png_name(i, k)))?;
+            // Every run, drawn or not, so each keeps its colour (`chart` skips empty ones).
+            crate::plot::chart(
+                &[(k.clone(), series.clone())],
+                "step",
+                &dir.join(png_name(i, k)),
+            )?;
         }
         Ok(())
     })?;
@@ -265,6 +279,7 @@ fn png_name(i: usize, key: &str) -> String {
     let k: String = key
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(60)
         .collect();
     format!("{i:02}-{k}.png")
 }
@@ -308,7 +323,7 @@ fn page(runs: &[Run], panels: &[(String, Vec<Series>)], evals: &[(String, Value)
         h.push_str(&svg(k, series));
     }
     let data = json!({
-        "runs": runs.iter().map(|r| json!({"name": r.name, "dir": r.dir.display().to_string()})).collect::<Vec<_>>(),
+        "runs": runs.iter().map(|r| json!({"name": r.name})).collect::<Vec<_>>(),
         "panels": panels.iter().map(|(k, s)| json!({"metric": k,
             "series": s.iter().map(|s| json!({"run": s.name, "points": s.points})).collect::<Vec<_>>()}))
             .collect::<Vec<_>>(),
@@ -316,7 +331,11 @@ fn page(runs: &[Run], panels: &[(String, Vec<Series>)], evals: &[(String, Value)
     let _ = writeln!(
         h,
         "<script type=\"application/json\" id=\"lmforge-report\">{}</script>",
-        data.to_string().replace("</", "<\\/")
+        // Nothing in it can end or re-open the script element (`</script>`, `<!--<script>`).
+        data.to_string()
+            .replace('<', "\\u003c")
+            .replace('>', "\\u003e")
+            .replace('&', "\\u0026")
     );
     for r in runs {
         let _ = writeln!(h, "<h2>{}</h2>", esc(&r.name));
@@ -395,15 +414,19 @@ fn svg(title: &str, series: &[Series]) -> String {
     for &(x, y) in pts() {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
     }
-    if x0 > x1 {
+    if x0 > x1 || !(x1 - x0).is_finite() || !(y1 - y0).is_finite() {
         return String::new();
     }
-    if x1 == x0 {
-        x1 = x0 + 1.0;
-    }
-    if y1 == y0 {
-        (y0, y1) = (y0 - 0.5, y1 + 0.5);
-    }
+    // A flat range (one point, a constant) gets a width that survives the value's magnitude.
+    let widen = |lo: f64, hi: f64| match hi - lo > 0.0 {
+        true => (lo, hi),
+        false => {
+            let w = (lo.abs() * 1e-9).max(0.5);
+            (lo - w, hi + w)
+        }
+    };
+    (x0, x1) = widen(x0, x1);
+    (y0, y1) = widen(y0, y1);
     let pad = (y1 - y0) * 0.05;
     (y0, y1) = (y0 - pad, y1 + pad);
     let sx = |x: f64| L + (x - x0) / (x1 - x0) * (W - L - R);
@@ -416,7 +439,8 @@ fn svg(title: &str, series: &[Series]) -> String {
         H - T - B,
         t = esc(title)
     );
-    for v in ticks(y0, y1) {
+    let ys = ticks(y0, y1);
+    for &v in &ys {
         let y = sy(v);
         let _ = write!(
             h,
@@ -425,16 +449,17 @@ fn svg(title: &str, series: &[Series]) -> String {
             W - R,
             L - 4.0,
             y + 4.0,
-            label(v)
+            label(v, &ys)
         );
     }
-    for v in ticks(x0, x1) {
+    let xs = ticks(x0, x1);
+    for &v in &xs {
         let x = sx(v);
         let _ = write!(
             h,
             "<text x=\"{x:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{}</text>",
             H - B + 16.0,
-            label(v)
+            label(v, &xs)
         );
     }
     for (i, s) in series
@@ -442,6 +467,17 @@ fn svg(title: &str, series: &[Series]) -> String {
         .enumerate()
         .filter(|(_, s)| !s.points.is_empty())
     {
+        let color = COLORS[i % COLORS.len()];
+        if let [(x, y)] = s.points[..] {
+            // A polyline of one point draws nothing.
+            let _ = write!(
+                h,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{color}\"/>",
+                sx(x),
+                sy(y)
+            );
+            continue;
+        }
         let path: Vec<String> = s
             .points
             .iter()
@@ -449,41 +485,12 @@ fn svg(title: &str, series: &[Series]) -> String {
             .collect();
         let _ = write!(
             h,
-            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>",
-            COLORS[i % COLORS.len()],
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
             path.join(" ")
         );
     }
     h.push_str("</svg>\n");
     h
-}
-
-/// About five round values (1, 2 or 5 × 10^k apart) within [lo, hi].
-fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let raw = (hi - lo) / 5.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag);
-    let mut v = (lo / step).ceil() * step;
-    let mut out = Vec::new();
-    while v <= hi && out.len() < 12 {
-        out.push(v);
-        v += step;
-    }
-    out
-}
-
-fn label(v: f64) -> String {
-    let a = v.abs();
-    if a != 0.0 && !(1e-3..1e5).contains(&a) {
-        format!("{v:.1e}")
-    } else {
-        let s = format!("{v:.4}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    }
 }
 
 #[cfg(test)]
@@ -505,14 +512,15 @@ mod tests {
     }
 
     #[test]
-    fn ticks_are_round_and_inside() {
-        assert_eq!(ticks(0.0, 10.0), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
-        let t = ticks(2.31, 2.77);
-        assert!(
-            t.iter().all(|v| (2.31..=2.77).contains(v)) && t.len() >= 3,
-            "{t:?}"
-        );
-        assert_eq!(label(0.5), "0.5");
-        assert_eq!(label(3e-5), "3.0e-5");
+    fn ticks_are_computed_not_accumulated_and_labelled_by_their_spacing() {
+        let t = ticks(-0.7, 0.1);
+        assert!(t.contains(&0.0), "{t:?}");
+        let l: Vec<String> = t.iter().map(|&v| label(v, &t)).collect();
+        assert_eq!(l, ["-0.6", "-0.4", "-0.2", "0.0"]);
+        let t = ticks(2.31, 2.31002);
+        let l: Vec<String> = t.iter().map(|&v| label(v, &t)).collect();
+        assert!(l.windows(2).all(|w| w[0] != w[1]), "{l:?}");
+        let t = ticks(0.0, 200_000.0);
+        assert_eq!(label(100_000.0, &t), "100000");
     }
 }
