@@ -132,16 +132,20 @@ pub(crate) fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     (first..=last).map(|i| i as f64 * step).collect()
 }
 
-/// A tick's text, with as many decimals as the ticks' spacing needs (ticks 2.31000, 2.31002
-/// differ in print), in scientific notation outside [1e-3, 1e6).
+/// A tick's text, one format per axis: as many decimals as the ticks' spacing needs (2.31000
+/// and 2.31002 differ in print), or scientific notation when the axis's largest tick is below
+/// 1e-3 or from 1e6 on.
 pub(crate) fn label(v: f64, ticks: &[f64]) -> String {
     let step = match ticks {
         [a, b, ..] => (b - a).abs(),
         _ => v.abs(),
     };
-    let a = v.abs();
-    if a != 0.0 && !(1e-3..1e6).contains(&a) {
-        let digits = ((a.log10().floor() - step.log10().floor()).max(0.0) as usize).min(6);
+    let top = ticks.iter().fold(v.abs(), |m, t| m.max(t.abs()));
+    if v == 0.0 {
+        return "0".to_string();
+    }
+    if !(1e-3..1e6).contains(&top) {
+        let digits = ((v.abs().log10().floor() - step.log10().floor()).max(0.0) as usize).min(6);
         return format!("{v:.digits$e}");
     }
     let decimals = (-step.log10().floor()).clamp(0.0, 8.0) as usize;

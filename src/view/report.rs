@@ -516,7 +516,12 @@ mod tests {
         let t = ticks(-0.7, 0.1);
         assert!(t.contains(&0.0), "{t:?}");
         let l: Vec<String> = t.iter().map(|&v| label(v, &t)).collect();
-        assert_eq!(l, ["-0.6", "-0.4", "-0.2", "0.0"]);
+        assert_eq!(l, ["-0.6", "-0.4", "-0.2", "0"]);
+        let t = ticks(0.0, 1e-3);
+        let l: Vec<String> = t.iter().map(|&v| label(v, &t)).collect();
+        assert_eq!(l, ["0", "0.0002", "0.0004", "0.0006", "0.0008", "0.0010"]);
+        let t = ticks(0.0, 4e-5);
+        assert_eq!(label(t[1], &t), "1e-5");
         let t = ticks(2.31, 2.31002);
         let l: Vec<String> = t.iter().map(|&v| label(v, &t)).collect();
         assert!(l.windows(2).all(|w| w[0] != w[1]), "{l:?}");
