@@ -101,13 +101,8 @@ fn pretrain_args<'a>(corpus: &'a str, out: &'a str, batch: &'a str) -> Vec<&'a s
         "--grad-accum",
         "2",
     ]);
+    a.extend(TINY_GPT);
     for kv in [
-        "model.d_model=32",
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.ctx=32",
-        "data.seq_len=32",
-        "tokenizer.vocab_size=300",
         "train.lr=3e-3",
         "train.checkpoint_every=5",
         "train.dist_check_every=4",

@@ -45,32 +45,18 @@ fn a_report_shows_the_runs_metrics_and_needs_no_network() {
     let corpus = small_corpus(&d, 20_000);
     let train = |name: &str, lr: &str| {
         let out = d.join(name);
-        ok(&[
-            "pretrain",
-            "--data",
-            corpus.to_str().unwrap(),
+        let mut a = vec!["pretrain", "--data", corpus.to_str().unwrap(), "--quiet"];
+        a.extend([
             "--out",
             out.to_str().unwrap(),
-            "--quiet",
             "--max-steps",
             "12",
             "--lr",
             lr,
-            "--eval-every",
-            "4",
-            "--set",
-            "model.d_model=32",
-            "--set",
-            "model.n_layer=1",
-            "--set",
-            "model.n_head=2",
-            "--set",
-            "model.ctx=32",
-            "--set",
-            "data.seq_len=32",
-            "--set",
-            "tokenizer.vocab_size=300",
         ]);
+        a.extend(["--eval-every", "4"]);
+        a.extend(TINY_GPT);
+        ok(&a);
         out
     };
     let (a, b) = (train("fast", "3e-3"), train("slow", "1e-3"));

@@ -173,6 +173,23 @@ pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     std::fs::write(path, text).unwrap();
 }
 
+/// `--set` flags of the smallest pre-training model (1 layer, 32 wide, 32-token context, a
+/// 300-token tokenizer).
+pub const TINY_GPT: [&str; 12] = [
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.ctx=32",
+    "--set",
+    "data.seq_len=32",
+    "--set",
+    "tokenizer.vocab_size=300",
+];
+
 /// n prompt/completion rows ("Qi: who?" → " Hamlet i") as `sft.jsonl` in `d`.
 pub fn tiny_sft(d: &Path, n: usize) -> PathBuf {
     let p = d.join("sft.jsonl");
