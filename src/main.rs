@@ -573,6 +573,7 @@ fn setup<T: Serialize + DeserializeOwned + Args>(
         interrupt,
         quiet: a.run.quiet,
         overwrite: a.run.overwrite,
+        tensorboard: a.run.tensorboard,
     };
     Ok((opts, ctl))
 }

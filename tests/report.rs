@@ -198,3 +198,121 @@ fn a_long_run_is_downsampled_with_its_spikes_and_bad_input_is_named() {
     ]);
     assert!(err.contains("metrics.jsonl"), "{err}");
 }
+
+/// A minimal reader of what `--tensorboard` writes: TFRecord frames (CRCs checked) around
+/// Event messages; (step, tag, value) of every scalar.
+fn read_events(path: &Path) -> Vec<(i64, String, f32)> {
+    use lmforge::view::tensorboard::masked_crc;
+    fn varint(b: &[u8], i: &mut usize) -> u64 {
+        let (mut v, mut s) = (0u64, 0);
+        loop {
+            let x = b[*i];
+            *i += 1;
+            v |= ((x & 0x7f) as u64) << s;
+            s += 7;
+            if x < 0x80 {
+                return v;
+            }
+        }
+    }
+    /// (field, wire type, payload) of each field of a message.
+    fn fields(b: &[u8]) -> Vec<(u64, u64, &[u8])> {
+        let (mut i, mut out) = (0, Vec::new());
+        while i < b.len() {
+            let key = varint(b, &mut i);
+            let len = match key & 7 {
+                0 => {
+                    let s = i;
+                    varint(b, &mut i);
+                    out.push((key >> 3, 0, &b[s..i]));
+                    continue;
+                }
+                1 => 8,
+                5 => 4,
+                2 => varint(b, &mut i) as usize,
+                w => panic!("wire type {w}"),
+            };
+            out.push((key >> 3, key & 7, &b[i..i + len]));
+            i += len;
+        }
+        out
+    }
+    let bytes = std::fs::read(path).unwrap();
+    let (mut at, mut out, mut first) = (0, Vec::new(), true);
+    while at < bytes.len() {
+        let len_bytes = &bytes[at..at + 8];
+        let n = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let crc = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        assert_eq!(crc(at + 8), masked_crc(len_bytes));
+        let data = &bytes[at + 12..at + 12 + n];
+        assert_eq!(crc(at + 12 + n), masked_crc(data));
+        at += 16 + n;
+        let ev = fields(data);
+        if first {
+            assert!(ev.iter().any(|f| f.0 == 3 && f.2 == b"brain.Event:2"));
+            first = false;
+            continue;
+        }
+        let step = ev
+            .iter()
+            .find(|f| f.0 == 2)
+            .map(|f| varint(f.2, &mut 0))
+            .unwrap() as i64;
+        for (_, _, summary) in ev.iter().filter(|f| f.0 == 5) {
+            for (_, _, val) in fields(summary) {
+                let v = fields(val);
+                let tag =
+                    String::from_utf8(v.iter().find(|f| f.0 == 1).unwrap().2.to_vec()).unwrap();
+                let x =
+                    f32::from_le_bytes(v.iter().find(|f| f.0 == 2).unwrap().2.try_into().unwrap());
+                out.push((step, tag, x));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn tensorboard_event_files_hold_every_step_metric() {
+    let d = tmpdir("report_tensorboard");
+    let corpus = small_corpus(&d, 20_000);
+    let run = d.join("run");
+    let mut a = vec!["pretrain", "--data", corpus.to_str().unwrap(), "--quiet"];
+    a.extend([
+        "--out",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+    ]);
+    a.extend(["--tensorboard"]);
+    a.extend(TINY_GPT);
+    ok(&a);
+    let files: Vec<_> = std::fs::read_dir(run.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    let events = read_events(&files[0]);
+    let mut n = 0;
+    for v in metrics(&run) {
+        let Some(step) = v.get("step").and_then(Value::as_i64) else {
+            continue;
+        };
+        for (k, x) in v.as_object().unwrap() {
+            let Some(x) = x.as_f64().filter(|_| k != "step") else {
+                continue;
+            };
+            assert!(
+                events
+                    .iter()
+                    .any(|(s, t, y)| *s == step && t == k && *y == x as f32),
+                "step {step} {k} = {x} is not in the event file"
+            );
+            n += 1;
+        }
+    }
+    assert_eq!(n, events.len());
+    assert!(events.iter().any(|e| e.1 == "val_loss") && n > 60, "{n}");
+}

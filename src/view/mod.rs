@@ -1,3 +1,5 @@
-//! Looking at runs: reports of their metrics, evaluations and recipes (`report`).
+//! Looking at runs: reports of their metrics, evaluations and recipes (`report`), TensorBoard
+//! event files (`--tensorboard`).
 
 pub mod report;
+pub mod tensorboard;

@@ -37,6 +37,9 @@ pub struct RunArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Also write every step's metrics as TensorBoard event files (RUN/tensorboard/).
+    #[arg(long)]
+    pub tensorboard: bool,
     /// Start afresh in an --out that holds an earlier lmforge run: its files (listed in its
     /// manifest) are removed first; files lmforge did not write are kept.
     #[arg(long, conflicts_with = "resume")]
@@ -66,6 +69,8 @@ pub struct Control {
     pub quiet: bool,
     /// `--overwrite`: a new run may replace an earlier lmforge run in `out`.
     pub overwrite: bool,
+    /// `--tensorboard`: event files beside metrics.jsonl.
+    pub tensorboard: bool,
 }
 
 impl Control {
@@ -78,6 +83,7 @@ impl Control {
             interrupt: Arc::new(AtomicBool::new(false)),
             quiet,
             overwrite: false,
+            tensorboard: false,
         }
     }
 
@@ -260,6 +266,10 @@ pub fn run<M: Method>(
         reduce.same("options (config.toml)", opts)?;
     }
     let mut metrics = Metrics::open_for(&run.run_dir, writer)?;
+    if ctl.tensorboard && writer {
+        let dir = outdir::entry(&run.run_dir, "tensorboard")?;
+        metrics.2 = Some(crate::view::tensorboard::EventWriter::create(&dir)?);
+    }
     let total = t.total_steps;
     let pb = if ctl.quiet {
         ProgressBar::hidden()
@@ -422,8 +432,13 @@ fn finite(x: f64) -> Value {
     }
 }
 
-/// `run/metrics.jsonl`: one JSON object per line, appended (by rank 0 only).
-pub struct Metrics(Option<std::fs::File>, PathBuf);
+/// `run/metrics.jsonl`: one JSON object per line, appended (by rank 0 only); with
+/// `--tensorboard`, the step lines go to an event file too.
+pub struct Metrics(
+    Option<std::fs::File>,
+    PathBuf,
+    Option<crate::view::tensorboard::EventWriter>,
+);
 
 impl Metrics {
     pub fn open(run_dir: &Path) -> Result<Self> {
@@ -433,7 +448,7 @@ impl Metrics {
     /// The file, or nothing to write to when this process does not write the run.
     fn open_for(run_dir: &Path, writer: bool) -> Result<Self> {
         if !writer {
-            return Ok(Self(None, run_dir.join("metrics.jsonl")));
+            return Ok(Self(None, run_dir.join("metrics.jsonl"), None));
         }
         let p = outdir::entry(run_dir, "metrics.jsonl")?;
         let f = std::fs::OpenOptions::new()
@@ -441,10 +456,13 @@ impl Metrics {
             .append(true)
             .open(&p)
             .with_context(|| format!("opening {}", p.display()))?;
-        Ok(Self(Some(f), p))
+        Ok(Self(Some(f), p, None))
     }
 
     pub fn line(&mut self, v: &Value) -> Result<()> {
+        if let Some(tb) = &mut self.2 {
+            tb.line(v)?;
+        }
         match &mut self.0 {
             Some(f) => writeln!(f, "{v}").with_context(|| format!("writing {}", self.1.display())),
             None => Ok(()),
