@@ -250,16 +250,19 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// PNG's CRC-32.
 fn crc32(bytes: &[u8]) -> u32 {
+    reflected_crc32(0xEDB8_8320, bytes)
+}
+
+/// A reflected CRC-32 with polynomial `poly`, bitwise (PNG chunks and TensorBoard records are
+/// small and written rarely): 0xEDB88320 is CRC-32, 0x82F63B78 CRC-32C.
+pub(crate) fn reflected_crc32(poly: u32, bytes: &[u8]) -> u32 {
     let mut c = !0u32;
     for &b in bytes {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { poly ^ (c >> 1) } else { c >> 1 };
         }
     }
     !c

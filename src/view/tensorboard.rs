@@ -114,20 +114,9 @@ fn field_double(out: &mut Vec<u8>, field: u64, v: f64) {
     out.extend(v.to_le_bytes());
 }
 
-/// CRC-32C (Castagnoli), bitwise: event records are small and written once a step.
+/// CRC-32C (Castagnoli).
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in bytes {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0x82F6_3B78 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
+    crate::plot::reflected_crc32(0x82F6_3B78, bytes)
 }
 
 /// TFRecord's masking of a CRC stored next to the data it covers.
