@@ -93,6 +93,13 @@ pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 
+/// This machine's name (for rank logs and TensorBoard file names); empty where unknown.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// A test-only crash point: with `LMFORGE_TEST_ABORT=NAME:K` in the environment, the K-th time
 /// the process passes the point NAME it aborts (as `kill -9` would, mid-write). Nothing happens
 /// without the variable.

@@ -295,42 +295,26 @@ fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
     crate::fsutil::write_file(path, &png).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Curves of `metrics` from a run's `metrics.jsonl`, one panel per metric: (step, value) of every
-/// line that has it (eval metrics included).
+/// Curves of `metrics` from a run's `metrics.jsonl` (read as `lmforge report` reads it), one
+/// panel per metric: (step, value) of every line that has it (eval metrics included).
 pub fn from_metrics(run: &Path, metrics: &[String]) -> Result<Vec<(String, Vec<Series>)>> {
-    let path = run.join("metrics.jsonl");
-    let text = crate::input::read_text(&path, 1 << 30)?;
-    let mut panels: Vec<(String, Vec<Series>)> = metrics
+    let r = crate::view::report::Run::load(run)?;
+    metrics
         .iter()
-        .map(|m| {
-            let s = Series {
-                name: m.clone(),
-                points: Vec::new(),
-            };
-            (m.clone(), vec![s])
+        .map(|m| match r.curve(m) {
+            Some(p) if !p.is_empty() => Ok((
+                m.clone(),
+                vec![Series {
+                    name: m.clone(),
+                    points: p.to_vec(),
+                }],
+            )),
+            _ => bail!(
+                "{}: no step has the metric {m:?}",
+                run.join("metrics.jsonl").display()
+            ),
         })
-        .collect();
-    for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-        let Some(step) = v.get("step").and_then(|s| s.as_f64()) else {
-            continue;
-        };
-        for (m, series) in panels.iter_mut() {
-            let x = v
-                .get(m.as_str())
-                .or_else(|| v.get("metrics").and_then(|e| e.get(m.as_str())));
-            if let Some(y) = x.and_then(|y| y.as_f64()) {
-                series[0].points.push((step, y));
-            }
-        }
-    }
-    for (m, s) in &panels {
-        if s[0].points.is_empty() {
-            bail!("{}: no step has the metric {m:?}", path.display());
-        }
-    }
-    Ok(panels)
+        .collect()
 }
 
 /// The 5×7 glyph of a character (upper case drawn as lower case; unknown: a box).

@@ -134,28 +134,16 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
 
     // SFT: 2 ranks × 2, stopped at step 10, resumed on 1 rank × 4: the curve of 1 rank × 4.
     let data = tiny_sft(&d, 24);
-    let llama = fixture("llama_tiny");
-    let sft = |out: &Path, batch: &'static str| -> Vec<String> {
-        [
-            "sft",
-            "--model",
-            llama.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
+    let sft = |out: &Path, batch: &str| -> Vec<String> {
+        let steps = [
             "--max-steps",
             "20",
             "--lr",
             "1e-3",
             "--checkpoint-every",
             "5",
-            "--quiet",
-            "--batch-size",
-            batch,
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec()
+        ];
+        tiny_sft_args(&data, out, &[&steps[..], &["--batch-size", batch]].concat())
     };
     let (s1, s2, s3) = (d.join("sft_one"), d.join("sft_two"), d.join("sft_two_20"));
     let a1 = sft(&s1, "4");
@@ -271,26 +259,16 @@ fn ranks_with_different_weights_are_stopped() {
     );
     // A full fine-tune starts from the same weights whatever the seed: the options tell.
     let data = tiny_sft(&d, 8);
-    let out = d.join("sft");
-    let llama = fixture("llama_tiny");
-    let sft = [
-        "sft",
-        "--model",
-        llama.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--max-steps",
-        "4",
-        "--quiet",
-        "--batch-size",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let sft = tiny_sft_args(
+        &data,
+        &d.join("sft"),
+        &["--max-steps", "4", "--batch-size", "2"],
+    );
+    let sft: Vec<&str> = sft.iter().map(String::as_str).collect();
     let mut c = mpirun(1, &sft);
     c.args([":", "-np", "1"])
         .arg(env!("CARGO_BIN_EXE_lmforge"))
-        .args(sft)
+        .args(&sft)
         .args(["--set", "train.seed=7"]);
     let o = c.output().unwrap();
     let text = String::from_utf8_lossy(&o.stderr).to_string();

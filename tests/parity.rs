@@ -78,27 +78,20 @@ fn every_model_matches_transformers_on_cuda() {
     // The engine on the GPU (composite AdamW, clipping, the loss): the CPU's curve.
     let d = tmpdir("parity_cuda_sft");
     let data = tiny_sft(&d, 8);
-    let llama = fixture("llama_tiny");
     let run = |device: &str| {
         let out = d.join(device);
-        ok(&[
-            "sft",
-            "--model",
-            llama.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
+        let extra = [
             "--max-steps",
             "5",
             "--batch-size",
             "4",
             "--lr",
             "1e-3",
-            "--quiet",
             "--device",
             device,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        ];
+        let a = tiny_sft_args(&data, &out, &extra);
+        ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
         metrics(&out)
             .iter()
             .filter_map(|v| v.get("loss")?.as_f64())

@@ -106,17 +106,10 @@ impl World {
         bucket_mb: f64,
         dev: &candle_core::Device,
     ) -> Result<Box<dyn Reduce>> {
-        let Some(m) = &self.mpi else {
-            return Ok(Box::new(crate::train::engine::Local));
-        };
-        #[allow(unused_mut)]
-        let mut r = Ranks::new(m, bucket_mb);
-        #[cfg(feature = "cuda")]
-        if dev.is_cuda() {
-            r.nccl = Some(nccl::Nccl::new(m, dev)?);
+        match &self.mpi {
+            Some(m) => Ok(Box::new(Ranks::new(m, bucket_mb, dev)?)),
+            None => Ok(Box::new(crate::train::engine::Local)),
         }
-        let _ = dev;
-        Ok(Box::new(r))
     }
 
     /// On an error: ends the whole job (a lone process just returns).
@@ -192,27 +185,26 @@ pub fn log_to_file(run_dir: &std::path::Path) -> Result<()> {
             bail!("redirecting output to {}", path.display());
         }
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     eprintln!(
         "rank {} of {}, pid {}, host {}",
         w.rank,
         w.size,
         std::process::id(),
-        host.trim()
+        crate::fsutil::hostname()
     );
     Ok(())
 }
 
-/// FNV-1a over the bits of every trainable parameter, in order: equal on every rank as long as
+/// FNV-1a over the bytes of every trainable parameter, in order: equal on every rank as long as
 /// their weights are bit-identical.
 pub fn checksum(store: &ParamStore) -> Result<u64> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::rng::Fnv1a::new();
     for (_, t) in store.trainable_tensors() {
         for x in t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
-            h = (h ^ x.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
+            h.bytes(&x.to_le_bytes());
         }
     }
-    Ok(h)
+    Ok(h.finish())
 }
 
 /// The reducer of several ranks: small sums in one MPI call, gradients in buckets of `bucket`
@@ -228,15 +220,20 @@ pub struct Ranks {
 }
 
 impl Ranks {
-    pub fn new(mpi: &'static mpi::Mpi, bucket_mb: f64) -> Self {
-        Self {
+    /// Over `mpi`'s ranks; NCCL carries the gradients when `dev` is a CUDA device.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn new(mpi: &'static mpi::Mpi, bucket_mb: f64, dev: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
             mpi,
             bucket: ((bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1),
             comm_s: 0.0,
             mpi_s: 0.0,
             #[cfg(feature = "cuda")]
-            nccl: None,
-        }
+            nccl: match dev.is_cuda() {
+                true => Some(nccl::Nccl::new(mpi, dev)?),
+                false => None,
+            },
+        })
     }
 }
 

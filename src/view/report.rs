@@ -70,9 +70,9 @@ const COLORS: [&str; 6] = [
 pub struct Run {
     pub name: String,
     pub dir: PathBuf,
-    /// Per metric, in the order first logged: (step, value) of every step line that has it.
+    /// Per numeric key, in the order first logged: (step, value) of every step line that has
+    /// it.
     pub curves: Vec<(String, Vec<(f64, f64)>)>,
-    index: std::collections::HashMap<String, usize>,
     /// Training steps logged (lines with a loss).
     pub train_steps: usize,
     /// Lines without a step (the summary, forgetting), the first `MAX_SUMMARY`.
@@ -83,12 +83,16 @@ pub struct Run {
 }
 
 const MAX_SUMMARY: usize = 16;
-/// Metrics a report draws at most (a file with thousands of keys is not a training log).
+/// Metrics a run may log at most (a file with thousands of keys is not a training log).
 pub const MAX_PANELS: usize = 256;
 
 impl Run {
-    fn curve(&self, metric: &str) -> Option<&Vec<(f64, f64)>> {
-        self.index.get(metric).map(|&i| &self.curves[i].1)
+    /// (step, value) of `metric`, if the run logged it.
+    pub fn curve(&self, metric: &str) -> Option<&[(f64, f64)]> {
+        self.curves
+            .iter()
+            .find(|(k, _)| k == metric)
+            .map(|(_, p)| p.as_slice())
     }
 
     /// Reads `dir/metrics.jsonl` line by line, keeping only numbers (a 10⁶-step run holds
@@ -116,7 +120,7 @@ impl Run {
                 let Some(y) = x.as_f64().filter(|y| y.is_finite()) else {
                     continue;
                 };
-                if NOT_CURVES.contains(&k.as_str()) {
+                if k == "step" {
                     continue;
                 }
                 if !index.contains_key(k) && index.len() == MAX_PANELS {
@@ -143,7 +147,10 @@ impl Run {
         let mut evals = Vec::new();
         let suite = dir.join("eval_suite");
         if suite.join("results.json").is_file() {
-            evals.push(("eval suite".to_string(), read_results(&suite)?));
+            evals.push((
+                "eval suite".to_string(),
+                crate::input::read_json(&suite.join("results.json"))?,
+            ));
         }
         let name = dir
             .file_name()
@@ -153,19 +160,12 @@ impl Run {
             name,
             dir: dir.to_path_buf(),
             curves,
-            index,
             train_steps,
             summary,
             config,
             evals,
         })
     }
-}
-
-fn read_results(dir: &Path) -> Result<Value> {
-    let p = dir.join("results.json");
-    let text = crate::input::read_text(&p, crate::input::MAX_CONFIG_BYTES)?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))
 }
 
 /// The first and last points, and the lowest and the highest point of each of `buckets`
@@ -205,7 +205,7 @@ pub fn panels(runs: &[Run]) -> Vec<(String, Vec<Series>)> {
     let mut keys: Vec<&String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (k, _) in runs.iter().flat_map(|r| &r.curves) {
-        if seen.insert(k) {
+        if !NOT_CURVES.contains(&k.as_str()) && seen.insert(k) {
             keys.push(k);
         }
     }
@@ -250,7 +250,10 @@ pub fn write(a: &ReportArgs) -> Result<PathBuf> {
     }
     let mut evals = Vec::new();
     for d in &a.eval {
-        evals.push((d.display().to_string(), read_results(d)?));
+        evals.push((
+            d.display().to_string(),
+            crate::input::read_json(&d.join("results.json"))?,
+        ));
     }
     let panels = panels(&runs);
     if panels.is_empty() {

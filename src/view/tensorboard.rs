@@ -21,12 +21,11 @@ impl EventWriter {
     /// A new event file in `dir` (created), headed by the version event.
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let now = wall_time();
         let path = dir.join(format!(
             "events.out.tfevents.{}.{}.{}",
             now as u64,
-            host.trim(),
+            crate::fsutil::hostname(),
             std::process::id()
         ));
         let f = std::fs::OpenOptions::new()

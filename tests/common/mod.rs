@@ -200,6 +200,25 @@ pub fn tiny_sft(d: &Path, n: usize) -> PathBuf {
     p
 }
 
+/// `lmforge sft` of the tiny Llama on `data` into `out`, quiet, with `extra` flags.
+pub fn tiny_sft_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let llama = fixture("llama_tiny");
+    let mut a: Vec<String> = ["sft", "--model", llama.to_str().unwrap(), "--quiet"]
+        .map(String::from)
+        .to_vec();
+    a.extend(
+        [
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// n preference pairs with an obvious preference ("yes" over "no"), as `pairs.jsonl` in `d`.
 pub fn tiny_pairs(d: &Path, n: usize) -> PathBuf {
     let p = d.join("pairs.jsonl");

@@ -182,18 +182,13 @@ pub struct Outcome {
     pub peak_rss_mib: f64,
     /// Where the last checkpoint went.
     pub checkpoint: Option<PathBuf>,
-    /// This process writes the run's outputs (rank 0 under `mpirun`, a lone process).
-    pub writer: bool,
-    /// Data-parallel ranks that trained, and the median seconds of a step's gradient
-    /// all-reduce (0 for one rank).
-    pub ranks: usize,
-    pub allreduce_s_median: f64,
 }
 
 impl Outcome {
-    /// All steps done and this process writes the run: the method writes its final outputs.
+    /// All steps done and this process writes the run (rank 0 under `mpirun`): the method
+    /// writes its final outputs.
     pub fn finished(&self) -> bool {
-        self.steps == self.total_steps && self.writer
+        self.steps == self.total_steps && dist::world().writes()
     }
 }
 
@@ -227,22 +222,25 @@ pub fn run<M: Method>(
     let reduce = reduce.as_mut();
     let mut trainer = Trainer::sharded(m, cfg, world.rank, world.size)?;
     let t = &mut trainer;
-    let metrics_path = match writer {
-        true => outdir::entry(&run.run_dir, "metrics.jsonl")?,
-        false => run.run_dir.join("metrics.jsonl"),
-    };
     if let Some((ck, state)) = &ctl.resume {
-        let step = state.step;
         if let Some(w) = t.restore(m, ck, state.clone())? {
             eprintln!("{w}");
         }
-        if writer {
-            truncate_metrics(&metrics_path, step)?;
-        }
-        ctl.say(&format!("resumed from {} at step {step}", ck.display()));
-    } else if writer {
-        crate::fsutil::write_file(&metrics_path, b"")?;
+        ctl.say(&format!(
+            "resumed from {} at step {}",
+            ck.display(),
+            state.step
+        ));
     }
+    if writer {
+        // A fresh run starts an empty file; a resumed one keeps the lines up to its step.
+        let path = outdir::entry(&run.run_dir, "metrics.jsonl")?;
+        match &ctl.resume {
+            Some((_, state)) => truncate_metrics(&path, state.step)?,
+            None => crate::fsutil::write_file(&path, b"")?,
+        }
+    }
+    let mut metrics = Metrics::open_for(&run.run_dir, writer, ctl.tensorboard)?;
     if world.size > 1 {
         ctl.say(&format!(
             "rank {} of {}: {} examples per step ({} per rank)",
@@ -264,11 +262,6 @@ pub fn run<M: Method>(
         // shards without the weights ever telling.
         let opts = crate::rng::fnv1a(run.config_toml.as_bytes());
         reduce.same("options (config.toml)", opts)?;
-    }
-    let mut metrics = Metrics::open_for(&run.run_dir, writer)?;
-    if ctl.tensorboard && writer {
-        let dir = outdir::entry(&run.run_dir, "tensorboard")?;
-        metrics.2 = Some(crate::view::tensorboard::EventWriter::create(&dir)?);
     }
     let total = t.total_steps;
     let pb = if ctl.quiet {
@@ -310,7 +303,6 @@ pub fn run<M: Method>(
         }
     }
     let mut times = Vec::new();
-    let mut comm_times = Vec::new();
     let started = Instant::now();
     let elapsed_before = t.state.elapsed_s;
     while t.state.step < total {
@@ -319,7 +311,6 @@ pub fn run<M: Method>(
         t.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         times.push(s.seconds);
         let (comm, transport) = reduce.take_comm();
-        comm_times.push(comm);
         let tps = s.tokens as f64 / s.seconds.max(1e-9);
         out.losses.push((step, s.loss));
         let mut line = json!({"step": step, "loss": finite(s.loss as f64), "lr": s.lr,
@@ -391,9 +382,6 @@ pub fn run<M: Method>(
         if save || (every > 0 && step.is_multiple_of(every)) {
             check(reduce, m, &format!("after step {step}"))?;
         }
-        if save && !writer && early {
-            break;
-        }
         if save && writer {
             let dir = t.save(m, run)?;
             if early {
@@ -405,17 +393,13 @@ pub fn run<M: Method>(
                 ));
             }
             out.checkpoint = Some(dir);
-            if early {
-                break;
-            }
+        }
+        if early {
+            break;
         }
     }
     pb.finish_and_clear();
     times.sort_by(f64::total_cmp);
-    comm_times.sort_by(f64::total_cmp);
-    out.writer = writer;
-    out.ranks = world.size;
-    out.allreduce_s_median = comm_times.get(comm_times.len() / 2).copied().unwrap_or(0.0);
     out.steps = t.state.step;
     out.skipped = t.state.skipped_steps;
     out.seconds = t.state.elapsed_s;
@@ -434,37 +418,56 @@ fn finite(x: f64) -> Value {
 
 /// `run/metrics.jsonl`: one JSON object per line, appended (by rank 0 only); with
 /// `--tensorboard`, the step lines go to an event file too.
-pub struct Metrics(
-    Option<std::fs::File>,
-    PathBuf,
-    Option<crate::view::tensorboard::EventWriter>,
-);
+pub struct Metrics {
+    /// None where this process does not write the run (a data-parallel rank > 0).
+    file: Option<std::fs::File>,
+    path: PathBuf,
+    tensorboard: Option<crate::view::tensorboard::EventWriter>,
+}
 
 impl Metrics {
+    /// Appends to the run's metrics (a method's lines after training).
     pub fn open(run_dir: &Path) -> Result<Self> {
-        Self::open_for(run_dir, dist::world().writes())
+        Self::open_for(run_dir, dist::world().writes(), false)
     }
 
-    /// The file, or nothing to write to when this process does not write the run.
-    fn open_for(run_dir: &Path, writer: bool) -> Result<Self> {
+    /// The file (nothing to write to when this process does not write the run), and an event
+    /// file beside it with `tensorboard`.
+    fn open_for(run_dir: &Path, writer: bool, tensorboard: bool) -> Result<Self> {
         if !writer {
-            return Ok(Self(None, run_dir.join("metrics.jsonl"), None));
+            return Ok(Self {
+                file: None,
+                path: run_dir.join("metrics.jsonl"),
+                tensorboard: None,
+            });
         }
-        let p = outdir::entry(run_dir, "metrics.jsonl")?;
-        let f = std::fs::OpenOptions::new()
+        let path = outdir::entry(run_dir, "metrics.jsonl")?;
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&p)
-            .with_context(|| format!("opening {}", p.display()))?;
-        Ok(Self(Some(f), p, None))
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let tensorboard = match tensorboard {
+            true => Some(crate::view::tensorboard::EventWriter::create(
+                &outdir::entry(run_dir, "tensorboard")?,
+            )?),
+            false => None,
+        };
+        Ok(Self {
+            file: Some(file),
+            path,
+            tensorboard,
+        })
     }
 
     pub fn line(&mut self, v: &Value) -> Result<()> {
-        if let Some(tb) = &mut self.2 {
+        if let Some(tb) = &mut self.tensorboard {
             tb.line(v)?;
         }
-        match &mut self.0 {
-            Some(f) => writeln!(f, "{v}").with_context(|| format!("writing {}", self.1.display())),
+        match &mut self.file {
+            Some(f) => {
+                writeln!(f, "{v}").with_context(|| format!("writing {}", self.path.display()))
+            }
             None => Ok(()),
         }
     }

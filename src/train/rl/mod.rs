@@ -302,12 +302,12 @@ impl<A: Algo> Method for Online<A> {
             return Ok(());
         };
         if reduce.ranks() > 1 {
-            let mut bytes = Vec::new();
+            let mut h = crate::rng::Fnv1a::new();
             for (s, score) in r.seqs.iter().zip(&r.scores) {
-                bytes.extend(s.iter().flat_map(|t| t.to_le_bytes()));
-                bytes.extend(score.to_le_bytes());
+                s.iter().for_each(|t| h.bytes(&t.to_le_bytes()));
+                h.bytes(&score.to_le_bytes());
             }
-            reduce.same(&format!("rollouts {}", r.index), crate::rng::fnv1a(&bytes))?;
+            reduce.same(&format!("rollouts {}", r.index), h.finish())?;
         }
         self.compared = Some(r.index);
         Ok(())
