@@ -11,6 +11,8 @@
 //! - `rlaif`: a local judge model labels preference pairs;
 //! - `config`: options from flags, TOML configs and `--set`, one schema;
 //! - `generate`: sampling with a KV cache; `eval`: scoring;
+//! - `serve`: the OpenAI-compatible server (continuous batching) and the dashboard;
+//! - `view`: run reports and TensorBoard event files;
 //! - `bench`: the training-step benchmark.
 
 pub mod bench;
@@ -31,6 +33,7 @@ pub mod peft;
 pub mod plot;
 pub mod rlaif;
 pub mod rng;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod view;

@@ -86,6 +86,12 @@ enum Cmd {
     /// A run's report as a self-contained HTML page and PNGs: every logged curve (several runs
     /// overlaid with --compare), its recipe, its evaluation tables.
     Report(lmforge::view::report::ReportArgs),
+    /// An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models;
+    /// streaming) over a model, requests batched into one decode loop.
+    Serve(lmforge::serve::ServeArgs),
+    /// A local web page of the runs in a directory: live curves, reports, evaluation tables
+    /// and a chat playground on their models, adapters and checkpoints (the server of `serve`).
+    Dashboard(lmforge::serve::DashboardArgs),
     /// Evaluate on tasks without weight updates: zero/one/few-shot multiple choice by
     /// log-likelihood, generation (exact match, F1, BLEU, chrF, ROUGE-L), rolling perplexity,
     /// classifier heads, the bias probe; --baseline for a forgetting table.
@@ -442,6 +448,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Serve(a) => lmforge::serve::serve(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Dashboard(a) => lmforge::serve::dashboard(a).map(|()| ExitCode::SUCCESS),
         Cmd::Report(a) => {
             let page = lmforge::view::report::write(&a)?;
             eprintln!("wrote {}", page.display());

@@ -88,6 +88,52 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// Adds `other`'s rows after this cache's (continuous batching: a prefilled request joins
+    /// running ones). Rows are left-padded (zero keys and values the padding mask hides) to the
+    /// longer of the two; returns the columns added before this cache's rows and before
+    /// `other`'s. Both must come from the same model and adapters (virtual tokens are shared).
+    pub fn append_rows(&mut self, other: KvCache) -> Result<(usize, usize)> {
+        if self.layers.iter().all(Option::is_none) {
+            *self = other;
+            return Ok((0, 0));
+        }
+        let width = self.len.max(other.len);
+        let (pad_self, pad_other) = (width - self.len, width - other.len);
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            let (Some((k, v)), Some((k2, v2))) = (mine.as_mut(), theirs) else {
+                bail!("joining KV caches of different depths");
+            };
+            let left = |t: &Tensor, n: usize| -> Result<Tensor> {
+                if n == 0 {
+                    return Ok(t.clone());
+                }
+                let (b, _, h, d) = t.dims4()?; // (B, S, n_kv, hd)
+                let z = Tensor::zeros((b, n, h, d), t.dtype(), t.device())?;
+                Ok(Tensor::cat(&[&z, t], 1)?)
+            };
+            *k = Tensor::cat(&[&left(k, pad_self)?, &left(&k2, pad_other)?], 0)?;
+            *v = Tensor::cat(&[&left(v, pad_self)?, &left(&v2, pad_other)?], 0)?;
+        }
+        self.len = width;
+        Ok((pad_self, pad_other))
+    }
+
+    /// Drops the first `n` columns of every row (padding no row needs any more).
+    pub fn drop_front(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if n > self.len {
+            bail!("dropping {n} of {} cached columns", self.len);
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(1, n, self.len - n)?;
+            *v = v.narrow(1, n, self.len - n)?;
+        }
+        self.len -= n;
+        Ok(())
+    }
 }
 
 impl Attention {

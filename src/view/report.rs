@@ -200,8 +200,11 @@ pub fn downsample(points: &[(f64, f64)], buckets: usize) -> Vec<(f64, f64)> {
     out
 }
 
+/// One chart: a metric and its curve in each run.
+pub type Panel = (String, Vec<Series>);
+
 /// Panels (metric, one series per run), `FIRST` metrics first, then the rest by name.
-pub fn panels(runs: &[Run]) -> Vec<(String, Vec<Series>)> {
+pub fn panels(runs: &[Run]) -> Vec<Panel> {
     let mut keys: Vec<&String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (k, _) in runs.iter().flat_map(|r| &r.curves) {
@@ -238,31 +241,13 @@ pub fn write(a: &ReportArgs) -> Result<PathBuf> {
             resumable: false,
         },
     )?;
-    let mut runs = Vec::new();
-    for d in std::iter::once(&a.run).chain(&a.compare) {
-        runs.push(Run::load(d)?);
-    }
-    // Two runs called alike (a/run, b/run) are told apart by their paths.
-    for i in 0..runs.len() {
-        if runs.iter().filter(|r| r.name == runs[i].name).count() > 1 {
-            runs[i].name = runs[i].dir.display().to_string();
-        }
-    }
-    let mut evals = Vec::new();
-    for d in &a.eval {
-        evals.push((
-            d.display().to_string(),
-            crate::input::read_json(&d.join("results.json"))?,
-        ));
-    }
-    let panels = panels(&runs);
-    if panels.is_empty() {
-        bail!(
-            "{}: no step of the run has a numeric metric",
-            a.run.display()
-        );
-    }
-    let html = page(&runs, &panels, &evals);
+    let dirs: Vec<PathBuf> = std::iter::once(&a.run).chain(&a.compare).cloned().collect();
+    let evals: Vec<(String, PathBuf)> = a
+        .eval
+        .iter()
+        .map(|d| (d.display().to_string(), d.clone()))
+        .collect();
+    let (html, panels) = render(&dirs, &evals)?;
     crate::outdir::write_output(&a.out, "report", |dir| {
         crate::fsutil::write_file(&dir.join("index.html"), html.as_bytes())?;
         for (i, (k, series)) in panels.iter().enumerate() {
@@ -276,6 +261,37 @@ pub fn write(a: &ReportArgs) -> Result<PathBuf> {
         Ok(())
     })?;
     Ok(a.out.join("index.html"))
+}
+
+/// The report page of runs `dirs` (the first one's curves drawn first) with the `lmforge eval`
+/// results in `evals` (name, directory), and its panels (what the PNGs draw).
+pub fn render(dirs: &[PathBuf], evals: &[(String, PathBuf)]) -> Result<(String, Vec<Panel>)> {
+    let mut runs = Vec::new();
+    for d in dirs {
+        runs.push(Run::load(d)?);
+    }
+    // Two runs called alike (a/run, b/run) are told apart by their paths.
+    for i in 0..runs.len() {
+        if runs.iter().filter(|r| r.name == runs[i].name).count() > 1 {
+            runs[i].name = runs[i].dir.display().to_string();
+        }
+    }
+    let mut results = Vec::new();
+    for (name, d) in evals {
+        results.push((
+            name.clone(),
+            crate::input::read_json(&d.join("results.json"))?,
+        ));
+    }
+    let panels = panels(&runs);
+    if panels.is_empty() {
+        let first = dirs
+            .first()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        bail!("{first}: no step of the run has a numeric metric");
+    }
+    Ok((page(&runs, &panels, &results), panels))
 }
 
 fn png_name(i: usize, key: &str) -> String {
@@ -295,7 +311,7 @@ fn esc(s: &str) -> String {
 }
 
 /// The page: legend, panels, embedded data, summaries, recipes, evaluation tables.
-fn page(runs: &[Run], panels: &[(String, Vec<Series>)], evals: &[(String, Value)]) -> String {
+fn page(runs: &[Run], panels: &[Panel], evals: &[(String, Value)]) -> String {
     let title = runs
         .iter()
         .map(|r| r.name.as_str())
