@@ -6,9 +6,9 @@ Standard library only. Sends the same streamed completion requests one after ano
 first token and total generated tokens/s for both, as one JSON line each and a table.
 
   python3 scripts/load_test.py --url http://127.0.0.1:8000 --model NAME \
-      --clients 8 --requests 32 --max-tokens 64 [--ban-token EOS_ID]
+      --clients 8 --requests 32 --max-tokens 64 [--ban-token EOS_ID ...]
 
---ban-token sends logit_bias {ID: -100} so that every answer runs to --max-tokens (equal work
+--ban-token (repeatable) sends logit_bias {ID: -100} so that every answer runs to --max-tokens (equal work
 per request whatever the model says). Every request must complete (HTTP 200, a finish reason,
 [DONE]); the script exits non-zero otherwise.
 """
@@ -38,8 +38,8 @@ def one(url, model, prompt, max_tokens, ban, timeout):
     u = urllib.parse.urlparse(url)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.7,
             "stream": True, "stream_options": {"include_usage": True}}
-    if ban is not None:
-        body["logit_bias"] = {str(ban): -100}
+    if ban:
+        body["logit_bias"] = {str(t): -100 for t in ban}
     t0 = time.perf_counter()
     c = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -123,7 +123,7 @@ def main():
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--ban-token", type=int)
+    p.add_argument("--ban-token", type=int, action="append", default=[])
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--skip-sequential", action="store_true")
     a = p.parse_args()

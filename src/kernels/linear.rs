@@ -17,8 +17,12 @@ use super::{rows_per_task, slice, sum_partials, uninit, CHUNK};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Largest number of input rows the quantized GEMV (`kernels::qgemv`) takes.
-pub const MAX_ROWS: usize = 16;
+/// Largest number of input rows the quantized GEMV (`kernels::qgemv`) takes. It unpacks each
+/// weight block once per input row, so its cost grows with the rows while the f32 product's
+/// barely does: decoding SmolLM2-135M Q4_1 through `lmforge serve` (2 cores, 2026-12-01),
+/// total tokens/s blocks vs f32 at 2 rows 60 vs 47, at 4 rows 61 vs 63 (even), at 8 rows 59 vs
+/// 102.
+pub const MAX_ROWS: usize = 3;
 
 /// Largest number of input rows the f32 GEMV takes; above it a blocked GEMM wins (it packs the
 /// weight panels, a pass over W that only many rows pay back: batched decoding of 32 rows ran

@@ -84,18 +84,31 @@ fn pick(listed: &[RunDir], names: &[String], what: &str) -> Result<Vec<PathBuf>,
 }
 
 /// A run's name with its metrics file's size and age: the page redraws a run whose size changed.
+/// "Training": metrics written in the last minute and no final output written with or after them (the
+/// run's lock cannot be asked without taking it, which could make a starting run fail).
 fn describe(r: &RunDir) -> Value {
-    let meta = std::fs::metadata(r.dir.join("metrics.jsonl")).ok();
-    let age = meta
-        .as_ref()
-        .and_then(|m| m.modified().ok())
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let metrics = r.dir.join("metrics.jsonl");
+    let size = std::fs::metadata(&metrics).map(|m| m.len()).unwrap_or(0);
+    let written = modified(&metrics);
+    let age = written
         .and_then(|t| t.elapsed().ok())
         .map(|d| d.as_secs_f64());
+    let output = ["model", "adapter"]
+        .iter()
+        .filter_map(|d| modified(&r.dir.join(d)))
+        .max();
+    let finished = match (output, written) {
+        // The summary line follows the outputs by moments.
+        (Some(o), Some(w)) => o + std::time::Duration::from_secs(10) >= w,
+        (Some(_), None) => true,
+        _ => false,
+    };
     json!({
         "name": r.name,
-        "metrics_bytes": meta.map(|m| m.len()).unwrap_or(0),
+        "metrics_bytes": size,
         "age_s": age,
-        "training": r.dir.join(crate::outdir::LOCK).exists() && age.is_some_and(|a| a < 60.0),
-        "finished": r.dir.join("model").is_dir() || r.dir.join("adapter").is_dir(),
+        "training": !finished && age.is_some_and(|a| a < 60.0),
+        "finished": finished,
     })
 }
