@@ -69,7 +69,9 @@ fn start(cmd: &str, args: &[&str]) -> Server {
         head.push('\n');
         if let Some(rest) = l.split("listening on http://127.0.0.1:").nth(1) {
             port = Some(
-                rest.trim_end_matches(['/', 'v', '1'])
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
                     .parse::<u16>()
                     .unwrap(),
             );
@@ -284,8 +286,8 @@ fn answers_equal_generate_alone_and_batched() {
         );
         assert_eq!(r["choices"][0]["finish_reason"], "stop");
     }
+    wait_for("an empty batch", 10, || health(port)["active"] == 0);
     let h = health(port);
-    assert_eq!(h["active"], 0);
     assert!(h["served"].as_u64().unwrap() >= 8, "{h}");
 }
 
@@ -521,12 +523,12 @@ fn the_queue_is_bounded_and_a_client_that_leaves_frees_its_place() {
         &json!({"model": "tiny", "prompt": "hi", "max_tokens": 2}),
     );
     assert_eq!(st, 200, "{v}");
+    // (The model thread counts its batch after the step that answered.)
+    wait_for("an empty batch and queue", 10, || {
+        let h = health(port);
+        h["active"] == 0 && h["queued"] == 0
+    });
     let h = health(port);
-    assert_eq!(
-        (h["active"].as_u64(), h["queued"].as_u64()),
-        (Some(0), Some(0)),
-        "{h}"
-    );
     // Neither long answer ran anywhere near its end.
     assert!(h["generated_tokens"].as_u64().unwrap() < 40_000, "{h}");
 }

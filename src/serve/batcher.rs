@@ -15,7 +15,7 @@
 //! of the current one (the dashboard's playground switches checkpoints this way).
 
 use super::catalog::Catalog;
-use super::text::Detok;
+use super::text::{Detok, Incremental};
 use crate::chat::Message;
 use crate::generate::{check_finite, sample_logp, Sampling};
 use crate::model::hf::LoadedModel;
@@ -179,6 +179,9 @@ struct Row {
     next: u32,
     rng: Rng,
     counts: std::collections::HashMap<u32, u32>,
+    /// The answer's text so far (released by `inc`, sent as `detok` allows).
+    text: String,
+    inc: Incremental,
     detok: Detok,
 }
 
@@ -336,6 +339,8 @@ impl Engine {
         });
         let mut row = Row {
             rng: Rng::keyed(&[job.sampling.seed, 0x5A3F]),
+            text: String::new(),
+            inc: Incremental::default(),
             detok: Detok::new(job.stop.clone()),
             job,
             pad: 0,
@@ -464,8 +469,12 @@ fn pick(row: &mut Row, mut logits: Vec<f32>) -> u32 {
 /// Sends the row's text that is safe to show; `Ok(true)` when a stop string ended it,
 /// `Err` when the client is gone.
 fn flush(row: &mut Row, m: &LoadedModel, last: bool) -> std::result::Result<bool, ()> {
-    let text = m.tok.inner.decode(&row.tokens, true).unwrap_or_default();
-    let (delta, stopped) = row.detok.advance(&text, last);
+    let tok = &m.tok.inner;
+    let new = row.inc.next(&row.tokens, last, |t| {
+        tok.decode(t, true).unwrap_or_default()
+    });
+    row.text.push_str(&new);
+    let (delta, stopped) = row.detok.advance(&row.text, last);
     if !delta.is_empty() && row.job.events.send(Event::Text(delta)).is_err() {
         row.job.cancel.store(true, Ordering::SeqCst);
         return Err(());

@@ -1,7 +1,42 @@
-//! Streaming text out of tokens: what part of an answer may be sent now. The answer is decoded
-//! whole at each token (a byte-level BPE token can end inside a UTF-8 character, shown as U+FFFD
+//! Streaming text out of tokens: what part of an answer may be sent now. New tokens are decoded
+//! incrementally (`Incremental`: a window of a few tokens, so a long answer costs the same per
+//! token as a short one; a byte-level BPE token can end inside a UTF-8 character, shown as U+FFFD
 //! until the next one completes it), and text that could still become a stop string is held
-//! back, so a client never sees a stop string or half of one.
+//! back (`Detok`), so a client never sees a stop string or half of one.
+
+/// Incremental detokenization as vLLM and transformers' `TextStreamer` do it: the new tokens are
+/// decoded together with the few before them (`prefix..read`), which gives decoders that treat a
+/// sequence's first token specially (SentencePiece's leading space) their context, and the text
+/// they add is released once it does not end in an unfinished character.
+#[derive(Default)]
+pub struct Incremental {
+    prefix: usize,
+    read: usize,
+}
+
+impl Incremental {
+    /// The text `tokens` (the whole answer so far) add to what was released before; `last`:
+    /// release an unfinished character too (as decoding the whole answer would show it).
+    pub fn next(
+        &mut self,
+        tokens: &[u32],
+        last: bool,
+        decode: impl Fn(&[u32]) -> String,
+    ) -> String {
+        let before = decode(&tokens[self.prefix..self.read]);
+        let now = decode(&tokens[self.prefix..]);
+        if now.len() <= before.len() || (!last && now.ends_with('\u{FFFD}')) {
+            return String::new();
+        }
+        let mut cut = before.len();
+        while !now.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.prefix = self.read;
+        self.read = tokens.len();
+        now[cut..].to_string()
+    }
+}
 
 pub struct Detok {
     stop: Vec<String>,
@@ -93,6 +128,24 @@ mod tests {
             }
         }
         (out, false)
+    }
+
+    #[test]
+    fn incremental_decoding_waits_for_whole_characters() {
+        // Tokens are bytes: "é" (C3 A9) and "€" (E2 82 AC) arrive split.
+        let decode = |t: &[u32]| {
+            String::from_utf8_lossy(&t.iter().map(|&b| b as u8).collect::<Vec<_>>()).into_owned()
+        };
+        let bytes: Vec<u32> = "aé€b".bytes().map(u32::from).collect();
+        let mut inc = Incremental::default();
+        let out: Vec<String> = (1..=bytes.len())
+            .map(|n| inc.next(&bytes[..n], false, decode))
+            .collect();
+        assert_eq!(out, ["a", "", "é", "", "", "€", "b"]);
+        // An unfinished character at the end is released as U+FFFD.
+        let mut inc = Incremental::default();
+        assert_eq!(inc.next(&[0x61, 0xE2], false, decode), "");
+        assert_eq!(inc.next(&[0x61, 0xE2], true, decode), "a\u{FFFD}");
     }
 
     #[test]
