@@ -93,9 +93,12 @@ fn send(port: u16, method: &str, path: &str, body: &str, headers: &[&str]) -> Tc
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n",
         body.len()
     );
+    if !headers.iter().any(|h| h.starts_with("Host:")) {
+        req.push_str("Host: 127.0.0.1\r\n");
+    }
     for h in headers {
         req.push_str(h);
         req.push_str("\r\n");
@@ -178,7 +181,7 @@ fn health(port: u16) -> Value {
 #[test]
 fn answers_equal_generate_alone_and_batched() {
     let d = tmpdir("serve_answers");
-    let m = chat_model(&d, 64);
+    let m = chat_model(&d, 512);
     let srv = start(
         "serve",
         &["--model", m.to_str().unwrap(), "--max-batch", "4"],
@@ -192,36 +195,36 @@ fn answers_equal_generate_alone_and_batched() {
     ];
     let want: Vec<String> = prompts
         .iter()
-        .map(|p| generated(&m, p, 24, 0.0, 0))
+        .map(|p| generated(&m, p, 200, 0.0, 0))
         .collect();
     // Alone: greedy, and sampled with a seed (the same stream `generate --seed` draws from).
     let (st, r) = post(
         port,
         "/v1/completions",
-        &json!({"model": "tiny-chat", "prompt": prompts[0], "max_tokens": 24, "temperature": 0}),
+        &json!({"model": "tiny-chat", "prompt": prompts[0], "max_tokens": 200, "temperature": 0}),
     );
     assert_eq!(st, 200, "{r}");
     assert_eq!(as_printed(&r["choices"][0]["text"]), want[0]);
     assert_eq!(r["object"], "text_completion");
     let toks = r["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!((1..=24).contains(&toks));
+    assert!((1..=200).contains(&toks));
     let fin = r["choices"][0]["finish_reason"].as_str().unwrap();
-    assert_eq!(fin, if toks == 24 { "length" } else { "stop" });
+    assert_eq!(fin, if toks == 200 { "length" } else { "stop" });
     let (_, r) = post(
         port,
         "/v1/completions",
-        &json!({"model": "tiny-chat", "prompt": "Hamlet", "max_tokens": 24, "temperature": 0.8, "seed": 7}),
+        &json!({"model": "tiny-chat", "prompt": "Hamlet", "max_tokens": 200, "temperature": 0.8, "seed": 7}),
     );
     assert_eq!(
         as_printed(&r["choices"][0]["text"]),
-        generated(&m, "Hamlet", 24, 0.8, 7)
+        generated(&m, "Hamlet", 200, 0.8, 7)
     );
     // Four at once, joining and leaving one batch: each answer is its own.
     let got: Vec<String> = std::thread::scope(|s| {
         let hs: Vec<_> = prompts
             .iter()
             .map(|p| s.spawn(move || {
-                let (st, r) = post(port, "/v1/completions", &json!({"model": "tiny-chat", "prompt": p, "max_tokens": 24, "temperature": 0}));
+                let (st, r) = post(port, "/v1/completions", &json!({"model": "tiny-chat", "prompt": p, "max_tokens": 200, "temperature": 0}));
                 assert_eq!(st, 200, "{r}");
                 as_printed(&r["choices"][0]["text"])
             }))
@@ -229,6 +232,8 @@ fn answers_equal_generate_alone_and_batched() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(got, want);
+    // (They did share the batch.)
+    assert!(health(port)["peak_batch"].as_u64().unwrap() >= 2);
     // Chat, streamed: role first, content deltas, a finish reason, usage, [DONE]; the deltas
     // make the answer the whole response has.
     let chat = json!({"model": "tiny-chat", "messages": [{"role": "system", "content": "Be brief."},
@@ -267,25 +272,22 @@ fn answers_equal_generate_alone_and_batched() {
         .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
     // A stop string ends the answer before it (the greedy answer's own text as the stop).
     let full = &want[0];
-    if let Some(cut) = full
-        .char_indices()
-        .nth(full.chars().count() / 2)
-        .map(|(i, _)| i)
-        .filter(|&i| i > 0)
-    {
-        let stop = &full[cut..(cut + 3).min(full.len())];
-        let (_, r) = post(
-            port,
-            "/v1/completions",
-            &json!({"model": "tiny-chat", "prompt": prompts[0], "max_tokens": 24, "temperature": 0, "stop": [stop]}),
-        );
-        let t = r["choices"][0]["text"].as_str().unwrap();
-        assert!(
-            full.starts_with(t) && !t.contains(stop) && t.len() <= cut,
-            "{t:?} {stop:?}"
-        );
-        assert_eq!(r["choices"][0]["finish_reason"], "stop");
-    }
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    assert!(
+        chars.len() >= 8,
+        "a longer greedy answer is needed: {full:?}"
+    );
+    let (cut, end) = (chars[chars.len() / 2].0, chars[chars.len() / 2 + 3].0);
+    let stop = &full[cut..end];
+    let (_, r) = post(
+        port,
+        "/v1/completions",
+        &json!({"model": "tiny-chat", "prompt": prompts[0], "max_tokens": 200, "temperature": 0, "stop": [stop]}),
+    );
+    let t = r["choices"][0]["text"].as_str().unwrap();
+    let first = full.find(stop).unwrap();
+    assert_eq!(t, &full[..first], "stop {stop:?}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
     wait_for("an empty batch", 10, || health(port)["active"] == 0);
     let h = health(port);
     assert!(h["served"].as_u64().unwrap() >= 8, "{h}");
@@ -364,7 +366,7 @@ fn bad_requests_get_openai_errors() {
             "temprature",
         ),
         (
-            json!({"model": "tiny", "prompt": "hi", "max_tokens": 33}).to_string(),
+            json!({"model": "tiny", "prompt": "hi", "max_tokens": 0}).to_string(),
             400,
             "invalid_request_error",
             "max_tokens",
@@ -408,6 +410,39 @@ fn bad_requests_get_openai_errors() {
         assert!(e["message"].as_str().unwrap().contains(says), "{body}: {v}");
         assert_eq!(e["type"], "invalid_request_error", "{body}: {v}");
     }
+    // max_tokens over the server's limit is cut to it.
+    let (st, v) = ask(
+        &json!({"model": "tiny", "prompt": "hi", "max_tokens": 1000, "logit_bias": {"0": -100}})
+            .to_string(),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 32, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // Another host name (DNS rebinding) or a foreign web page's request: refused on loopback.
+    let (st, _) = call(
+        port,
+        "GET",
+        "/v1/models",
+        "",
+        &[key, "Host: evil.example:80"],
+    );
+    assert_eq!(st, 403);
+    let (st, _) = call(
+        port,
+        "GET",
+        "/v1/models",
+        "",
+        &[key, "Origin: http://evil.example"],
+    );
+    assert_eq!(st, 403);
+    let (st, _) = call(
+        port,
+        "GET",
+        "/v1/models",
+        "",
+        &[key, "Host: localhost:1", "Origin: http://localhost:1"],
+    );
+    assert_eq!(st, 200);
     // Too big a body, a wrong method, an unknown route.
     let (st, _) = ask(&json!({"model": "tiny", "prompt": "x".repeat(5000)}).to_string());
     assert_eq!(st, 413);

@@ -1,4 +1,4 @@
-//! Decoding straight from GGUF-quantized weights: y = x·Wᵀ for a few rows of x (m ≤ 16) with
+//! Decoding straight from GGUF-quantized weights: y = x·Wᵀ for a few rows of x (m ≤ 3) with
 //! W kept in its 32-weight blocks (Q4_0, Q4_1, Q8_0), unpacked in registers.
 //!
 //!   Q4_0: w = d·(q − 8),  Q4_1: w = d·q + m,  Q8_0: w = d·q     (q: 4-bit or signed 8-bit)

@@ -100,21 +100,29 @@ impl KvCache {
         }
         let width = self.len.max(other.len);
         let (pad_self, pad_other) = (width - self.len, width - other.len);
-        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
-            let (Some((k, v)), Some((k2, v2))) = (mine.as_mut(), theirs) else {
+        let left = |t: &Tensor, n: usize| -> Result<Tensor> {
+            if n == 0 {
+                return Ok(t.clone());
+            }
+            let (b, _, h, d) = t.dims4()?; // (B, S, n_kv, hd)
+            let z = Tensor::zeros((b, n, h, d), t.dtype(), t.device())?;
+            Ok(Tensor::cat(&[&z, t], 1)?)
+        };
+        if self.layers.len() != other.layers.len() {
+            bail!("joining KV caches of different depths");
+        }
+        // All layers built before any is replaced: a failure leaves this cache as it was.
+        let mut joined = Vec::with_capacity(self.layers.len());
+        for (mine, theirs) in self.layers.iter().zip(&other.layers) {
+            let (Some((k, v)), Some((k2, v2))) = (mine, theirs) else {
                 bail!("joining KV caches of different depths");
             };
-            let left = |t: &Tensor, n: usize| -> Result<Tensor> {
-                if n == 0 {
-                    return Ok(t.clone());
-                }
-                let (b, _, h, d) = t.dims4()?; // (B, S, n_kv, hd)
-                let z = Tensor::zeros((b, n, h, d), t.dtype(), t.device())?;
-                Ok(Tensor::cat(&[&z, t], 1)?)
-            };
-            *k = Tensor::cat(&[&left(k, pad_self)?, &left(&k2, pad_other)?], 0)?;
-            *v = Tensor::cat(&[&left(v, pad_self)?, &left(&v2, pad_other)?], 0)?;
+            joined.push(Some((
+                Tensor::cat(&[&left(k, pad_self)?, &left(k2, pad_other)?], 0)?,
+                Tensor::cat(&[&left(v, pad_self)?, &left(v2, pad_other)?], 0)?,
+            )));
         }
+        self.layers = joined;
         self.len = width;
         Ok((pad_self, pad_other))
     }

@@ -107,6 +107,8 @@ pub struct Limits {
 #[derive(Default)]
 pub struct Stats {
     pub active: AtomicUsize,
+    /// The most rows one step has decoded together.
+    pub peak_batch: AtomicUsize,
     pub queued: AtomicUsize,
     pub served: AtomicU64,
     pub cancelled: AtomicU64,
@@ -123,13 +125,19 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the model thread. `first` (a model id of the catalog) is loaded before it returns,
     /// so a model that does not load stops the server at start-up, not at the first request.
-    pub fn start(catalog: Arc<Catalog>, limits: Limits, first: Option<&str>) -> Result<Self> {
+    /// Also returns the first model's context.
+    pub fn start(
+        catalog: Arc<Catalog>,
+        limits: Limits,
+        first: Option<&str>,
+    ) -> Result<(Self, Option<usize>)> {
         let (tx, rx) = std::sync::mpsc::sync_channel(limits.queue);
         let stats = Arc::new(Stats::default());
         let loaded = match first {
             Some(id) => Some((id.to_string(), catalog.load(id)?)),
             None => None,
         };
+        let ctx = loaded.as_ref().map(|(_, m)| m.model.context());
         let st = stats.clone();
         let pool = rayon::ThreadPoolBuilder::new()
             .build()
@@ -152,19 +160,20 @@ impl Batcher {
                 })
             })
             .context("starting the model thread")?;
-        Ok(Self { tx, stats })
+        Ok((Self { tx, stats }, ctx))
     }
 
-    /// Queues `job`; gives it back when the queue is full.
-    pub fn submit(&self, job: Job) -> std::result::Result<(), Box<Job>> {
+    /// Queues `job`; `Err(true)` when the queue is full, `Err(false)` when the model thread is
+    /// gone.
+    pub fn submit(&self, job: Job) -> std::result::Result<(), bool> {
         self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => {
-                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                Err(Box::new(j))
-            }
-        }
+        let full = match self.tx.try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(_)) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+        };
+        self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+        Err(full)
     }
 }
 
@@ -205,15 +214,23 @@ impl Engine {
                     Ok(j) => self.pending = Some(j),
                     Err(_) => return,
                 }
-                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             }
-            self.admit(&rx);
-            if self.rows.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.step() {
-                // A failing step (non-finite logits, out of memory) fails every row in it.
-                let msg = format!("{e:#}");
+            // A panic in a prefill or a step (a bug, or a kernel meeting a shape it should not)
+            // fails the rows it touched, not the server: the thread would take the queue with it.
+            let admitted =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.admit(&rx)));
+            let stepped = match admitted {
+                Ok(()) if self.rows.is_empty() => Ok(Ok(())),
+                Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())),
+                Err(p) => Err(p),
+            };
+            let failure = match stepped {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(p) => Some(panic_message(p.as_ref())),
+            };
+            if let Some(msg) = failure {
+                // A failing step (out of memory, a broken model) fails every row in it.
                 eprintln!("error: decoding step failed: {msg}");
                 for r in self.rows.drain(..) {
                     let _ = r.job.events.send(Event::Failed(Refusal {
@@ -234,22 +251,22 @@ impl Engine {
             let job = match self.pending.take() {
                 Some(j) => j,
                 None => match rx.try_recv() {
-                    Ok(j) => {
-                        self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                        j
-                    }
+                    Ok(j) => j,
                     Err(_) => return,
                 },
             };
+            if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) && !self.rows.is_empty()
+            {
+                // Another model: it waits (still queued) until the batch drains.
+                self.pending = Some(job);
+                return;
+            }
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             if job.cancel.load(Ordering::SeqCst) {
                 self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
             if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) {
-                if !self.rows.is_empty() {
-                    self.pending = Some(job);
-                    return;
-                }
                 // Drop the old model before loading the next: one set of weights in memory.
                 self.loaded = None;
                 self.cache = KvCache::new(0);
@@ -396,6 +413,7 @@ impl Engine {
         let dev = m.model.device();
         let ctx = m.model.context();
         let n = self.rows.len();
+        self.stats.peak_batch.fetch_max(n, Ordering::Relaxed);
         let ids: Vec<u32> = self.rows.iter().map(|r| r.next).collect();
         let pads: Vec<usize> = self.rows.iter().map(|r| r.pad).collect();
         let ids = Tensor::from_vec(ids, (n, 1), dev)?;
@@ -412,17 +430,34 @@ impl Engine {
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1()?;
-        check_finite(&logits, 0)?;
         let v = m.model.cfg.vocab_size;
-        let picks: Vec<u32> = self
+        // A row whose logits are not finite fails alone; the others go on.
+        let picks: Vec<std::result::Result<u32, String>> = self
             .rows
             .par_iter_mut()
             .enumerate()
-            .map(|(i, r)| pick(r, logits[i * v..(i + 1) * v].to_vec()))
+            .map(|(i, r)| {
+                let l = &logits[i * v..(i + 1) * v];
+                match check_finite(l, r.tokens.len()) {
+                    Ok(()) => Ok(pick(r, l.to_vec())),
+                    Err(e) => Err(format!("{e:#}")),
+                }
+            })
             .collect();
         let mut keep = Vec::with_capacity(n);
         let rows = std::mem::take(&mut self.rows);
         for (i, (mut r, id)) in rows.into_iter().zip(picks).enumerate() {
+            let id = match id {
+                Ok(id) => id,
+                Err(message) => {
+                    let _ = r.job.events.send(Event::Failed(Refusal {
+                        status: 500,
+                        code: "server_error",
+                        message,
+                    }));
+                    continue;
+                }
+            };
             let done = if r.job.cancel.load(Ordering::SeqCst) {
                 Some(Finish::Stop)
             } else {
@@ -492,4 +527,13 @@ fn finish(stats: &Stats, row: Row, f: Finish) {
         finish: f,
         completion_tokens: row.tokens.len(),
     });
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into());
+    format!("internal error (panic): {what}")
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// The request line and headers together.
 pub const MAX_HEAD_BYTES: usize = 32 << 10;
-/// A client has this long to send its request.
+/// A client has this long to send its whole request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Request {
@@ -54,9 +54,35 @@ fn bad(status: u16, message: impl Into<String>) -> BadRequest {
 }
 
 /// Reads one request; `max_body` bounds its body.
+/// A stream whose reads share one deadline: a client sending a byte now and then cannot hold
+/// a connection past `READ_TIMEOUT`.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: std::time::Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request took too long to arrive",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&*self.stream).read(buf)
+    }
+}
+
 pub fn read_request(stream: &TcpStream, max_body: usize) -> Result<Request, BadRequest> {
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let mut r = BufReader::new(stream.take((MAX_HEAD_BYTES + max_body) as u64));
+    let deadline = Deadline {
+        stream,
+        until: std::time::Instant::now() + READ_TIMEOUT,
+    };
+    let mut r = BufReader::new(deadline.take((MAX_HEAD_BYTES + max_body) as u64));
     let mut head = Vec::new();
     let mut lines = Vec::new();
     loop {
@@ -201,6 +227,19 @@ pub fn discard_rest(stream: &TcpStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = std::io::copy(&mut stream.take(64 << 20), &mut std::io::sink());
+}
+
+/// Reads what the client has sent so far without waiting (at most 64 KiB).
+pub fn drain_now(stream: &TcpStream) {
+    if stream.set_nonblocking(true).is_ok() {
+        let mut buf = [0u8; 8192];
+        for _ in 0..8 {
+            if !matches!((&*stream).read(&mut buf), Ok(n) if n > 0) {
+                break;
+            }
+        }
+        let _ = stream.set_nonblocking(false);
+    }
 }
 
 /// Whether the peer has closed its side (a read would return end of file): checked without

@@ -86,6 +86,10 @@ struct Server {
     api_key: Option<String>,
     max_body: usize,
     dashboard: bool,
+    /// Longest prompt text taken to the model thread (tokenizing it there holds the batch).
+    prompt_bytes: usize,
+    /// Bound to loopback: requests must name a loopback host and come from no other web origin.
+    loopback: bool,
     connections: AtomicUsize,
     max_connections: usize,
 }
@@ -107,8 +111,8 @@ pub fn dashboard(a: DashboardArgs) -> Result<()> {
 }
 
 fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
-    if a.max_batch == 0 || a.max_tokens == 0 || a.max_connections == 0 {
-        bail!("--max-batch, --max-tokens and --max-connections must be at least 1");
+    if a.max_batch == 0 || a.max_tokens == 0 || a.max_connections == 0 || a.queue == 0 {
+        bail!("--max-batch, --queue, --max-tokens and --max-connections must be at least 1");
     }
     let device = crate::device(&a.device)?;
     let fixed = match &a.model {
@@ -139,7 +143,10 @@ fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
         max_prompt_tokens: a.max_prompt_tokens.unwrap_or(usize::MAX),
     };
     let t0 = Instant::now();
-    let batcher = Batcher::start(catalog.clone(), limits.clone(), first.as_deref())?;
+    let (batcher, first_ctx) = Batcher::start(catalog.clone(), limits.clone(), first.as_deref())?;
+    let limits_prompt = limits
+        .max_prompt_tokens
+        .min(first_ctx.unwrap_or(usize::MAX));
     let api_key = a
         .api_key
         .clone()
@@ -172,6 +179,8 @@ fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
         api_key,
         max_body: a.max_body_bytes,
         dashboard: runs.is_some(),
+        prompt_bytes: 64 * limits_prompt.min(1 << 17),
+        loopback: addr.ip().is_loopback(),
         connections: AtomicUsize::new(0),
         max_connections: a.max_connections,
     });
@@ -180,6 +189,9 @@ fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
         let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
         if server.connections.fetch_add(1, Ordering::SeqCst) >= server.max_connections {
             server.connections.fetch_sub(1, Ordering::SeqCst);
+            // What the request sent so far is read first: closing with unread data resets the
+            // connection, and the client would not see the 503.
+            http::drain_now(&stream);
             let _ = reply_error(
                 &stream,
                 &overloaded(
@@ -249,6 +261,12 @@ fn handle(s: &Server, stream: &TcpStream) {
         }
     };
     let path = req.path.as_str();
+    if s.loopback {
+        if let Err(r) = same_machine(&req) {
+            let _ = reply_error(stream, &r);
+            return;
+        }
+    }
     let guarded = path.starts_with("/v1/") || path.starts_with("/api/");
     if guarded && !authorized(s, &req) {
         let r = refusal(
@@ -265,7 +283,7 @@ fn handle(s: &Server, stream: &TcpStream) {
             reply_json(
                 stream,
                 &json!({"status": "ok",
-                "active": st.active.load(Ordering::SeqCst), "queued": st.queued.load(Ordering::SeqCst),
+                "active": st.active.load(Ordering::SeqCst), "peak_batch": st.peak_batch.load(Ordering::SeqCst), "queued": st.queued.load(Ordering::SeqCst),
                 "served": st.served.load(Ordering::SeqCst), "cancelled": st.cancelled.load(Ordering::SeqCst),
                 "generated_tokens": st.tokens.load(Ordering::SeqCst)}),
             );
@@ -289,6 +307,41 @@ fn handle(s: &Server, stream: &TcpStream) {
     if let Err(r) = result {
         let _ = reply_error(stream, &r);
     }
+}
+
+/// On loopback, the request must name a loopback host (a web page that rebinds its own domain
+/// name to 127.0.0.1 sends that name) and, when a browser says where it comes from, come from
+/// this server's own pages: other web pages cannot use a model on this machine.
+fn same_machine(req: &Request) -> Result<(), Refusal> {
+    let local = |hostport: &str| {
+        let host = match hostport.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => hostport.split(':').next().unwrap_or(""),
+        };
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    let host = req.header("host").unwrap_or("");
+    if !host.is_empty() && !local(host) {
+        return Err(refusal(
+            403,
+            "forbidden",
+            format!("this server answers on loopback only, not to Host: {host}"),
+        ));
+    }
+    if let Some(origin) = req.header("origin") {
+        let from = origin.split("://").nth(1).unwrap_or("");
+        if origin != "null" && from != host {
+            return Err(refusal(
+                403,
+                "forbidden",
+                format!("requests from the web page {origin} are refused (cross-origin)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The API key check, in constant time over the key's length.
@@ -361,17 +414,34 @@ fn complete(s: &Server, stream: &TcpStream, req: &Request, ep: Endpoint) -> Resu
     let (tx, rx) = std::sync::mpsc::channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
-    if s.batcher
-        .submit(asked.into_job(p.model.clone(), tx, cancel))
-        .is_err()
-    {
-        return Err(overloaded(
-            429,
+    let bytes = asked.input_bytes();
+    if bytes > s.prompt_bytes {
+        return Err(refusal(
+            400,
+            "context_length_exceeded",
             format!(
+                "the prompt is {bytes} bytes; this server takes at most {} (64 bytes per token of its prompt limit)",
+                s.prompt_bytes
+            ),
+        ));
+    }
+    match s
+        .batcher
+        .submit(asked.into_job(p.model.clone(), tx, cancel))
+    {
+        Ok(()) => {}
+        Err(true) => {
+            return Err(overloaded(
+                429,
+                format!(
                 "{} requests are being decoded and the queue of {} is full (--max-batch, --queue)",
                 s.limits.max_batch, s.limits.queue
             ),
-        ));
+            ))
+        }
+        Err(false) => {
+            return Err(overloaded(503, "the model thread has stopped".into()));
+        }
     }
     let id = openai::response_id(ep);
     let mut checked = Instant::now();
@@ -380,7 +450,7 @@ fn complete(s: &Server, stream: &TcpStream, req: &Request, ep: Endpoint) -> Resu
         Some(Event::Failed(r)) => return Err(r),
         _ => return Ok(()),
     };
-    if !p.stream {
+    if !p.streaming() {
         let mut text = String::new();
         loop {
             match next_event(&rx, stream, &mut checked) {

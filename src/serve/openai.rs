@@ -25,16 +25,30 @@ pub struct Params {
     top_p: Option<f64>,
     top_k: Option<usize>,
     n: Option<usize>,
-    #[serde(default)]
-    pub stream: bool,
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     stop: Option<Value>,
     seed: Option<i64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     logit_bias: Option<BTreeMap<String, f32>>,
-    logprobs: Option<bool>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
     echo: Option<bool>,
+    best_of: Option<usize>,
+    suffix: Option<Value>,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    /// Accepted and ignored: they change nothing without tools or storage.
+    #[allow(dead_code)]
+    parallel_tool_calls: Option<Value>,
+    #[allow(dead_code)]
+    store: Option<Value>,
+    #[allow(dead_code)]
+    metadata: Option<Value>,
+    #[allow(dead_code)]
+    service_tier: Option<Value>,
     /// Accepted and ignored, as a label for the caller's own bookkeeping.
     #[allow(dead_code)]
     user: Option<String>,
@@ -46,8 +60,9 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
+/// Other fields of a message (`tool_call_id`, `tool_calls`, `refusal`) are ignored: an
+/// assistant message copied back from a response must be accepted.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ChatMessage {
     role: String,
     /// A string, a list of `{"type": "text", "text": …}` parts, or null (an assistant turn).
@@ -120,6 +135,25 @@ impl Asked {
     }
 }
 
+/// Longest stop string (each is looked for at every token of every row).
+const MAX_STOP_BYTES: usize = 256;
+
+impl Params {
+    pub fn streaming(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+}
+
+impl Asked {
+    /// The prompt's text, in bytes (before the template).
+    pub fn input_bytes(&self) -> usize {
+        match &self.input {
+            Input::Chat(msgs) => msgs.iter().map(|m| m.content.len() + m.role.len()).sum(),
+            Input::Text(t) => t.len(),
+        }
+    }
+}
+
 pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked, Refusal> {
     let input = match ep {
         Endpoint::Chat => {
@@ -173,8 +207,38 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
             "n: only 1 choice per request is supported; send several requests",
         ));
     }
-    if p.logprobs == Some(true) {
-        return Err(refuse("logprobs: not supported"));
+    // Parameters with nothing to do at their default values, refused otherwise.
+    let unset = |v: &Option<Value>| {
+        v.as_ref().is_none_or(|v| {
+            v.is_null() || *v == Value::Bool(false) || *v == json!(0) || *v == json!([])
+        })
+    };
+    for (name, v) in [
+        ("logprobs", &p.logprobs),
+        ("top_logprobs", &p.top_logprobs),
+        ("suffix", &p.suffix),
+        ("tools", &p.tools),
+    ] {
+        if !unset(v) {
+            return Err(refuse(format!("{name}: not supported")));
+        }
+    }
+    if p.best_of.is_some_and(|b| b != 1) {
+        return Err(refuse("best_of: only 1 is supported"));
+    }
+    if p.response_format
+        .as_ref()
+        .is_some_and(|f| !f.is_null() && f.get("type") != Some(&json!("text")))
+    {
+        return Err(refuse(
+            "response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
+        ));
+    }
+    if p.tool_choice
+        .as_ref()
+        .is_some_and(|c| !c.is_null() && *c != json!("none") && *c != json!("auto"))
+    {
+        return Err(refuse("tool_choice: tools are not supported"));
     }
     let temperature = p.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -198,11 +262,12 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
         .max_completion_tokens
         .or(p.max_tokens)
         .unwrap_or(max_tokens_limit);
-    if max_new == 0 || max_new > max_tokens_limit {
-        return Err(refuse(format!(
-            "max_tokens: {max_new} is outside 1..={max_tokens_limit} (this server's --max-tokens)"
-        )));
+    // More than the server's limit is cut to it (the answer then ends with "length"), as
+    // clients send large defaults; zero is refused.
+    if max_new == 0 {
+        return Err(refuse("max_tokens: must be at least 1"));
     }
+    let max_new = max_new.min(max_tokens_limit);
     let stop = match &p.stop {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -212,6 +277,11 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
             .collect(),
         Some(_) => return Err(refuse("stop: a string or a list of at most 4 strings")),
     };
+    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(refuse(format!(
+            "stop: each stop string may have at most {MAX_STOP_BYTES} bytes"
+        )));
+    }
     let mut logit_bias = Vec::new();
     for (k, &b) in p.logit_bias.iter().flatten() {
         let id: u32 = k
