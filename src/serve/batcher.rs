@@ -119,6 +119,8 @@ pub struct Stats {
 #[derive(Clone)]
 pub struct Batcher {
     tx: SyncSender<Job>,
+    queue: usize,
+    max_batch: usize,
     pub stats: Arc<Stats>,
 }
 
@@ -131,7 +133,8 @@ impl Batcher {
         limits: Limits,
         first: Option<&str>,
     ) -> Result<(Self, Option<usize>)> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(limits.queue);
+        let (tx, rx) = std::sync::mpsc::sync_channel(limits.queue + limits.max_batch);
+        let (queue, max_batch) = (limits.queue, limits.max_batch);
         let stats = Arc::new(Stats::default());
         let loaded = match first {
             Some(id) => Some((id.to_string(), catalog.load(id)?)),
@@ -160,13 +163,34 @@ impl Batcher {
                 })
             })
             .context("starting the model thread")?;
-        Ok((Self { tx, stats }, ctx))
+        Ok((
+            Self {
+                tx,
+                stats,
+                queue,
+                max_batch,
+            },
+            ctx,
+        ))
     }
 
     /// Queues `job`; `Err(true)` when the queue is full, `Err(false)` when the model thread is
-    /// gone.
+    /// gone. The queue holds `--queue` requests beyond the batch's free places (requests the
+    /// model thread has not picked up yet are counted as waiting, not as refused).
     pub fn submit(&self, job: Job) -> std::result::Result<(), bool> {
-        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        let room = self.queue
+            + self
+                .max_batch
+                .saturating_sub(self.stats.active.load(Ordering::SeqCst));
+        let counted = self
+            .stats
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < room).then_some(q + 1)
+            });
+        if counted.is_err() {
+            return Err(true);
+        }
         let full = match self.tx.try_send(job) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(_)) => true,
@@ -261,8 +285,14 @@ impl Engine {
                 self.pending = Some(job);
                 return;
             }
+            // Counted as active from here (its prefill may take a while): the queue's room is
+            // computed from both counters.
+            self.stats
+                .active
+                .store(self.rows.len() + 1, Ordering::SeqCst);
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             if job.cancel.load(Ordering::SeqCst) {
+                self.stats.active.store(self.rows.len(), Ordering::SeqCst);
                 self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
@@ -278,6 +308,7 @@ impl Engine {
                             code: "model_load_failed",
                             message: format!("loading model {}: {e:#}", job.model),
                         }));
+                        self.stats.active.store(self.rows.len(), Ordering::SeqCst);
                         continue;
                     }
                 }
