@@ -164,7 +164,7 @@ fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
         (Some(m), Some(r)) => format!("model {m} and the runs in {}", r.display()),
         (Some(m), None) => format!("model {m}"),
         (None, Some(r)) => format!("the runs in {}", r.display()),
-        (None, None) => unreachable!("serve requires --model"),
+        (None, None) => "no model yet".to_string(),
     };
     eprintln!(
         "lmforge {}: {what} (loaded in {:.1}s); listening on http://{addr}{}",
@@ -185,7 +185,11 @@ fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
         max_connections: a.max_connections,
     });
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            // Out of file descriptors or a connection reset before accept: not a busy loop.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
         if server.connections.fetch_add(1, Ordering::SeqCst) >= server.max_connections {
             server.connections.fetch_sub(1, Ordering::SeqCst);
@@ -371,6 +375,8 @@ impl Drop for CancelOnDrop {
 }
 
 /// Waits for the next event of a request while watching its client: `None` once it left.
+/// (Every path of the model thread ends a request with `Done` or `Failed`; a request dropped
+/// without either is answered as failed.)
 fn next_event(
     rx: &std::sync::mpsc::Receiver<Event>,
     stream: &TcpStream,
@@ -392,7 +398,14 @@ fn next_event(
                 }
                 *checked = Instant::now();
             }
-            Err(RecvTimeoutError::Disconnected) => return None,
+            // The model thread dropped the request without a word (a panic in its prefill).
+            Err(RecvTimeoutError::Disconnected) => {
+                return Some(Event::Failed(refusal(
+                    500,
+                    "server_error",
+                    "the model thread dropped the request (see the server's log)",
+                )))
+            }
         }
     }
 }
