@@ -600,12 +600,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
     let t0 = std::time::Instant::now();
     let mut m = hf::load_with_blocks(&a.model, &dev, &|_| true, !a.dequantize)?;
     if let Some(dir) = &a.adapter {
-        let switch = lmforge::peft::AdapterSwitch::default();
-        lmforge::peft::load(dir, &mut m.model, &mut m.store, &switch)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-        if let Some(t) = lmforge::chat::template_from_dir(dir)? {
-            m.chat_template = Some(t);
-        }
+        m.apply_adapter(dir)?;
     }
     let load_s = t0.elapsed().as_secs_f64();
     let s = Sampling {

@@ -9,7 +9,7 @@ use crate::chat::Message;
 use crate::model::backbone::{load_head_model, HeadModel};
 use crate::model::encoder::Heads;
 use crate::model::hf::{self, LoadedEncoder, LoadedModel};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -144,12 +144,7 @@ impl Subject {
         }
         let mut m = hf::load_with_blocks(path, dev, &|_| true, !dequantize)?;
         if let Some(dir) = adapter {
-            let switch = crate::peft::AdapterSwitch::default();
-            crate::peft::load(dir, &mut m.model, &mut m.store, &switch)
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
-            if let Some(t) = crate::chat::template_from_dir(dir)? {
-                m.chat_template = Some(t);
-            }
+            m.apply_adapter(dir)?;
         }
         Ok(Subject::Decoder(m))
     }

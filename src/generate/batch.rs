@@ -6,11 +6,10 @@
 //! prompt (k samples of one prompt in GRPO/RLOO) share its prefill: each distinct prompt is run
 //! once and its cache rows copied to its samples.
 
-use super::{check_finite, sample_logp, Sampling, Stop};
-use crate::model::{DecoderModel, ForwardOpts, KvCache, Packing};
+use super::{check_finite, last_logits, sample_logp, Sampling, Stop};
+use crate::model::{DecoderModel, KvCache, Packing};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 /// One row of a batched generation.
@@ -143,20 +142,8 @@ pub fn generate_batch_until(
             break;
         }
         let n_rows = pads.len();
-        let ids = Tensor::from_vec(input, (n_rows, cols), dev)?;
         let rows = Packing::left_padded(&pads, cache.len(), cols, dev)?;
-        let opts = ForwardOpts {
-            cache: Some(&mut cache),
-            packing: Some(&rows),
-            ..Default::default()
-        };
-        let h = model.hidden_states(&model.embed(&ids)?, opts)?;
-        let last = h.narrow(1, cols - 1, 1)?;
-        let logits: Vec<f32> = model
-            .logits(&last)?
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
+        let logits = last_logits(model, input, (n_rows, cols), &mut cache, Some(&rows))?;
         check_finite(&logits, out[live[0]].tokens.len())?;
         let mut row_rngs: Vec<Rng> = live.iter().map(|&r| rngs[r].clone()).collect();
         let picks: Vec<(u32, f64)> = row_rngs

@@ -12,7 +12,7 @@ pub use batch::{
     generate_batch, generate_batch_until, generate_chunked, generate_chunked_until, Sampled,
 };
 
-use crate::model::{DecoderModel, ForwardOpts, KvCache};
+use crate::model::{DecoderModel, ForwardOpts, KvCache, Packing};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -90,7 +90,6 @@ pub fn generate(
             prompt.len()
         );
     }
-    let dev = model.device();
     let mut cache = KvCache::new(model.cfg.num_layers);
     let mut rng = Rng::keyed(&[s.seed, 0x5A3F]);
     let mut out = Vec::new();
@@ -102,18 +101,8 @@ pub fn generate(
         if cache.len() + input.len() > ctx {
             return Ok((out, Stop::ContextFull));
         }
-        let ids = Tensor::from_vec(input.clone(), (1, input.len()), dev)?;
-        let opts = ForwardOpts {
-            cache: Some(&mut cache),
-            ..Default::default()
-        };
-        let h = model.hidden_states(&model.embed(&ids)?, opts)?;
-        let last = h.narrow(1, input.len() - 1, 1)?;
-        let logits: Vec<f32> = model
-            .logits(&last)?
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
+        let n = input.len();
+        let logits = last_logits(model, input, (1, n), &mut cache, None)?;
         check_finite(&logits, out.len())?;
         let next = sample(&logits, s, &mut rng);
         if eos.contains(&next) {
@@ -123,6 +112,30 @@ pub fn generate(
         out.push(next);
         input = vec![next];
     }
+}
+
+/// One decoding forward: `ids` (rows × cols, row-major) after what `cache` holds, with
+/// `packing` for left-padded rows; the logits of each row's last column, rows × vocab in f32.
+pub(crate) fn last_logits(
+    model: &DecoderModel,
+    ids: Vec<u32>,
+    (rows, cols): (usize, usize),
+    cache: &mut KvCache,
+    packing: Option<&Packing>,
+) -> Result<Vec<f32>> {
+    let ids = Tensor::from_vec(ids, (rows, cols), model.device())?;
+    let opts = ForwardOpts {
+        cache: Some(cache),
+        packing,
+        ..Default::default()
+    };
+    let h = model.hidden_states(&model.embed(&ids)?, opts)?;
+    let last = h.narrow(1, cols - 1, 1)?;
+    Ok(model
+        .logits(&last)?
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1()?)
 }
 
 pub(crate) fn check_finite(logits: &[f32], done: usize) -> Result<()> {

@@ -28,6 +28,18 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// Applies the PEFT adapter in `dir` (any method lmforge trains, switched on) and, when the
+    /// adapter ships a chat template (`sft` saves the one it trained with), uses that template.
+    pub fn apply_adapter(&mut self, dir: &Path) -> Result<()> {
+        let switch = crate::peft::AdapterSwitch::default();
+        crate::peft::load(dir, &mut self.model, &mut self.store, &switch)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        if let Some(t) = template_from_dir(dir)? {
+            self.chat_template = Some(t);
+        }
+        Ok(())
+    }
+
     /// The ids that end a response: the model's EOS ids, else the tokenizer's EOS.
     pub fn stop_ids(&self) -> Vec<u32> {
         if self.eos_ids.is_empty() {

@@ -14,15 +14,14 @@
 //! prefill); requests for another model wait until the batch drains, then it is loaded in place
 //! of the current one (the dashboard's playground switches checkpoints this way).
 
-use super::catalog::Catalog;
-use super::text::{Detok, Incremental};
+use super::catalog::{Catalog, Spec};
+use super::text::Answer;
 use crate::chat::Message;
-use crate::generate::{check_finite, sample_logp, Sampling};
+use crate::generate::{check_finite, last_logits, sample_logp, Sampling};
 use crate::model::hf::LoadedModel;
-use crate::model::{ForwardOpts, KvCache, Packing};
+use crate::model::{KvCache, Packing};
 use crate::rng::Rng;
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
@@ -36,9 +35,9 @@ pub enum Input {
     Text(String),
 }
 
-/// One request, validated by the API layer (`openai.rs`) except for what needs the model.
-pub struct Job {
-    pub model: String,
+/// What a request asks the model for, checked by the API layer (`openai::check`) except for
+/// what needs the model (the prompt's tokens, the vocabulary).
+pub struct Ask {
     pub input: Input,
     pub sampling: Sampling,
     /// OpenAI's `stop`: the answer ends before the first of these.
@@ -46,6 +45,24 @@ pub struct Job {
     pub logit_bias: Vec<(u32, f32)>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+}
+
+impl Ask {
+    /// The prompt's text, in bytes (before the template).
+    pub fn input_bytes(&self) -> usize {
+        match &self.input {
+            Input::Chat(msgs) => msgs.iter().map(|m| m.content.len() + m.role.len()).sum(),
+            Input::Text(t) => t.len(),
+        }
+    }
+}
+
+/// A request on its way to the model thread.
+pub struct Job {
+    /// The model's id, and what it loads (looked up once, by the connection).
+    pub model: String,
+    pub spec: Spec,
+    pub ask: Ask,
     pub events: Sender<Event>,
     /// Set by the connection when its client goes away: the row leaves at the next step.
     pub cancel: Arc<AtomicBool>,
@@ -90,6 +107,26 @@ pub struct Refusal {
     pub message: String,
 }
 
+impl Refusal {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `invalid_request_error`: the request itself is wrong.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", message)
+    }
+
+    /// 500 `server_error`.
+    pub fn server(message: impl Into<String>) -> Self {
+        Self::new(500, "server_error", message)
+    }
+}
+
 /// Server-wide limits on one request.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -125,22 +162,22 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the model thread. `first` (a model id of the catalog) is loaded before it returns,
+    /// Starts the model thread. `first` (a model of the catalog) is loaded before it returns,
     /// so a model that does not load stops the server at start-up, not at the first request.
     /// Also returns the first model's context.
     pub fn start(
         catalog: Arc<Catalog>,
         limits: Limits,
-        first: Option<&str>,
+        first: Option<(String, Spec)>,
     ) -> Result<(Self, Option<usize>)> {
         let (tx, rx) = std::sync::mpsc::sync_channel(limits.queue + limits.max_batch);
         let (queue, max_batch) = (limits.queue, limits.max_batch);
         let stats = Arc::new(Stats::default());
         let loaded = match first {
-            Some(id) => Some((id.to_string(), catalog.load(id)?)),
+            Some((id, spec)) => Some(Loaded::new(id, catalog.load(&spec)?)),
             None => None,
         };
-        let ctx = loaded.as_ref().map(|(_, m)| m.model.context());
+        let ctx = loaded.as_ref().map(|l| l.m.model.context());
         let st = stats.clone();
         let pool = rayon::ThreadPoolBuilder::new()
             .build()
@@ -212,17 +249,31 @@ struct Row {
     next: u32,
     rng: Rng,
     counts: std::collections::HashMap<u32, u32>,
-    /// The answer's text so far (released by `inc`, sent as `detok` allows).
-    text: String,
-    inc: Incremental,
-    detok: Detok,
+    answer: Answer,
+}
+
+/// The model on the thread, under its id, with the ids that end an answer.
+struct Loaded {
+    id: String,
+    m: LoadedModel,
+    stop_ids: Vec<u32>,
+}
+
+impl Loaded {
+    fn new(id: String, m: LoadedModel) -> Self {
+        Self {
+            id,
+            stop_ids: m.stop_ids(),
+            m,
+        }
+    }
 }
 
 struct Engine {
     catalog: Arc<Catalog>,
     limits: Limits,
     stats: Arc<Stats>,
-    loaded: Option<(String, LoadedModel)>,
+    loaded: Option<Loaded>,
     rows: Vec<Row>,
     cache: KvCache,
     /// A job for another model, waiting for the batch to drain.
@@ -257,11 +308,10 @@ impl Engine {
                 // A failing step (out of memory, a broken model) fails every row in it.
                 eprintln!("error: decoding step failed: {msg}");
                 for r in self.rows.drain(..) {
-                    let _ = r.job.events.send(Event::Failed(Refusal {
-                        status: 500,
-                        code: "server_error",
-                        message: msg.clone(),
-                    }));
+                    let _ = r
+                        .job
+                        .events
+                        .send(Event::Failed(Refusal::server(msg.clone())));
                 }
                 self.cache = KvCache::new(0);
             }
@@ -279,8 +329,8 @@ impl Engine {
                     Err(_) => return,
                 },
             };
-            if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) && !self.rows.is_empty()
-            {
+            let other_model = self.loaded.as_ref().is_none_or(|l| l.id != job.model);
+            if other_model && !self.rows.is_empty() {
                 // Another model: it waits (still queued) until the batch drains.
                 self.pending = Some(job);
                 return;
@@ -296,18 +346,18 @@ impl Engine {
                 self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
-            if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) {
+            if other_model {
                 // Drop the old model before loading the next: one set of weights in memory.
                 self.loaded = None;
                 self.cache = KvCache::new(0);
-                match self.catalog.load(&job.model) {
-                    Ok(m) => self.loaded = Some((job.model.clone(), m)),
+                match self.catalog.load(&job.spec) {
+                    Ok(m) => self.loaded = Some(Loaded::new(job.model.clone(), m)),
                     Err(e) => {
-                        let _ = job.events.send(Event::Failed(Refusal {
-                            status: 500,
-                            code: "model_load_failed",
-                            message: format!("loading model {}: {e:#}", job.model),
-                        }));
+                        let _ = job.events.send(Event::Failed(Refusal::new(
+                            500,
+                            "model_load_failed",
+                            format!("loading model {}: {e:#}", job.model),
+                        )));
                         self.stats.active.store(self.rows.len(), Ordering::SeqCst);
                         continue;
                     }
@@ -323,23 +373,14 @@ impl Engine {
 
     /// Tokenizes a job, runs its prompt alone, samples its first token and adds it to the batch.
     fn prefill(&mut self, job: Job) -> std::result::Result<(), Refusal> {
-        let bad = |message: String| Refusal {
-            status: 400,
-            code: "invalid_request_error",
-            message,
+        let bad = |e: anyhow::Error| Refusal::invalid(format!("{e:#}"));
+        let server = |e: anyhow::Error| Refusal::server(format!("{e:#}"));
+        let Some(Loaded { id, m, .. }) = self.loaded.as_ref() else {
+            return Err(Refusal::server("no model is loaded"));
         };
-        let server = |e: anyhow::Error| Refusal {
-            status: 500,
-            code: "server_error",
-            message: format!("{e:#}"),
-        };
-        let Some((id, m)) = self.loaded.as_ref() else {
-            return Err(server(anyhow::anyhow!("no model is loaded")));
-        };
-        let prompt = match &job.input {
+        let prompt = match &job.ask.input {
             Input::Chat(msgs) => {
-                let tpl = m.chat(id).map_err(|e| bad(format!("{e:#}")))?;
-                let text = tpl.render(msgs, true).map_err(|e| bad(format!("{e:#}")))?;
+                let text = m.chat(id).and_then(|t| t.render(msgs, true)).map_err(bad)?;
                 m.tok.encode(&text, false).map_err(server)?
             }
             Input::Text(t) => m.tok.encode(t, true).map_err(server)?,
@@ -347,52 +388,44 @@ impl Engine {
         let ctx = m.model.context();
         let limit = self.limits.max_prompt_tokens.min(ctx.saturating_sub(1));
         if prompt.is_empty() {
-            return Err(bad("the prompt is empty after tokenization".into()));
+            return Err(Refusal::invalid("the prompt is empty after tokenization"));
         }
         if prompt.len() > limit {
-            return Err(Refusal {
-                status: 400,
-                code: "context_length_exceeded",
-                message: format!(
+            return Err(Refusal::new(
+                400,
+                "context_length_exceeded",
+                format!(
                     "the prompt has {} tokens; this server takes at most {limit} (model context {ctx}, --max-prompt-tokens {})",
                     prompt.len(),
                     self.limits.max_prompt_tokens
                 ),
-            });
+            ));
         }
         let vocab = m.model.cfg.vocab_size;
-        if let Some((t, _)) = job.logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
-            return Err(bad(format!(
+        if let Some((t, _)) = job
+            .ask
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab)
+        {
+            return Err(Refusal::invalid(format!(
                 "logit_bias: token id {t} is outside the vocabulary of {vocab}"
             )));
         }
-        let dev = m.model.device();
+        let prompt_len = prompt.len();
         let mut cache = KvCache::new(m.model.cfg.num_layers);
-        let logits = (|| -> Result<Vec<f32>> {
-            let ids = Tensor::from_vec(prompt.clone(), (1, prompt.len()), dev)?;
-            let opts = ForwardOpts {
-                cache: Some(&mut cache),
-                ..Default::default()
-            };
-            let h = m.model.hidden_states(&m.model.embed(&ids)?, opts)?;
-            let last = h.narrow(1, prompt.len() - 1, 1)?;
-            let l = m.model.logits(&last)?.flatten_all()?;
-            let l: Vec<f32> = l.to_dtype(DType::F32)?.to_vec1()?;
-            check_finite(&l, 0)?;
-            Ok(l)
-        })()
-        .map_err(server)?;
+        let logits = last_logits(&m.model, prompt, (1, prompt_len), &mut cache, None)
+            .and_then(|l| check_finite(&l, 0).map(|()| l))
+            .map_err(server)?;
         let _ = job.events.send(Event::Started {
-            prompt_tokens: prompt.len(),
+            prompt_tokens: prompt_len,
         });
         let mut row = Row {
-            rng: Rng::keyed(&[job.sampling.seed, 0x5A3F]),
-            text: String::new(),
-            inc: Incremental::default(),
-            detok: Detok::new(job.stop.clone()),
+            rng: Rng::keyed(&[job.ask.sampling.seed, 0x5A3F]),
+            answer: Answer::new(job.ask.stop.clone()),
             job,
             pad: 0,
-            prompt_len: prompt.len(),
+            prompt_len,
             tokens: Vec::new(),
             next: 0,
             counts: Default::default(),
@@ -413,9 +446,9 @@ impl Engine {
 
     /// Records a sampled token; `Some` when the row is finished (its text already sent).
     fn after_token(&self, row: &mut Row, id: u32, ctx: usize) -> Option<Finish> {
-        let m = &self.loaded.as_ref()?.1;
+        let Loaded { m, stop_ids, .. } = self.loaded.as_ref()?;
         self.stats.tokens.fetch_add(1, Ordering::Relaxed);
-        if m.stop_ids().contains(&id) {
+        if stop_ids.contains(&id) {
             let _ = flush(row, m, true);
             return Some(Finish::Stop);
         }
@@ -427,7 +460,7 @@ impl Engine {
             Ok(true) => return Some(Finish::Stop),
             Ok(false) => {}
         }
-        if row.tokens.len() >= row.job.sampling.max_new_tokens
+        if row.tokens.len() >= row.job.ask.sampling.max_new_tokens
             || row.prompt_len + row.tokens.len() >= ctx
         {
             let _ = flush(row, m, true);
@@ -438,29 +471,16 @@ impl Engine {
 
     /// One decode step of every row: feed each row's last token, sample the next.
     fn step(&mut self) -> Result<()> {
-        let Some((_, m)) = self.loaded.as_ref() else {
+        let Some(Loaded { m, .. }) = self.loaded.as_ref() else {
             return Ok(());
         };
-        let dev = m.model.device();
         let ctx = m.model.context();
         let n = self.rows.len();
         self.stats.peak_batch.fetch_max(n, Ordering::Relaxed);
         let ids: Vec<u32> = self.rows.iter().map(|r| r.next).collect();
         let pads: Vec<usize> = self.rows.iter().map(|r| r.pad).collect();
-        let ids = Tensor::from_vec(ids, (n, 1), dev)?;
-        let packing = Packing::left_padded(&pads, self.cache.len(), 1, dev)?;
-        let opts = ForwardOpts {
-            cache: Some(&mut self.cache),
-            packing: Some(&packing),
-            ..Default::default()
-        };
-        let h = m.model.hidden_states(&m.model.embed(&ids)?, opts)?;
-        let logits: Vec<f32> = m
-            .model
-            .logits(&h)?
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
+        let packing = Packing::left_padded(&pads, self.cache.len(), 1, m.model.device())?;
+        let logits = last_logits(&m.model, ids, (n, 1), &mut self.cache, Some(&packing))?;
         let v = m.model.cfg.vocab_size;
         // A row whose logits are not finite fails alone; the others go on.
         let picks: Vec<std::result::Result<u32, String>> = self
@@ -481,11 +501,7 @@ impl Engine {
             let id = match id {
                 Ok(id) => id,
                 Err(message) => {
-                    let _ = r.job.events.send(Event::Failed(Refusal {
-                        status: 500,
-                        code: "server_error",
-                        message,
-                    }));
+                    let _ = r.job.events.send(Event::Failed(Refusal::server(message)));
                     continue;
                 }
             };
@@ -520,27 +536,26 @@ impl Engine {
 
 /// Samples a row's next token from its logits after its bias and penalties.
 fn pick(row: &mut Row, mut logits: Vec<f32>) -> u32 {
-    for &(t, b) in &row.job.logit_bias {
+    let ask = &row.job.ask;
+    for &(t, b) in &ask.logit_bias {
         logits[t as usize] += b;
     }
-    let (pp, fp) = (row.job.presence_penalty, row.job.frequency_penalty);
+    let (pp, fp) = (ask.presence_penalty, ask.frequency_penalty);
     if pp != 0.0 || fp != 0.0 {
         for (&t, &c) in &row.counts {
             logits[t as usize] -= pp + fp * c as f32;
         }
     }
-    sample_logp(&logits, &row.job.sampling, &mut row.rng).0
+    sample_logp(&logits, &ask.sampling, &mut row.rng).0
 }
 
 /// Sends the row's text that is safe to show; `Ok(true)` when a stop string ended it,
 /// `Err` when the client is gone.
 fn flush(row: &mut Row, m: &LoadedModel, last: bool) -> std::result::Result<bool, ()> {
     let tok = &m.tok.inner;
-    let new = row.inc.next(&row.tokens, last, |t| {
+    let (delta, stopped) = row.answer.push(&row.tokens, last, |t| {
         tok.decode(t, true).unwrap_or_default()
     });
-    row.text.push_str(&new);
-    let (delta, stopped) = row.detok.advance(&row.text, last);
     if !delta.is_empty() && row.job.events.send(Event::Text(delta)).is_err() {
         row.job.cancel.store(true, Ordering::SeqCst);
         return Err(());

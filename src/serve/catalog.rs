@@ -4,7 +4,7 @@
 //! A request names a model by id only: ids are looked up in this list, never opened as paths.
 
 use crate::model::hf::{self, LoadedModel};
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
@@ -62,41 +62,31 @@ impl Catalog {
             .map(|(_, s)| s)
     }
 
-    /// Loads model `id` (with its adapter, whose chat template wins when it has one).
-    pub fn load(&self, id: &str) -> Result<LoadedModel> {
-        let Some(spec) = self.find(id) else {
-            bail!("no model {id}");
-        };
+    /// Loads a model found by `find` (with its adapter, whose chat template wins).
+    pub fn load(&self, spec: &Spec) -> Result<LoadedModel> {
         let mut m = hf::load_with_blocks(&spec.model, &self.device, &|_| true, true)?;
         if let Some(dir) = &spec.adapter {
-            let switch = crate::peft::AdapterSwitch::default();
-            crate::peft::load(dir, &mut m.model, &mut m.store, &switch)
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
-            if let Some(t) = crate::chat::template_from_dir(dir)? {
-                m.chat_template = Some(t);
-            }
+            m.apply_adapter(dir)?;
         }
         Ok(m)
     }
 
     /// The run directories under the runs root (none without one), sorted by name.
     pub fn runs(&self) -> Vec<RunDir> {
-        let Some(root) = &self.runs else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        walk(root, root, 0, &mut out);
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        self.dirs_with("metrics.jsonl")
     }
 
     /// Directories under the runs root holding an `lmforge eval` result (`results.json`).
     pub fn evals(&self) -> Vec<RunDir> {
+        self.dirs_with("results.json")
+    }
+
+    fn dirs_with(&self, file: &str) -> Vec<RunDir> {
         let Some(root) = &self.runs else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        walk_files(root, root, 0, "results.json", &mut out);
+        walk(root, root, 0, file, &mut out);
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -111,12 +101,8 @@ fn rel(root: &Path, dir: &Path) -> String {
         .join("/")
 }
 
-fn walk(root: &Path, dir: &Path, depth: usize, out: &mut Vec<RunDir>) {
-    walk_files(root, dir, depth, "metrics.jsonl", out)
-}
-
 /// Directories holding `file`, depth-first, not following symbolic links, bounded.
-fn walk_files(root: &Path, dir: &Path, depth: usize, file: &str, out: &mut Vec<RunDir>) {
+fn walk(root: &Path, dir: &Path, depth: usize, file: &str, out: &mut Vec<RunDir>) {
     if out.len() >= MAX_RUNS {
         return;
     }
@@ -144,7 +130,7 @@ fn walk_files(root: &Path, dir: &Path, depth: usize, file: &str, out: &mut Vec<R
         if d.file_name().is_some_and(|n| n == "checkpoints") {
             continue;
         }
-        walk_files(root, &d, depth + 1, file, out);
+        walk(root, &d, depth + 1, file, out);
     }
 }
 

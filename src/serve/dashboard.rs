@@ -17,20 +17,16 @@ const PAGE: &str = include_str!("dashboard.html");
 const MAX_COMPARED: usize = 8;
 
 fn not_found(message: String) -> Refusal {
-    Refusal {
-        status: 404,
-        code: "not_found",
-        message,
-    }
+    Refusal::new(404, "not_found", message)
 }
 
 pub fn route(catalog: &Catalog, stream: &TcpStream, req: &Request) -> Result<(), Refusal> {
     if req.method != "GET" {
-        return Err(Refusal {
-            status: 405,
-            code: "method_not_allowed",
-            message: format!("{} is not allowed on {}", req.method, req.path),
-        });
+        return Err(Refusal::new(
+            405,
+            "method_not_allowed",
+            format!("{} is not allowed on {}", req.method, req.path),
+        ));
     }
     match req.path.as_str() {
         "/" | "/index.html" => {
@@ -48,7 +44,7 @@ pub fn route(catalog: &Catalog, stream: &TcpStream, req: &Request) -> Result<(),
         "/api/report" => {
             let names = req.query_values("run");
             if names.is_empty() || names.len() > MAX_COMPARED {
-                return Err(super::openai::refuse(format!(
+                return Err(Refusal::invalid(format!(
                     "give 1 to {MAX_COMPARED} runs (?run=NAME&run=…)"
                 )));
             }
@@ -63,7 +59,7 @@ pub fn route(catalog: &Catalog, stream: &TcpStream, req: &Request) -> Result<(),
                     let _ = http::respond(stream, 200, "text/html; charset=utf-8", html.as_bytes());
                     Ok(())
                 }
-                Err(e) => Err(super::openai::refuse(format!("{e:#}"))),
+                Err(e) => Err(Refusal::invalid(format!("{e:#}"))),
             }
         }
         p => Err(not_found(format!("no page {p}"))),

@@ -53,7 +53,6 @@ fn bad(status: u16, message: impl Into<String>) -> BadRequest {
     }
 }
 
-/// Reads one request; `max_body` bounds its body.
 /// A stream whose reads share one deadline: a client sending a byte now and then cannot hold
 /// a connection past `READ_TIMEOUT`.
 struct Deadline<'a> {
@@ -77,25 +76,26 @@ impl Read for Deadline<'_> {
     }
 }
 
+/// Reads one request; `max_body` bounds its body.
 pub fn read_request(stream: &TcpStream, max_body: usize) -> Result<Request, BadRequest> {
     let deadline = Deadline {
         stream,
         until: std::time::Instant::now() + READ_TIMEOUT,
     };
     let mut r = BufReader::new(deadline.take((MAX_HEAD_BYTES + max_body) as u64));
-    let mut head = Vec::new();
+    let mut head_len = 0;
     let mut lines = Vec::new();
     loop {
         let mut line = Vec::new();
         let n = (&mut r)
-            .take((MAX_HEAD_BYTES - head.len().min(MAX_HEAD_BYTES)) as u64 + 1)
+            .take((MAX_HEAD_BYTES - head_len) as u64 + 1)
             .read_until(b'\n', &mut line)
             .map_err(|e| bad(408, format!("reading the request: {e}")))?;
         if n == 0 {
             return Err(bad(400, "the connection closed before the request ended"));
         }
-        head.extend_from_slice(&line);
-        if head.len() > MAX_HEAD_BYTES {
+        head_len += n;
+        if head_len > MAX_HEAD_BYTES {
             return Err(bad(
                 431,
                 format!("the request head is over {MAX_HEAD_BYTES} bytes"),

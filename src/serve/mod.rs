@@ -15,7 +15,7 @@ pub mod openai;
 pub mod text;
 
 use anyhow::{bail, Context, Result};
-use batcher::{Batcher, Event, Limits, Refusal};
+use batcher::{Batcher, Event, Job, Limits, Refusal};
 use catalog::{Catalog, Spec};
 use clap::Args;
 use http::Request;
@@ -135,7 +135,7 @@ fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
         None => None,
     };
     let first = fixed.as_ref().map(|(n, _)| n.clone());
-    let catalog = Arc::new(Catalog::new(fixed, runs.clone(), device));
+    let catalog = Arc::new(Catalog::new(fixed.clone(), runs.clone(), device));
     let limits = Limits {
         max_batch: a.max_batch,
         queue: a.queue,
@@ -143,7 +143,7 @@ fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
         max_prompt_tokens: a.max_prompt_tokens.unwrap_or(usize::MAX),
     };
     let t0 = Instant::now();
-    let (batcher, first_ctx) = Batcher::start(catalog.clone(), limits.clone(), first.as_deref())?;
+    let (batcher, first_ctx) = Batcher::start(catalog.clone(), limits.clone(), fixed)?;
     let limits_prompt = limits
         .max_prompt_tokens
         .min(first_ctx.unwrap_or(usize::MAX));
@@ -224,11 +224,7 @@ fn run(a: ServeArgs, runs: Option<PathBuf>) -> Result<()> {
 
 /// 503 when every connection is taken, 429 when the queue is full (OpenAI's "slow down").
 fn overloaded(status: u16, message: String) -> Refusal {
-    Refusal {
-        status,
-        code: "server_busy",
-        message: format!("{message}; retry later"),
-    }
+    Refusal::new(status, "server_busy", format!("{message}; retry later"))
 }
 
 fn reply_error(stream: &TcpStream, r: &Refusal) -> std::io::Result<()> {
@@ -244,21 +240,13 @@ fn reply_json(stream: &TcpStream, v: &serde_json::Value) {
     let _ = http::respond(stream, 200, "application/json", v.to_string().as_bytes());
 }
 
-fn refusal(status: u16, code: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        status,
-        code,
-        message: message.into(),
-    }
-}
-
 fn handle(s: &Server, stream: &TcpStream) {
     let req = match http::read_request(stream, s.max_body) {
         Ok(r) => r,
         Err(b) => {
             let _ = reply_error(
                 stream,
-                &refusal(b.status, "invalid_request_error", b.message),
+                &Refusal::new(b.status, "invalid_request_error", b.message),
             );
             http::discard_rest(stream);
             return;
@@ -273,7 +261,7 @@ fn handle(s: &Server, stream: &TcpStream) {
     }
     let guarded = path.starts_with("/v1/") || path.starts_with("/api/");
     if guarded && !authorized(s, &req) {
-        let r = refusal(
+        let r = Refusal::new(
             401,
             "invalid_api_key",
             "missing or wrong API key (send Authorization: Bearer KEY)",
@@ -300,13 +288,15 @@ fn handle(s: &Server, stream: &TcpStream) {
         }
         ("POST", "/v1/chat/completions") => complete(s, stream, &req, Endpoint::Chat),
         ("POST", "/v1/completions") => complete(s, stream, &req, Endpoint::Completions),
-        (_, "/v1/models" | "/v1/chat/completions" | "/v1/completions" | "/health") => Err(refusal(
-            405,
-            "method_not_allowed",
-            format!("{} is not allowed on {path}", req.method),
-        )),
+        (_, "/v1/models" | "/v1/chat/completions" | "/v1/completions" | "/health") => {
+            Err(Refusal::new(
+                405,
+                "method_not_allowed",
+                format!("{} is not allowed on {path}", req.method),
+            ))
+        }
         _ if s.dashboard => dashboard::route(&s.catalog, stream, &req),
-        _ => Err(refusal(404, "not_found", format!("no route {path}"))),
+        _ => Err(Refusal::new(404, "not_found", format!("no route {path}"))),
     };
     if let Err(r) = result {
         let _ = reply_error(stream, &r);
@@ -329,7 +319,7 @@ fn same_machine(req: &Request) -> Result<(), Refusal> {
     };
     let host = req.header("host").unwrap_or("");
     if !host.is_empty() && !local(host) {
-        return Err(refusal(
+        return Err(Refusal::new(
             403,
             "forbidden",
             format!("this server answers on loopback only, not to Host: {host}"),
@@ -338,7 +328,7 @@ fn same_machine(req: &Request) -> Result<(), Refusal> {
     if let Some(origin) = req.header("origin") {
         let from = origin.split("://").nth(1).unwrap_or("");
         if origin != "null" && from != host {
-            return Err(refusal(
+            return Err(Refusal::new(
                 403,
                 "forbidden",
                 format!("requests from the web page {origin} are refused (cross-origin)"),
@@ -383,8 +373,8 @@ fn next_event(
     checked: &mut Instant,
 ) -> Option<Event> {
     loop {
-        // Also while events flow: a non-streamed answer writes nothing until it ends.
-        if checked.elapsed() > Duration::from_millis(200) {
+        // Every 0.1 s, also while events flow: a non-streamed answer writes nothing until it ends.
+        if checked.elapsed() >= Duration::from_millis(100) {
             if http::peer_closed(stream) {
                 return None;
             }
@@ -392,17 +382,10 @@ fn next_event(
         }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(e) => return Some(e),
-            Err(RecvTimeoutError::Timeout) => {
-                if http::peer_closed(stream) {
-                    return None;
-                }
-                *checked = Instant::now();
-            }
+            Err(RecvTimeoutError::Timeout) => {}
             // The model thread dropped the request without a word (a panic in its prefill).
             Err(RecvTimeoutError::Disconnected) => {
-                return Some(Event::Failed(refusal(
-                    500,
-                    "server_error",
+                return Some(Event::Failed(Refusal::server(
                     "the model thread dropped the request (see the server's log)",
                 )))
             }
@@ -412,8 +395,8 @@ fn next_event(
 
 fn complete(s: &Server, stream: &TcpStream, req: &Request, ep: Endpoint) -> Result<(), Refusal> {
     let p = openai::parse(&req.body)?;
-    if s.catalog.find(&p.model).is_none() {
-        return Err(refusal(
+    let Some(spec) = s.catalog.find(&p.model) else {
+        return Err(Refusal::new(
             404,
             "model_not_found",
             format!(
@@ -421,15 +404,11 @@ fn complete(s: &Server, stream: &TcpStream, req: &Request, ep: Endpoint) -> Resu
                 p.model
             ),
         ));
-    }
-    let asked = openai::check(&p, ep, s.limits.max_tokens)?;
-    let include_usage = asked.include_usage;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let _guard = CancelOnDrop(cancel.clone());
-    let bytes = asked.input_bytes();
+    };
+    let (ask, include_usage) = openai::check(&p, ep, s.limits.max_tokens)?;
+    let bytes = ask.input_bytes();
     if bytes > s.prompt_bytes {
-        return Err(refusal(
+        return Err(Refusal::new(
             400,
             "context_length_exceeded",
             format!(
@@ -438,23 +417,26 @@ fn complete(s: &Server, stream: &TcpStream, req: &Request, ep: Endpoint) -> Resu
             ),
         ));
     }
-    match s
-        .batcher
-        .submit(asked.into_job(p.model.clone(), tx, cancel))
-    {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancel.clone());
+    let job = Job {
+        model: p.model.clone(),
+        spec,
+        ask,
+        events: tx,
+        cancel,
+    };
+    match s.batcher.submit(job) {
         Ok(()) => {}
-        Err(true) => {
-            return Err(overloaded(
-                429,
-                format!(
+        Err(true) => return Err(overloaded(
+            429,
+            format!(
                 "{} requests are being decoded and the queue of {} is full (--max-batch, --queue)",
                 s.limits.max_batch, s.limits.queue
             ),
-            ))
-        }
-        Err(false) => {
-            return Err(overloaded(503, "the model thread has stopped".into()));
-        }
+        )),
+        Err(false) => return Err(overloaded(503, "the model thread has stopped".into())),
     }
     let id = openai::response_id(ep);
     let mut checked = Instant::now();

@@ -5,7 +5,7 @@
 //! penalties in [-2, 2], `logit_bias` in [-100, 100], at most 4 stop strings); `top_k` is the
 //! extension llama.cpp's and vLLM's servers accept.
 
-use super::batcher::{Finish, Input, Job, Refusal};
+use super::batcher::{Ask, Finish, Input, Refusal};
 use crate::chat::Message;
 use crate::generate::Sampling;
 use serde::Deserialize;
@@ -78,14 +78,6 @@ pub enum Endpoint {
     Completions,
 }
 
-pub fn refuse(message: impl Into<String>) -> Refusal {
-    Refusal {
-        status: 400,
-        code: "invalid_request_error",
-        message: message.into(),
-    }
-}
-
 /// Parses a request body. Errors name the field.
 pub fn parse(body: &[u8]) -> Result<Params, Refusal> {
     let de = &mut serde_json::Deserializer::from_slice(body);
@@ -93,46 +85,13 @@ pub fn parse(body: &[u8]) -> Result<Params, Refusal> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            refuse(format!("the body is not valid JSON: {inner}"))
+            Refusal::invalid(format!("the body is not valid JSON: {inner}"))
         } else if path == "." {
-            refuse(format!("invalid request: {inner}"))
+            Refusal::invalid(format!("invalid request: {inner}"))
         } else {
-            refuse(format!("{path}: {inner}"))
+            Refusal::invalid(format!("{path}: {inner}"))
         }
     })
-}
-
-/// What the request asks for, checked against the server's limits; `events` and `cancel` are
-/// filled in by the connection.
-pub struct Asked {
-    pub input: Input,
-    pub sampling: Sampling,
-    pub stop: Vec<String>,
-    pub logit_bias: Vec<(u32, f32)>,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    pub include_usage: bool,
-}
-
-impl Asked {
-    pub fn into_job(
-        self,
-        model: String,
-        events: std::sync::mpsc::Sender<super::batcher::Event>,
-        cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ) -> Job {
-        Job {
-            model,
-            input: self.input,
-            sampling: self.sampling,
-            stop: self.stop,
-            logit_bias: self.logit_bias,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            events,
-            cancel,
-        }
-    }
 }
 
 /// Longest stop string (each is looked for at every token of every row).
@@ -144,36 +103,30 @@ impl Params {
     }
 }
 
-impl Asked {
-    /// The prompt's text, in bytes (before the template).
-    pub fn input_bytes(&self) -> usize {
-        match &self.input {
-            Input::Chat(msgs) => msgs.iter().map(|m| m.content.len() + m.role.len()).sum(),
-            Input::Text(t) => t.len(),
-        }
-    }
-}
-
-pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked, Refusal> {
+/// What the request asks for, checked against the server's limits, and whether a streamed
+/// answer ends with a usage chunk.
+pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<(Ask, bool), Refusal> {
     let input = match ep {
         Endpoint::Chat => {
             if p.prompt.is_some() {
-                return Err(refuse(
+                return Err(Refusal::invalid(
                     "prompt: /v1/chat/completions takes messages; send prompt to /v1/completions",
                 ));
             }
             let Some(msgs) = &p.messages else {
-                return Err(refuse("messages: required"));
+                return Err(Refusal::invalid("messages: required"));
             };
             if msgs.is_empty() {
-                return Err(refuse("messages: at least one message is required"));
+                return Err(Refusal::invalid(
+                    "messages: at least one message is required",
+                ));
             }
             let mut out = Vec::with_capacity(msgs.len());
             for (i, m) in msgs.iter().enumerate() {
                 let role = match m.role.as_str() {
                     "developer" => "system",
                     r @ ("system" | "user" | "assistant" | "tool") => r,
-                    r => return Err(refuse(format!("messages[{i}].role: unknown role {r:?} (system, developer, user, assistant, tool)"))),
+                    r => return Err(Refusal::invalid(format!("messages[{i}].role: unknown role {r:?} (system, developer, user, assistant, tool)"))),
                 };
                 out.push(Message::new(role, &content_text(&m.content, i)?));
             }
@@ -181,7 +134,7 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
         }
         Endpoint::Completions => {
             if p.messages.is_some() {
-                return Err(refuse(
+                return Err(Refusal::invalid(
                     "messages: /v1/completions takes prompt; send messages to /v1/chat/completions",
                 ));
             }
@@ -191,19 +144,19 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
                     a[0].as_str().unwrap_or_default().to_string()
                 }
                 Some(Value::Array(_)) => {
-                    return Err(refuse("prompt: give one string (batches of prompts and token-id prompts are not supported; send one request per prompt)"))
+                    return Err(Refusal::invalid("prompt: give one string (batches of prompts and token-id prompts are not supported; send one request per prompt)"))
                 }
-                Some(_) => return Err(refuse("prompt: must be a string")),
-                None => return Err(refuse("prompt: required")),
+                Some(_) => return Err(Refusal::invalid("prompt: must be a string")),
+                None => return Err(Refusal::invalid("prompt: required")),
             };
             if p.echo == Some(true) {
-                return Err(refuse("echo: not supported"));
+                return Err(Refusal::invalid("echo: not supported"));
             }
             Input::Text(text)
         }
     };
     if p.n.is_some_and(|n| n != 1) {
-        return Err(refuse(
+        return Err(Refusal::invalid(
             "n: only 1 choice per request is supported; send several requests",
         ));
     }
@@ -220,17 +173,17 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
         ("tools", &p.tools),
     ] {
         if !unset(v) {
-            return Err(refuse(format!("{name}: not supported")));
+            return Err(Refusal::invalid(format!("{name}: not supported")));
         }
     }
     if p.best_of.is_some_and(|b| b != 1) {
-        return Err(refuse("best_of: only 1 is supported"));
+        return Err(Refusal::invalid("best_of: only 1 is supported"));
     }
     if p.response_format
         .as_ref()
         .is_some_and(|f| !f.is_null() && f.get("type") != Some(&json!("text")))
     {
-        return Err(refuse(
+        return Err(Refusal::invalid(
             "response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
         ));
     }
@@ -238,24 +191,26 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
         .as_ref()
         .is_some_and(|c| !c.is_null() && *c != json!("none") && *c != json!("auto"))
     {
-        return Err(refuse("tool_choice: tools are not supported"));
+        return Err(Refusal::invalid("tool_choice: tools are not supported"));
     }
     let temperature = p.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(refuse(format!(
+        return Err(Refusal::invalid(format!(
             "temperature: {temperature} is outside [0, 2]"
         )));
     }
     let top_p = p.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(refuse(format!("top_p: {top_p} is outside (0, 1]")));
+        return Err(Refusal::invalid(format!(
+            "top_p: {top_p} is outside (0, 1]"
+        )));
     }
     for (name, v) in [
         ("presence_penalty", p.presence_penalty),
         ("frequency_penalty", p.frequency_penalty),
     ] {
         if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-            return Err(refuse(format!("{name}: outside [-2, 2]")));
+            return Err(Refusal::invalid(format!("{name}: outside [-2, 2]")));
         }
     }
     let max_new = p
@@ -265,7 +220,7 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
     // More than the server's limit is cut to it (the answer then ends with "length"), as
     // clients send large defaults; zero is refused.
     if max_new == 0 {
-        return Err(refuse("max_tokens: must be at least 1"));
+        return Err(Refusal::invalid("max_tokens: must be at least 1"));
     }
     let max_new = max_new.min(max_tokens_limit);
     let stop = match &p.stop {
@@ -275,10 +230,14 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
             .iter()
             .filter_map(|s| s.as_str().map(str::to_string))
             .collect(),
-        Some(_) => return Err(refuse("stop: a string or a list of at most 4 strings")),
+        Some(_) => {
+            return Err(Refusal::invalid(
+                "stop: a string or a list of at most 4 strings",
+            ))
+        }
     };
     if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
-        return Err(refuse(format!(
+        return Err(Refusal::invalid(format!(
             "stop: each stop string may have at most {MAX_STOP_BYTES} bytes"
         )));
     }
@@ -286,9 +245,9 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
     for (k, &b) in p.logit_bias.iter().flatten() {
         let id: u32 = k
             .parse()
-            .map_err(|_| refuse(format!("logit_bias: key {k:?} is not a token id")))?;
+            .map_err(|_| Refusal::invalid(format!("logit_bias: key {k:?} is not a token id")))?;
         if !(-100.0..=100.0).contains(&b) {
-            return Err(refuse(format!(
+            return Err(Refusal::invalid(format!(
                 "logit_bias[{k}]: {b} is outside [-100, 100]"
             )));
         }
@@ -298,7 +257,12 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
         Some(s) => s as u64,
         None => fresh_seed(),
     };
-    Ok(Asked {
+    let include_usage = p
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let ask = Ask {
         input,
         sampling: Sampling {
             max_new_tokens: max_new,
@@ -311,12 +275,8 @@ pub fn check(p: &Params, ep: Endpoint, max_tokens_limit: usize) -> Result<Asked,
         logit_bias,
         presence_penalty: p.presence_penalty.unwrap_or(0.0),
         frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
-        include_usage: p
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-    })
+    };
+    Ok((ask, include_usage))
 }
 
 fn content_text(c: &Option<Value>, i: usize) -> Result<String, Refusal> {
@@ -329,7 +289,7 @@ fn content_text(c: &Option<Value>, i: usize) -> Result<String, Refusal> {
                 match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => s.push_str(t),
                     _ => {
-                        return Err(refuse(format!(
+                        return Err(Refusal::invalid(format!(
                             "messages[{i}].content[{j}]: only text parts ({{\"type\": \"text\", \"text\": …}}) are supported"
                         )))
                     }
@@ -337,7 +297,7 @@ fn content_text(c: &Option<Value>, i: usize) -> Result<String, Refusal> {
             }
             Ok(s)
         }
-        Some(_) => Err(refuse(format!(
+        Some(_) => Err(Refusal::invalid(format!(
             "messages[{i}].content: a string or a list of text parts"
         ))),
     }

@@ -4,6 +4,37 @@
 //! until the next one completes it), and text that could still become a stop string is held
 //! back (`Detok`), so a client never sees a stop string or half of one.
 
+/// An answer's text as it streams: new tokens decoded (`Incremental`), then held back while
+/// they could still become a stop string (`Detok`).
+pub struct Answer {
+    text: String,
+    inc: Incremental,
+    detok: Detok,
+}
+
+impl Answer {
+    pub fn new(stop: Vec<String>) -> Self {
+        Self {
+            text: String::new(),
+            inc: Incremental::default(),
+            detok: Detok::new(stop),
+        }
+    }
+
+    /// Given every token of the answer so far, the text to send now and whether a stop string
+    /// ended the answer; `last`: no more tokens follow.
+    pub fn push(
+        &mut self,
+        tokens: &[u32],
+        last: bool,
+        decode: impl Fn(&[u32]) -> String,
+    ) -> (String, bool) {
+        let new = self.inc.next(tokens, last, decode);
+        self.text.push_str(&new);
+        self.detok.advance(&self.text, last)
+    }
+}
+
 /// Incremental detokenization as vLLM and transformers' `TextStreamer` do it: the new tokens are
 /// decoded together with the few before them (`prefix..read`), which gives decoders that treat a
 /// sequence's first token specially (SentencePiece's leading space) their context, and the text
