@@ -429,13 +429,11 @@ fn complete(s: &Server, stream: &TcpStream, req: &Request, ep: Endpoint) -> Resu
     };
     match s.batcher.submit(job) {
         Ok(()) => {}
-        Err(true) => return Err(overloaded(
-            429,
-            format!(
-                "{} requests are being decoded and the queue of {} is full (--max-batch, --queue)",
-                s.limits.max_batch, s.limits.queue
-            ),
-        )),
+        Err(true) => {
+            let (n, q) = (s.limits.max_batch, s.limits.queue);
+            let why = format!("{n} requests are being decoded and the queue of {q} is full");
+            return Err(overloaded(429, format!("{why} (--max-batch, --queue)")));
+        }
         Err(false) => return Err(overloaded(503, "the model thread has stopped".into())),
     }
     let id = openai::response_id(ep);
